@@ -1,0 +1,421 @@
+//! Kiln recipes: the schema of a recipe file, loading, `--set` overrides and validation.
+//!
+//! A recipe is TOML with one section per component. Every field has a default here, so a
+//! recipe lists only what differs. Unknown keys are errors (`deny_unknown_fields`), reported
+//! with the file, the key path, the line and the nearest valid key.
+//!
+//! This crate depends on nothing else in the workspace. Resolving a recipe into a runnable
+//! plan (the model preset's sizes, the tokenizer's vocabulary) happens in the trainer.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+mod error;
+pub use error::RecipeError;
+
+/// A whole recipe file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Recipe {
+    /// Run name: the run directory is `<runs-dir>/<name>-<timestamp>`.
+    pub name: String,
+    /// `"pretrain"` (next-token loss on every token) or `"sft"` (loss on the response only).
+    pub stage: Stage,
+    /// Weights to start from: `"runs/<dir>"`, a checkpoint folder, or `"hf://org/model"`.
+    /// Empty means a fresh random initialisation.
+    pub init: Option<String>,
+    pub model: ModelSection,
+    pub tokenizer: TokenizerSection,
+    pub data: DataSection,
+    pub optim: OptimSection,
+    pub train: TrainSection,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Self {
+            name: "run".into(),
+            stage: Stage::Pretrain,
+            init: None,
+            model: ModelSection::default(),
+            tokenizer: TokenizerSection::default(),
+            data: DataSection::default(),
+            optim: OptimSection::default(),
+            train: TrainSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Pretrain,
+    Sft,
+}
+
+/// `[model]`: a named size preset, with optional overrides of single dimensions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Named size (see `kiln-models` presets): `bench-cpu`, `tiny`, `small`, `bench-gpu`.
+    pub preset: String,
+    /// Hidden size (overrides the preset).
+    pub d_model: Option<usize>,
+    /// Number of decoder layers (overrides the preset).
+    pub n_layers: Option<usize>,
+    /// Number of attention heads (overrides the preset).
+    pub n_heads: Option<usize>,
+    /// Number of key/value heads, for grouped-query attention (overrides the preset).
+    pub n_kv_heads: Option<usize>,
+    /// SwiGLU hidden size (overrides the preset).
+    pub ffn_hidden: Option<usize>,
+    /// Context length in tokens: the training sequence length (overrides the preset).
+    pub context: Option<usize>,
+    /// RoPE base frequency (overrides the preset).
+    pub rope_theta: Option<f64>,
+    /// RMSNorm epsilon (overrides the preset).
+    pub norm_eps: Option<f64>,
+    /// Share the input embedding with the output head (overrides the preset).
+    pub tie_embeddings: Option<bool>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            preset: "bench-cpu".into(),
+            d_model: None,
+            n_layers: None,
+            n_heads: None,
+            n_kv_heads: None,
+            ffn_hidden: None,
+            context: None,
+            rope_theta: None,
+            norm_eps: None,
+            tie_embeddings: None,
+        }
+    }
+}
+
+/// `[tokenizer]`: how text becomes tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerSection {
+    /// `"char"` (one token per character seen in the training data, plus UNK),
+    /// `"byte"` (256 byte tokens), `"bpe"` (byte-level BPE trained on the training data),
+    /// or `"file"` (load an existing `tokenizer.json` from `path`).
+    pub kind: TokenizerKind,
+    /// Vocabulary size for `kind = "bpe"`, special tokens included.
+    pub vocab_size: usize,
+    /// A `tokenizer.json` for `kind = "file"`, relative to the data root.
+    pub path: Option<String>,
+}
+
+impl Default for TokenizerSection {
+    fn default() -> Self {
+        Self { kind: TokenizerKind::Char, vocab_size: 4096, path: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    Char,
+    Byte,
+    Bpe,
+    File,
+}
+
+/// `[data]`: where the training text comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Sources: paths relative to the data root, `https://...` URLs (with `sha256`), or
+    /// `hf://datasets/<org>/<name>[@rev]/<path>`.
+    pub sources: Vec<String>,
+    /// sha256 pins for `https://` sources, in the same order as the https sources.
+    pub sha256: Vec<String>,
+    /// `"auto"` (by extension: `.jsonl` is JSONL, anything else plain text), `"text"`, `"jsonl"`.
+    pub format: DataFormat,
+    /// The JSONL field that holds a document's text.
+    pub text_field: String,
+    /// Fraction of tokens, taken from the end, held out for validation.
+    pub val_fraction: f64,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            sources: vec!["tinyshakespeare/input.txt".into()],
+            sha256: Vec::new(),
+            format: DataFormat::Auto,
+            text_field: "text".into(),
+            val_fraction: 0.1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    Auto,
+    Text,
+    Jsonl,
+}
+
+/// `[optim]`: AdamW and the learning-rate schedule (linear warmup, then cosine decay).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimSection {
+    /// Peak learning rate, reached at the end of warmup.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    pub min_lr: f64,
+    /// Linear warmup steps, from 0 to `lr`.
+    pub warmup_steps: usize,
+    /// Decoupled weight decay (AdamW), applied to matrices only, never to norms or biases.
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 disables clipping.
+    pub grad_clip: f64,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+/// `[train]`: the loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches accumulated per optimizer step.
+    pub grad_accum: usize,
+    /// Seed for initialisation, data order and sampling.
+    pub seed: u64,
+    /// `"cpu"` (the default CPU backend), `"flex"`, `"ndarray"`, or `"auto"`.
+    pub device: String,
+    /// Evaluate validation loss every N steps (and at the end); 0 means only at the end.
+    pub eval_every: usize,
+    /// Validation batches per evaluation.
+    pub eval_batches: usize,
+    /// Write a checkpoint every N steps; 0 means only at the end.
+    pub checkpoint_every: usize,
+    /// Keep the last K checkpoints.
+    pub keep_checkpoints: usize,
+    /// Log a line every N steps when no progress bar is shown.
+    pub log_every: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            steps: 2000,
+            batch_size: 12,
+            grad_accum: 1,
+            seed: 1337,
+            device: "cpu".into(),
+            eval_every: 250,
+            eval_batches: 50,
+            checkpoint_every: 500,
+            keep_checkpoints: 2,
+            log_every: 50,
+        }
+    }
+}
+
+impl fmt::Display for Recipe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match toml::to_string_pretty(self) {
+            Ok(s) => f.write_str(&s),
+            Err(_) => Err(fmt::Error),
+        }
+    }
+}
+
+/// Where a recipe came from, for error messages.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl Recipe {
+    /// Reads, overrides, deserializes and validates a recipe file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| RecipeError::Io {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&Source { path: path.to_path_buf(), text }, overrides)
+    }
+
+    /// Parses recipe text (with `--set key=value` overrides) into a validated recipe.
+    pub fn parse(src: &Source, overrides: &[String]) -> Result<Recipe, RecipeError> {
+        let mut value: toml::Table = toml::from_str(&src.text).map_err(|e| RecipeError::Syntax {
+            file: src.path.clone(),
+            message: e.message().to_string(),
+            line: e.span().map(|s| line_of(&src.text, s.start)),
+        })?;
+        for o in overrides {
+            apply_override(&mut value, o).map_err(|message| RecipeError::Override {
+                file: src.path.clone(),
+                set: o.clone(),
+                message,
+            })?;
+        }
+        let recipe: Recipe = serde_path_to_error::deserialize(toml::Value::Table(value))
+            .map_err(|e| error::from_serde(src, overrides, e))?;
+        recipe.validate().map_err(|(key, message)| RecipeError::Invalid {
+            file: src.path.clone(),
+            line: error::find_key_line(&src.text, &key),
+            key,
+            message,
+        })?;
+        Ok(recipe)
+    }
+
+    /// Checks ranges and invariants that need nothing outside the recipe.
+    /// Returns the key path and what is wrong with it.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        fn err<T>(key: &str, msg: impl Into<String>) -> Result<T, (String, String)> {
+            Err((key.to_string(), msg.into()))
+        }
+        let o = &self.optim;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return err("optim.lr", format!("must be a positive number, got {}", o.lr));
+        }
+        if !(o.min_lr.is_finite() && o.min_lr >= 0.0 && o.min_lr <= o.lr) {
+            return err("optim.min_lr", format!("must be between 0 and optim.lr ({}), got {}", o.lr, o.min_lr));
+        }
+        for (k, b) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return err(k, format!("must be in [0, 1), got {b}"));
+            }
+        }
+        if !(o.eps > 0.0) {
+            return err("optim.eps", format!("must be positive, got {}", o.eps));
+        }
+        if !(o.weight_decay >= 0.0) {
+            return err("optim.weight_decay", format!("must be >= 0, got {}", o.weight_decay));
+        }
+        if !(o.grad_clip >= 0.0) {
+            return err("optim.grad_clip", format!("must be >= 0 (0 disables clipping), got {}", o.grad_clip));
+        }
+        let t = &self.train;
+        if t.steps == 0 {
+            return err("train.steps", "must be at least 1");
+        }
+        if t.batch_size == 0 {
+            return err("train.batch_size", "must be at least 1");
+        }
+        if t.grad_accum == 0 {
+            return err("train.grad_accum", "must be at least 1");
+        }
+        if t.eval_batches == 0 {
+            return err("train.eval_batches", "must be at least 1");
+        }
+        if t.keep_checkpoints == 0 {
+            return err("train.keep_checkpoints", "must be at least 1 (the last checkpoint is what resume uses)");
+        }
+        if !["cpu", "flex", "ndarray", "auto"].contains(&t.device.as_str()) {
+            return err("train.device", format!("unknown device '{}'; expected one of cpu, flex, ndarray, auto", t.device));
+        }
+        let d = &self.data;
+        if !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
+            return err("data.val_fraction", format!("must be in (0, 1), got {}", d.val_fraction));
+        }
+        if d.sources.is_empty() {
+            return err("data.sources", "list at least one source");
+        }
+        let https = d.sources.iter().filter(|s| s.starts_with("https://") || s.starts_with("http://")).count();
+        if https != d.sha256.len() {
+            return err(
+                "data.sha256",
+                format!("{https} https source(s) but {} sha256 pin(s): pin every download, in order", d.sha256.len()),
+            );
+        }
+        if self.tokenizer.kind == TokenizerKind::Bpe && !(260..=1 << 20).contains(&self.tokenizer.vocab_size) {
+            return err("tokenizer.vocab_size", format!("must be between 260 and 1048576 for BPE, got {}", self.tokenizer.vocab_size));
+        }
+        if self.tokenizer.kind == TokenizerKind::File && self.tokenizer.path.is_none() {
+            return err("tokenizer.path", "kind = \"file\" needs path = \"<tokenizer.json>\"");
+        }
+        let m = &self.model;
+        for (k, v) in [
+            ("model.d_model", m.d_model),
+            ("model.n_layers", m.n_layers),
+            ("model.n_heads", m.n_heads),
+            ("model.n_kv_heads", m.n_kv_heads),
+            ("model.ffn_hidden", m.ffn_hidden),
+            ("model.context", m.context),
+        ] {
+            if v == Some(0) {
+                return err(k, "must be at least 1");
+            }
+        }
+        if self.name.is_empty() || self.name.contains(['/', '\\']) {
+            return err("name", format!("must be a non-empty name without slashes, got '{}'", self.name));
+        }
+        Ok(())
+    }
+
+    /// Stable hash of the resolved recipe (hex), recorded in the run manifest.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+fn line_of(text: &str, byte: usize) -> usize {
+    text[..byte.min(text.len())].matches('\n').count() + 1
+}
+
+/// Applies `a.b.c=value`. The value is parsed as a TOML value; if that fails it is a string.
+fn apply_override(root: &mut toml::Table, set: &str) -> Result<(), String> {
+    let (key, raw) = set
+        .split_once('=')
+        .ok_or_else(|| "expected key=value, for example --set train.steps=500".to_string())?;
+    let key = key.trim();
+    let raw = raw.trim();
+    if key.is_empty() {
+        return Err("empty key".into());
+    }
+    let value = parse_value(raw);
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut table = root;
+    for p in &parts[..parts.len() - 1] {
+        let entry = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("'{p}' is a value, not a section"))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,86 @@
+use super::*;
+
+fn parse(text: &str, sets: &[&str]) -> Result<Recipe, RecipeError> {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    Recipe::parse(&Source { path: "test.toml".into(), text: text.into() }, &sets)
+}
+
+#[test]
+fn empty_recipe_is_all_defaults() {
+    assert_eq!(parse("", &[]).unwrap(), Recipe::default());
+}
+
+#[test]
+fn misspelt_key_names_file_key_line_and_nearest() {
+    let e = parse("name = \"x\"\n[optim]\nlrr = 0.1\n", &[]).unwrap_err();
+    let msg = e.to_string();
+    assert_eq!(e.key(), Some("optim.lrr"), "{msg}");
+    assert!(msg.contains("test.toml:3"), "{msg}");
+    assert!(msg.contains("did you mean 'optim.lr'"), "{msg}");
+}
+
+#[test]
+fn misspelt_section_is_caught() {
+    let e = parse("[trian]\nsteps = 3\n", &[]).unwrap_err();
+    assert_eq!(e.key(), Some("trian"));
+    assert!(e.to_string().contains("did you mean 'train'"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_key() {
+    let e = parse("[train]\nsteps = \"many\"\n", &[]).unwrap_err();
+    assert_eq!(e.key(), Some("train.steps"), "{e}");
+    assert!(e.to_string().contains("invalid type"), "{e}");
+    assert!(e.to_string().contains("test.toml:2"), "{e}");
+}
+
+#[test]
+fn negative_learning_rate_is_rejected() {
+    let e = parse("[optim]\nlr = -0.001\n", &[]).unwrap_err();
+    assert_eq!(e.key(), Some("optim.lr"));
+    assert!(e.to_string().contains("positive"), "{e}");
+}
+
+#[test]
+fn set_overrides_and_is_checked() {
+    let r = parse("[train]\nsteps = 10\n", &["train.steps=500", "optim.lr=3e-4", "name=abc"]).unwrap();
+    assert_eq!(r.train.steps, 500);
+    assert_eq!(r.optim.lr, 3e-4);
+    assert_eq!(r.name, "abc");
+    let e = parse("", &["train.stepz=5"]).unwrap_err();
+    assert_eq!(e.key(), Some("train.stepz"));
+    assert!(e.to_string().contains("--set train.stepz=5"), "{e}");
+    let e = parse("", &["optim.lr=-1"]).unwrap_err();
+    assert_eq!(e.key(), Some("optim.lr"));
+    assert!(parse("", &["nokey"]).is_err());
+}
+
+#[test]
+fn https_sources_need_pins() {
+    let e = parse("[data]\nsources = [\"https://example.com/a.txt\"]\n", &[]).unwrap_err();
+    assert_eq!(e.key(), Some("data.sha256"));
+}
+
+#[test]
+fn every_shipped_recipe_parses_and_validates() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut n = 0;
+    for dir in ["pretrain", "sft", "rag"] {
+        let Ok(rd) = std::fs::read_dir(root.join(dir)) else { continue };
+        for f in rd {
+            let p = f.unwrap().path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                Recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+    }
+    assert!(n >= 1, "no recipes found");
+}
+
+#[test]
+fn round_trips_through_toml() {
+    let r = parse("[train]\nsteps = 7\n", &[]).unwrap();
+    let again = parse(&r.to_toml(), &[]).unwrap();
+    assert_eq!(r, again);
+}
