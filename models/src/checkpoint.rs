@@ -1,0 +1,268 @@
+//! Checkpoints in Hugging Face layout: `model.safetensors` (tensor names and `[out, in]`
+//! layouts of `LlamaForCausalLM`, metadata `format = pt`), `config.json` and `tokenizer.json`.
+//!
+//! This is the one writer of model folders: the run's `final/`, every training checkpoint's
+//! weights, and `kiln export` all go through [`save_dir`]. A folder is written under a temporary
+//! name and renamed into place, and an existing folder is never overwritten.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde_json::json;
+
+use crate::llama::{Llama, LlamaConfig, WeightSource};
+use crate::tokenizer::Tokenizer;
+use crate::ModelError;
+
+pub const WEIGHTS: &str = "model.safetensors";
+pub const CONFIG: &str = "config.json";
+pub const TOKENIZER: &str = "tokenizer.json";
+
+/// A host-side tensor: name, shape, f32 values (row-major).
+pub type HostTensor = (String, Vec<usize>, Vec<f32>);
+
+/// Walks the module, tracking the path of each parameter (its Hugging Face name).
+struct Collect {
+    path: Vec<String>,
+    out: Vec<HostTensor>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Collect {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let name = format!("{}.weight", self.path.join("."));
+        let t = param.val();
+        let shape = t.dims().to_vec();
+        let values: Vec<f32> = t.into_data().convert::<f32>().to_vec().unwrap_or_default();
+        self.out.push(to_hf_layout(name, shape, values));
+    }
+}
+
+/// Linear weights are held `[in, out]`; Hugging Face stores `[out, in]`.
+fn to_hf_layout(name: String, shape: Vec<usize>, values: Vec<f32>) -> HostTensor {
+    if shape.len() != 2 || name == "model.embed_tokens.weight" {
+        return (name, shape, values);
+    }
+    let (r, c) = (shape[0], shape[1]);
+    let mut t = vec![0.0f32; values.len()];
+    for i in 0..r {
+        for j in 0..c {
+            t[j * r + i] = values[i * c + j];
+        }
+    }
+    (name, vec![c, r], t)
+}
+
+/// Every parameter of the model, by Hugging Face name, in Hugging Face layout.
+pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<HostTensor> {
+    let mut c = Collect { path: Vec::new(), out: Vec::new() };
+    model.visit::<Collect>(&mut c);
+    c.out
+}
+
+/// Writes f32 tensors to a safetensors file, with `format = pt` metadata (which `transformers`
+/// requires) plus any extra metadata.
+pub fn write_safetensors(path: &Path, tensors: &[HostTensor], extra: &[(&str, String)]) -> Result<(), ModelError> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let mut views = Vec::with_capacity(tensors.len());
+    for ((name, shape, _), b) in tensors.iter().zip(&bytes) {
+        let view = TensorView::new(Dtype::F32, shape.clone(), b)
+            .map_err(|e| ModelError::io(path.to_path_buf(), format!("tensor {name}: {e}")))?;
+        views.push((name.clone(), view));
+    }
+    let mut meta: HashMap<String, String> = extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    meta.insert("format".into(), "pt".into());
+    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| ModelError::io(path, e))
+}
+
+/// Reads every tensor of a safetensors file as f32. A truncated or corrupt file is an error.
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>, ModelError> {
+    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    let corrupt = |m: String| ModelError::Checkpoint {
+        path: path.to_path_buf(),
+        message: m,
+        hint: "the file is truncated or corrupt; use an earlier checkpoint (checkpoints/step-*) or re-export it".into(),
+    };
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(format!("cannot read safetensors: {e}")))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::BF16 => data.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+            other => return Err(corrupt(format!("tensor {name} has dtype {other:?}; expected F32, BF16 or F16"))),
+        };
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(out)
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, f) => {
+            // Subnormal: normalise.
+            let mut e = 127 - 15 + 1;
+            let mut f = f;
+            while f & 0x400 == 0 {
+                f <<= 1;
+                e -= 1;
+            }
+            sign | (e << 23) | ((f & 0x3ff) << 13)
+        }
+        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
+        (e, f) => sign | ((e + 127 - 15) << 23) | (f << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Weights read from a safetensors file, handed out by name with a shape check.
+pub struct SafetensorsSource {
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl SafetensorsSource {
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        Ok(Self { tensors: read_safetensors(path)? })
+    }
+}
+
+impl WeightSource for SafetensorsSource {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let (got, values) = self.tensors.remove(name).ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+        if got != shape {
+            return Err(ModelError::Shape { name: name.into(), got, expected: shape.to_vec() });
+        }
+        Ok(values)
+    }
+}
+
+/// The Hugging Face `config.json` for a Kiln model.
+pub fn hf_config_json(cfg: &LlamaConfig) -> serde_json::Value {
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim(),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": null,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "mlp_bias": false,
+        "initializer_range": 0.02,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": "float32",
+        "use_cache": true,
+    })
+}
+
+/// Parses a Hugging Face Llama `config.json`.
+pub fn read_config(path: &Path) -> Result<LlamaConfig, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("not valid JSON: {e}"),
+        hint: "config.json is damaged; re-export the model".into(),
+    })?;
+    let bad = |m: String| ModelError::Checkpoint {
+        path: path.to_path_buf(),
+        message: m,
+        hint: "Kiln loads Llama-family configs (model_type \"llama\")".into(),
+    };
+    let int = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or_else(|| bad(format!("missing or non-integer '{k}'")));
+    let heads = int("num_attention_heads")?;
+    let tok = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as u32);
+    let cfg = LlamaConfig {
+        vocab_size: int("vocab_size")?,
+        hidden_size: int("hidden_size")?,
+        intermediate_size: int("intermediate_size")?,
+        num_hidden_layers: int("num_hidden_layers")?,
+        num_attention_heads: heads,
+        num_key_value_heads: v.get("num_key_value_heads").and_then(|x| x.as_u64()).map_or(heads, |x| x as usize),
+        max_position_embeddings: int("max_position_embeddings")?,
+        rope_theta: v.get("rope_theta").and_then(|x| x.as_f64()).unwrap_or(10000.0),
+        rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
+        tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
+        bos_token_id: tok("bos_token_id"),
+        eos_token_id: tok("eos_token_id"),
+        pad_token_id: tok("pad_token_id"),
+    };
+    cfg.check().map_err(|e| bad(e.to_string()))?;
+    Ok(cfg)
+}
+
+/// Writes `dir` as a Hugging Face model folder (weights, config, tokenizer), atomically:
+/// everything goes to a temporary sibling, which is renamed to `dir` at the end.
+/// Refuses to overwrite an existing `dir`.
+pub fn save_dir<B: Backend>(dir: &Path, model: &Llama<B>, cfg: &LlamaConfig, tok: &Tokenizer) -> Result<(), ModelError> {
+    write_atomically(dir, |tmp| {
+        write_safetensors(&tmp.join(WEIGHTS), &hf_tensors(model), &[])?;
+        let cfg_json = serde_json::to_string_pretty(&hf_config_json(cfg)).map_err(|e| ModelError::Config(e.to_string()))?;
+        std::fs::write(tmp.join(CONFIG), cfg_json).map_err(|e| ModelError::io(tmp.join(CONFIG), e))?;
+        tok.save(&tmp.join(TOKENIZER))
+    })
+}
+
+/// Runs `fill` on a fresh temporary folder beside `dir`, then renames it to `dir`.
+/// An existing `dir` is an error and is left untouched.
+pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<(), ModelError>) -> Result<(), ModelError> {
+    if dir.exists() {
+        return Err(ModelError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: "already exists".into(),
+            hint: "Kiln never overwrites a checkpoint in place; choose another folder or remove it yourself".into(),
+        });
+    }
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "ckpt".into());
+    let tmp: PathBuf = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let io = |p: &Path, e: std::io::Error| ModelError::io(p, e);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| io(dir, e))
+}
+
+/// Loads a Hugging Face-layout model folder.
+pub fn load_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Llama<B>, LlamaConfig, Tokenizer), ModelError> {
+    let cfg = read_config(&dir.join(CONFIG))?;
+    let tok = Tokenizer::load(&dir.join(TOKENIZER))?;
+    let mut src = SafetensorsSource::open(&dir.join(WEIGHTS))?;
+    let model = Llama::build(&cfg, &mut src, device).map_err(|e| ModelError::Checkpoint {
+        path: dir.join(WEIGHTS),
+        message: e.to_string(),
+        hint: "the weights do not match config.json".into(),
+    })?;
+    Ok((model, cfg, tok))
+}

@@ -1,0 +1,359 @@
+//! The Llama-style decoder: RMSNorm, RoPE (half-split), SwiGLU, grouped-query attention,
+//! optionally tied embeddings. Generic over `B: Backend`.
+//!
+//! Field names mirror Hugging Face `LlamaForCausalLM`, so the Burn module path of every
+//! parameter plus `.weight` is its checkpoint name (`model.layers.0.self_attn.q_proj.weight`).
+//! Linear weights are held `[in, out]` (so `x.matmul(w)` needs no transpose) and are
+//! transposed to PyTorch's `[out, in]` only at the checkpoint boundary (`checkpoint.rs`).
+//!
+//! Shapes: B = batch, T = sequence, D = hidden, H = heads, K = kv heads, Hd = head dim,
+//! F = SwiGLU hidden, V = vocabulary.
+
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::{attention, embedding};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// Model hyperparameters. Field names are those of Hugging Face's Llama `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    /// Context length the model is trained for.
+    pub max_position_embeddings: usize,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+impl LlamaConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Checks the invariants the decoder relies on.
+    pub fn check(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!("head dim {} must be even for RoPE", self.head_dim()));
+        }
+        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
+            return bad(format!(
+                "num_attention_heads {} must be a multiple of num_key_value_heads {}",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.vocab_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {
+            return bad("vocab_size, num_hidden_layers and intermediate_size must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Trainable parameters.
+    pub fn num_params(&self) -> usize {
+        let (d, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim());
+        let kv = self.num_key_value_heads * hd;
+        let layer = d * d * 2 + d * kv * 2 + 3 * d * f + 2 * d;
+        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
+        self.vocab_size * d + self.num_hidden_layers * layer + d + head
+    }
+
+    /// Training FLOPs per token: 6·params + 12·layers·d_model·context (PaLM appendix B).
+    pub fn flops_per_token(&self) -> f64 {
+        6.0 * self.num_params() as f64
+            + 12.0 * (self.num_hidden_layers * self.hidden_size * self.max_position_embeddings) as f64
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Param<Tensor<B, 2>>, // [D, H*Hd]
+    pub k_proj: Param<Tensor<B, 2>>, // [D, K*Hd]
+    pub v_proj: Param<Tensor<B, 2>>, // [D, K*Hd]
+    pub o_proj: Param<Tensor<B, 2>>, // [H*Hd, D]
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Param<Tensor<B, 2>>, // [D, F]
+    pub up_proj: Param<Tensor<B, 2>>,   // [D, F]
+    pub down_proj: Param<Tensor<B, 2>>, // [F, D]
+}
+
+#[derive(Module, Debug)]
+pub struct Layer<B: Backend> {
+    pub input_layernorm: Param<Tensor<B, 1>>, // [D]
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: Param<Tensor<B, 1>>, // [D]
+    pub mlp: Mlp<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    pub embed_tokens: Param<Tensor<B, 2>>, // [V, D]
+    pub layers: Vec<Layer<B>>,
+    pub norm: Param<Tensor<B, 1>>, // [D]
+}
+
+/// The whole model, as `LlamaForCausalLM`.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    pub model: Decoder<B>,
+    /// `[D, V]`; `None` when tied to `model.embed_tokens`.
+    pub lm_head: Option<Param<Tensor<B, 2>>>,
+    /// RoPE tables, `[max_position_embeddings, Hd]` each (not parameters).
+    pub cos: Tensor<B, 2>,
+    pub sin: Tensor<B, 2>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub eps: f64,
+}
+
+/// Where initial weights come from: a random initialiser or a checkpoint.
+/// `name` is the Hugging Face tensor name; `shape` is its Hugging Face shape (`[out, in]` for
+/// linear layers). The returned data is in that same layout.
+pub trait WeightSource {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError>;
+}
+
+/// Parameter ids derived from the parameter name (FNV-1a), so that they are the same in every
+/// process: optimizer state and gradient all-reduce can be keyed by them.
+pub fn param_id(name: &str) -> ParamId {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    ParamId::from(h)
+}
+
+fn load_vec<B: Backend>(
+    src: &mut dyn WeightSource,
+    name: &str,
+    n: usize,
+    device: &B::Device,
+) -> Result<Param<Tensor<B, 1>>, ModelError> {
+    let v = src.get(name, &[n])?;
+    let t = Tensor::<B, 1>::from_data(TensorData::new(v, [n]), device);
+    Ok(Param::initialized(param_id(name), t.require_grad()))
+}
+
+/// Reads an `[out, in]` weight and holds it as `[in, out]`.
+fn load_linear<B: Backend>(
+    src: &mut dyn WeightSource,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+    device: &B::Device,
+) -> Result<Param<Tensor<B, 2>>, ModelError> {
+    let v = src.get(name, &[d_out, d_in])?;
+    let t = Tensor::<B, 2>::from_data(TensorData::new(v, [d_out, d_in]), device).transpose(); // [in, out]
+    // Materialise the transposed layout so that matmuls see a contiguous tensor.
+    let t = Tensor::<B, 2>::from_data(t.into_data(), device);
+    Ok(Param::initialized(param_id(name), t.require_grad()))
+}
+
+impl<B: Backend> Llama<B> {
+    /// Builds the model, taking every weight from `src` by its Hugging Face name.
+    pub fn build(cfg: &LlamaConfig, src: &mut dyn WeightSource, device: &B::Device) -> Result<Self, ModelError> {
+        cfg.check()?;
+        let (d, f, hd, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim(), cfg.vocab_size);
+        let (h, k) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let emb = src.get("model.embed_tokens.weight", &[v, d])?;
+        let embed_tokens = Param::initialized(
+            param_id("model.embed_tokens.weight"),
+            Tensor::<B, 2>::from_data(TensorData::new(emb, [v, d]), device).require_grad(),
+        );
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = |s: &str| format!("model.layers.{i}.{s}.weight");
+            layers.push(Layer {
+                input_layernorm: load_vec(src, &p("input_layernorm"), d, device)?,
+                self_attn: Attention {
+                    q_proj: load_linear(src, &p("self_attn.q_proj"), d, h * hd, device)?,
+                    k_proj: load_linear(src, &p("self_attn.k_proj"), d, k * hd, device)?,
+                    v_proj: load_linear(src, &p("self_attn.v_proj"), d, k * hd, device)?,
+                    o_proj: load_linear(src, &p("self_attn.o_proj"), h * hd, d, device)?,
+                },
+                post_attention_layernorm: load_vec(src, &p("post_attention_layernorm"), d, device)?,
+                mlp: Mlp {
+                    gate_proj: load_linear(src, &p("mlp.gate_proj"), d, f, device)?,
+                    up_proj: load_linear(src, &p("mlp.up_proj"), d, f, device)?,
+                    down_proj: load_linear(src, &p("mlp.down_proj"), f, d, device)?,
+                },
+            });
+        }
+        let norm = load_vec(src, "model.norm.weight", d, device)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(load_linear(src, "lm_head.weight", d, v, device)?)
+        };
+        let (cos, sin) = rope_tables::<B>(cfg.max_position_embeddings, hd, cfg.rope_theta, device);
+        Ok(Self {
+            model: Decoder { embed_tokens, layers, norm },
+            lm_head,
+            cos,
+            sin,
+            n_heads: h,
+            n_kv_heads: k,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// Logits for a batch of token ids: `[B, T]` -> `[B, T, V]`.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward_cached(tokens, None)
+    }
+
+    /// Forward pass with an optional KV cache (generation). With a cache, `tokens` are the new
+    /// positions only, and the cache grows by `T`.
+    pub fn forward_cached(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let [_b, t] = tokens.dims();
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let cos = self.cos.clone().narrow(0, start, t); // [T, Hd]
+        let sin = self.sin.clone().narrow(0, start, t); // [T, Hd]
+        let mut x = embedding(self.model.embed_tokens.val(), tokens); // [B, T, D]
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = self.layer(layer, x, &cos, &sin, kv);
+        }
+        if let Some(c) = cache {
+            c.pos += t;
+        }
+        let x = rms_norm(x, &self.model.norm.val(), self.eps); // [B, T, D]
+        match &self.lm_head {
+            Some(w) => x.matmul(w.val().unsqueeze()), // [B, T, V]
+            None => x.matmul(self.model.embed_tokens.val().transpose().unsqueeze()), // [B, T, V]
+        }
+    }
+
+    fn layer(
+        &self,
+        l: &Layer<B>,
+        x: Tensor<B, 3>, // [B, T, D]
+        cos: &Tensor<B, 2>,
+        sin: &Tensor<B, 2>,
+        kv: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+    ) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        let (h, k) = (self.n_heads, self.n_kv_heads);
+        let hd = d / h;
+        let a = &l.self_attn;
+
+        let hn = rms_norm(x.clone(), &l.input_layernorm.val(), self.eps); // [B, T, D]
+        let q = hn.clone().matmul(a.q_proj.val().unsqueeze()).reshape([b, t, h, hd]).swap_dims(1, 2); // [B, H, T, Hd]
+        let kk = hn.clone().matmul(a.k_proj.val().unsqueeze()).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
+        let v = hn.matmul(a.v_proj.val().unsqueeze()).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
+        let q = rope(q, cos, sin); // [B, H, T, Hd]
+        let mut kk = rope(kk, cos, sin); // [B, K, T, Hd]
+        let mut v = v;
+        let causal = match kv {
+            Some((ck, cv)) => {
+                let first = ck.is_none();
+                if let (Some(pk), Some(pv)) = (ck.take(), cv.take()) {
+                    kk = Tensor::cat(vec![pk, kk], 2); // [B, K, S, Hd]
+                    v = Tensor::cat(vec![pv, v], 2); // [B, K, S, Hd]
+                }
+                *ck = Some(kk.clone());
+                *cv = Some(v.clone());
+                // A prefill into an empty cache is causal; single new tokens see every cached key.
+                first && t > 1
+            }
+            None => true,
+        };
+        let kk = repeat_kv(kk, h / k); // [B, H, S, Hd]
+        let v = repeat_kv(v, h / k); // [B, H, S, Hd]
+        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
+        let y = attention(q, kk, v, None, None, opts); // [B, H, T, Hd]
+        let y = y.swap_dims(1, 2).reshape([b, t, d]); // [B, T, D]
+        let x = x + y.matmul(a.o_proj.val().unsqueeze()); // [B, T, D]
+
+        let hn = rms_norm(x.clone(), &l.post_attention_layernorm.val(), self.eps); // [B, T, D]
+        let m = &l.mlp;
+        let gate = silu(hn.clone().matmul(m.gate_proj.val().unsqueeze())); // [B, T, F]
+        let up = hn.matmul(m.up_proj.val().unsqueeze()); // [B, T, F]
+        x + (gate * up).matmul(m.down_proj.val().unsqueeze()) // [B, T, D]
+    }
+}
+
+/// `x * rsqrt(mean(x²) + eps) * w` over the last dimension.
+fn rms_norm<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+    let rms = (x.clone().square().mean_dim(2) + eps).sqrt(); // [B, T, 1]
+    x / rms * w.clone().unsqueeze::<3>() // [B, T, D]
+}
+
+/// RoPE tables in the half-split convention: `[T, Hd]`, the frequencies repeated twice.
+fn rope_tables<B: Backend>(max_t: usize, hd: usize, theta: f64, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let half = hd / 2;
+    let mut cos = Vec::with_capacity(max_t * hd);
+    let mut sin = Vec::with_capacity(max_t * hd);
+    for pos in 0..max_t {
+        for j in 0..hd {
+            let inv = 1.0 / theta.powf((2 * (j % half)) as f64 / hd as f64);
+            let a = pos as f64 * inv;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [max_t, hd]), device),
+        Tensor::from_data(TensorData::new(sin, [max_t, hd]), device),
+    )
+}
+
+/// `x * cos + rotate_half(x) * sin`, with `rotate_half([a, b]) = [-b, a]` on the head dim.
+fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+    let hd = x.dims()[3];
+    let a = x.clone().narrow(3, 0, hd / 2); // [B, H, T, Hd/2]
+    let b = x.clone().narrow(3, hd / 2, hd / 2); // [B, H, T, Hd/2]
+    let rot = Tensor::cat(vec![b.neg(), a], 3); // [B, H, T, Hd]
+    x * cos.clone().unsqueeze::<4>() + rot * sin.clone().unsqueeze::<4>()
+}
+
+/// `[B, K, T, Hd]` -> `[B, K*n, T, Hd]`, each kv head repeated for its `n` query heads
+/// (Hugging Face's `repeat_kv`).
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
+    if n == 1 {
+        return x;
+    }
+    let [b, k, t, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2).repeat_dim(2, n).reshape([b, k * n, t, hd])
+}
+
+/// Per-layer cached keys and values, `[B, K, S, Hd]` each.
+pub struct KvCache<B: Backend> {
+    layers: Vec<(Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+    pos: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(n_layers: usize) -> Self {
+        Self { layers: (0..n_layers).map(|_| (None, None)).collect(), pos: 0 }
+    }
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.pos
+    }
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+}

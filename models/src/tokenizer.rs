@@ -1,0 +1,216 @@
+//! Tokenizers: character-level, byte-level and BPE, behind one type.
+//!
+//! All of them are Hugging Face `tokenizers` underneath, so every one saves as a standard
+//! `tokenizer.json` that `transformers` loads. Special tokens: `<|bos|>`, `<|eos|>`, `<|pad|>`
+//! (plus `<|unk|>` for character level, where a character unseen in training maps to it).
+//! Byte-level and BPE tokenizers cover every input through their 256 byte symbols.
+//! A loaded `tokenizer.json` keeps its own special tokens where it has them (GPT-2's
+//! `<|endoftext|>` serves as BOS and EOS).
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
+
+use crate::ModelError;
+
+pub const BOS: &str = "<|bos|>";
+pub const EOS: &str = "<|eos|>";
+pub const PAD: &str = "<|pad|>";
+pub const UNK: &str = "<|unk|>";
+
+/// Names other tokenizers use for the same roles, looked up when a `tokenizer.json` is loaded.
+const EOS_NAMES: [&str; 4] = [EOS, "<|endoftext|>", "</s>", "<eos>"];
+const BOS_NAMES: [&str; 5] = [BOS, "<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>"];
+const PAD_NAMES: [&str; 3] = [PAD, "<pad>", "<|padding|>"];
+
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: HfTokenizer,
+    pub bos_id: u32,
+    pub eos_id: u32,
+    pub pad_id: u32,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokenizer(vocab={}, bos={}, eos={})", self.vocab_size(), self.bos_id, self.eos_id)
+    }
+}
+
+fn specials(names: &[&str]) -> Vec<AddedToken> {
+    names.iter().map(|n| AddedToken::from(n.to_string(), true)).collect()
+}
+
+fn tok_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    /// One token per distinct character of `texts` (sorted), plus `<|unk|>` for unseen ones.
+    pub fn train_char<'a>(texts: impl Iterator<Item = &'a str>) -> Result<Self, ModelError> {
+        let mut chars: Vec<char> = texts.flat_map(|t| t.chars()).collect::<HashSet<_>>().into_iter().collect();
+        chars.sort_unstable();
+        let mut vocab: Vec<(String, u32)> = chars.iter().enumerate().map(|(i, c)| (c.to_string(), i as u32)).collect();
+        // The unknown token must live in the model's own vocabulary.
+        vocab.push((UNK.to_string(), chars.len() as u32));
+        // A BPE model with no merges is exactly a character-level model.
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab.into_iter().collect::<ahash::AHashMap<_, _>>(), vec![])
+            .unk_token(UNK.into())
+            .build()
+            .map_err(tok_err)?;
+        let mut t = HfTokenizer::new(bpe);
+        t.with_decoder(Some(Fuse::new()));
+        t.add_special_tokens(&specials(&[UNK, BOS, EOS, PAD]));
+        Self::from_hf(t)
+    }
+
+    /// The 256 bytes, GPT-2 style (byte-level pre-tokenizer and decoder), no merges.
+    pub fn byte_level() -> Result<Self, ModelError> {
+        let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        alphabet.sort_unstable();
+        let vocab = alphabet.iter().enumerate().map(|(i, c)| (c.to_string(), i as u32)).collect::<ahash::AHashMap<_, _>>();
+        let bpe = BPE::builder().vocab_and_merges(vocab, vec![]).build().map_err(tok_err)?;
+        let mut t = HfTokenizer::new(bpe);
+        t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        t.with_decoder(Some(ByteLevelDecoder::default()));
+        t.add_special_tokens(&specials(&[BOS, EOS, PAD]));
+        Self::from_hf(t)
+    }
+
+    /// Byte-level BPE trained on `texts`, with `vocab_size` tokens in all (special tokens included).
+    pub fn train_bpe<'a>(texts: impl Iterator<Item = &'a str> + Send, vocab_size: usize, progress: bool) -> Result<Self, ModelError> {
+        let mut t = HfTokenizer::new(BPE::default());
+        t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        t.with_decoder(Some(ByteLevelDecoder::default()));
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .show_progress(progress)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .special_tokens(specials(&[BOS, EOS, PAD]))
+            .build()
+            .into();
+        t.train(&mut trainer, texts).map_err(tok_err)?;
+        Self::from_hf(t)
+    }
+
+    /// GPT-2's byte-level BPE from `encoder.json` and `vocab.bpe`.
+    pub fn gpt2_from_files(encoder: &Path, merges: &Path) -> Result<Self, ModelError> {
+        let ctx = |e: tokenizers::Error| ModelError::Tokenizer(format!("{} / {}: {e}", encoder.display(), merges.display()));
+        let bpe = BPE::from_file(&encoder.to_string_lossy(), &merges.to_string_lossy()).build().map_err(ctx)?;
+        let mut t = HfTokenizer::new(bpe);
+        t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        t.with_decoder(Some(ByteLevelDecoder::default()));
+        t.add_special_tokens(&specials(&["<|endoftext|>"]));
+        Self::from_hf(t)
+    }
+
+    /// Loads a `tokenizer.json`. A file that does not parse is an error naming the file.
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+        let t = HfTokenizer::from_bytes(&bytes).map_err(|e| {
+            ModelError::Tokenizer(format!(
+                "{}: not a valid tokenizer.json ({e}); hint: re-create it with `kiln tokenizer train` or copy it from the model it belongs to",
+                path.display()
+            ))
+        })?;
+        Self::from_hf(t)
+    }
+
+    /// Writes `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| ModelError::io(path, e))
+    }
+
+    fn from_hf(mut inner: HfTokenizer) -> Result<Self, ModelError> {
+        let find = |t: &HfTokenizer, names: &[&str]| names.iter().find_map(|n| t.token_to_id(n));
+        if find(&inner, &EOS_NAMES).is_none() {
+            inner.add_special_tokens(&specials(&[EOS]));
+        }
+        let eos_id = find(&inner, &EOS_NAMES).ok_or_else(|| tok_err("could not add an EOS token"))?;
+        let bos_id = find(&inner, &BOS_NAMES).unwrap_or(eos_id);
+        let pad_id = find(&inner, &PAD_NAMES).unwrap_or(eos_id);
+        Ok(Self { inner, bos_id, eos_id, pad_id })
+    }
+
+    /// Vocabulary size, added tokens included: the model's embedding rows.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text`, without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        Ok(self.inner.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
+        self.inner.decode(ids, true).map_err(tok_err)
+    }
+
+    /// The serialized `tokenizer.json`, for hashing (the data cache key).
+    pub fn to_json(&self) -> Result<String, ModelError> {
+        self.inner.to_string(false).map_err(tok_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn char_level_round_trips_and_maps_unseen_to_unk() {
+        let t = Tokenizer::train_char(["hello world\n"].into_iter()).unwrap();
+        assert_eq!(t.vocab_size(), 9 + 4); // h e l o space w r d newline, and 4 specials
+        let ids = t.encode("hello\nworld").unwrap();
+        assert_eq!(ids.len(), 11);
+        assert_eq!(t.decode(&ids).unwrap(), "hello\nworld");
+        let unk = t.inner.token_to_id(UNK).unwrap();
+        assert_eq!(t.encode("hé").unwrap(), vec![t.encode("h").unwrap()[0], unk]);
+        assert_ne!(t.eos_id, t.bos_id);
+    }
+
+    #[test]
+    fn byte_level_covers_any_text() {
+        let t = Tokenizer::byte_level().unwrap();
+        assert_eq!(t.vocab_size(), 259);
+        let s = "naïve – 東京 🎉";
+        let ids = t.encode(s).unwrap();
+        assert_eq!(ids.len(), s.len());
+        assert_eq!(t.decode(&ids).unwrap(), s);
+    }
+
+    #[test]
+    fn bpe_trains_to_size_saves_and_loads() {
+        let text = "the cat sat on the mat. the dog sat on the log. ".repeat(50);
+        let t = Tokenizer::train_bpe([text.as_str()].into_iter(), 300, false).unwrap();
+        assert!(t.vocab_size() <= 300 && t.vocab_size() > 259, "{}", t.vocab_size());
+        let ids = t.encode("the cat sat").unwrap();
+        assert!(ids.len() < "the cat sat".len());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer.json");
+        t.save(&p).unwrap();
+        let back = Tokenizer::load(&p).unwrap();
+        assert_eq!(back.encode("the cat sat, 東京").unwrap(), t.encode("the cat sat, 東京").unwrap());
+        assert_eq!((back.bos_id, back.eos_id), (t.bos_id, t.eos_id));
+    }
+
+    #[test]
+    fn corrupt_tokenizer_json_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer.json");
+        std::fs::write(&p, "{\"model\": {\"type\": \"BPE\", \"vocab\": ").unwrap();
+        let e = Tokenizer::load(&p).unwrap_err().to_string();
+        assert!(e.contains("tokenizer.json") && e.contains("not a valid"), "{e}");
+        let e = Tokenizer::load(&dir.path().join("missing.json")).unwrap_err().to_string();
+        assert!(e.contains("missing.json"), "{e}");
+    }
+}

@@ -1,0 +1,103 @@
+//! Model tests on the Flex CPU backend: save/load round trip, KV cache, GQA, bad checkpoints.
+
+use burn::backend::Flex;
+use burn::tensor::{Int, Tensor, TensorData};
+use kiln_models::checkpoint::{load_dir, save_dir, WEIGHTS};
+use kiln_models::generate::{generate, SampleOptions};
+use kiln_models::init::RandomInit;
+use kiln_models::presets::preset;
+use kiln_models::{Llama, Tokenizer};
+
+type B = Flex;
+
+fn tiny() -> (Llama<B>, kiln_models::LlamaConfig, Tokenizer) {
+    let tok = Tokenizer::train_char(["abcdefghij klmnop\n"].into_iter()).unwrap();
+    let cfg = preset("tiny", tok.vocab_size()).unwrap();
+    let model = Llama::<B>::build(&cfg, &mut RandomInit::new(7, cfg.num_hidden_layers), &Default::default()).unwrap();
+    (model, cfg, tok)
+}
+
+fn tokens(ids: &[i64], b: usize) -> Tensor<B, 2, Int> {
+    Tensor::from_data(TensorData::new(ids.to_vec(), [b, ids.len() / b]), &Default::default())
+}
+
+fn values(t: Tensor<B, 3>) -> Vec<f32> {
+    t.into_data().to_vec().unwrap()
+}
+
+#[test]
+fn save_then_load_gives_identical_logits() {
+    let (model, cfg, tok) = tiny();
+    let x = tokens(&[1, 2, 3, 4, 5, 6, 7, 8], 2);
+    let before = values(model.forward(x.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("final");
+    save_dir(&out, &model, &cfg, &tok).unwrap();
+    let (back, cfg2, tok2) = load_dir::<B>(&out, &Default::default()).unwrap();
+    assert_eq!(cfg, cfg2);
+    assert_eq!(tok2.vocab_size(), tok.vocab_size());
+    assert_eq!(before, values(back.forward(x)));
+    // Never overwritten in place.
+    let err = save_dir(&out, &model, &cfg, &tok).unwrap_err().to_string();
+    assert!(err.contains("already exists"), "{err}");
+}
+
+#[test]
+fn hf_names_and_layouts() {
+    let (model, cfg, _) = tiny();
+    let t = kiln_models::checkpoint::hf_tensors(&model);
+    let find = |n: &str| t.iter().find(|x| x.0 == n).unwrap_or_else(|| panic!("{n} missing")).1.clone();
+    let hd = cfg.head_dim();
+    assert_eq!(find("model.embed_tokens.weight"), vec![cfg.vocab_size, cfg.hidden_size]);
+    assert_eq!(find("model.layers.1.self_attn.k_proj.weight"), vec![cfg.num_key_value_heads * hd, cfg.hidden_size]);
+    assert_eq!(find("model.layers.0.mlp.down_proj.weight"), vec![cfg.hidden_size, cfg.intermediate_size]);
+    assert_eq!(find("lm_head.weight"), vec![cfg.vocab_size, cfg.hidden_size]);
+    assert_eq!(find("model.norm.weight"), vec![cfg.hidden_size]);
+    assert_eq!(t.len(), 2 + 9 * cfg.num_hidden_layers + 1);
+    let n: usize = t.iter().map(|x| x.2.len()).sum();
+    assert_eq!(n, cfg.num_params());
+}
+
+#[test]
+fn kv_cache_matches_full_forward() {
+    let (model, _, _) = tiny();
+    let ids = [3i64, 1, 4, 1, 5, 9, 2, 6];
+    let full = values(model.forward(tokens(&ids, 1)));
+    let v = full.len() / ids.len();
+    let mut cache = kiln_models::llama::KvCache::new(2);
+    let a = values(model.forward_cached(tokens(&ids[..5], 1), Some(&mut cache)));
+    let mut got = a;
+    for &t in &ids[5..] {
+        got.extend(values(model.forward_cached(tokens(&[t], 1), Some(&mut cache))));
+    }
+    assert_eq!(got.len(), full.len());
+    let max_ref = full.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let max_err = got.iter().zip(&full).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(max_err / max_ref < 1e-5, "cache drifted: {max_err} / {max_ref} (v={v})");
+}
+
+#[test]
+fn greedy_generation_is_deterministic_and_bounded() {
+    let (model, cfg, _) = tiny();
+    let o = SampleOptions { max_tokens: 40, temperature: 0.0, ..Default::default() };
+    let a = generate(&model, cfg.max_position_embeddings, &[1, 2, 3], &o, &Default::default());
+    let b = generate(&model, cfg.max_position_embeddings, &[1, 2, 3], &o, &Default::default());
+    assert_eq!(a.len(), 40); // longer than the 32-token context: the window slides
+    assert_eq!(a, b);
+    assert!(a.iter().all(|&t| (t as usize) < cfg.vocab_size));
+}
+
+#[test]
+fn truncated_checkpoint_is_a_clear_error() {
+    let (model, cfg, tok) = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ck");
+    save_dir(&out, &model, &cfg, &tok).unwrap();
+    let w = out.join(WEIGHTS);
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_dir::<B>(&out, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("truncated or corrupt"), "{err}");
+    std::fs::write(&w, b"").unwrap();
+    assert!(load_dir::<B>(&out, &Default::default()).is_err());
+}
