@@ -222,12 +222,15 @@ pub fn read_config(path: &Path) -> Result<LlamaConfig, ModelError> {
 /// everything goes to a temporary sibling, which is renamed to `dir` at the end.
 /// Refuses to overwrite an existing `dir`.
 pub fn save_dir<B: Backend>(dir: &Path, model: &Llama<B>, cfg: &LlamaConfig, tok: &Tokenizer) -> Result<(), ModelError> {
-    write_atomically(dir, |tmp| {
-        write_safetensors(&tmp.join(WEIGHTS), &hf_tensors(model), &[])?;
-        let cfg_json = serde_json::to_string_pretty(&hf_config_json(cfg)).map_err(|e| ModelError::Config(e.to_string()))?;
-        std::fs::write(tmp.join(CONFIG), cfg_json).map_err(|e| ModelError::io(tmp.join(CONFIG), e))?;
-        tok.save(&tmp.join(TOKENIZER))
-    })
+    write_atomically(dir, |tmp| write_model_files(tmp, model, cfg, tok))
+}
+
+/// Writes `model.safetensors`, `config.json` and `tokenizer.json` into an existing folder.
+pub fn write_model_files<B: Backend>(dir: &Path, model: &Llama<B>, cfg: &LlamaConfig, tok: &Tokenizer) -> Result<(), ModelError> {
+    write_safetensors(&dir.join(WEIGHTS), &hf_tensors(model), &[])?;
+    let cfg_json = serde_json::to_string_pretty(&hf_config_json(cfg)).map_err(|e| ModelError::Config(e.to_string()))?;
+    std::fs::write(dir.join(CONFIG), cfg_json).map_err(|e| ModelError::io(dir.join(CONFIG), e))?;
+    tok.save(&dir.join(TOKENIZER))
 }
 
 /// Runs `fill` on a fresh temporary folder beside `dir`, then renames it to `dir`.

@@ -1,1 +1,259 @@
-fn main(){}
+//! `kiln`: the command line. The backend is chosen once, here.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Context, Result};
+use burn::backend::Autodiff;
+use clap::{Parser, Subcommand};
+use kiln_models::generate::{generate, SampleOptions};
+use kiln_models::Tokenizer;
+use kiln_recipes::Recipe;
+use kiln_trainer::data::sources::Dirs;
+use kiln_trainer::run::{self, Outcome, RunCtx};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Train small language models end to end, and account for the energy they cost.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Compute device: cpu (the default CPU backend), flex, ndarray.
+    #[arg(long)]
+    device: Option<String>,
+    /// Read-only data root (default: $KILN_DATA, else ./data).
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train from a recipe.
+    Run {
+        recipe: PathBuf,
+        /// Override a recipe field, e.g. --set train.steps=500 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        #[command(flatten)]
+        common: Common,
+        /// Where run directories are created.
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+    },
+    /// Continue a stopped run from its newest checkpoint.
+    Resume {
+        run_dir: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Recipe tools.
+    Recipe {
+        #[command(subcommand)]
+        command: RecipeCommand,
+    },
+    /// Generate text from a run (its final/ model, else its newest checkpoint) or a model folder.
+    Generate {
+        model: PathBuf,
+        #[arg(long, default_value = "")]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        /// 0 means greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        /// Keep the k most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Nucleus sampling threshold (1: off).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Compute device: cpu, flex, ndarray.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Tokenizer tools.
+    Tokenizer {
+        #[command(subcommand)]
+        command: TokenizerCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RecipeCommand {
+    /// Validate a recipe and print the resolved plan, parameter count, tokens and memory estimate.
+    Check {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        #[arg(long)]
+        data_root: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a tokenizer on text files and write tokenizer.json.
+    Train {
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        #[arg(long, default_value_t = 4096)]
+        vocab_size: usize,
+        /// bpe, char or byte.
+        #[arg(long, default_value = "bpe")]
+        kind: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// The CPU backends Kiln builds. `cpu` is the faster of the two on the training benchmark.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Flex,
+    NdArray,
+}
+
+fn backend(name: &str) -> Result<Backend> {
+    match name {
+        "cpu" | "auto" | "flex" => Ok(Backend::Flex),
+        "ndarray" => Ok(Backend::NdArray),
+        other => bail!("unknown device '{other}'\n  hint: one of cpu, flex, ndarray (GPU backends arrive with the backends issue)"),
+    }
+}
+
+/// Runs `$body` with `$B` bound to the autodiff backend for `$which`.
+macro_rules! with_backend {
+    ($which:expr, $B:ident, $body:block) => {
+        match $which {
+            Backend::Flex => {
+                type $B = Autodiff<burn::backend::Flex>;
+                $body
+            }
+            Backend::NdArray => {
+                type $B = Autodiff<burn::backend::NdArray>;
+                $body
+            }
+        }
+    };
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let cli = Cli::parse();
+    if let Err(e) = dispatch(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn install_signal_handler() {
+    let r = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: writing a checkpoint after this step (press again to abort)");
+    });
+    if let Err(e) = r {
+        tracing::warn!("cannot install the Ctrl-C/SIGTERM handler: {e}");
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { recipe, sets, common, runs_dir } => {
+            let r = Recipe::load(&recipe, &sets)?;
+            let dirs = Dirs::from_env(common.data_root);
+            let be = backend(common.device.as_deref().unwrap_or(&r.train.device))?;
+            let p = run::prepare(&r, &dirs)?;
+            let dir = run::create_run_dir(&p, &runs_dir, &dirs, &format!("{be:?}").to_lowercase())?;
+            tracing::info!("run directory: {}", dir.display());
+            println!("{}", run::summary(&p));
+            install_signal_handler();
+            let ctx = RunCtx { dir, backend: format!("{be:?}").to_lowercase(), stop: &STOP };
+            let outcome = with_backend!(be, B, { run::start::<B>(&p, &ctx, &Default::default())? });
+            finish(outcome)
+        }
+        Command::Resume { run_dir, common } => {
+            let r = run::load_plan(&run_dir)?;
+            let dirs = Dirs::from_env(common.data_root.or_else(|| {
+                std::env::var_os("KILN_DATA").is_none().then(|| run::recorded_data_root(&run_dir)).flatten()
+            }));
+            let be = backend(common.device.as_deref().unwrap_or(&r.train.device))?;
+            let p = run::prepare(&r, &dirs)?;
+            install_signal_handler();
+            let ctx = RunCtx { dir: run_dir, backend: format!("{be:?}").to_lowercase(), stop: &STOP };
+            let outcome = with_backend!(be, B, { run::resume::<B>(&p, &ctx, &Default::default())? });
+            finish(outcome)
+        }
+        Command::Recipe { command: RecipeCommand::Check { recipe, sets, data_root } } => {
+            let r = Recipe::load(&recipe, &sets)?;
+            let p = run::prepare(&r, &Dirs::from_env(data_root))?;
+            println!("# resolved plan for {}\n{}", recipe.display(), r.to_toml());
+            println!("{}", run::summary(&p));
+            println!("recipe OK");
+            Ok(())
+        }
+        Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed, device } => {
+            let be = backend(device.as_deref().unwrap_or("cpu"))?;
+            let dir = model_dir(&model)?;
+            with_backend!(be, B, {
+                let device = Default::default();
+                let (m, cfg, tok) = kiln_models::checkpoint::load_dir::<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend>(&dir, &device)?;
+                let mut ids = vec![tok.bos_id];
+                ids.extend(tok.encode(&prompt)?);
+                let o = SampleOptions { max_tokens, temperature, top_k, top_p, seed, stop: Some(tok.eos_id) };
+                let out = generate(&m, cfg.max_position_embeddings, &ids, &o, &device);
+                println!("{prompt}{}", tok.decode(&out)?);
+            });
+            Ok(())
+        }
+        Command::Tokenizer { command: TokenizerCommand::Train { input, vocab_size, kind, out } } => {
+            let texts: Vec<String> = input
+                .iter()
+                .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
+                .collect::<Result<_>>()?;
+            let tok = match kind.as_str() {
+                "bpe" => Tokenizer::train_bpe(texts.iter().map(String::as_str), vocab_size, true)?,
+                "char" => Tokenizer::train_char(texts.iter().map(String::as_str))?,
+                "byte" => Tokenizer::byte_level()?,
+                other => bail!("--kind {other}: expected bpe, char or byte"),
+            };
+            if out.exists() {
+                bail!("{} already exists; Kiln does not overwrite it", out.display());
+            }
+            tok.save(&out)?;
+            println!("wrote {} ({} tokens)", out.display(), tok.vocab_size());
+            Ok(())
+        }
+    }
+}
+
+/// A run directory's final/ model, else its newest checkpoint; or a model folder itself.
+fn model_dir(p: &Path) -> Result<PathBuf> {
+    if p.join("config.json").is_file() {
+        return Ok(p.to_path_buf());
+    }
+    if p.join("final").join("config.json").is_file() {
+        return Ok(p.join("final"));
+    }
+    if let Some((_, ck)) = run::latest_checkpoint(p) {
+        return Ok(ck);
+    }
+    bail!("{}: no model here (expected final/, checkpoints/step-*/ or a folder with config.json)", p.display())
+}
+
+fn finish(o: Outcome) -> Result<()> {
+    match o {
+        Outcome::Finished => Ok(()),
+        Outcome::Stopped { .. } => std::process::exit(130),
+    }
+}

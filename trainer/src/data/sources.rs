@@ -1,0 +1,170 @@
+//! Data sources: a path under the data root, an `https://` URL pinned by sha256, or
+//! `hf://datasets/<org>/<name>[@rev]/<path>`. Each resolves to a local file. The data root is
+//! only read; downloads go to the cache (`$KILN_CACHE`, default `~/.cache/kiln`).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+/// Where Kiln reads data from and writes its caches.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    /// Read-only data root (`--data-root`, `KILN_DATA`, default `./data`).
+    pub data_root: PathBuf,
+    /// Downloads and token shards (`KILN_CACHE`, default `~/.cache/kiln`).
+    pub cache: PathBuf,
+}
+
+impl Dirs {
+    pub fn from_env(data_root: Option<PathBuf>) -> Self {
+        let data_root = data_root
+            .or_else(|| std::env::var_os("KILN_DATA").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("data"));
+        let cache = std::env::var_os("KILN_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+            home.join(".cache").join("kiln")
+        });
+        Self { data_root, cache }
+    }
+}
+
+/// A parsed `hf://` URI: `hf://[datasets/]<org>/<name>[@rev][/path]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfUri {
+    pub dataset: bool,
+    pub org: String,
+    pub name: String,
+    pub revision: Option<String>,
+    pub path: String,
+}
+
+impl HfUri {
+    pub fn parse(uri: &str) -> Result<Self> {
+        let rest = uri.strip_prefix("hf://").with_context(|| format!("'{uri}' does not start with hf://"))?;
+        let (dataset, rest) = match rest.strip_prefix("datasets/") {
+            Some(r) => (true, r),
+            None => (false, rest),
+        };
+        let mut parts = rest.splitn(3, '/');
+        let org = parts.next().unwrap_or_default();
+        let name_rev = parts.next().unwrap_or_default();
+        let path = parts.next().unwrap_or_default().to_string();
+        if org.is_empty() || name_rev.is_empty() {
+            bail!("'{uri}': expected hf://[datasets/]<org>/<name>[@rev][/path]");
+        }
+        let (name, revision) = match name_rev.split_once('@') {
+            Some((n, r)) => (n.to_string(), Some(r.to_string())),
+            None => (name_rev.to_string(), None),
+        };
+        Ok(Self { dataset, org: org.into(), name, revision, path })
+    }
+}
+
+/// Resolves one source to a local file. `pin` is the sha256 for an https source.
+pub fn resolve(source: &str, pin: Option<&str>, dirs: &Dirs) -> Result<PathBuf> {
+    if source.starts_with("https://") || source.starts_with("http://") {
+        let pin = pin.with_context(|| format!("{source}: downloads must be pinned with a sha256 (data.sha256)"))?;
+        return resolve_url(source, pin, dirs);
+    }
+    if source.starts_with("hf://") {
+        let uri = HfUri::parse(source)?;
+        if !uri.dataset {
+            bail!("{source}: data sources must be datasets (hf://datasets/<org>/<name>/<path>)");
+        }
+        if uri.path.is_empty() {
+            bail!("{source}: name a file inside the dataset (hf://datasets/<org>/<name>/<path>)");
+        }
+        return crate::hub::download(&uri, &dirs.cache);
+    }
+    let p = dirs.data_root.join(source);
+    if !p.is_file() {
+        bail!(
+            "data file not found: {} (source '{source}' under data root {})\n  hint: point --data-root or KILN_DATA at the folder that holds it",
+            p.display(),
+            dirs.data_root.display()
+        );
+    }
+    Ok(p)
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// An https file: first looked up in the data root by file name (and hash), then in the
+/// download cache, else downloaded once to the cache and verified.
+fn resolve_url(url: &str, pin: &str, dirs: &Dirs) -> Result<PathBuf> {
+    let pin = pin.to_ascii_lowercase();
+    let file_name = url.rsplit('/').next().filter(|s| !s.is_empty()).unwrap_or("download");
+    let file_name: String = file_name.chars().map(|c| if c.is_ascii_alphanumeric() || ".-_".contains(c) { c } else { '_' }).collect();
+    let mirrored = dirs.data_root.join(&file_name);
+    if mirrored.is_file() && sha256_file(&mirrored)? == pin {
+        tracing::info!("{url}: using {} from the data root (sha256 matches)", mirrored.display());
+        return Ok(mirrored);
+    }
+    let cached = dirs.cache.join("downloads").join(format!("{}-{file_name}", &pin[..16.min(pin.len())]));
+    if cached.is_file() && sha256_file(&cached)? == pin {
+        return Ok(cached);
+    }
+    std::fs::create_dir_all(cached.parent().unwrap_or(Path::new(".")))?;
+    tracing::info!("downloading {url}");
+    let tmp = cached.with_extension("part");
+    let mut resp = ureq::get(url).call().with_context(|| format!("downloading {url}\n  hint: offline? put {file_name} in the data root"))?;
+    let mut out = std::fs::File::create(&tmp)?;
+    std::io::copy(&mut resp.body_mut().as_reader(), &mut out).with_context(|| format!("downloading {url}"))?;
+    drop(out);
+    let got = sha256_file(&tmp)?;
+    if got != pin {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("{url}: sha256 is {got}, but the recipe pins {pin}\n  hint: the file changed upstream; check it and update data.sha256");
+    }
+    std::fs::rename(&tmp, &cached)?;
+    Ok(cached)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hf_uris() {
+        let u = HfUri::parse("hf://datasets/karpathy/tiny@v1/data/input.txt").unwrap();
+        assert_eq!(u, HfUri { dataset: true, org: "karpathy".into(), name: "tiny".into(), revision: Some("v1".into()), path: "data/input.txt".into() });
+        let m = HfUri::parse("hf://HuggingFaceTB/SmolLM-135M").unwrap();
+        assert!(!m.dataset && m.path.is_empty() && m.revision.is_none());
+        assert!(HfUri::parse("hf://onlyorg").is_err());
+    }
+
+    #[test]
+    fn https_source_found_in_data_root_by_name_and_hash() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("input.txt"), b"hello").unwrap();
+        let dirs = Dirs { data_root: root.path().into(), cache: cache.path().into() };
+        let good = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+        let p = resolve("https://example.invalid/x/input.txt", Some(good), &dirs).unwrap();
+        assert_eq!(p, root.path().join("input.txt"));
+        // A wrong pin does not match the mirror, and the download (offline) fails clearly.
+        let e = resolve("https://example.invalid/x/input.txt", Some(&"0".repeat(64)), &dirs).unwrap_err();
+        assert!(format!("{e:#}").contains("example.invalid"), "{e:#}");
+    }
+
+    #[test]
+    fn missing_file_names_path_and_hint() {
+        let dirs = Dirs { data_root: "/nonexistent-root".into(), cache: "/tmp".into() };
+        let e = resolve("tiny/missing.txt", None, &dirs).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent-root/tiny/missing.txt") && e.contains("KILN_DATA"), "{e}");
+    }
+}

@@ -1,0 +1,8 @@
+//! kiln-trainer: where recipes, data, models and the training loop are wired together.
+//! The `kiln` binary (`main.rs`) is a thin CLI over this library.
+
+pub mod data;
+pub mod hub;
+pub mod optim;
+pub mod run;
+pub mod train_step;

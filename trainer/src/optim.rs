@@ -1,0 +1,204 @@
+//! AdamW and the learning-rate schedule, written out.
+//!
+//! Burn's own AdamW keys its state by `ParamId` and decays every parameter. Kiln keys the
+//! moments by the parameter's Hugging Face name (so a checkpoint restores them to the right
+//! tensors in any process), decays matrices only (never norms or biases), and clips on the
+//! global gradient norm rather than per tensor.
+
+use std::collections::HashMap;
+
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use kiln_models::checkpoint::HostTensor;
+use kiln_recipes::OptimSection;
+
+/// Linear warmup from 0 to `lr`, then cosine decay to `min_lr` at `total` steps.
+/// `step` counts from 1 (the first optimizer step).
+pub fn learning_rate(o: &OptimSection, step: usize, total: usize) -> f64 {
+    if o.warmup_steps > 0 && step <= o.warmup_steps {
+        return o.lr * step as f64 / o.warmup_steps as f64;
+    }
+    let decay = total.saturating_sub(o.warmup_steps).max(1);
+    let progress = ((step - o.warmup_steps.min(step)) as f64 / decay as f64).min(1.0);
+    o.min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (o.lr - o.min_lr)
+}
+
+/// The moments of one parameter, flattened.
+pub struct Moments<B: Backend> {
+    pub m: Tensor<B, 1>,
+    pub v: Tensor<B, 1>,
+}
+
+pub struct AdamW<B: Backend> {
+    pub cfg: OptimSection,
+    /// Optimizer steps taken (for bias correction).
+    pub t: u64,
+    pub state: HashMap<String, Moments<B>>,
+}
+
+struct PathStack(Vec<String>);
+
+impl PathStack {
+    fn name(&self) -> String {
+        format!("{}.weight", self.0.join("."))
+    }
+}
+
+/// Sums the squares of every gradient (one host read at the end).
+struct SquaredNorm<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    acc: Option<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            let s = g.square().sum(); // [1]
+            self.acc = Some(match self.acc.take() {
+                Some(a) => a + s,
+                None => s,
+            });
+        }
+    }
+}
+
+/// The global L2 norm of all gradients.
+pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams) -> f64 {
+    let mut v = SquaredNorm::<B> { grads, acc: None };
+    model.visit(&mut v);
+    match v.acc {
+        Some(a) => (a.into_scalar().elem::<f64>()).sqrt(),
+        None => 0.0,
+    }
+}
+
+use burn::tensor::ElementConversion;
+
+struct Step<'a, B: AutodiffBackend> {
+    opt: &'a mut AdamW<B::InnerBackend>,
+    grads: &'a mut GradientsParams,
+    lr: f64,
+    scale: f64,
+    path: PathStack,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Step<'_, B> {
+    fn enter_module(&mut self, name: &str, _c: &str) {
+        self.path.0.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _c: &str) {
+        self.path.0.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
+            return param;
+        };
+        let name = self.path.name();
+        let c = &self.opt.cfg;
+        let (b1, b2, eps) = (c.beta1, c.beta2, c.eps);
+        let decay = if D >= 2 { c.weight_decay } else { 0.0 };
+        let t = self.opt.t as i32;
+        let (lr, scale) = (self.lr, self.scale);
+        let shape = g.shape();
+        let n = shape.num_elements();
+        let g = g.reshape([n]) * scale; // [N]
+        let device = g.device();
+        let st = self.opt.state.remove(&name).unwrap_or_else(|| Moments {
+            m: Tensor::zeros([n], &device),
+            v: Tensor::zeros([n], &device),
+        });
+        let m = st.m * b1 + g.clone() * (1.0 - b1);
+        let v = st.v * b2 + g.square() * (1.0 - b2);
+        let m_hat = m.clone() / (1.0 - b1.powi(t));
+        let v_hat = v.clone() / (1.0 - b2.powi(t));
+        let update = m_hat / (v_hat.sqrt() + eps); // [N]
+        self.opt.state.insert(name, Moments { m, v });
+        let (id, tensor, mapper) = param.consume();
+        let p = tensor.inner(); // [..]
+        let p = if decay > 0.0 { p.clone() - p * (lr * decay) } else { p };
+        let p = p - update.reshape(shape) * lr;
+        Param::from_mapped_value(id, Tensor::from_inner(p).require_grad(), mapper)
+    }
+}
+
+impl<B: Backend> AdamW<B> {
+    pub fn new(cfg: OptimSection) -> Self {
+        Self { cfg, t: 0, state: HashMap::new() }
+    }
+
+    /// Clips `grads` to the global norm `cfg.grad_clip` (when positive) and takes one step.
+    /// Returns the gradient norm before clipping.
+    pub fn step<A, M>(&mut self, model: M, mut grads: GradientsParams, lr: f64) -> (M, f64)
+    where
+        A: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<A>,
+    {
+        let norm = global_grad_norm::<A, M>(&model, &grads);
+        let clip = self.cfg.grad_clip;
+        let scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
+        self.t += 1;
+        let mut s = Step::<A> { opt: self, grads: &mut grads, lr, scale, path: PathStack(Vec::new()) };
+        let model = model.map(&mut s);
+        (model, norm)
+    }
+
+    /// The moments as host tensors, `<name>.exp_avg` and `<name>.exp_avg_sq`, sorted by name.
+    pub fn to_host(&self) -> Vec<HostTensor> {
+        let mut names: Vec<&String> = self.state.keys().collect();
+        names.sort();
+        let mut out = Vec::new();
+        for n in names {
+            let s = &self.state[n];
+            for (suffix, t) in [("exp_avg", &s.m), ("exp_avg_sq", &s.v)] {
+                let v: Vec<f32> = t.to_data().convert::<f32>().to_vec().unwrap_or_default();
+                out.push((format!("{n}.{suffix}"), vec![v.len()], v));
+            }
+        }
+        out
+    }
+
+    /// Restores moments saved by [`AdamW::to_host`]. Every parameter must have both moments.
+    pub fn load_host(&mut self, mut tensors: HashMap<String, (Vec<usize>, Vec<f32>)>, device: &B::Device) -> anyhow::Result<()> {
+        let names: Vec<String> = tensors.keys().filter_map(|k| k.strip_suffix(".exp_avg").map(str::to_string)).collect();
+        for n in names {
+            let (_, m) = tensors.remove(&format!("{n}.exp_avg")).unwrap_or_default();
+            let (_, v) = tensors
+                .remove(&format!("{n}.exp_avg_sq"))
+                .ok_or_else(|| anyhow::anyhow!("optimizer state: '{n}.exp_avg_sq' missing"))?;
+            if m.len() != v.len() {
+                anyhow::bail!("optimizer state for '{n}': moments of different sizes");
+            }
+            let len = m.len();
+            self.state.insert(
+                n,
+                Moments {
+                    m: Tensor::from_data(TensorData::new(m, [len]), device),
+                    v: Tensor::from_data(TensorData::new(v, [len]), device),
+                },
+            );
+        }
+        if let Some(k) = tensors.keys().next() {
+            anyhow::bail!("optimizer state: unexpected tensor '{k}'");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_min() {
+        let o = OptimSection { lr: 1.0, min_lr: 0.1, warmup_steps: 10, ..Default::default() };
+        assert!((learning_rate(&o, 1, 100) - 0.1).abs() < 1e-12);
+        assert!((learning_rate(&o, 10, 100) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(&o, 55, 100) - 0.55).abs() < 1e-12);
+        assert!((learning_rate(&o, 100, 100) - 0.1).abs() < 1e-12);
+        assert!((learning_rate(&o, 150, 100) - 0.1).abs() < 1e-12);
+        let no_warm = OptimSection { warmup_steps: 0, ..o };
+        assert!((learning_rate(&no_warm, 0, 100) - 1.0).abs() < 1e-12);
+    }
+}

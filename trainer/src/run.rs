@@ -1,0 +1,450 @@
+//! A run: its directory, resumable state, metrics log, checkpoints, the loop, and the report.
+//!
+//! ```text
+//! runs/<name>-<timestamp>/
+//!   plan.toml          the resolved recipe (overrides applied)
+//!   manifest.json      Kiln version, git commit, recipe hash, data hashes, backend, threads, host
+//!   metrics.jsonl      one line per step, one per evaluation
+//!   checkpoints/step-NNNNNNN/   model (HF layout) + optimizer.safetensors + state.json
+//!   final/             HF-layout weights, config.json, tokenizer.json
+//!   report.json
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_models::checkpoint::{self, read_safetensors, write_atomically, write_safetensors};
+use kiln_models::init::RandomInit;
+use kiln_models::presets;
+use kiln_models::{Llama, LlamaConfig, Tokenizer};
+use kiln_recipes::{Recipe, Source};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::data::loader::{validation_batches, Batch, Loader, LoaderPos};
+use crate::data::shards::{resolve_sources, token_stream, tokenizer_for, SourceFile};
+use crate::data::sources::Dirs;
+use crate::optim::{learning_rate, AdamW};
+use crate::train_step::{eval_loss, train_step};
+
+pub const CHECKPOINT_FORMAT: u32 = 1;
+
+/// Everything a run needs that comes from resolving the recipe against data and presets.
+pub struct Prepared {
+    pub recipe: Recipe,
+    pub cfg: LlamaConfig,
+    pub tok: Tokenizer,
+    pub sources: Vec<SourceFile>,
+    pub train: Vec<u32>,
+    pub val: Vec<u32>,
+    /// UTF-8 bytes per token in the corpus (EOS excluded), for bits per byte.
+    pub bytes_per_token: f64,
+    pub shards_cached: bool,
+}
+
+/// The model configuration: the preset with the recipe's overrides and the tokenizer's vocabulary.
+pub fn model_config(recipe: &Recipe, tok: &Tokenizer) -> Result<LlamaConfig> {
+    let m = &recipe.model;
+    let mut c = presets::preset(&m.preset, tok.vocab_size()).with_context(|| {
+        format!("model.preset: unknown preset '{}'\n  hint: one of {}", m.preset, presets::NAMES.join(", "))
+    })?;
+    if let Some(v) = m.d_model { c.hidden_size = v; }
+    if let Some(v) = m.n_layers { c.num_hidden_layers = v; }
+    if let Some(v) = m.n_heads { c.num_attention_heads = v; }
+    if let Some(v) = m.n_kv_heads { c.num_key_value_heads = v; }
+    if m.n_heads.is_some() && m.n_kv_heads.is_none() { c.num_key_value_heads = c.num_attention_heads; }
+    if let Some(v) = m.ffn_hidden { c.intermediate_size = v; }
+    if let Some(v) = m.context { c.max_position_embeddings = v; }
+    if let Some(v) = m.rope_theta { c.rope_theta = v; }
+    if let Some(v) = m.norm_eps { c.rms_norm_eps = v; }
+    if let Some(v) = m.tie_embeddings { c.tie_word_embeddings = v; }
+    c.bos_token_id = Some(tok.bos_id);
+    c.eos_token_id = Some(tok.eos_id);
+    c.pad_token_id = Some(tok.pad_id);
+    c.check().map_err(|e| anyhow::anyhow!("[model]: {e}"))?;
+    Ok(c)
+}
+
+/// Resolves sources, builds the tokenizer, tokenizes (or reuses shards), splits train/val.
+pub fn prepare(recipe: &Recipe, dirs: &Dirs) -> Result<Prepared> {
+    let sources = resolve_sources(&recipe.data, dirs)?;
+    let tok = tokenizer_for(&recipe.tokenizer, &sources, &recipe.data, dirs)?;
+    let cfg = model_config(recipe, &tok)?;
+    let stream = token_stream(&sources, &recipe.data, &tok, dirs)?;
+    let n = stream.tokens.len();
+    let n_val = ((n as f64) * recipe.data.val_fraction).round() as usize;
+    let ctx = cfg.max_position_embeddings;
+    if n_val < ctx + 1 || n - n_val < ctx + 1 {
+        bail!(
+            "data: {n} tokens is too little for context {ctx} with val_fraction {} (each split needs at least {} tokens)\n  hint: add data, lower model.context or change data.val_fraction",
+            recipe.data.val_fraction,
+            ctx + 1
+        );
+    }
+    let mut train = stream.tokens;
+    let val = train.split_off(n - n_val);
+    let text_tokens = (stream.meta.n_tokens - stream.meta.n_docs).max(1);
+    Ok(Prepared {
+        recipe: recipe.clone(),
+        cfg,
+        tok,
+        sources,
+        train,
+        val,
+        bytes_per_token: stream.meta.n_bytes as f64 / text_tokens as f64,
+        shards_cached: stream.cached,
+    })
+}
+
+/// What `kiln recipe check` prints beside the plan.
+pub fn summary(p: &Prepared) -> String {
+    let r = &p.recipe;
+    let t = &r.train;
+    let ctx = p.cfg.max_position_embeddings;
+    let per_step = t.batch_size * t.grad_accum * ctx;
+    let params = p.cfg.num_params();
+    // f32 weights + grads + 2 Adam moments, plus activations (~ 34·d + 5·heads·T floats per token per layer).
+    let state = params * 4 * 4;
+    let act_per_tok = (34 * p.cfg.hidden_size + 5 * p.cfg.num_attention_heads * ctx) * p.cfg.num_hidden_layers + 2 * p.cfg.vocab_size;
+    let act = t.batch_size * ctx * act_per_tok * 4;
+    format!(
+        "model: {} layers, d_model {}, {} heads ({} kv), SwiGLU {}, context {}, vocab {}\nparameters: {}\ntokens per step: {} ({} x {} x {} accum)\ntotal tokens: {}\ndata: {} train tokens, {} validation tokens\nmemory estimate: {:.1} MiB (weights, grads and AdamW state {:.1} MiB; activations {:.1} MiB)",
+        p.cfg.num_hidden_layers, p.cfg.hidden_size, p.cfg.num_attention_heads, p.cfg.num_key_value_heads,
+        p.cfg.intermediate_size, ctx, p.cfg.vocab_size, params, per_step, t.batch_size, ctx, t.grad_accum,
+        per_step * t.steps, p.train.len(), p.val.len(),
+        (state + act) as f64 / 1048576.0, state as f64 / 1048576.0, act as f64 / 1048576.0
+    )
+}
+
+/// Saved in each checkpoint beside the weights and the optimizer moments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format_version: u32,
+    pub step: usize,
+    pub tokens: u64,
+    pub loader: LoaderPos,
+    pub optimizer_steps: u64,
+    pub wall_s: f64,
+    pub train_s: f64,
+}
+
+/// Where the run lives and how it reports.
+pub struct RunCtx<'a> {
+    pub dir: PathBuf,
+    pub backend: String,
+    pub stop: &'a AtomicBool,
+}
+
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn host() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+pub fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// Creates `runs_dir/<name>-<timestamp>` with `plan.toml` and `manifest.json`.
+pub fn create_run_dir(p: &Prepared, runs_dir: &Path, dirs: &Dirs, backend: &str) -> Result<PathBuf> {
+    let base = format!("{}-{}", p.recipe.name, timestamp());
+    let mut dir = runs_dir.join(&base);
+    let mut i = 2;
+    while dir.exists() {
+        dir = runs_dir.join(format!("{base}-{i}"));
+        i += 1;
+    }
+    std::fs::create_dir_all(dir.join("checkpoints")).with_context(|| format!("creating {}", dir.display()))?;
+    let plan = p.recipe.to_toml();
+    std::fs::write(dir.join("plan.toml"), &plan)?;
+    let manifest = json!({
+        "kiln_version": env!("CARGO_PKG_VERSION"),
+        "git_commit": option_env!("KILN_GIT_COMMIT"),
+        "recipe_sha256": sha256_hex(&plan),
+        "data": p.sources.iter().map(|s| json!({"source": s.source, "path": s.path, "sha256": s.sha256})).collect::<Vec<_>>(),
+        "data_root": dirs.data_root,
+        "tokenizer_sha256": sha256_hex(&p.tok.to_json()?),
+        "backend": backend,
+        "threads": threads(),
+        "host": host(),
+        "created": timestamp(),
+    });
+    std::fs::write(dir.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)?;
+    Ok(dir)
+}
+
+fn checkpoint_dir(run: &Path, step: usize) -> PathBuf {
+    run.join("checkpoints").join(format!("step-{step:07}"))
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest_checkpoint(run: &Path) -> Option<(usize, PathBuf)> {
+    let rd = std::fs::read_dir(run.join("checkpoints")).ok()?;
+    rd.filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.parse::<usize>().ok()?;
+            e.path().join("state.json").is_file().then_some((step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s)
+}
+
+fn save_checkpoint<B: AutodiffBackend>(
+    run: &Path,
+    model: &Llama<B>,
+    p: &Prepared,
+    opt: &AdamW<B::InnerBackend>,
+    state: &TrainState,
+    keep: usize,
+) -> Result<PathBuf> {
+    let dir = checkpoint_dir(run, state.step);
+    if dir.exists() {
+        return Ok(dir);
+    }
+    write_atomically(&dir, |tmp| {
+        checkpoint::write_model_files(tmp, model, &p.cfg, &p.tok)?;
+        write_safetensors(&tmp.join("optimizer.safetensors"), &opt.to_host(), &[])?;
+        let s = serde_json::to_string_pretty(state).map_err(|e| kiln_models::ModelError::io(tmp, e))?;
+        std::fs::write(tmp.join("state.json"), s).map_err(|e| kiln_models::ModelError::io(tmp.join("state.json"), e))
+    })?;
+    // Keep the last `keep` checkpoints.
+    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(run.join("checkpoints"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_string_lossy().strip_prefix("step-")?.parse().ok()?, e.path())))
+        .collect();
+    all.sort();
+    if all.len() > keep {
+        for (_, old) in &all[..all.len() - keep] {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    Ok(dir)
+}
+
+/// Appends JSON lines to `metrics.jsonl`, flushed line by line.
+struct Metrics(std::fs::File);
+
+impl Metrics {
+    fn open(run: &Path) -> Result<Self> {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(run.join("metrics.jsonl"))?;
+        Ok(Self(f))
+    }
+    fn log(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.0, "{v}")?;
+        Ok(())
+    }
+}
+
+/// Drops metric lines after `step`, so that a resumed run has no duplicates.
+fn truncate_metrics(run: &Path, step: usize) -> Result<()> {
+    let p = run.join("metrics.jsonl");
+    let Ok(text) = std::fs::read_to_string(&p) else { return Ok(()) };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    let tmp = run.join("metrics.jsonl.tmp");
+    std::fs::write(&tmp, kept.iter().map(|l| format!("{l}\n")).collect::<String>())?;
+    std::fs::rename(tmp, p)?;
+    Ok(())
+}
+
+/// How a call to [`train`] ended.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    Finished,
+    Stopped { step: usize },
+}
+
+/// Starts a fresh run. Returns the run directory.
+pub fn start<B: AutodiffBackend>(p: &Prepared, ctx: &RunCtx, device: &B::Device) -> Result<Outcome> {
+    let model = Llama::<B>::build(&p.cfg, &mut RandomInit::new(p.recipe.train.seed, p.cfg.num_hidden_layers), device)?;
+    let opt = AdamW::new(p.recipe.optim.clone());
+    let state = TrainState { format_version: CHECKPOINT_FORMAT, step: 0, tokens: 0, loader: LoaderPos::default(), optimizer_steps: 0, wall_s: 0.0, train_s: 0.0 };
+    train(p, ctx, model, opt, state, device)
+}
+
+/// Continues a run from its newest checkpoint.
+pub fn resume<B: AutodiffBackend>(p: &Prepared, ctx: &RunCtx, device: &B::Device) -> Result<Outcome> {
+    let (step, ck) = latest_checkpoint(&ctx.dir)
+        .with_context(|| format!("{}: no complete checkpoint under checkpoints/ to resume from", ctx.dir.display()))?;
+    let state: TrainState = serde_json::from_str(&std::fs::read_to_string(ck.join("state.json"))?)
+        .with_context(|| format!("{}: state.json is damaged", ck.display()))?;
+    if state.format_version != CHECKPOINT_FORMAT {
+        bail!("{}: checkpoint format {} (this Kiln reads {CHECKPOINT_FORMAT})", ck.display(), state.format_version);
+    }
+    let (model, cfg, _) = checkpoint::load_dir::<B>(&ck, device)?;
+    if cfg != p.cfg {
+        bail!("{}: the checkpoint's model config differs from plan.toml's", ck.display());
+    }
+    let mut opt = AdamW::new(p.recipe.optim.clone());
+    opt.load_host(read_safetensors(&ck.join("optimizer.safetensors"))?, device)
+        .with_context(|| format!("{}: optimizer.safetensors", ck.display()))?;
+    opt.t = state.optimizer_steps;
+    truncate_metrics(&ctx.dir, step)?;
+    tracing::info!("resuming {} from step {step}", ctx.dir.display());
+    train(p, ctx, model, opt, state, device)
+}
+
+fn train<B: AutodiffBackend>(
+    p: &Prepared,
+    ctx: &RunCtx,
+    mut model: Llama<B>,
+    mut opt: AdamW<B::InnerBackend>,
+    mut state: TrainState,
+    device: &B::Device,
+) -> Result<Outcome> {
+    let r = &p.recipe;
+    let t = &r.train;
+    let context = p.cfg.max_position_embeddings;
+    let mut loader = Loader::new(p.train.clone(), context, t.batch_size, t.seed, state.loader);
+    let val: Vec<Batch> = validation_batches(&p.val, context, t.batch_size, t.eval_batches);
+    let mut metrics = Metrics::open(&ctx.dir)?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = if tty { ProgressBar::new(t.steps as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(state.step as u64);
+    let started = Instant::now();
+    let wall0 = state.wall_s;
+    let mut last_val: Option<(f64, f64)> = None;
+    let keep_going = || !ctx.stop.load(Ordering::SeqCst);
+
+    while state.step < t.steps {
+        if !keep_going() {
+            state.wall_s = wall0 + started.elapsed().as_secs_f64();
+            let ck = save_checkpoint(&ctx.dir, &model, p, &opt, &state, t.keep_checkpoints)?;
+            bar.abandon();
+            eprintln!("stopped at step {}; checkpoint {}\nresume with: kiln resume {}", state.step, ck.display(), ctx.dir.display());
+            return Ok(Outcome::Stopped { step: state.step });
+        }
+        let step = state.step + 1;
+        let lr = learning_rate(&r.optim, step, t.steps);
+        let micro: Vec<Batch> = (0..t.grad_accum).map(|_| loader.next_batch()).collect();
+        let t0 = Instant::now();
+        let (m, out) = train_step(model, &mut opt, &micro, lr, device);
+        model = m;
+        let dt = t0.elapsed().as_secs_f64();
+        if !out.loss.is_finite() {
+            bar.abandon();
+            let last = latest_checkpoint(&ctx.dir).map(|(_, p)| p.display().to_string()).unwrap_or_else(|| "none yet".into());
+            bail!(
+                "loss is {} at step {step}; training stopped\n  last good checkpoint: {last}\n  hint: lower optim.lr or raise optim.warmup_steps",
+                out.loss
+            );
+        }
+        state.step = step;
+        state.tokens += out.tokens as u64;
+        state.train_s += dt;
+        state.loader = loader.pos;
+        state.optimizer_steps = opt.t;
+        let wall = wall0 + started.elapsed().as_secs_f64();
+        metrics.log(json!({
+            "step": step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
+            "tokens": state.tokens, "tokens_per_s": out.tokens as f64 / dt, "wall_s": wall,
+        }))?;
+        bar.set_position(step as u64);
+        bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", out.loss, lr, out.tokens as f64 / dt));
+        if !tty && (step % t.log_every.max(1) == 0 || step == 1) {
+            tracing::info!("step {step}/{} loss {:.4} lr {:.2e} grad_norm {:.3} {:.0} tok/s", t.steps, out.loss, lr, out.grad_norm, out.tokens as f64 / dt);
+        }
+        if (t.eval_every > 0 && step % t.eval_every == 0) || step == t.steps {
+            let vl = eval_loss(&model, &val, device);
+            let bpb = vl / std::f64::consts::LN_2 / p.bytes_per_token;
+            metrics.log(json!({"step": step, "kind": "eval", "val_loss": vl, "val_bpb": bpb}))?;
+            bar.println(format!("step {step}: val_loss {vl:.4} val_bpb {bpb:.4}"));
+            if !tty {
+                tracing::info!("step {step}: val_loss {vl:.4} val_bpb {bpb:.4}");
+            }
+            last_val = Some((vl, bpb));
+        }
+        if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || step == t.steps {
+            state.wall_s = wall0 + started.elapsed().as_secs_f64();
+            save_checkpoint(&ctx.dir, &model, p, &opt, &state, t.keep_checkpoints)?;
+        }
+    }
+    bar.finish_and_clear();
+    state.wall_s = wall0 + started.elapsed().as_secs_f64();
+    let (val_loss, val_bpb) = match last_val {
+        Some(v) => v,
+        None => {
+            let vl = eval_loss(&model, &val, device);
+            (vl, vl / std::f64::consts::LN_2 / p.bytes_per_token)
+        }
+    };
+    let final_dir = ctx.dir.join("final");
+    if !final_dir.exists() {
+        checkpoint::save_dir(&final_dir, &model, &p.cfg, &p.tok)?;
+    }
+    let report = json!({
+        "run": ctx.dir.file_name().map(|n| n.to_string_lossy().to_string()),
+        "quality": {"val_loss": val_loss, "val_bpb": val_bpb},
+        "throughput": {
+            "tokens_per_s": state.tokens as f64 / state.train_s.max(1e-9),
+            "tokens": state.tokens,
+            "wall_s": state.wall_s,
+            "train_s": state.train_s,
+        },
+        "params": p.cfg.num_params(),
+        "steps": state.step,
+        "backend": ctx.backend,
+        "threads": threads(),
+    });
+    std::fs::write(ctx.dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    println!(
+        "\n== Kiln report: {} ==\nmodel       {} parameters ({} layers, d_model {})\nsteps       {} ({} tokens)\nval loss    {:.4}\nval bpb     {:.4}\nthroughput  {:.0} tokens/s on {} ({} threads)\nwall time   {:.1} s\nfinal model {}",
+        r.name, p.cfg.num_params(), p.cfg.num_hidden_layers, p.cfg.hidden_size, state.step, state.tokens, val_loss, val_bpb,
+        state.tokens as f64 / state.train_s.max(1e-9), ctx.backend, threads(), state.wall_s, final_dir.display()
+    );
+    Ok(Outcome::Finished)
+}
+
+/// Reads a run directory's plan.
+pub fn load_plan(run: &Path) -> Result<Recipe> {
+    let path = run.join("plan.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: not a Kiln run directory (no plan.toml)", run.display()))?;
+    Ok(Recipe::parse(&Source { path, text }, &[])?)
+}
+
+/// The data root a run was started with (from its manifest).
+pub fn recorded_data_root(run: &Path) -> Option<PathBuf> {
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).ok()?).ok()?;
+    m.get("data_root")?.as_str().map(PathBuf::from)
+}

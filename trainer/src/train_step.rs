@@ -1,0 +1,78 @@
+//! One training step, written out: for each micro-batch forward, masked loss, backward and
+//! gradient accumulation; then global-norm clip and the AdamW step.
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use kiln_models::Llama;
+
+use crate::data::loader::Batch;
+use crate::optim::AdamW;
+
+/// Mean cross-entropy over the tokens where `mask` is 1. Returns a `[1]` tensor.
+pub fn masked_cross_entropy<B: Backend>(model: &Llama<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 1> {
+    let (b, t) = (batch.batch, batch.context);
+    let x = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), [b, t]), device); // [B, T]
+    let y = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), [b * t, 1]), device); // [B*T, 1]
+    let mask = Tensor::<B, 2>::from_data(TensorData::new(batch.mask.clone(), [b * t, 1]), device); // [B*T, 1]
+    let n: f32 = batch.mask.iter().sum();
+    let logits = model.forward(x); // [B, T, V]
+    let v = logits.dims()[2];
+    let logp = log_softmax(logits.reshape([b * t, v]), 1); // [B*T, V]
+    let nll = logp.gather(1, y).neg(); // [B*T, 1]
+    (nll * mask).sum() / n.max(1.0) // [1]
+}
+
+pub struct StepOutput {
+    pub loss: f64,
+    pub grad_norm: f64,
+    /// Loss-bearing tokens in this step.
+    pub tokens: usize,
+}
+
+/// One optimizer step over `micro` batches (gradient accumulation when more than one).
+pub fn train_step<B: AutodiffBackend>(
+    model: Llama<B>,
+    opt: &mut AdamW<B::InnerBackend>,
+    micro: &[Batch],
+    lr: f64,
+    device: &B::Device,
+) -> (Llama<B>, StepOutput) {
+    let k = micro.len() as f64;
+    let mut acc = GradientsAccumulator::<Llama<B>>::new();
+    let mut loss_sum = 0.0;
+    let mut tokens = 0;
+    let mut single: Option<GradientsParams> = None;
+    for batch in micro {
+        let loss = masked_cross_entropy(&model, batch, device);
+        let scaled = if micro.len() > 1 { loss.clone() / k } else { loss.clone() };
+        let grads = scaled.backward();
+        loss_sum += loss.into_scalar().elem::<f64>();
+        tokens += batch.mask.iter().filter(|&&m| m > 0.0).count();
+        let gp = GradientsParams::from_grads(grads, &model);
+        if micro.len() == 1 {
+            single = Some(gp);
+        } else {
+            acc.accumulate(&model, gp);
+        }
+    }
+    let grads = single.unwrap_or_else(|| acc.grads());
+    let (model, grad_norm) = opt.step::<B, _>(model, grads, lr);
+    (model, StepOutput { loss: loss_sum / k, grad_norm, tokens })
+}
+
+/// Mean validation loss (nats per token) over fixed batches, without autodiff.
+pub fn eval_loss<B: AutodiffBackend>(model: &Llama<B>, batches: &[Batch], device: &B::Device) -> f64 {
+    let inner: Llama<B::InnerBackend> = model.valid();
+    let mut sum = 0.0;
+    let mut n = 0.0;
+    for b in batches {
+        let w: f64 = b.mask.iter().map(|&m| m as f64).sum();
+        let l = masked_cross_entropy(&inner, b, device).into_scalar().elem::<f64>();
+        sum += l * w;
+        n += w;
+    }
+    sum / n.max(1.0)
+}
