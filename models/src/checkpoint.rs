@@ -69,6 +69,25 @@ pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<HostTensor> {
     c.out
 }
 
+/// Each parameter's Hugging Face name and element count, without copying weights.
+pub fn param_sizes<B: Backend>(model: &Llama<B>) -> HashMap<String, usize> {
+    struct Sizes(Vec<String>, HashMap<String, usize>);
+    impl<B: Backend> ModuleVisitor<B> for Sizes {
+        fn enter_module(&mut self, name: &str, _c: &str) {
+            self.0.push(name.to_string());
+        }
+        fn exit_module(&mut self, _n: &str, _c: &str) {
+            self.0.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.1.insert(format!("{}.weight", self.0.join(".")), param.shape().num_elements());
+        }
+    }
+    let mut s = Sizes(Vec::new(), HashMap::new());
+    model.visit::<Sizes>(&mut s);
+    s.1
+}
+
 /// Writes f32 tensors to a safetensors file, with `format = pt` metadata (which `transformers`
 /// requires) plus any extra metadata.
 pub fn write_safetensors(path: &Path, tensors: &[HostTensor], extra: &[(&str, String)]) -> Result<(), ModelError> {

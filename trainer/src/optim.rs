@@ -159,8 +159,15 @@ impl<B: Backend> AdamW<B> {
         out
     }
 
-    /// Restores moments saved by [`AdamW::to_host`]. Every parameter must have both moments.
-    pub fn load_host(&mut self, mut tensors: HashMap<String, (Vec<usize>, Vec<f32>)>, device: &B::Device) -> anyhow::Result<()> {
+    /// Restores moments saved by [`AdamW::to_host`], checked against the model's parameters
+    /// (`expected`: name -> element count): every moment must belong to a parameter of the same
+    /// size, and every parameter must have both moments.
+    pub fn load_host(
+        &mut self,
+        mut tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+        expected: &HashMap<String, usize>,
+        device: &B::Device,
+    ) -> anyhow::Result<()> {
         let names: Vec<String> = tensors.keys().filter_map(|k| k.strip_suffix(".exp_avg").map(str::to_string)).collect();
         for n in names {
             let (_, m) = tensors.remove(&format!("{n}.exp_avg")).unwrap_or_default();
@@ -171,6 +178,11 @@ impl<B: Backend> AdamW<B> {
                 anyhow::bail!("optimizer state for '{n}': moments of different sizes");
             }
             let len = m.len();
+            match expected.get(&n) {
+                None => anyhow::bail!("optimizer state for '{n}', which is not a parameter of this model"),
+                Some(&e) if e != len => anyhow::bail!("optimizer state for '{n}' has {len} values; the parameter has {e}"),
+                _ => {}
+            }
             self.state.insert(
                 n,
                 Moments {
@@ -181,6 +193,9 @@ impl<B: Backend> AdamW<B> {
         }
         if let Some(k) = tensors.keys().next() {
             anyhow::bail!("optimizer state: unexpected tensor '{k}'");
+        }
+        if let Some(missing) = expected.keys().find(|k| !self.state.contains_key(*k)) {
+            anyhow::bail!("optimizer state: no moments for parameter '{missing}'");
         }
         Ok(())
     }

@@ -313,7 +313,8 @@ pub fn resume<B: AutodiffBackend>(p: &Prepared, ctx: &RunCtx, device: &B::Device
         bail!("{}: the checkpoint's model config differs from plan.toml's", ck.display());
     }
     let mut opt = AdamW::new(p.recipe.optim.clone());
-    opt.load_host(read_safetensors(&ck.join("optimizer.safetensors"))?, device)
+    let sizes = checkpoint::param_sizes(&model);
+    opt.load_host(read_safetensors(&ck.join("optimizer.safetensors"))?, &sizes, device)
         .with_context(|| format!("{}: optimizer.safetensors", ck.display()))?;
     opt.t = state.optimizer_steps;
     truncate_metrics(&ctx.dir, step)?;

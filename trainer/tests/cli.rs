@@ -1,0 +1,210 @@
+//! End-to-end tests of the `kiln` binary: exact resume after SIGKILL and SIGTERM, the token
+//! cache, and clear errors (never a panic) on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        // A small corpus of our own (tests use no file outside the repository but via KILN_DATA).
+        let text: String = (0..400)
+            .map(|i| format!("Line {i}: the quick brown fox {} over the lazy dog.\n", ["jumps", "leaps", "runs"][i % 3]))
+            .collect();
+        std::fs::write(data.join("corpus.txt"), text).unwrap();
+        Self { dir }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    fn write(&self, p: &str, s: &str) -> PathBuf {
+        let path = self.path(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, s).unwrap();
+        path
+    }
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(KILN);
+        c.args(args)
+            .env("KILN_DATA", self.path("data"))
+            .env("KILN_CACHE", self.path("cache"))
+            .env("RAYON_NUM_THREADS", "2")
+            .env("RUST_LOG", "info")
+            .current_dir(self.dir.path());
+        c
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+}
+
+const TINY: &str = r#"
+name = "tiny"
+[model]
+preset = "tiny"
+[data]
+sources = ["corpus.txt"]
+[train]
+steps = 24
+batch_size = 4
+eval_every = 8
+eval_batches = 2
+checkpoint_every = 3
+keep_checkpoints = 3
+log_every = 1
+"#;
+
+fn only_run(runs: &Path) -> PathBuf {
+    let mut d: Vec<_> = std::fs::read_dir(runs).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(d.len(), 1, "{d:?}");
+    d.pop().unwrap()
+}
+
+/// (kind, step, loss-or-val_loss) of every metrics line, as the exact JSON text of the number.
+fn losses(run: &Path) -> Vec<(u64, String)> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let key = if v.get("kind").is_some() { "val_loss" } else { "loss" };
+            (v["step"].as_u64().unwrap(), format!("{key}={}", v[key]))
+        })
+        .collect()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn assert_clean_error(o: &Output, needles: &[&str]) {
+    let e = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success: {e}");
+    assert!(!e.contains("panicked"), "panic instead of an error: {e}");
+    for n in needles {
+        assert!(e.contains(n), "stderr lacks {n:?}:\n{e}");
+    }
+}
+
+fn wait_for_steps(run_parent: &Path, n: usize, child: &mut std::process::Child) {
+    let t0 = Instant::now();
+    loop {
+        let done = std::fs::read_dir(run_parent)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| std::fs::read_to_string(e.ok()?.path().join("metrics.jsonl")).ok())
+            .map(|t| t.lines().filter(|l| !l.contains("eval")).count())
+            .unwrap_or(0);
+        if done >= n {
+            return;
+        }
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("run exited early: {s}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "timed out waiting for step {n}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn resume_after_sigkill_and_sigterm_is_bit_exact() {
+    let env = Env::new();
+    let recipe = env.write("tiny.toml", TINY);
+    let r = recipe.to_str().unwrap();
+
+    let o = env.run(&["run", r, "--runs-dir", "full"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let full = only_run(&env.path("full"));
+    let want = losses(&full);
+    assert_eq!(want.iter().filter(|l| l.1.starts_with("loss")).count(), 24);
+    for f in ["plan.toml", "manifest.json", "report.json", "final/model.safetensors", "final/config.json", "final/tokenizer.json"] {
+        assert!(full.join(f).is_file(), "{f} missing");
+    }
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(full.join("report.json")).unwrap()).unwrap();
+    assert!(report["quality"]["val_loss"].as_f64().unwrap() > 0.0);
+    assert!(report["throughput"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    // keep_checkpoints = 3
+    assert_eq!(std::fs::read_dir(full.join("checkpoints")).unwrap().count(), 3);
+
+    // SIGKILL at a step that varies from run to run, then resume.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize;
+    let kill_at = 4 + nanos % 16;
+    let mut child = env.cmd(&["run", r, "--runs-dir", "killed"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    wait_for_steps(&env.path("killed"), kill_at, &mut child);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let killed = only_run(&env.path("killed"));
+    let o = env.run(&["resume", killed.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(losses(&killed), want, "killed at step {kill_at}");
+    // Later runs on the same data tokenize nothing.
+    assert!(stderr(&o).contains("reused cached token shards"), "{}", stderr(&o));
+
+    // SIGTERM: a checkpoint at the current step, a clean exit, then resume.
+    let mut child = env.cmd(&["run", r, "--runs-dir", "termed"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_steps(&env.path("termed"), 10, &mut child);
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let e = stderr(&out);
+    assert!(e.contains("resume with: kiln resume"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    let termed = only_run(&env.path("termed"));
+    let o = env.run(&["resume", termed.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(losses(&termed), want);
+
+    // generate from the finished run: greedy is deterministic.
+    let g = |seed: &str| env.run(&["generate", full.to_str().unwrap(), "--prompt", "Line", "--max-tokens", "30", "--temperature", "0", "--seed", seed]);
+    let (a, b) = (g("1"), g("2"));
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert_eq!(a.stdout, b.stdout);
+    assert!(String::from_utf8_lossy(&a.stdout).starts_with("Line"));
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let env = Env::new();
+    let misspelt = env.write("bad1.toml", "[optim]\nlearning_rate = 0.1\n");
+    let o = env.run(&["run", misspelt.to_str().unwrap()]);
+    assert_clean_error(&o, &["bad1.toml:2", "optim.learning_rate", "unknown key", "valid keys here"]);
+
+    let wrong_type = env.write("bad2.toml", "[train]\nsteps = \"lots\"\n");
+    assert_clean_error(&env.run(&["recipe", "check", wrong_type.to_str().unwrap()]), &["bad2.toml", "train.steps", "invalid type"]);
+
+    let negative = env.write("bad3.toml", "[optim]\nlr = -1e-3\n");
+    assert_clean_error(&env.run(&["run", negative.to_str().unwrap()]), &["optim.lr", "positive"]);
+
+    let ok = env.write("ok.toml", TINY);
+    assert_clean_error(&env.run(&["run", ok.to_str().unwrap(), "--set", "train.stepss=3"]), &["train.stepss", "did you mean 'train.steps'"]);
+
+    let missing = env.write("bad4.toml", "[data]\nsources = [\"nope/missing.txt\"]\n");
+    assert_clean_error(&env.run(&["run", missing.to_str().unwrap()]), &["missing.txt", "KILN_DATA"]);
+
+    env.write("data/docs.jsonl", "{\"text\": \"hello there\"}\n{\"body\": \"no text\"}\n");
+    let jsonl = env.write("bad5.toml", "[model]\npreset = \"tiny\"\n[data]\nsources = [\"docs.jsonl\"]\n");
+    assert_clean_error(&env.run(&["run", jsonl.to_str().unwrap()]), &["docs.jsonl:2", "no 'text' field", "data.text_field"]);
+
+    env.write("data/broken/tokenizer.json", "{\"version\": \"1.0\", \"model\": ");
+    let tok = env.write("bad6.toml", "[tokenizer]\nkind = \"file\"\npath = \"broken/tokenizer.json\"\n[data]\nsources = [\"corpus.txt\"]\n");
+    assert_clean_error(&env.run(&["run", tok.to_str().unwrap()]), &["broken/tokenizer.json", "not a valid tokenizer.json"]);
+
+    // A truncated checkpoint: generation refuses it with the file named.
+    let small = env.write("small.toml", &TINY.replace("steps = 24", "steps = 2"));
+    let o = env.run(&["run", small.to_str().unwrap(), "--runs-dir", "r"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = only_run(&env.path("r"));
+    let w = run.join("final/model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() - 100]).unwrap();
+    assert_clean_error(&env.run(&["generate", run.to_str().unwrap(), "--max-tokens", "5"]), &["model.safetensors", "truncated or corrupt"]);
+
+    assert_clean_error(&env.run(&["resume", env.path("nowhere").to_str().unwrap()]), &["not a Kiln run directory"]);
+}
