@@ -175,8 +175,11 @@ pub struct OptimSection {
     pub warmup_steps: usize,
     /// Decoupled weight decay (AdamW), applied to matrices only, never to norms or biases.
     pub weight_decay: f64,
+    /// AdamW first-moment decay.
     pub beta1: f64,
+    /// AdamW second-moment decay.
     pub beta2: f64,
+    /// AdamW epsilon, added to the root of the second moment.
     pub eps: f64,
     /// Global gradient-norm clip; 0 disables clipping.
     pub grad_clip: f64,
@@ -376,7 +379,7 @@ impl Recipe {
         Ok(())
     }
 
-    /// Stable hash of the resolved recipe (hex), recorded in the run manifest.
+    /// The recipe as TOML (every field, defaults included): a run's `plan.toml`.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }

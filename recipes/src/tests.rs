@@ -84,3 +84,44 @@ fn round_trips_through_toml() {
     let again = parse(&r.to_toml(), &[]).unwrap();
     assert_eq!(r, again);
 }
+
+/// Every schema field (a `pub` field of a section struct in lib.rs) is in README's recipe reference.
+#[test]
+fn readme_documents_every_field() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = std::fs::read_to_string(root.join("src/lib.rs")).unwrap();
+    let readme = std::fs::read_to_string(root.join("../README.md")).unwrap();
+    let sections = [
+        ("Recipe", ""),
+        ("ModelSection", "model."),
+        ("TokenizerSection", "tokenizer."),
+        ("DataSection", "data."),
+        ("OptimSection", "optim."),
+        ("TrainSection", "train."),
+    ];
+    let mut current: Option<&str> = None;
+    let mut checked = 0;
+    let mut prev_doc = false;
+    for line in src.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("pub struct ") {
+            let name = rest.split_whitespace().next().unwrap_or_default();
+            current = sections.iter().find(|(s, _)| *s == name).map(|(_, p)| *p);
+            continue;
+        }
+        if t == "}" {
+            current = None;
+        }
+        if let (Some(prefix), Some(field)) = (current, t.strip_prefix("pub ")) {
+            let name = field.split(':').next().unwrap().trim();
+            let key = format!("`{prefix}{name}`");
+            if !["model", "tokenizer", "data", "optim", "train"].contains(&name) {
+                assert!(readme.contains(&key), "README's recipe reference lacks {key}");
+                assert!(prev_doc, "{key} has no doc comment in the schema");
+                checked += 1;
+            }
+        }
+        prev_doc = t.starts_with("///");
+    }
+    assert!(checked >= 30, "only {checked} fields found");
+}

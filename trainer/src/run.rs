@@ -72,6 +72,12 @@ pub fn model_config(recipe: &Recipe, tok: &Tokenizer) -> Result<LlamaConfig> {
 
 /// Resolves sources, builds the tokenizer, tokenizes (or reuses shards), splits train/val.
 pub fn prepare(recipe: &Recipe, dirs: &Dirs) -> Result<Prepared> {
+    if recipe.stage != kiln_recipes::Stage::Pretrain {
+        bail!("stage = \"sft\" is not implemented yet in this version of Kiln\n  hint: use stage = \"pretrain\"");
+    }
+    if let Some(init) = &recipe.init {
+        bail!("init = \"{init}\": starting from existing weights is not implemented yet in this version of Kiln\n  hint: remove `init` to train from a random initialisation");
+    }
     let sources = resolve_sources(&recipe.data, dirs)?;
     let tok = tokenizer_for(&recipe.tokenizer, &sources, &recipe.data, dirs)?;
     let cfg = model_config(recipe, &tok)?;
@@ -380,6 +386,7 @@ fn train<B: AutodiffBackend>(
         metrics.log(json!({
             "step": step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
             "tokens": state.tokens, "tokens_per_s": out.tokens as f64 / dt, "wall_s": wall,
+            "forward_s": out.forward_s, "backward_s": out.backward_s, "optim_s": out.optim_s,
         }))?;
         bar.set_position(step as u64);
         bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", out.loss, lr, out.tokens as f64 / dt));

@@ -1,6 +1,8 @@
 //! One training step, written out: for each micro-batch forward, masked loss, backward and
 //! gradient accumulation; then global-norm clip and the AdamW step.
 
+use std::time::Instant;
+
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_softmax;
@@ -30,6 +32,10 @@ pub struct StepOutput {
     pub grad_norm: f64,
     /// Loss-bearing tokens in this step.
     pub tokens: usize,
+    /// Seconds in the forward pass (with the loss), the backward pass, and clip + AdamW.
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optim_s: f64,
 }
 
 /// One optimizer step over `micro` batches (gradient accumulation when more than one).
@@ -45,11 +51,16 @@ pub fn train_step<B: AutodiffBackend>(
     let mut loss_sum = 0.0;
     let mut tokens = 0;
     let mut single: Option<GradientsParams> = None;
+    let (mut forward_s, mut backward_s) = (0.0, 0.0);
     for batch in micro {
+        let t0 = Instant::now();
         let loss = masked_cross_entropy(&model, batch, device);
-        let scaled = if micro.len() > 1 { loss.clone() / k } else { loss.clone() };
+        loss_sum += loss.clone().into_scalar().elem::<f64>();
+        let t1 = Instant::now();
+        let scaled = if micro.len() > 1 { loss / k } else { loss };
         let grads = scaled.backward();
-        loss_sum += loss.into_scalar().elem::<f64>();
+        forward_s += (t1 - t0).as_secs_f64();
+        backward_s += t1.elapsed().as_secs_f64();
         tokens += batch.mask.iter().filter(|&&m| m > 0.0).count();
         let gp = GradientsParams::from_grads(grads, &model);
         if micro.len() == 1 {
@@ -59,8 +70,10 @@ pub fn train_step<B: AutodiffBackend>(
         }
     }
     let grads = single.unwrap_or_else(|| acc.grads());
+    let t0 = Instant::now();
     let (model, grad_norm) = opt.step::<B, _>(model, grads, lr);
-    (model, StepOutput { loss: loss_sum / k, grad_norm, tokens })
+    let optim_s = t0.elapsed().as_secs_f64();
+    (model, StepOutput { loss: loss_sum / k, grad_norm, tokens, forward_s, backward_s, optim_s })
 }
 
 /// Mean validation loss (nats per token) over fixed batches, without autodiff.

@@ -208,3 +208,30 @@ fn bad_inputs_give_clear_errors() {
 
     assert_clean_error(&env.run(&["resume", env.path("nowhere").to_str().unwrap()]), &["not a Kiln run directory"]);
 }
+
+/// Every shipped recipe resolves completely (preset, tokenizer, data) against the shared data.
+#[test]
+fn shipped_recipes_resolve_against_the_data_root() {
+    let Some(data) = std::env::var_os("KILN_DATA") else {
+        println!("SKIP: KILN_DATA is not set (point it at ../shared/data to run this test)");
+        return;
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+    let mut n = 0;
+    for dir in ["pretrain", "sft", "rag"] {
+        let Ok(rd) = std::fs::read_dir(root.join(dir)) else { continue };
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.extension().is_none_or(|x| x != "toml") {
+                continue;
+            }
+            let o = Command::new(KILN).args(["recipe", "check", p.to_str().unwrap()]).env("KILN_DATA", &data).env("KILN_CACHE", cache.path()).output().unwrap();
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
+            assert!(out.contains("parameters:") && out.contains("recipe OK"), "{out}");
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+}
