@@ -54,13 +54,13 @@ preset = "tiny"
 [data]
 sources = ["corpus.txt"]
 [train]
-steps = 24
+steps = 400
 batch_size = 4
-eval_every = 8
+eval_every = 50
 eval_batches = 2
-checkpoint_every = 3
+checkpoint_every = 7
 keep_checkpoints = 3
-log_every = 1
+log_every = 100
 "#;
 
 fn only_run(runs: &Path) -> PathBuf {
@@ -110,7 +110,7 @@ fn wait_for_steps(run_parent: &Path, n: usize, child: &mut std::process::Child) 
             panic!("run exited early: {s}");
         }
         assert!(t0.elapsed() < Duration::from_secs(300), "timed out waiting for step {n}");
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -124,7 +124,8 @@ fn resume_after_sigkill_and_sigterm_is_bit_exact() {
     assert!(o.status.success(), "{}", stderr(&o));
     let full = only_run(&env.path("full"));
     let want = losses(&full);
-    assert_eq!(want.iter().filter(|l| l.1.starts_with("loss")).count(), 24);
+    assert_eq!(want.iter().filter(|l| l.1.starts_with("loss")).count(), 400);
+    assert_eq!(want.iter().filter(|l| l.1.starts_with("val_loss")).count(), 8);
     for f in ["plan.toml", "manifest.json", "report.json", "final/model.safetensors", "final/config.json", "final/tokenizer.json"] {
         assert!(full.join(f).is_file(), "{f} missing");
     }
@@ -136,12 +137,13 @@ fn resume_after_sigkill_and_sigterm_is_bit_exact() {
 
     // SIGKILL at a step that varies from run to run, then resume.
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize;
-    let kill_at = 4 + nanos % 16;
+    let kill_at = 10 + nanos % 240;
     let mut child = env.cmd(&["run", r, "--runs-dir", "killed"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     wait_for_steps(&env.path("killed"), kill_at, &mut child);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let killed = only_run(&env.path("killed"));
+    assert!(!killed.join("report.json").exists(), "the run finished before the kill at step {kill_at}");
     let o = env.run(&["resume", killed.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(losses(&killed), want, "killed at step {kill_at}");
@@ -150,13 +152,17 @@ fn resume_after_sigkill_and_sigterm_is_bit_exact() {
 
     // SIGTERM: a checkpoint at the current step, a clean exit, then resume.
     let mut child = env.cmd(&["run", r, "--runs-dir", "termed"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    wait_for_steps(&env.path("termed"), 10, &mut child);
+    wait_for_steps(&env.path("termed"), 100, &mut child);
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     let out = child.wait_with_output().unwrap();
     let e = stderr(&out);
     assert!(e.contains("resume with: kiln resume"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
+    assert_eq!(out.status.code(), Some(130));
     let termed = only_run(&env.path("termed"));
+    let stopped_at = losses(&termed).iter().filter(|l| l.1.starts_with("loss")).count();
+    assert!(stopped_at < 400, "finished before SIGTERM");
+    assert!(termed.join(format!("checkpoints/step-{stopped_at:07}/state.json")).is_file(), "no checkpoint at step {stopped_at}");
     let o = env.run(&["resume", termed.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(losses(&termed), want);
@@ -197,7 +203,7 @@ fn bad_inputs_give_clear_errors() {
     assert_clean_error(&env.run(&["run", tok.to_str().unwrap()]), &["broken/tokenizer.json", "not a valid tokenizer.json"]);
 
     // A truncated checkpoint: generation refuses it with the file named.
-    let small = env.write("small.toml", &TINY.replace("steps = 24", "steps = 2"));
+    let small = env.write("small.toml", &TINY.replace("steps = 400", "steps = 2"));
     let o = env.run(&["run", small.to_str().unwrap(), "--runs-dir", "r"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let run = only_run(&env.path("r"));

@@ -106,10 +106,12 @@ fn optimizer_state_restores_to_the_right_parameters() {
     let e = load(renamed).unwrap_err().to_string();
     assert!(e.contains("model.normx.weight"), "{e}");
     let mut swapped = kiln_models::checkpoint::read_safetensors(&p).unwrap();
-    let q = swapped.remove("model.layers.0.self_attn.q_proj.weight.exp_avg").unwrap();
-    let k = swapped.remove("model.layers.0.self_attn.k_proj.weight.exp_avg").unwrap();
-    swapped.insert("model.layers.0.self_attn.q_proj.weight.exp_avg".into(), k);
-    swapped.insert("model.layers.0.self_attn.k_proj.weight.exp_avg".into(), q);
+    for s in ["exp_avg", "exp_avg_sq"] {
+        let q = swapped.remove(&format!("model.layers.0.self_attn.q_proj.weight.{s}")).unwrap();
+        let k = swapped.remove(&format!("model.layers.0.self_attn.k_proj.weight.{s}")).unwrap();
+        swapped.insert(format!("model.layers.0.self_attn.q_proj.weight.{s}"), k);
+        swapped.insert(format!("model.layers.0.self_attn.k_proj.weight.{s}"), q);
+    }
     let e = load(swapped).unwrap_err().to_string();
     assert!(e.contains("values; the parameter has"), "{e}");
 }

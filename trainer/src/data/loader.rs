@@ -84,13 +84,13 @@ impl Loader {
 pub fn validation_batches(tokens: &[u32], context: usize, batch: usize, n: usize) -> Vec<Batch> {
     let windows = n * batch;
     let span = tokens.len().saturating_sub(context + 1);
-    let stride = if windows > 1 { span / (windows - 1) } else { 0 };
     let mut out = Vec::with_capacity(n);
     for bi in 0..n {
         let mut inputs = Vec::with_capacity(batch * context);
         let mut targets = Vec::with_capacity(batch * context);
         for r in 0..batch {
-            let start = ((bi * batch + r) * stride).min(span);
+            let i = bi * batch + r;
+            let start = if windows > 1 { i * span / (windows - 1) } else { 0 };
             let w = &tokens[start..start + context + 1];
             inputs.extend(w[..context].iter().map(|&x| x as i64));
             targets.extend(w[1..].iter().map(|&x| x as i64));
