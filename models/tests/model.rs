@@ -101,3 +101,22 @@ fn truncated_checkpoint_is_a_clear_error() {
     std::fs::write(&w, b"").unwrap();
     assert!(load_dir::<B>(&out, &Default::default()).is_err());
 }
+
+#[test]
+fn gpt2_tokenizer_from_the_data_root() {
+    let Some(root) = std::env::var_os("KILN_DATA") else {
+        println!("SKIP: KILN_DATA is not set (point it at ../shared/data to run this test)");
+        return;
+    };
+    let dir = std::path::Path::new(&root).join("gpt2_tokenizer");
+    let t = Tokenizer::gpt2_from_files(&dir.join("encoder.json"), &dir.join("vocab.bpe")).unwrap();
+    assert_eq!(t.vocab_size(), 50257);
+    assert_eq!(t.eos_id, 50256);
+    assert_eq!(t.encode("Hello world").unwrap(), vec![15496, 995]);
+    // Saved as tokenizer.json, it loads back the same.
+    let tmp = tempfile::tempdir().unwrap();
+    t.save(&tmp.path().join("tokenizer.json")).unwrap();
+    let back = Tokenizer::load(&tmp.path().join("tokenizer.json")).unwrap();
+    assert_eq!(back.encode(" naïve café").unwrap(), t.encode(" naïve café").unwrap());
+    assert_eq!(back.eos_id, 50256);
+}

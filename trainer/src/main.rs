@@ -21,7 +21,7 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// Compute device: cpu (the default CPU backend), flex, ndarray.
+    /// Compute device: cpu (the default CPU backend, flex), flex, ndarray.
     #[arg(long)]
     device: Option<String>,
     /// Read-only data root (default: $KILN_DATA, else ./data).
@@ -113,7 +113,9 @@ enum TokenizerCommand {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
-/// The CPU backends Kiln builds. `cpu` is the faster of the two on the training benchmark.
+/// The CPU backends Kiln builds. `cpu` is flex: ndarray is about 11% faster on bench-cpu, but its
+/// parallel reductions make two identical runs differ in the last bits, which breaks exact
+/// resume; flex is bit-reproducible at a fixed thread count (BENCHMARKS.md).
 #[derive(Debug, Clone, Copy)]
 enum Backend {
     Flex,
@@ -123,7 +125,10 @@ enum Backend {
 fn backend(name: &str) -> Result<Backend> {
     match name {
         "cpu" | "auto" | "flex" => Ok(Backend::Flex),
-        "ndarray" => Ok(Backend::NdArray),
+        "ndarray" => {
+            tracing::warn!("ndarray is not bit-reproducible: a resumed run will not match an uninterrupted one exactly");
+            Ok(Backend::NdArray)
+        }
         other => bail!("unknown device '{other}'\n  hint: one of cpu, flex, ndarray (GPU backends arrive with the backends issue)"),
     }
 }

@@ -241,3 +241,17 @@ fn shipped_recipes_resolve_against_the_data_root() {
     }
     assert!(n >= 2);
 }
+
+#[test]
+fn nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint() {
+    let env = Env::new();
+    // An absurd learning rate with no clipping overflows the weights within a few steps.
+    let r = env.write("nan.toml", &TINY.replace("[train]", "[optim]\nlr = 1e30\nmin_lr = 1e30\nwarmup_steps = 0\ngrad_clip = 0.0\n[train]").replace("checkpoint_every = 7", "checkpoint_every = 1"));
+    let o = env.run(&["run", r.to_str().unwrap(), "--runs-dir", "r"]);
+    assert_clean_error(&o, &["loss is", "training stopped", "last good checkpoint", "optim.lr"]);
+    let run = only_run(&env.path("r"));
+    assert!(!run.join("final").exists());
+    let e = stderr(&o);
+    let last = run.join("checkpoints");
+    assert!(std::fs::read_dir(&last).unwrap().count() >= 1 || e.contains("none yet"), "{e}");
+}

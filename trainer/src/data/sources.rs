@@ -168,3 +168,55 @@ mod tests {
         assert!(e.contains("/nonexistent-root/tiny/missing.txt") && e.contains("KILN_DATA"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod download_tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+
+    /// Serves `body` for every request on 127.0.0.1, counting requests.
+    fn serve(body: &'static [u8]) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                while r.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                    line.clear();
+                }
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = s.write_all(body);
+            }
+        });
+        (format!("http://{addr}/files/corpus.txt"), hits)
+    }
+
+    #[test]
+    fn pinned_download_is_verified_cached_and_never_written_to_the_data_root() {
+        let (url, hits) = serve(b"to be or not to be\n");
+        let root = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let dirs = Dirs { data_root: root.path().into(), cache: cache.path().into() };
+        let pin = hex::encode(Sha256::digest(b"to be or not to be\n"));
+        let p = resolve(&url, Some(&pin), &dirs).unwrap();
+        assert!(p.starts_with(cache.path()));
+        assert_eq!(std::fs::read(&p).unwrap(), b"to be or not to be\n");
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Second time: from the cache, no request.
+        assert_eq!(resolve(&url, Some(&pin), &dirs).unwrap(), p);
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0, "the data root was written");
+        // A wrong pin: the download is refused and nothing is kept.
+        let bad = "ab".repeat(32);
+        let e = format!("{:#}", resolve(&url, Some(&bad), &dirs).unwrap_err());
+        assert!(e.contains("sha256") && e.contains(&bad), "{e}");
+        let kept: Vec<_> = std::fs::read_dir(cache.path().join("downloads")).unwrap().collect();
+        assert_eq!(kept.len(), 1);
+    }
+}
