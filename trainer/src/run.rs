@@ -257,6 +257,18 @@ fn save_checkpoint<B: AutodiffBackend>(
     Ok(dir)
 }
 
+/// Removes temporary folders left by a checkpoint write that was killed half-way.
+fn remove_partial_checkpoints(run: &Path) {
+    let Ok(rd) = std::fs::read_dir(run.join("checkpoints")) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(".step-") && name.contains(".tmp-") {
+            tracing::info!("removing the partial checkpoint {}", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Appends JSON lines to `metrics.jsonl`, flushed line by line.
 struct Metrics(std::fs::File);
 
@@ -324,6 +336,7 @@ pub fn resume<B: AutodiffBackend>(p: &Prepared, ctx: &RunCtx, device: &B::Device
         .with_context(|| format!("{}: optimizer.safetensors", ck.display()))?;
     opt.t = state.optimizer_steps;
     truncate_metrics(&ctx.dir, step)?;
+    remove_partial_checkpoints(&ctx.dir);
     tracing::info!("resuming {} from step {step}", ctx.dir.display());
     train(p, ctx, model, opt, state, device)
 }

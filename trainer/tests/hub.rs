@@ -1,0 +1,103 @@
+//! `hf://datasets/...` sources through hf-hub, against a loopback server that speaks the Hub's
+//! resolve protocol: the first use downloads, the second is served from the cache, and
+//! `HF_HUB_OFFLINE=1` works from the cache alone. (One test in its own process: it sets env vars.)
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use kiln_trainer::data::sources::{resolve, Dirs};
+
+const BODY: &[u8] = b"First Citizen:\nBefore we proceed any further, hear me speak.\n";
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// Counts GET requests; answers HEAD and GET for the one file, 404 for anything else.
+fn serve() -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (gets, all) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (g, a) = (gets.clone(), all.clone());
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut first = String::new();
+            if r.read_line(&mut first).is_err() {
+                continue;
+            }
+            let mut line = String::new();
+            while r.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                line.clear();
+            }
+            a.fetch_add(1, Ordering::SeqCst);
+            let mut parts = first.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let ok = path == "/datasets/kiln-test/shakespeare/resolve/main/train/input.txt";
+            let resp = if !ok {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nX-Error-Code: EntryNotFound\r\nConnection: close\r\n\r\n".to_string()
+            } else {
+                if method == "GET" {
+                    g.fetch_add(1, Ordering::SeqCst);
+                }
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"etag-0001\"\r\nX-Repo-Commit: {COMMIT}\r\nConnection: close\r\n\r\n",
+                    BODY.len()
+                )
+            };
+            let _ = s.write_all(resp.as_bytes());
+            if ok && method == "GET" {
+                let _ = s.write_all(BODY);
+            }
+            let _ = s.flush();
+            let mut sink = [0u8; 1];
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(10)));
+            let _ = s.read(&mut sink);
+        }
+    });
+    (format!("http://{addr}"), gets, all)
+}
+
+#[test]
+fn hf_dataset_source_downloads_once_then_uses_the_cache_and_works_offline() {
+    let (endpoint, gets, all) = serve();
+    let cache = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    // SAFETY: this test binary has a single test; nothing else reads the environment concurrently.
+    unsafe {
+        std::env::set_var("HF_ENDPOINT", &endpoint);
+        std::env::remove_var("HF_HUB_CACHE");
+        std::env::remove_var("HF_HOME");
+        std::env::set_var("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1");
+        std::env::remove_var("HF_HUB_OFFLINE");
+    }
+    let dirs = Dirs { data_root: root.path().into(), cache: cache.path().into() };
+    let src = "hf://datasets/kiln-test/shakespeare/train/input.txt";
+
+    let p = resolve(src, None, &dirs).unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), BODY);
+    assert!(p.starts_with(cache.path()), "{} is not in the Kiln cache", p.display());
+    assert_eq!(gets.load(Ordering::SeqCst), 1);
+
+    // Second use: no second download.
+    let p2 = resolve(src, None, &dirs).unwrap();
+    assert_eq!(std::fs::read(&p2).unwrap(), BODY);
+    assert_eq!(gets.load(Ordering::SeqCst), 1, "downloaded twice");
+
+    // Offline: no request at all, served from the cache.
+    let before = all.load(Ordering::SeqCst);
+    unsafe { std::env::set_var("HF_HUB_OFFLINE", "1") };
+    let p3 = resolve(src, None, &dirs).unwrap();
+    assert_eq!(std::fs::read(&p3).unwrap(), BODY);
+    assert_eq!(all.load(Ordering::SeqCst), before, "HF_HUB_OFFLINE=1 still made requests");
+
+    // Offline and not cached: a clear error.
+    let e = format!("{:#}", resolve("hf://datasets/kiln-test/other/x.txt", None, &dirs).unwrap_err());
+    assert!(e.contains("HF_HUB_OFFLINE=1") && e.contains("not in the local cache"), "{e}");
+    unsafe { std::env::remove_var("HF_HUB_OFFLINE") };
+
+    // Online, a missing file: an error naming the source.
+    let e = format!("{:#}", resolve("hf://datasets/kiln-test/shakespeare/missing.txt", None, &dirs).unwrap_err());
+    assert!(e.contains("hf://datasets/kiln-test/shakespeare/missing.txt"), "{e}");
+    assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0, "the data root was written");
+}
