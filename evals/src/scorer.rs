@@ -1,0 +1,61 @@
+//! What a task needs from a model: token log-probabilities and greedy generation.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use kiln_models::generate::{generate, SampleOptions};
+use kiln_models::{Llama, Tokenizer};
+
+pub trait Scorer {
+    fn tokenizer(&self) -> &Tokenizer;
+    /// The longest sequence one forward pass takes.
+    fn context(&self) -> usize;
+    /// For each sequence (at most `context + 1` tokens): `log p(t[i] | t[..i])` for `i` in `1..len`.
+    fn logprobs(&mut self, seqs: &[Vec<u32>]) -> Vec<Vec<f64>>;
+    /// Greedy continuation of `prompt`, at most `max_tokens`, stopping after `stop`.
+    fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: Option<u32>) -> Vec<u32>;
+}
+
+/// A Kiln model as a [`Scorer`], on any backend (no autodiff needed).
+pub struct ModelScorer<'a, B: Backend> {
+    pub model: &'a Llama<B>,
+    pub tok: &'a Tokenizer,
+    pub context: usize,
+    pub device: B::Device,
+}
+
+impl<B: Backend> Scorer for ModelScorer<'_, B> {
+    fn tokenizer(&self) -> &Tokenizer {
+        self.tok
+    }
+    fn context(&self) -> usize {
+        self.context
+    }
+    fn logprobs(&mut self, seqs: &[Vec<u32>]) -> Vec<Vec<f64>> {
+        if seqs.is_empty() {
+            return Vec::new();
+        }
+        // Pad to the longest input on the right: causal attention keeps padding from
+        // affecting earlier positions.
+        let t = seqs.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0).clamp(1, self.context);
+        let b = seqs.len();
+        let mut ids = vec![0i64; b * t];
+        for (r, s) in seqs.iter().enumerate() {
+            for (i, &x) in s.iter().take(t).enumerate() {
+                ids[r * t + i] = x as i64;
+            }
+        }
+        let x = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &self.device); // [B, T]
+        let logp = log_softmax(self.model.forward(x), 2); // [B, T, V]
+        let v = logp.dims()[2];
+        let all: Vec<f32> = logp.into_data().convert::<f32>().to_vec().unwrap_or_default();
+        seqs.iter()
+            .enumerate()
+            .map(|(r, s)| (1..s.len().min(t + 1)).map(|i| all[(r * t + i - 1) * v + s[i] as usize] as f64).collect())
+            .collect()
+    }
+    fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: Option<u32>) -> Vec<u32> {
+        let o = SampleOptions { max_tokens, temperature: 0.0, stop, ..Default::default() };
+        generate(self.model, self.context, prompt, &o, &self.device)
+    }
+}

@@ -1,0 +1,119 @@
+//! The tasks' maths, on hand-made scorers whose answers are known.
+
+use kiln_evals::tasks::{bpb, hellaswag};
+use kiln_evals::{Scorer, Task};
+use kiln_models::Tokenizer;
+
+/// A scorer whose log-probabilities follow a rule of (previous token, token).
+struct Rule {
+    tok: Tokenizer,
+    ctx: usize,
+    rule: fn(&Tokenizer, u32, u32) -> f64,
+    calls: usize,
+}
+
+impl Scorer for Rule {
+    fn tokenizer(&self) -> &Tokenizer {
+        &self.tok
+    }
+    fn context(&self) -> usize {
+        self.ctx
+    }
+    fn logprobs(&mut self, seqs: &[Vec<u32>]) -> Vec<Vec<f64>> {
+        self.calls += 1;
+        seqs.iter()
+            .map(|s| {
+                assert!(s.len() <= self.ctx + 1, "a window longer than the context");
+                s.windows(2).map(|w| (self.rule)(&self.tok, w[0], w[1])).collect()
+            })
+            .collect()
+    }
+    fn greedy(&mut self, _p: &[u32], _m: usize, _s: Option<u32>) -> Vec<u32> {
+        Vec::new()
+    }
+}
+
+fn id(t: &Tokenizer, s: &str) -> u32 {
+    t.encode(s).unwrap()[0]
+}
+
+#[test]
+fn bpb_hand_computed() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("t.txt");
+    std::fs::write(&f, "aab").unwrap();
+    // p = 1/2 when a token repeats the previous one, else 1/8:
+    // BOS->a 1/8, a->a 1/2, a->b 1/8: 7 bits over 3 bytes.
+    let rule = |_: &Tokenizer, prev: u32, next: u32| if prev == next { 0.5f64.ln() } else { 0.125f64.ln() };
+    let mut lm = Rule { tok: Tokenizer::train_char(["ab"].into_iter()).unwrap(), ctx: 8, rule, calls: 0 };
+    let r = bpb::Bpb::new(f).run(&mut lm).unwrap();
+    assert!((r.metrics["bpb"] - 7.0 / 3.0).abs() < 1e-12, "{:?}", r.metrics);
+    assert!((r.metrics["perplexity"] - 2f64.powf(7.0 / 3.0)).abs() < 1e-9);
+    assert_eq!(r.metrics["tokens"], 3.0);
+}
+
+#[test]
+fn sliding_window_scores_every_token_once() {
+    let rule = |_: &Tokenizer, _: u32, _: u32| -(4f64.ln());
+    let tok = Tokenizer::train_char(["abcdefghij"].into_iter()).unwrap();
+    let ids = tok.encode("abcdefghijabcdefghijabcdefg").unwrap(); // 27 tokens
+    for (ctx, stride) in [(4, 1), (4, 2), (4, 4), (5, 3), (64, 0)] {
+        let mut lm = Rule { tok: tok.clone(), ctx, rule, calls: 0 };
+        let (nll, n) = bpb::sliding_nll(&mut lm, 0, &ids, stride);
+        assert_eq!(n, 27, "ctx {ctx} stride {stride}");
+        assert!((nll - 27.0 * 4f64.ln()).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn hellaswag_scoring_on_a_hand_made_fixture() {
+    // Every token costs 1 nat, a space 3, a 'z' 5: short endings win on the sum,
+    // long z-free endings win per byte.
+    fn rule(t: &Tokenizer, _prev: u32, next: u32) -> f64 {
+        if next == id(t, " ") {
+            -3.0
+        } else if next == id(t, "z") {
+            -5.0
+        } else {
+            -1.0
+        }
+    }
+    let text = "Ctx: one\n0\nab\nabababab\nzz\nzzz\nCtx: two\n1\nab\nabababab\nzz\nzzz\nCtx: three\n2\nzz\nzzz\na\nabababab\n";
+    let items = hellaswag::parse(text, "fixture").unwrap();
+    assert_eq!(items.len(), 3);
+    assert_eq!(items[1].label, 1);
+    assert_eq!(items[2].endings[3], "abababab");
+    let mut lm = Rule { tok: Tokenizer::train_char(["Ctx: onetwhrab z"].into_iter()).unwrap(), ctx: 64, rule, calls: 0 };
+    let (acc, acc_norm, preds) = hellaswag::evaluate(&mut lm, &items).unwrap();
+    assert_eq!(preds, vec![(0, 1), (0, 1), (2, 3)]);
+    assert!((acc - 2.0 / 3.0).abs() < 1e-12);
+    assert!((acc_norm - 1.0 / 3.0).abs() < 1e-12);
+    assert_eq!(lm.calls, 3, "one batched call per item");
+    assert!(hellaswag::parse("a\nb\nc\n", "bad").is_err());
+    let e = hellaswag::parse("ctx\n7\na\nb\nc\nd\n", "bad.txt").unwrap_err().to_string();
+    assert!(e.contains("bad.txt:2"), "{e}");
+}
+
+#[test]
+fn hellaswag_real_file_parses() {
+    let Some(root) = std::env::var_os("KILN_DATA") else {
+        println!("SKIP: KILN_DATA is not set (point it at ../shared/data to run this test)");
+        return;
+    };
+    let items = hellaswag::load(&std::path::Path::new(&root).join(hellaswag::DEFAULT_PATH)).unwrap();
+    assert_eq!(items.len(), 10_042);
+    assert!(items.iter().all(|i| i.label < 4 && i.endings.iter().all(|e| !e.is_empty())));
+    assert!(items[0].context.contains(':'));
+}
+
+#[test]
+fn task_specs() {
+    let root = std::path::Path::new("/data");
+    assert_eq!(kiln_evals::parse_task("hellaswag:500", root).unwrap().name(), "hellaswag");
+    assert_eq!(kiln_evals::parse_task("squad", root).unwrap().name(), "squad");
+    assert_eq!(kiln_evals::parse_task("bpb:x.txt", root).unwrap().name(), "bpb");
+    for bad in ["bpb", "hellaswag:many", "mmlu"] {
+        let e = kiln_evals::parse_task(bad, root).err().unwrap().to_string();
+        assert!(e.contains("hint"), "{e}");
+    }
+}
