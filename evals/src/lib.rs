@@ -39,7 +39,7 @@ pub trait Task {
 }
 
 /// Parses `name[:arg]`, as `kiln eval --task` and the recipe's `[eval]` take them:
-/// `bpb:FILE`, `hellaswag[:N]`, `squad[:N]`. Relative files are under `data_root`.
+/// `bpb:FILE[@FROM]`, `hellaswag[:N]`, `squad[:N]`. Relative files are under `data_root`.
 pub fn parse_task(spec: &str, data_root: &std::path::Path) -> Result<Box<dyn Task>, EvalError> {
     let (name, arg) = match spec.split_once(':') {
         Some((n, a)) => (n, Some(a)),
@@ -62,7 +62,20 @@ pub fn parse_task(spec: &str, data_root: &std::path::Path) -> Result<Box<dyn Tas
                 message: "bpb needs a file".into(),
                 hint: "bpb:tinyshakespeare/input.txt (text or JSONL, under the data root)".into(),
             })?;
-            Box::new(tasks::bpb::Bpb::new(data_root.join(file)))
+            let (file, from) = match file.rsplit_once('@') {
+                Some((f, x)) => {
+                    let from: f64 = x.parse().ok().filter(|v| (0.0..1.0).contains(v)).ok_or_else(|| EvalError::Spec {
+                        spec: spec.into(),
+                        message: format!("'@{x}' is not a fraction in [0, 1)"),
+                        hint: "bpb:FILE@0.9 scores the last 10% of FILE (Kiln's validation split)".into(),
+                    })?;
+                    (f, from)
+                }
+                None => (file, 0.0),
+            };
+            let mut t = tasks::bpb::Bpb::new(data_root.join(file));
+            t.from = from;
+            Box::new(t)
         }
         "hellaswag" => Box::new(tasks::hellaswag::HellaSwag::new(data_root.join(tasks::hellaswag::DEFAULT_PATH), count(None)?)),
         "squad" => Box::new(tasks::squad::Squad::new(data_root.join(tasks::squad::DEFAULT_PATH), count(Some(200))?)),

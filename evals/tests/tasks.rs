@@ -50,6 +50,12 @@ fn bpb_hand_computed() {
     assert!((r.metrics["bpb"] - 7.0 / 3.0).abs() < 1e-12, "{:?}", r.metrics);
     assert!((r.metrics["perplexity"] - 2f64.powf(7.0 / 3.0)).abs() < 1e-9);
     assert_eq!(r.metrics["tokens"], 3.0);
+    // From half-way: "xaab" -> "ab" (x is unknown: UNK), BOS->a 1/8, a->b 1/8: 6 bits over 2 bytes.
+    std::fs::write(dir.path().join("u.txt"), "xaab").unwrap();
+    let mut half = bpb::Bpb::new(dir.path().join("u.txt"));
+    half.from = 0.5;
+    let r = half.run(&mut lm).unwrap();
+    assert!((r.metrics["bpb"] - 3.0).abs() < 1e-12, "{:?}", r.metrics);
 }
 
 #[test]
@@ -112,7 +118,8 @@ fn task_specs() {
     assert_eq!(kiln_evals::parse_task("hellaswag:500", root).unwrap().name(), "hellaswag");
     assert_eq!(kiln_evals::parse_task("squad", root).unwrap().name(), "squad");
     assert_eq!(kiln_evals::parse_task("bpb:x.txt", root).unwrap().name(), "bpb");
-    for bad in ["bpb", "hellaswag:many", "mmlu"] {
+    assert_eq!(kiln_evals::parse_task("bpb:x.txt@0.9", root).unwrap().name(), "bpb");
+    for bad in ["bpb", "hellaswag:many", "mmlu", "bpb:x.txt@1.5"] {
         let e = kiln_evals::parse_task(bad, root).err().unwrap().to_string();
         assert!(e.contains("hint"), "{e}");
     }

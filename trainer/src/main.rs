@@ -76,6 +76,15 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Evaluate a run (its final/ model, else its newest checkpoint) or a model folder.
+    Eval {
+        model: PathBuf,
+        /// bpb:FILE[@FROM], hellaswag[:N|all], squad[:N|all] (repeatable). Files are under the data root.
+        #[arg(long = "task", value_name = "TASK", required = true)]
+        tasks: Vec<String>,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Tokenizer tools.
     Tokenizer {
         #[command(subcommand)]
@@ -226,6 +235,26 @@ fn dispatch(cli: Cli) -> Result<()> {
             });
             Ok(())
         }
+        Command::Eval { model, tasks, common } => {
+            let be = backend(common.device.as_deref().unwrap_or("cpu"))?;
+            let dir = model_dir(&model)?;
+            let dirs = Dirs::from_env(common.data_root);
+            let tasks: Vec<Box<dyn kiln_evals::Task>> =
+                tasks.iter().map(|t| kiln_evals::parse_task(t, &dirs.data_root)).collect::<Result<_, _>>()?;
+            let results = with_backend!(be, B, {
+                type I = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+                let device = Default::default();
+                let (m, cfg, tok) = kiln_models::checkpoint::load_dir::<I>(&dir, &device)?;
+                let mut lm = kiln_evals::ModelScorer::<I> { model: &m, tok: &tok, context: cfg.max_position_embeddings, device };
+                run_evals(&tasks, &mut lm)?
+            });
+            let out = serde_json::json!({"model": dir, "evals": results});
+            if model.join("plan.toml").is_file() {
+                std::fs::write(model.join("eval.json"), serde_json::to_string_pretty(&out)?)?;
+                println!("wrote {}", model.join("eval.json").display());
+            }
+            Ok(())
+        }
         Command::Tokenizer { command: TokenizerCommand::Train { input, vocab_size, kind, out } } => {
             let texts: Vec<String> = input
                 .iter()
@@ -245,6 +274,28 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Runs each task, printing a line per metric. Returns `{task: {metric: value, ...}}`.
+fn run_evals(tasks: &[Box<dyn kiln_evals::Task>], lm: &mut dyn kiln_evals::Scorer) -> Result<serde_json::Value> {
+    let mut all = serde_json::Map::new();
+    for t in tasks {
+        let t0 = std::time::Instant::now();
+        let r = t.run(lm)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let metrics: Vec<String> = r.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        println!("{:<10} {}  ({} items, {:.1} s{})", t.name(), metrics.join("  "), r.n, secs,
+            r.notes.iter().map(|n| format!("; {n}")).collect::<String>());
+        let mut v = serde_json::to_value(&r.metrics)?;
+        v["n"] = r.n.into();
+        v["seconds"] = secs.into();
+        v["notes"] = serde_json::to_value(&r.notes)?;
+        if !r.samples.is_empty() {
+            v["samples"] = serde_json::Value::Array(r.samples.clone());
+        }
+        all.insert(t.name(), v);
+    }
+    Ok(serde_json::Value::Object(all))
 }
 
 /// A run directory's final/ model, else its newest checkpoint; or a model folder itself.

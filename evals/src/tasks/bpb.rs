@@ -10,36 +10,48 @@ use crate::{EvalError, Scorer, Task, TaskResult};
 
 pub struct Bpb {
     pub path: PathBuf,
+    /// Score only from this fraction of the file on (0.9: the last 10%, Kiln's validation split).
+    /// For JSONL, a fraction of the documents.
+    pub from: f64,
     /// Tokens between window starts; 0 means half the context.
     pub stride: usize,
 }
 
 impl Bpb {
     pub fn new(path: PathBuf) -> Self {
-        Self { path, stride: 0 }
+        Self { path, from: 0.0, stride: 0 }
     }
 }
 
 /// Total negative log-likelihood (nats) of `tokens` after a BOS, and how many tokens were scored.
+/// Windows scored per forward pass.
+const BATCH: usize = 16;
+
 pub fn sliding_nll(lm: &mut dyn Scorer, bos: u32, tokens: &[u32], stride: usize) -> (f64, usize) {
     let ctx = lm.context();
     let stride = if stride == 0 { (ctx / 2).max(1) } else { stride.min(ctx) };
     let mut seq = Vec::with_capacity(tokens.len() + 1);
     seq.push(bos);
     seq.extend_from_slice(tokens);
-    let (mut nll, mut scored) = (0.0, 0usize);
-    // Position p of `seq` (p >= 1) is predicted from seq[..p]; window [begin, end] scores (prev_end, end].
-    let mut prev_end = 0;
-    let mut begin = 0;
+    // Window [begin, end] scores positions (prev_end, end]; position p is predicted from seq[..p].
+    let mut windows = Vec::new();
+    let (mut prev_end, mut begin) = (0, 0);
     while prev_end < seq.len() - 1 {
         let end = (begin + ctx).min(seq.len() - 1);
-        let lp = &lm.logprobs(&[seq[begin..=end].to_vec()])[0]; // lp[j] scores seq[begin + 1 + j]
-        for p in prev_end + 1..=end {
-            nll -= lp[p - begin - 1];
-            scored += 1;
-        }
+        windows.push((begin, end, prev_end));
         prev_end = end;
         begin += stride; // stride <= ctx, so the next window still reaches back to prev_end
+    }
+    let (mut nll, mut scored) = (0.0, 0usize);
+    for chunk in windows.chunks(BATCH) {
+        let seqs: Vec<Vec<u32>> = chunk.iter().map(|&(b, e, _)| seq[b..=e].to_vec()).collect();
+        for (lp, &(b, e, prev)) in lm.logprobs(&seqs).iter().zip(chunk) {
+            // lp[j] scores seq[b + 1 + j]
+            for p in prev + 1..=e {
+                nll -= lp[p - b - 1];
+                scored += 1;
+            }
+        }
     }
     (nll, scored)
 }
@@ -62,7 +74,17 @@ impl Task for Bpb {
                 })
                 .collect::<Result<_, _>>()?
         } else {
-            vec![text]
+            let mut cut = (text.len() as f64 * self.from) as usize;
+            while !text.is_char_boundary(cut) {
+                cut += 1;
+            }
+            vec![text[cut..].to_string()]
+        };
+        let docs = if self.path.extension().is_some_and(|e| e == "jsonl") {
+            let skip = (docs.len() as f64 * self.from) as usize;
+            docs[skip..].to_vec()
+        } else {
+            docs
         };
         let (mut nll, mut tokens, mut bytes) = (0.0, 0usize, 0usize);
         for d in &docs {
@@ -78,7 +100,8 @@ impl Task for Bpb {
         r.metrics.insert("perplexity".into(), (nll / tokens.max(1) as f64).exp());
         r.metrics.insert("tokens".into(), tokens as f64);
         r.metrics.insert("bytes".into(), bytes as f64);
-        r.notes.push(format!("{} ({} bytes, {} tokens)", self.path.display(), bytes, tokens));
+        let part = if self.from > 0.0 { format!(", from {:.0}% on", self.from * 100.0) } else { String::new() };
+        r.notes.push(format!("{}{part} ({} bytes, {} tokens)", self.path.display(), bytes, tokens));
         Ok(r)
     }
 }
