@@ -4,6 +4,7 @@
 //! Tasks talk to a model only through [`Scorer`] (log-probabilities and greedy generation), so
 //! the maths is testable with a hand-made scorer and any backend can serve.
 
+pub mod energy;
 pub mod scorer;
 pub mod tasks;
 

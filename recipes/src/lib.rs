@@ -30,6 +30,7 @@ pub struct Recipe {
     pub data: DataSection,
     pub optim: OptimSection,
     pub train: TrainSection,
+    pub energy: EnergySection,
 }
 
 impl Default for Recipe {
@@ -43,6 +44,7 @@ impl Default for Recipe {
             data: DataSection::default(),
             optim: OptimSection::default(),
             train: TrainSection::default(),
+            energy: EnergySection::default(),
         }
     }
 }
@@ -243,6 +245,34 @@ impl Default for TrainSection {
     }
 }
 
+/// `[energy]`: how joules are measured, and what they cost in carbon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnergySection {
+    /// `"auto"` (RAPL counters where readable, else the estimate), `"rapl"`, or `"estimate"`.
+    pub meter: String,
+    /// Watts per busy core for the estimate (default 12 W: the Green Algorithms calculator's figure).
+    pub watts_per_core: f64,
+    /// Constant watts (DRAM, idle draw) the estimate adds for the wall time.
+    pub idle_watts: f64,
+    /// Grid carbon intensity in gCO2e per kWh (default 475: the world average Green Algorithms uses).
+    pub grid_gco2_per_kwh: f64,
+    /// Where RAPL counters are read.
+    pub powercap_root: String,
+}
+
+impl Default for EnergySection {
+    fn default() -> Self {
+        Self {
+            meter: "auto".into(),
+            watts_per_core: 12.0,
+            idle_watts: 0.0,
+            grid_gco2_per_kwh: 475.0,
+            powercap_root: "/sys/class/powercap".into(),
+        }
+    }
+}
+
 impl fmt::Display for Recipe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match toml::to_string_pretty(self) {
@@ -371,6 +401,15 @@ impl Recipe {
         ] {
             if v == Some(0) {
                 return err(k, "must be at least 1");
+            }
+        }
+        let e = &self.energy;
+        if !["auto", "rapl", "estimate"].contains(&e.meter.as_str()) {
+            return err("energy.meter", format!("unknown meter '{}'; expected auto, rapl or estimate", e.meter));
+        }
+        for (k, v) in [("energy.watts_per_core", e.watts_per_core), ("energy.idle_watts", e.idle_watts), ("energy.grid_gco2_per_kwh", e.grid_gco2_per_kwh)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return err(k, format!("must be a number >= 0, got {v}"));
             }
         }
         if self.name.is_empty() || self.name.contains(['/', '\\']) {

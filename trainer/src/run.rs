@@ -31,6 +31,7 @@ use crate::data::shards::{resolve_sources, token_stream, tokenizer_for, SourceFi
 use crate::data::sources::Dirs;
 use crate::optim::{learning_rate, AdamW};
 use crate::train_step::{eval_loss, train_step};
+use kiln_evals::energy::Meters;
 
 pub const CHECKPOINT_FORMAT: u32 = 1;
 
@@ -137,6 +138,11 @@ pub struct TrainState {
     pub optimizer_steps: u64,
     pub wall_s: f64,
     pub train_s: f64,
+    /// Training joules so far (all earlier sessions of this run), and how they were measured.
+    #[serde(default)]
+    pub joules: f64,
+    #[serde(default)]
+    pub energy_method: String,
 }
 
 /// Where the run lives and how it reports.
@@ -313,7 +319,7 @@ pub enum Outcome {
 pub fn start<B: AutodiffBackend>(p: &Prepared, ctx: &RunCtx, device: &B::Device) -> Result<Outcome> {
     let model = Llama::<B>::build(&p.cfg, &mut RandomInit::new(p.recipe.train.seed, p.cfg.num_hidden_layers), device)?;
     let opt = AdamW::new(p.recipe.optim.clone());
-    let state = TrainState { format_version: CHECKPOINT_FORMAT, step: 0, tokens: 0, loader: LoaderPos::default(), optimizer_steps: 0, wall_s: 0.0, train_s: 0.0 };
+    let state = TrainState { format_version: CHECKPOINT_FORMAT, step: 0, tokens: 0, loader: LoaderPos::default(), optimizer_steps: 0, wall_s: 0.0, train_s: 0.0, joules: 0.0, energy_method: String::new() };
     train(p, ctx, model, opt, state, device)
 }
 
@@ -362,6 +368,19 @@ fn train<B: AutodiffBackend>(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(state.step as u64);
+    let e = &r.energy;
+    let (mut meters, notes) = Meters::choose(&e.meter, Path::new(&e.powercap_root), e.watts_per_core, e.idle_watts)
+        .map_err(|m| anyhow::anyhow!("energy.meter: {m}"))?;
+    for n in notes {
+        tracing::warn!("{n}");
+    }
+    let method = meters.method().as_str().to_string();
+    if !state.energy_method.is_empty() && state.energy_method != method {
+        tracing::warn!("this run measured energy by '{}' before and by '{method}' now", state.energy_method);
+    }
+    let joules0 = state.joules;
+    let mut meter_s = 0.0;
+    let mut components = Vec::new();
     let started = Instant::now();
     let wall0 = state.wall_s;
     let mut last_val: Option<(f64, f64)> = None;
@@ -395,10 +414,20 @@ fn train<B: AutodiffBackend>(
         state.train_s += dt;
         state.loader = loader.pos;
         state.optimizer_steps = opt.t;
+        let tm = Instant::now();
+        let (j, comps, errors) = meters.read();
+        meter_s += tm.elapsed().as_secs_f64();
+        for err in errors {
+            tracing::warn!("energy: {err}");
+        }
+        components = comps;
+        state.joules = joules0 + j;
+        state.energy_method = method.clone();
         let wall = wall0 + started.elapsed().as_secs_f64();
         metrics.log(json!({
             "step": step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
             "tokens": state.tokens, "tokens_per_s": out.tokens as f64 / dt, "wall_s": wall,
+            "joules": state.joules, "energy_method": method,
             "forward_s": out.forward_s, "backward_s": out.backward_s, "optim_s": out.optim_s,
         }))?;
         bar.set_position(step as u64);
@@ -443,6 +472,19 @@ fn train<B: AutodiffBackend>(
             "wall_s": state.wall_s,
             "train_s": state.train_s,
         },
+        "energy": {
+            "joules": state.joules,
+            "kwh": state.joules / 3.6e6,
+            "method": state.energy_method,
+            "coverage": components.iter().map(|c| c.coverage.clone()).collect::<Vec<_>>().join("+"),
+            "components": components,
+            "j_per_token": state.joules / (state.tokens.max(1) as f64),
+            "j_per_param": state.joules / p.cfg.num_params() as f64,
+            "gco2e": state.joules / 3.6e6 * e.grid_gco2_per_kwh,
+            "grid_gco2_per_kwh": e.grid_gco2_per_kwh,
+            "meter_overhead_s": meter_s,
+            "note": "this session's components; joules include earlier sessions of a resumed run",
+        },
         "params": p.cfg.num_params(),
         "steps": state.step,
         "backend": ctx.backend,
@@ -450,9 +492,11 @@ fn train<B: AutodiffBackend>(
     });
     std::fs::write(ctx.dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     println!(
-        "\n== Kiln report: {} ==\nmodel       {} parameters ({} layers, d_model {})\nsteps       {} ({} tokens)\nval loss    {:.4}\nval bpb     {:.4}\nthroughput  {:.0} tokens/s on {} ({} threads)\nwall time   {:.1} s\nfinal model {}",
+        "\n== Kiln report: {} ==\nmodel       {} parameters ({} layers, d_model {})\nsteps       {} ({} tokens)\nval loss    {:.4}\nval bpb     {:.4}\nthroughput  {:.0} tokens/s on {} ({} threads)\nwall time   {:.1} s\nenergy      {:.0} J ({}; {:.3} J/token, {:.2} gCO2e)\nfinal model {}",
         r.name, p.cfg.num_params(), p.cfg.num_hidden_layers, p.cfg.hidden_size, state.step, state.tokens, val_loss, val_bpb,
-        state.tokens as f64 / state.train_s.max(1e-9), ctx.backend, threads(), state.wall_s, final_dir.display()
+        state.tokens as f64 / state.train_s.max(1e-9), ctx.backend, threads(), state.wall_s,
+        state.joules, state.energy_method, state.joules / (state.tokens.max(1) as f64), state.joules / 3.6e6 * e.grid_gco2_per_kwh,
+        final_dir.display()
     );
     Ok(Outcome::Finished)
 }
