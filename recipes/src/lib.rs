@@ -226,6 +226,10 @@ pub struct TrainSection {
     pub keep_checkpoints: usize,
     /// Log a line every N steps when no progress bar is shown.
     pub log_every: usize,
+    /// Stop once training has used this many joules; the run still writes final/ and its report.
+    pub max_energy_j: Option<f64>,
+    /// Stop at the first evaluation whose validation loss is at or below this.
+    pub target_val_loss: Option<f64>,
 }
 
 impl Default for TrainSection {
@@ -241,6 +245,8 @@ impl Default for TrainSection {
             checkpoint_every: 500,
             keep_checkpoints: 2,
             log_every: 50,
+            max_energy_j: None,
+            target_val_loss: None,
         }
     }
 }
@@ -369,6 +375,11 @@ impl Recipe {
         }
         if !["cpu", "flex", "ndarray", "auto"].contains(&t.device.as_str()) {
             return err("train.device", format!("unknown device '{}'; expected one of cpu, flex, ndarray, auto", t.device));
+        }
+        for (k, v) in [("train.max_energy_j", t.max_energy_j), ("train.target_val_loss", t.target_val_loss)] {
+            if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                return err(k, "must be a positive number");
+            }
         }
         let d = &self.data;
         if !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {

@@ -381,9 +381,11 @@ fn train<B: AutodiffBackend>(
     let joules0 = state.joules;
     let mut meter_s = 0.0;
     let mut components = Vec::new();
+    let mut stop_reason = "steps";
+    let mut target_hit: Option<serde_json::Value> = None;
     let started = Instant::now();
     let wall0 = state.wall_s;
-    let mut last_val: Option<(f64, f64)> = None;
+    let mut last_val: Option<(usize, f64, f64)> = None;
     let keep_going = || !ctx.stop.load(Ordering::SeqCst);
 
     while state.step < t.steps {
@@ -443,7 +445,21 @@ fn train<B: AutodiffBackend>(
             if !tty {
                 tracing::info!("step {step}: val_loss {vl:.4} val_bpb {bpb:.4}");
             }
-            last_val = Some((vl, bpb));
+            last_val = Some((step, vl, bpb));
+            if t.target_val_loss.is_some_and(|target| vl <= target) {
+                target_hit = Some(json!({"step": step, "val_loss": vl, "tokens": state.tokens,
+                    "wall_s": wall0 + started.elapsed().as_secs_f64(), "joules": state.joules}));
+                stop_reason = "target_val_loss";
+            }
+        }
+        if stop_reason == "steps" && t.max_energy_j.is_some_and(|m| state.joules >= m) {
+            stop_reason = "max_energy_j";
+        }
+        if stop_reason != "steps" {
+            tracing::info!("stopping at step {step}: {stop_reason} reached");
+            state.wall_s = wall0 + started.elapsed().as_secs_f64();
+            save_checkpoint(&ctx.dir, &model, p, &opt, &state, t.keep_checkpoints)?;
+            break;
         }
         if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || step == t.steps {
             state.wall_s = wall0 + started.elapsed().as_secs_f64();
@@ -453,8 +469,8 @@ fn train<B: AutodiffBackend>(
     bar.finish_and_clear();
     state.wall_s = wall0 + started.elapsed().as_secs_f64();
     let (val_loss, val_bpb) = match last_val {
-        Some(v) => v,
-        None => {
+        Some((s, vl, bpb)) if s == state.step => (vl, bpb),
+        _ => {
             let vl = eval_loss(&model, &val, device);
             (vl, vl / std::f64::consts::LN_2 / p.bytes_per_token)
         }
@@ -487,12 +503,14 @@ fn train<B: AutodiffBackend>(
         },
         "params": p.cfg.num_params(),
         "steps": state.step,
+        "stop_reason": stop_reason,
+        "target": t.target_val_loss.map(|tv| json!({"val_loss": tv, "reached": target_hit})),
         "backend": ctx.backend,
         "threads": threads(),
     });
     std::fs::write(ctx.dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     println!(
-        "\n== Kiln report: {} ==\nmodel       {} parameters ({} layers, d_model {})\nsteps       {} ({} tokens)\nval loss    {:.4}\nval bpb     {:.4}\nthroughput  {:.0} tokens/s on {} ({} threads)\nwall time   {:.1} s\nenergy      {:.0} J ({}; {:.3} J/token, {:.2} gCO2e)\nfinal model {}",
+        "\n== Kiln report: {} ==\nmodel       {} parameters ({} layers, d_model {})\nsteps       {} ({} tokens)\nval loss    {:.4}\nval bpb     {:.4}\nthroughput  {:.0} tokens/s on {} ({} threads)\nwall time   {:.1} s\nenergy      {:.1} J ({}; {:.2e} J/token, {:.2e} gCO2e)\nfinal model {}",
         r.name, p.cfg.num_params(), p.cfg.num_hidden_layers, p.cfg.hidden_size, state.step, state.tokens, val_loss, val_bpb,
         state.tokens as f64 / state.train_s.max(1e-9), ctx.backend, threads(), state.wall_s,
         state.joules, state.energy_method, state.joules / (state.tokens.max(1) as f64), state.joules / 3.6e6 * e.grid_gco2_per_kwh,

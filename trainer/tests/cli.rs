@@ -255,3 +255,32 @@ fn nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint() {
     let last = run.join("checkpoints");
     assert!(std::fs::read_dir(&last).unwrap().count() >= 1 || e.contains("none yet"), "{e}");
 }
+
+#[test]
+fn stopping_rules_energy_budget_and_quality_target() {
+    let env = Env::new();
+    let r = env.write("t.toml", TINY);
+    let report = |dir: &str| -> serde_json::Value {
+        let run = only_run(&env.path(dir));
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap()
+    };
+    let o = env.run(&["run", r.to_str().unwrap(), "--runs-dir", "target", "--set", "train.target_val_loss=3.0", "--set", "train.eval_every=5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rep = report("target");
+    assert_eq!(rep["stop_reason"], "target_val_loss");
+    let hit = &rep["target"]["reached"];
+    assert!(hit["val_loss"].as_f64().unwrap() <= 3.0);
+    assert!(hit["joules"].as_f64().unwrap() > 0.0 && hit["wall_s"].as_f64().unwrap() > 0.0);
+    assert!(rep["steps"].as_u64().unwrap() < 400 && rep["steps"].as_u64().unwrap() % 5 == 0);
+
+    let o = env.run(&["run", r.to_str().unwrap(), "--runs-dir", "budget", "--set", "train.max_energy_j=0.5", "--set", "energy.meter=estimate"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rep = report("budget");
+    assert_eq!(rep["stop_reason"], "max_energy_j");
+    let j = rep["energy"]["joules"].as_f64().unwrap();
+    assert!(j >= 0.5, "{j}");
+    assert!(rep["steps"].as_u64().unwrap() < 400);
+    assert_eq!(rep["energy"]["method"], "estimate");
+    assert_eq!(rep["energy"]["components"][0]["coverage"], "process-cpu-estimate");
+    assert!(env.path("budget").read_dir().unwrap().next().unwrap().unwrap().path().join("final/model.safetensors").is_file());
+}
