@@ -5,6 +5,7 @@
 //! the maths is testable with a hand-made scorer and any backend can serve.
 
 pub mod energy;
+pub mod report;
 pub mod scorer;
 pub mod tasks;
 

@@ -509,6 +509,7 @@ fn train<B: AutodiffBackend>(
         "threads": threads(),
     });
     std::fs::write(ctx.dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    write_report_card(&ctx.dir, r, p, &report)?;
     println!(
         "\n== Kiln report: {} ==\nmodel       {} parameters ({} layers, d_model {})\nsteps       {} ({} tokens)\nval loss    {:.4}\nval bpb     {:.4}\nthroughput  {:.0} tokens/s on {} ({} threads)\nwall time   {:.1} s\nenergy      {:.1} J ({}; {:.2e} J/token, {:.2e} gCO2e)\nfinal model {}",
         r.name, p.cfg.num_params(), p.cfg.num_hidden_layers, p.cfg.hidden_size, state.step, state.tokens, val_loss, val_bpb,
@@ -517,6 +518,104 @@ fn train<B: AutodiffBackend>(
         final_dir.display()
     );
     Ok(Outcome::Finished)
+}
+
+/// `report.md` and `report.svg` (loss against cumulative joules, evaluations marked).
+fn write_report_card(run: &Path, r: &Recipe, p: &Prepared, rep: &serde_json::Value) -> Result<()> {
+    use kiln_evals::report::{loss_vs_energy_svg, Point};
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let mut joules_at = std::collections::HashMap::new();
+    let mut train = Vec::new();
+    for v in lines.iter().filter(|v| v.get("kind").is_none()) {
+        if let (Some(s), Some(j), Some(l)) = (v["step"].as_u64(), v["joules"].as_f64(), v["loss"].as_f64()) {
+            joules_at.insert(s, j);
+            train.push(Point { joules: j, loss: l });
+        }
+    }
+    let val: Vec<Point> = lines
+        .iter()
+        .filter(|v| v.get("kind").is_some())
+        .filter_map(|v| Some(Point { joules: *joules_at.get(&v["step"].as_u64()?)?, loss: v["val_loss"].as_f64()? }))
+        .collect();
+    let e = &rep["energy"];
+    let method = e["method"].as_str().unwrap_or("?");
+    let svg_ok = match loss_vs_energy_svg(&run.join("report.svg"), &format!("{}: loss against energy", r.name), &train, &val, method) {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!("report.svg: {err}");
+            false
+        }
+    };
+    let c = &p.cfg;
+    let q = &rep["quality"];
+    let t = &rep["throughput"];
+    let f = |v: &serde_json::Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "n/a".into());
+    let mut md = format!(
+        concat!(
+            "# Kiln report: {name}\n\n",
+            "Run `{run}`, backend {backend}, {threads} threads, Kiln {ver}.\n\n",
+            "## Model\n\n",
+            "| parameters | layers | d_model | heads (kv) | SwiGLU | context | vocabulary |\n|---|---|---|---|---|---|---|\n",
+            "| {params} | {l} | {d} | {h} ({kv}) | {ff} | {ctx} | {v} |\n\n",
+            "## Training\n\n",
+            "| steps | tokens | tokens/s | wall time | stopped by |\n|---|---|---|---|---|\n",
+            "| {steps} | {tokens} | {tps} | {wall} s | {stop} |\n\n",
+            "## Quality\n\n",
+            "| validation loss | bits per byte |\n|---|---|\n| {vl} | {bpb} |\n\n",
+            "## Energy\n\n",
+            "| joules | kWh | method | coverage | J/token | J/parameter | gCO2e (at {grid} g/kWh) |\n|---|---|---|---|---|---|---|\n",
+            "| {j} | {kwh} | {method} | {cov} | {jt} | {jp} | {co2} |\n",
+        ),
+        name = r.name,
+        run = run.display(),
+        backend = rep["backend"].as_str().unwrap_or("?"),
+        threads = rep["threads"],
+        ver = env!("CARGO_PKG_VERSION"),
+        params = c.num_params(),
+        l = c.num_hidden_layers,
+        d = c.hidden_size,
+        h = c.num_attention_heads,
+        kv = c.num_key_value_heads,
+        ff = c.intermediate_size,
+        ctx = c.max_position_embeddings,
+        v = c.vocab_size,
+        steps = rep["steps"],
+        tokens = t["tokens"],
+        tps = f(&t["tokens_per_s"], 0),
+        wall = f(&t["wall_s"], 1),
+        stop = rep["stop_reason"].as_str().unwrap_or("steps"),
+        vl = f(&q["val_loss"], 4),
+        bpb = f(&q["val_bpb"], 4),
+        grid = f(&e["grid_gco2_per_kwh"], 0),
+        j = f(&e["joules"], 1),
+        kwh = f(&e["kwh"], 6),
+        cov = e["coverage"].as_str().unwrap_or("?"),
+        method = method,
+        jt = f(&e["j_per_token"], 5),
+        jp = f(&e["j_per_param"], 6),
+        co2 = f(&e["gco2e"], 3),
+    );
+    if method == "estimate" {
+        md.push_str("
+The energy is an **estimate** (process CPU time x watts per busy core): no hardware counter was readable.
+");
+    }
+    if let Some(hit) = rep["target"]["reached"].as_object() {
+        md.push_str(&format!(
+            "
+Reached the target validation loss {} at step {} after {} s and {} J.
+",
+            f(&rep["target"]["val_loss"], 3), hit["step"], f(&hit["wall_s"], 1), f(&hit["joules"], 1)
+        ));
+    }
+    if svg_ok {
+        md.push_str("
+![loss against cumulative energy](report.svg)
+");
+    }
+    std::fs::write(run.join("report.md"), md)?;
+    Ok(())
 }
 
 /// Reads a run directory's plan.

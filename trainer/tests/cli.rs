@@ -126,12 +126,17 @@ fn resume_after_sigkill_and_sigterm_is_bit_exact() {
     let want = losses(&full);
     assert_eq!(want.iter().filter(|l| l.1.starts_with("loss")).count(), 400);
     assert_eq!(want.iter().filter(|l| l.1.starts_with("val_loss")).count(), 8);
-    for f in ["plan.toml", "manifest.json", "report.json", "final/model.safetensors", "final/config.json", "final/tokenizer.json"] {
+    for f in ["plan.toml", "manifest.json", "report.json", "report.md", "report.svg", "final/model.safetensors", "final/config.json", "final/tokenizer.json"] {
         assert!(full.join(f).is_file(), "{f} missing");
     }
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(full.join("report.json")).unwrap()).unwrap();
     assert!(report["quality"]["val_loss"].as_f64().unwrap() > 0.0);
     assert!(report["throughput"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let e = &report["energy"];
+    assert!(e["joules"].as_f64().unwrap() > 0.0, "{e}");
+    assert!(["counter", "estimate"].contains(&e["method"].as_str().unwrap()), "{e}");
+    let card = std::fs::read_to_string(full.join("report.md")).unwrap();
+    assert!(card.contains("## Energy") && card.contains("report.svg"), "{card}");
     // keep_checkpoints = 3
     assert_eq!(std::fs::read_dir(full.join("checkpoints")).unwrap().count(), 3);
 
