@@ -85,6 +85,15 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Compare runs: a Markdown table and an SVG of validation loss against training energy,
+    /// with the Pareto front drawn.
+    Compare {
+        #[arg(required = true, num_args = 1..)]
+        runs: Vec<PathBuf>,
+        /// Where to write the SVG.
+        #[arg(long, default_value = "compare.svg")]
+        out: PathBuf,
+    },
     /// Tokenizer tools.
     Tokenizer {
         #[command(subcommand)]
@@ -255,6 +264,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Compare { runs, out } => compare(&runs, &out),
         Command::Tokenizer { command: TokenizerCommand::Train { input, vocab_size, kind, out } } => {
             let texts: Vec<String> = input
                 .iter()
@@ -311,6 +321,40 @@ fn run_evals(tasks: &[Box<dyn kiln_evals::Task>], lm: &mut dyn kiln_evals::Score
         all.insert(t.name(), v);
     }
     Ok(serde_json::Value::Object(all))
+}
+
+fn compare(runs: &[PathBuf], out: &Path) -> Result<()> {
+    use kiln_evals::report::{compare_svg, pareto_front, RunPoint};
+    let mut reps = Vec::new();
+    for r in runs {
+        let p = r.join("report.json");
+        let text = std::fs::read_to_string(&p).with_context(|| format!("{}: no report.json (has the run finished?)", r.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: damaged", p.display()))?;
+        reps.push((r.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), v));
+    }
+    let points: Vec<RunPoint> = reps
+        .iter()
+        .map(|(n, v)| RunPoint {
+            label: n.clone(),
+            joules: v["energy"]["joules"].as_f64().unwrap_or(f64::NAN),
+            quality: v["quality"]["val_loss"].as_f64().unwrap_or(f64::NAN),
+        })
+        .collect();
+    let front = pareto_front(&points);
+    println!("| run | params | steps | tokens | val loss | val bpb | joules | method | J/token | gCO2e | Pareto |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let f = |v: &serde_json::Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "n/a".into());
+    for (i, (n, v)) in reps.iter().enumerate() {
+        println!(
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            v["params"], v["steps"], v["throughput"]["tokens"], f(&v["quality"]["val_loss"], 4), f(&v["quality"]["val_bpb"], 4),
+            f(&v["energy"]["joules"], 1), v["energy"]["method"].as_str().unwrap_or("?"), f(&v["energy"]["j_per_token"], 5),
+            f(&v["energy"]["gco2e"], 3), if front.contains(&i) { "yes" } else { "" }
+        );
+    }
+    compare_svg(out, &points, "validation loss").map_err(|e| anyhow::anyhow!(e))?;
+    println!("\nwrote {}", out.display());
+    Ok(())
 }
 
 /// A run directory's final/ model, else its newest checkpoint; or a model folder itself.

@@ -288,4 +288,14 @@ fn stopping_rules_energy_budget_and_quality_target() {
     assert_eq!(rep["energy"]["method"], "estimate");
     assert_eq!(rep["energy"]["components"][0]["coverage"], "process-cpu-estimate");
     assert!(env.path("budget").read_dir().unwrap().next().unwrap().unwrap().path().join("final/model.safetensors").is_file());
+
+    // compare: a table row per run, the Pareto front marked, an SVG.
+    let (a, b) = (only_run(&env.path("target")), only_run(&env.path("budget")));
+    let o = env.run(&["compare", a.to_str().unwrap(), b.to_str().unwrap(), "--out", "cmp.svg"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(table.lines().filter(|l| l.starts_with("| tiny-")).count(), 2, "{table}");
+    assert!(table.contains("| yes |"), "{table}");
+    assert!(std::fs::read_to_string(env.path("cmp.svg")).unwrap().contains("Pareto front"));
+    assert_clean_error(&env.run(&["compare", env.path("data").to_str().unwrap()]), &["no report.json"]);
 }
