@@ -90,3 +90,53 @@ pub fn parse_task(spec: &str, data_root: &std::path::Path) -> Result<Box<dyn Tas
         }
     })
 }
+
+/// Runs each task, measuring its energy separately, and returns
+/// `{task: {metric: value, ..., "n", "seconds", "joules", "joules_per_item", "energy_method", "notes", "samples"?}}`.
+/// `on_done` sees each task's name and entry as it finishes (for printing).
+pub fn run_tasks(
+    tasks: &[Box<dyn Task>],
+    lm: &mut dyn Scorer,
+    meters: &mut energy::Meters,
+    mut on_done: impl FnMut(&str, &serde_json::Value),
+) -> Result<serde_json::Value, EvalError> {
+    let mut all = serde_json::Map::new();
+    for t in tasks {
+        let t0 = std::time::Instant::now();
+        let (j0, _, _) = meters.read();
+        let r = t.run(lm)?;
+        let (j1, _, _) = meters.read();
+        let joules = j1 - j0;
+        let mut v = serde_json::to_value(&r.metrics).unwrap_or_default();
+        v["n"] = r.n.into();
+        v["seconds"] = t0.elapsed().as_secs_f64().into();
+        v["joules"] = joules.into();
+        v["joules_per_item"] = (joules / r.n.max(1) as f64).into();
+        v["energy_method"] = meters.method().as_str().into();
+        v["notes"] = serde_json::to_value(&r.notes).unwrap_or_default();
+        if !r.samples.is_empty() {
+            v["samples"] = serde_json::Value::Array(r.samples.clone());
+        }
+        on_done(&t.name(), &v);
+        all.insert(t.name(), v);
+    }
+    Ok(serde_json::Value::Object(all))
+}
+
+/// One line for a task's result: its metrics, items, time and energy.
+pub fn summary_line(name: &str, v: &serde_json::Value) -> String {
+    let skip = ["n", "seconds", "joules", "joules_per_item", "energy_method", "notes", "samples"];
+    let metrics: Vec<String> = v
+        .as_object()
+        .map(|o| o.iter().filter(|(k, _)| !skip.contains(&k.as_str())).map(|(k, x)| format!("{k} {:.4}", x.as_f64().unwrap_or(f64::NAN))).collect())
+        .unwrap_or_default();
+    let notes: String = v["notes"].as_array().map(|a| a.iter().filter_map(|n| n.as_str()).map(|n| format!("; {n}")).collect()).unwrap_or_default();
+    format!(
+        "{name:<10} {}  ({} items, {:.1} s, {:.1} J {}{notes})",
+        metrics.join("  "),
+        v["n"],
+        v["seconds"].as_f64().unwrap_or(0.0),
+        v["joules"].as_f64().unwrap_or(0.0),
+        v["energy_method"].as_str().unwrap_or("?")
+    )
+}

@@ -30,6 +30,7 @@ pub struct Recipe {
     pub data: DataSection,
     pub optim: OptimSection,
     pub train: TrainSection,
+    pub eval: EvalSection,
     pub energy: EnergySection,
 }
 
@@ -44,6 +45,7 @@ impl Default for Recipe {
             data: DataSection::default(),
             optim: OptimSection::default(),
             train: TrainSection::default(),
+            eval: EvalSection::default(),
             energy: EnergySection::default(),
         }
     }
@@ -251,6 +253,20 @@ impl Default for TrainSection {
     }
 }
 
+/// `[eval]`: tasks run on the trained model, as `kiln eval --task` takes them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Tasks run at the end of `kiln run`: `bpb:FILE[@FROM]`, `hellaswag[:N]`, `squad[:N]`.
+    pub tasks: Vec<String>,
+    /// Also run them every N steps (0: only at the end).
+    pub every: usize,
+    /// Prompts whose greedy continuations go into the report (the samples task).
+    pub prompts: Vec<String>,
+    /// Tokens generated per prompt (0 means 200).
+    pub sample_tokens: usize,
+}
+
 /// `[energy]`: how joules are measured, and what they cost in carbon.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -412,6 +428,12 @@ impl Recipe {
         ] {
             if v == Some(0) {
                 return err(k, "must be at least 1");
+            }
+        }
+        for (i, task) in self.eval.tasks.iter().enumerate() {
+            let name = task.split(':').next().unwrap_or_default();
+            if !["bpb", "hellaswag", "squad"].contains(&name) {
+                return err("eval.tasks", format!("task {i} '{task}': unknown task '{name}'; expected bpb:FILE, hellaswag[:N] or squad[:N]"));
             }
         }
         let e = &self.energy;

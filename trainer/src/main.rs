@@ -286,41 +286,15 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-/// Runs each task, printing a line per metric. Returns `{task: {metric: value, ...}}`.
+/// Runs each task with the default energy meter, printing a line per task.
 fn run_evals(tasks: &[Box<dyn kiln_evals::Task>], lm: &mut dyn kiln_evals::Scorer) -> Result<serde_json::Value> {
-    let mut all = serde_json::Map::new();
     let d = kiln_recipes::EnergySection::default();
     let (mut meters, notes) = kiln_evals::energy::Meters::choose(&d.meter, Path::new(&d.powercap_root), d.watts_per_core, d.idle_watts)
         .map_err(|e| anyhow::anyhow!(e))?;
     for n in notes {
         tracing::info!("{n}");
     }
-    for t in tasks {
-        let t0 = std::time::Instant::now();
-        let (j0, _, _) = meters.read();
-        let r = t.run(lm)?;
-        let (j1, _, errors) = meters.read();
-        for e in errors {
-            tracing::warn!("energy: {e}");
-        }
-        let joules = j1 - j0;
-        let secs = t0.elapsed().as_secs_f64();
-        let metrics: Vec<String> = r.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-        println!("{:<10} {}  ({} items, {:.1} s, {:.1} J {}{})", t.name(), metrics.join("  "), r.n, secs, joules,
-            meters.method().as_str(), r.notes.iter().map(|n| format!("; {n}")).collect::<String>());
-        let mut v = serde_json::to_value(&r.metrics)?;
-        v["n"] = r.n.into();
-        v["seconds"] = secs.into();
-        v["joules"] = joules.into();
-        v["joules_per_item"] = (joules / r.n.max(1) as f64).into();
-        v["energy_method"] = meters.method().as_str().into();
-        v["notes"] = serde_json::to_value(&r.notes)?;
-        if !r.samples.is_empty() {
-            v["samples"] = serde_json::Value::Array(r.samples.clone());
-        }
-        all.insert(t.name(), v);
-    }
-    Ok(serde_json::Value::Object(all))
+    Ok(kiln_evals::run_tasks(tasks, lm, &mut meters, |name, v| println!("{}", kiln_evals::summary_line(name, v)))?)
 }
 
 fn compare(runs: &[PathBuf], out: &Path) -> Result<()> {

@@ -46,6 +46,8 @@ pub struct Prepared {
     /// UTF-8 bytes per token in the corpus (EOS excluded), for bits per byte.
     pub bytes_per_token: f64,
     pub shards_cached: bool,
+    /// The data root, for eval task files.
+    pub data_root: PathBuf,
 }
 
 /// The model configuration: the preset with the recipe's overrides and the tokenizer's vocabulary.
@@ -105,6 +107,7 @@ pub fn prepare(recipe: &Recipe, dirs: &Dirs) -> Result<Prepared> {
         val,
         bytes_per_token: stream.meta.n_bytes as f64 / text_tokens as f64,
         shards_cached: stream.cached,
+        data_root: dirs.data_root.clone(),
     })
 }
 
@@ -379,6 +382,8 @@ fn train<B: AutodiffBackend>(
         tracing::warn!("this run measured energy by '{}' before and by '{method}' now", state.energy_method);
     }
     let joules0 = state.joules;
+    let tasks = recipe_tasks(r, &p.data_root)?;
+    let mut eval_j = 0.0; // this session's task-eval joules, kept out of the training figure
     let mut meter_s = 0.0;
     let mut components = Vec::new();
     let mut stop_reason = "steps";
@@ -423,7 +428,7 @@ fn train<B: AutodiffBackend>(
             tracing::warn!("energy: {err}");
         }
         components = comps;
-        state.joules = joules0 + j;
+        state.joules = joules0 + j - eval_j;
         state.energy_method = method.clone();
         let wall = wall0 + started.elapsed().as_secs_f64();
         metrics.log(json!({
@@ -452,6 +457,12 @@ fn train<B: AutodiffBackend>(
                 stop_reason = "target_val_loss";
             }
         }
+        if r.eval.every > 0 && step % r.eval.every == 0 && step != t.steps && !tasks.is_empty() {
+            let (j0, _, _) = meters.read();
+            let evals = run_recipe_tasks(&model, p, &tasks, &mut meters, device)?;
+            eval_j += meters.read().0 - j0;
+            metrics.log(json!({"step": step, "kind": "tasks", "joules": state.joules, "tokens": state.tokens, "evals": evals}))?;
+        }
         if stop_reason == "steps" && t.max_energy_j.is_some_and(|m| state.joules >= m) {
             stop_reason = "max_energy_j";
         }
@@ -479,6 +490,7 @@ fn train<B: AutodiffBackend>(
     if !final_dir.exists() {
         checkpoint::save_dir(&final_dir, &model, &p.cfg, &p.tok)?;
     }
+    let evals = if tasks.is_empty() { json!({}) } else { run_recipe_tasks(&model, p, &tasks, &mut meters, device)? };
     let report = json!({
         "run": ctx.dir.file_name().map(|n| n.to_string_lossy().to_string()),
         "quality": {"val_loss": val_loss, "val_bpb": val_bpb},
@@ -504,6 +516,7 @@ fn train<B: AutodiffBackend>(
         "params": p.cfg.num_params(),
         "steps": state.step,
         "stop_reason": stop_reason,
+        "evals": evals,
         "target": t.target_val_loss.map(|tv| json!({"val_loss": tv, "reached": target_hit})),
         "backend": ctx.backend,
         "threads": threads(),
@@ -518,6 +531,30 @@ fn train<B: AutodiffBackend>(
         final_dir.display()
     );
     Ok(Outcome::Finished)
+}
+
+/// The recipe's `[eval]` tasks, plus the samples task when it lists prompts.
+fn recipe_tasks(r: &Recipe, data_root: &Path) -> Result<Vec<Box<dyn kiln_evals::Task>>> {
+    let mut v: Vec<Box<dyn kiln_evals::Task>> =
+        r.eval.tasks.iter().map(|t| kiln_evals::parse_task(t, data_root)).collect::<Result<_, _>>()?;
+    if !r.eval.prompts.is_empty() {
+        let max_tokens = if r.eval.sample_tokens == 0 { 200 } else { r.eval.sample_tokens };
+        v.push(Box::new(kiln_evals::tasks::samples::Samples { prompts: r.eval.prompts.clone(), max_tokens }));
+    }
+    Ok(v)
+}
+
+/// Runs eval tasks on the current weights (without autodiff), each with its own energy figure.
+fn run_recipe_tasks<B: AutodiffBackend>(
+    model: &Llama<B>,
+    p: &Prepared,
+    tasks: &[Box<dyn kiln_evals::Task>],
+    meters: &mut Meters,
+    device: &B::Device,
+) -> Result<serde_json::Value> {
+    let inner: Llama<B::InnerBackend> = burn::module::AutodiffModule::valid(model);
+    let mut lm = kiln_evals::ModelScorer::<B::InnerBackend> { model: &inner, tok: &p.tok, context: p.cfg.max_position_embeddings, device: device.clone() };
+    Ok(kiln_evals::run_tasks(tasks, &mut lm, meters, |n, v| tracing::info!("eval {}", kiln_evals::summary_line(n, v)))?)
 }
 
 /// `report.md` and `report.svg` (loss against cumulative joules, evaluations marked).
@@ -597,22 +634,43 @@ fn write_report_card(run: &Path, r: &Recipe, p: &Prepared, rep: &serde_json::Val
         co2 = f(&e["gco2e"], 3),
     );
     if method == "estimate" {
-        md.push_str("
-The energy is an **estimate** (process CPU time x watts per busy core): no hardware counter was readable.
-");
+        md.push_str("\nThe energy is an **estimate** (process CPU time x watts per busy core): no hardware counter was readable.\n");
     }
     if let Some(hit) = rep["target"]["reached"].as_object() {
         md.push_str(&format!(
-            "
-Reached the target validation loss {} at step {} after {} s and {} J.
-",
+            "\nReached the target validation loss {} at step {} after {} s and {} J.\n",
             f(&rep["target"]["val_loss"], 3), hit["step"], f(&hit["wall_s"], 1), f(&hit["joules"], 1)
         ));
     }
+    if let Some(ev) = rep["evals"].as_object().filter(|o| !o.is_empty()) {
+        md.push_str("\n## Evals\n\n| task | metrics | items | seconds | joules (per item) |\n|---|---|---|---|---|\n");
+        let skip = ["n", "seconds", "joules", "joules_per_item", "energy_method", "notes", "samples"];
+        for (name, v) in ev {
+            let m: Vec<String> = v
+                .as_object()
+                .map(|o| o.iter().filter(|(k, _)| !skip.contains(&k.as_str())).map(|(k, x)| format!("{k} {}", f(x, 4))).collect())
+                .unwrap_or_default();
+            md.push_str(&format!(
+                "| {name} | {} | {} | {} | {} ({}) |\n",
+                m.join(", "),
+                v["n"],
+                f(&v["seconds"], 1),
+                f(&v["joules"], 1),
+                f(&v["joules_per_item"], 3)
+            ));
+        }
+        for (name, v) in ev {
+            for n in v["notes"].as_array().into_iter().flatten().filter_map(|n| n.as_str()) {
+                md.push_str(&format!("\n- {name}: {n}"));
+            }
+            for s in v["samples"].as_array().into_iter().flatten() {
+                md.push_str(&format!("\n\n```text\n{}{}\n```", s["prompt"].as_str().unwrap_or(""), s["completion"].as_str().unwrap_or("")));
+            }
+        }
+        md.push('\n');
+    }
     if svg_ok {
-        md.push_str("
-![loss against cumulative energy](report.svg)
-");
+        md.push_str("\n![loss against cumulative energy](report.svg)\n");
     }
     std::fs::write(run.join("report.md"), md)?;
     Ok(())

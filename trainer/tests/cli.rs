@@ -299,3 +299,29 @@ fn stopping_rules_energy_budget_and_quality_target() {
     assert!(std::fs::read_to_string(env.path("cmp.svg")).unwrap().contains("Pareto front"));
     assert_clean_error(&env.run(&["compare", env.path("data").to_str().unwrap()]), &["no report.json"]);
 }
+
+#[test]
+fn recipe_evals_run_during_and_after_training() {
+    let env = Env::new();
+    let recipe = format!("{TINY}\n[eval]\ntasks = [\"bpb:corpus.txt@0.9\"]\nevery = 100\nprompts = [\"Line 3\"]\nsample_tokens = 20\n");
+    let r = env.write("e.toml", &recipe);
+    let o = env.run(&["run", r.to_str().unwrap(), "--runs-dir", "r"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = only_run(&env.path("r"));
+    let rep: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+    let bpb = rep["evals"]["bpb"]["bpb"].as_f64().unwrap();
+    assert!(bpb > 0.0 && bpb < 8.0, "{bpb}");
+    assert!(rep["evals"]["bpb"]["joules"].as_f64().unwrap() > 0.0);
+    assert_eq!(rep["evals"]["samples"]["samples"][0]["prompt"], "Line 3");
+    // Every 100 steps: 3 milestones before the end (100, 200, 300), each with the joules spent to reach it.
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let milestones: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v["kind"] == "tasks").collect();
+    assert_eq!(milestones.len(), 3);
+    assert!(milestones[0]["joules"].as_f64().unwrap() < milestones[2]["joules"].as_f64().unwrap());
+    let card = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(card.contains("## Evals") && card.contains("| bpb |"), "{card}");
+    // The training energy excludes the task evals.
+    let train_j = rep["energy"]["joules"].as_f64().unwrap();
+    let last_step_j = text.lines().rev().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|v| v.get("kind").is_none()).unwrap()["joules"].as_f64().unwrap();
+    assert_eq!(train_j, last_step_j);
+}

@@ -2,4 +2,5 @@
 
 pub mod bpb;
 pub mod hellaswag;
+pub mod samples;
 pub mod squad;
