@@ -173,6 +173,78 @@ impl EnergyMeter for Estimate {
     }
 }
 
+/// NVIDIA GPUs through NVML (libnvidia-ml, loaded at run time: nothing is needed at build time).
+/// Uses each GPU's total-energy counter (Volta and later); on GPUs without it, integrates the
+/// power reading between reads (`polled`), and says so.
+pub struct Nvml {
+    nvml: nvml_wrapper::Nvml,
+    devices: Vec<(u32, bool)>,
+    start_mj: Vec<u64>,
+    polled_j: Vec<f64>,
+    last: Instant,
+    last_w: Vec<f64>,
+}
+
+impl Nvml {
+    /// Opens every visible GPU. Errors when the library or a GPU is missing.
+    pub fn open() -> Result<(Self, Vec<String>), String> {
+        let nvml = nvml_wrapper::Nvml::init().map_err(|e| format!("NVML unavailable: {e}"))?;
+        let n = nvml.device_count().map_err(|e| format!("NVML: {e}"))?;
+        if n == 0 {
+            return Err("NVML: no GPU".into());
+        }
+        let mut devices = Vec::new();
+        let mut start_mj = Vec::new();
+        let mut notes = Vec::new();
+        for i in 0..n {
+            let d = nvml.device_by_index(i).map_err(|e| format!("NVML GPU {i}: {e}"))?;
+            match d.total_energy_consumption() {
+                Ok(mj) => {
+                    devices.push((i, true));
+                    start_mj.push(mj);
+                }
+                Err(e) => {
+                    notes.push(format!("GPU {i}: no energy counter ({e}); integrating polled power instead"));
+                    devices.push((i, false));
+                    start_mj.push(0);
+                }
+            }
+        }
+        let k = devices.len();
+        Ok((Self { nvml, devices, start_mj, polled_j: vec![0.0; k], last: Instant::now(), last_w: vec![0.0; k] }, notes))
+    }
+}
+
+impl EnergyMeter for Nvml {
+    fn name(&self) -> &str {
+        "nvml"
+    }
+    fn method(&self) -> Method {
+        if self.devices.iter().all(|d| d.1) { Method::Counter } else { Method::Polled }
+    }
+    fn coverage(&self) -> &str {
+        "gpu"
+    }
+    fn joules(&mut self) -> Result<f64, String> {
+        let dt = self.last.elapsed().as_secs_f64();
+        self.last = Instant::now();
+        let mut total = 0.0;
+        for (k, &(i, counter)) in self.devices.iter().enumerate() {
+            let d = self.nvml.device_by_index(i).map_err(|e| format!("NVML GPU {i}: {e}"))?;
+            if counter {
+                let mj = d.total_energy_consumption().map_err(|e| format!("NVML GPU {i}: {e}"))?;
+                total += mj.saturating_sub(self.start_mj[k]) as f64 / 1e3;
+            } else {
+                let w = d.power_usage().map_err(|e| format!("NVML GPU {i}: {e}"))? as f64 / 1e3;
+                self.polled_j[k] += 0.5 * (w + self.last_w[k]) * dt;
+                self.last_w[k] = w;
+                total += self.polled_j[k];
+            }
+        }
+        Ok(total)
+    }
+}
+
 /// Several meters at once (GPU and CPU): the total is their sum, and each is a component.
 pub struct Meters {
     pub meters: Vec<Box<dyn EnergyMeter>>,
@@ -185,20 +257,34 @@ impl Meters {
         Self { meters, last: vec![0.0; n] }
     }
 
-    /// `auto`: RAPL where readable, else the estimate. `rapl` fails if RAPL cannot be read.
+    /// `auto`: NVML for GPUs when it loads, plus RAPL for the CPU where readable, else the CPU
+    /// estimate. `rapl` and `nvml` fail if they cannot be read.
     pub fn choose(kind: &str, powercap: &Path, watts_per_core: f64, idle_watts: f64) -> Result<(Self, Vec<String>), String> {
         let estimate = || Box::new(Estimate::new(watts_per_core, idle_watts)) as Box<dyn EnergyMeter>;
+        if kind == "auto" || kind == "nvml" {
+            match Nvml::open() {
+                Ok((gpu, mut notes)) => {
+                    let (cpu, more) = Self::choose("auto-cpu", powercap, watts_per_core, idle_watts)?;
+                    notes.extend(more);
+                    let mut meters: Vec<Box<dyn EnergyMeter>> = vec![Box::new(gpu)];
+                    meters.extend(cpu.meters);
+                    return Ok((Self::new(meters), notes));
+                }
+                Err(e) if kind == "nvml" => return Err(e),
+                Err(_) => {}
+            }
+        }
         match kind {
             "estimate" => Ok((Self::new(vec![estimate()]), vec![])),
             "rapl" => {
                 let (r, w) = Rapl::open(powercap)?;
                 Ok((Self::new(vec![Box::new(r)]), w))
             }
-            "auto" => match Rapl::open(powercap) {
+            "auto" | "auto-cpu" => match Rapl::open(powercap) {
                 Ok((r, w)) => Ok((Self::new(vec![Box::new(r)]), w)),
                 Err(e) => Ok((Self::new(vec![estimate()]), vec![format!("RAPL unavailable ({e}); using the CPU-time estimate")])),
             },
-            other => Err(format!("unknown energy meter '{other}'; expected auto, rapl or estimate")),
+            other => Err(format!("unknown energy meter '{other}'; expected auto, nvml, rapl or estimate")),
         }
     }
 

@@ -271,7 +271,8 @@ pub struct EvalSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EnergySection {
-    /// `"auto"` (RAPL counters where readable, else the estimate), `"rapl"`, or `"estimate"`.
+    /// `"auto"` (NVML for GPUs when present, plus RAPL counters where readable, else the CPU
+    /// estimate), `"nvml"`, `"rapl"`, or `"estimate"`.
     pub meter: String,
     /// Watts per busy core for the estimate (default 12 W: the Green Algorithms calculator's figure).
     pub watts_per_core: f64,
@@ -437,8 +438,8 @@ impl Recipe {
             }
         }
         let e = &self.energy;
-        if !["auto", "rapl", "estimate"].contains(&e.meter.as_str()) {
-            return err("energy.meter", format!("unknown meter '{}'; expected auto, rapl or estimate", e.meter));
+        if !["auto", "nvml", "rapl", "estimate"].contains(&e.meter.as_str()) {
+            return err("energy.meter", format!("unknown meter '{}'; expected auto, nvml, rapl or estimate", e.meter));
         }
         for (k, v) in [("energy.watts_per_core", e.watts_per_core), ("energy.idle_watts", e.idle_watts), ("energy.grid_gco2_per_kwh", e.grid_gco2_per_kwh)] {
             if !(v.is_finite() && v >= 0.0) {
