@@ -140,3 +140,39 @@ pub fn summary_line(name: &str, v: &serde_json::Value) -> String {
         v["energy_method"].as_str().unwrap_or("?")
     )
 }
+
+/// A Markdown section for task results: a table, then notes and samples.
+pub fn evals_markdown(ev: &serde_json::Map<String, serde_json::Value>) -> String {
+    let f = |v: &serde_json::Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "n/a".into());
+    let mut md = String::from("\n## Evals\n\n| task | metrics | items | seconds | joules (per item) |\n|---|---|---|---|---|\n");
+    let skip = ["n", "seconds", "joules", "joules_per_item", "energy_method", "notes", "samples"];
+    for (name, v) in ev {
+        let m: Vec<String> = v
+            .as_object()
+            .map(|o| o.iter().filter(|(k, _)| !skip.contains(&k.as_str())).map(|(k, x)| format!("{k} {}", f(x, 4))).collect())
+            .unwrap_or_default();
+        md.push_str(&format!(
+            "| {name} | {} | {} | {} | {} ({}, {}) |\n",
+            m.join(", "),
+            v["n"],
+            f(&v["seconds"], 1),
+            f(&v["joules"], 1),
+            f(&v["joules_per_item"], 3),
+            v["energy_method"].as_str().unwrap_or("?")
+        ));
+    }
+    for (name, v) in ev {
+        for n in v["notes"].as_array().into_iter().flatten().filter_map(|n| n.as_str()) {
+            md.push_str(&format!("\n- {name}: {n}"));
+        }
+        for s in v["samples"].as_array().into_iter().flatten() {
+            if let Some(p) = s["prompt"].as_str() {
+                md.push_str(&format!("\n\n```text\n{p}{}\n```", s["completion"].as_str().unwrap_or("")));
+            } else {
+                md.push_str(&format!("\n\n```json\n{}\n```", serde_json::to_string_pretty(s).unwrap_or_default()));
+            }
+        }
+    }
+    md.push('\n');
+    md
+}

@@ -260,7 +260,17 @@ fn dispatch(cli: Cli) -> Result<()> {
             let out = serde_json::json!({"model": dir, "evals": results});
             if model.join("plan.toml").is_file() {
                 std::fs::write(model.join("eval.json"), serde_json::to_string_pretty(&out)?)?;
-                println!("wrote {}", model.join("eval.json").display());
+                let card = format!(
+                    "# Kiln eval: {}
+
+Model `{}`.
+{}",
+                    model.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+                    dir.display(),
+                    kiln_evals::evals_markdown(results.as_object().unwrap_or(&serde_json::Map::new()))
+                );
+                std::fs::write(model.join("eval.md"), card)?;
+                println!("wrote {} and eval.md", model.join("eval.json").display());
             }
             Ok(())
         }

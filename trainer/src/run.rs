@@ -643,31 +643,7 @@ fn write_report_card(run: &Path, r: &Recipe, p: &Prepared, rep: &serde_json::Val
         ));
     }
     if let Some(ev) = rep["evals"].as_object().filter(|o| !o.is_empty()) {
-        md.push_str("\n## Evals\n\n| task | metrics | items | seconds | joules (per item) |\n|---|---|---|---|---|\n");
-        let skip = ["n", "seconds", "joules", "joules_per_item", "energy_method", "notes", "samples"];
-        for (name, v) in ev {
-            let m: Vec<String> = v
-                .as_object()
-                .map(|o| o.iter().filter(|(k, _)| !skip.contains(&k.as_str())).map(|(k, x)| format!("{k} {}", f(x, 4))).collect())
-                .unwrap_or_default();
-            md.push_str(&format!(
-                "| {name} | {} | {} | {} | {} ({}) |\n",
-                m.join(", "),
-                v["n"],
-                f(&v["seconds"], 1),
-                f(&v["joules"], 1),
-                f(&v["joules_per_item"], 3)
-            ));
-        }
-        for (name, v) in ev {
-            for n in v["notes"].as_array().into_iter().flatten().filter_map(|n| n.as_str()) {
-                md.push_str(&format!("\n- {name}: {n}"));
-            }
-            for s in v["samples"].as_array().into_iter().flatten() {
-                md.push_str(&format!("\n\n```text\n{}{}\n```", s["prompt"].as_str().unwrap_or(""), s["completion"].as_str().unwrap_or("")));
-            }
-        }
-        md.push('\n');
+        md.push_str(&kiln_evals::evals_markdown(ev));
     }
     if svg_ok {
         md.push_str("\n![loss against cumulative energy](report.svg)\n");

@@ -132,6 +132,27 @@ fn resume_after_sigkill_and_sigterm_is_bit_exact() {
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(full.join("report.json")).unwrap()).unwrap();
     assert!(report["quality"]["val_loss"].as_f64().unwrap() > 0.0);
     assert!(report["throughput"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    // Every key README's report.json schema documents is there, with its type.
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let schema = readme.split("### report.json schema").nth(1).unwrap().split("\n\n").nth(1).unwrap();
+    let mut checked = 0;
+    for row in schema.lines().skip(2) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (key, ty) = (cells[1].trim_matches('`'), cells[2]);
+        let v = key.split('.').fold(&report, |v, k| &v[k]);
+        let ok = match ty {
+            "number" => v.is_number(),
+            "integer" => v.is_u64(),
+            "string" => v.is_string(),
+            "array" => v.is_array(),
+            "object" => v.is_object(),
+            "object or null" => v.is_object() || v.is_null(),
+            other => panic!("unknown type {other} for {key}"),
+        };
+        assert!(ok, "report.json key {key}: expected {ty}, got {v}");
+        checked += 1;
+    }
+    assert!(checked >= 20, "{checked}");
     let e = &report["energy"];
     assert!(e["joules"].as_f64().unwrap() > 0.0, "{e}");
     assert!(["counter", "estimate"].contains(&e["method"].as_str().unwrap()), "{e}");
