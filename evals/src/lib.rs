@@ -104,7 +104,20 @@ pub fn run_tasks(
     for t in tasks {
         let t0 = std::time::Instant::now();
         let (j0, _, _) = meters.read();
-        let r = t.run(lm)?;
+        let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            indicatif::ProgressBar::new_spinner()
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg}: {pos} batches [{elapsed_precise}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_message(t.name());
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        let r = t.run(&mut Ticking { inner: &mut *lm, bar: &bar });
+        bar.finish_and_clear();
+        let r = r?;
         let (j1, _, _) = meters.read();
         let joules = j1 - j0;
         let mut v = serde_json::to_value(&r.metrics).unwrap_or_default();
@@ -121,6 +134,29 @@ pub fn run_tasks(
         all.insert(t.name(), v);
     }
     Ok(serde_json::Value::Object(all))
+}
+
+/// A scorer that ticks a progress bar on every batch it scores or generates.
+struct Ticking<'a> {
+    inner: &'a mut dyn Scorer,
+    bar: &'a indicatif::ProgressBar,
+}
+
+impl Scorer for Ticking<'_> {
+    fn tokenizer(&self) -> &kiln_models::Tokenizer {
+        self.inner.tokenizer()
+    }
+    fn context(&self) -> usize {
+        self.inner.context()
+    }
+    fn logprobs(&mut self, seqs: &[Vec<u32>]) -> Vec<Vec<f64>> {
+        self.bar.inc(1);
+        self.inner.logprobs(seqs)
+    }
+    fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: Option<u32>) -> Vec<u32> {
+        self.bar.inc(1);
+        self.inner.greedy(prompt, max_tokens, stop)
+    }
 }
 
 /// One line for a task's result: its metrics, items, time and energy.

@@ -96,7 +96,7 @@ pub fn compare_svg(path: &Path, runs: &[RunPoint], quality_name: &str) -> Result
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(60)
-        .build_cartesian_2d(x0..x1 * 1.05, y0..y1)
+        .build_cartesian_2d(x0..x1 * 1.3, y0..y1) // room for the labels of the rightmost runs
         .map_err(|x| e(&x))?;
     chart.configure_mesh().x_desc("training energy, J").y_desc(quality_name).draw().map_err(|x| e(&x))?;
     let front = pareto_front(runs);
