@@ -54,7 +54,7 @@ enum Command {
         #[command(subcommand)]
         command: RecipeCommand,
     },
-    /// Generate text from a run (its final/ model, else its newest checkpoint) or a model folder.
+    /// Generate text from a run (its final/ model, else its newest checkpoint), a model folder, or hf://org/model.
     Generate {
         model: PathBuf,
         #[arg(long, default_value = "")]
@@ -76,7 +76,7 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
-    /// Evaluate a run (its final/ model, else its newest checkpoint) or a model folder.
+    /// Evaluate a run (its final/ model, else its newest checkpoint), a model folder, or hf://org/model.
     Eval {
         model: PathBuf,
         /// bpb:FILE[@FROM], hellaswag[:N|all], squad[:N|all] (repeatable). Files are under the data root.
@@ -258,6 +258,19 @@ fn dispatch(cli: Cli) -> Result<()> {
                 run_evals(&tasks, &mut lm)?
             });
             let out = serde_json::json!({"model": dir, "evals": results});
+            // On a finished run, the evals also join report.json, report.md and report.svg.
+            if let (Ok(text), Ok(recipe)) = (std::fs::read_to_string(model.join("report.json")), run::load_plan(&model)) {
+                let mut rep: serde_json::Value = serde_json::from_str(&text).context("report.json is damaged")?;
+                if let (Some(old), Some(new)) = (rep["evals"].as_object_mut(), results.as_object()) {
+                    old.extend(new.clone());
+                } else {
+                    rep["evals"] = results.clone();
+                }
+                let cfg = kiln_models::checkpoint::read_config(&dir.join("config.json"))?;
+                std::fs::write(model.join("report.json"), serde_json::to_string_pretty(&rep)?)?;
+                run::write_report_card(&model, &recipe, &cfg, &rep)?;
+                println!("updated report.json, report.md and report.svg in {}", model.display());
+            }
             if model.join("plan.toml").is_file() {
                 std::fs::write(model.join("eval.json"), serde_json::to_string_pretty(&out)?)?;
                 let card = format!(
@@ -343,6 +356,21 @@ fn compare(runs: &[PathBuf], out: &Path) -> Result<()> {
 
 /// A run directory's final/ model, else its newest checkpoint; or a model folder itself.
 fn model_dir(p: &Path) -> Result<PathBuf> {
+    let s = p.to_string_lossy();
+    if s.starts_with("hf://") {
+        let uri = kiln_trainer::data::sources::HfUri::parse(&s)?;
+        if uri.dataset || !uri.path.is_empty() {
+            bail!("{s}: expected a model, hf://<org>/<name>[@rev]");
+        }
+        let cache = Dirs::from_env(None).cache;
+        let mut dir = None;
+        for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+            let got = kiln_trainer::hub::download(&kiln_trainer::data::sources::HfUri { path: f.into(), ..uri.clone() }, &cache)
+                .with_context(|| if f == "model.safetensors" { "sharded checkpoints (model.safetensors.index.json) are not supported yet".to_string() } else { String::new() })?;
+            dir = got.parent().map(Path::to_path_buf);
+        }
+        return dir.context("no download folder");
+    }
     if p.join("config.json").is_file() {
         return Ok(p.to_path_buf());
     }

@@ -522,7 +522,7 @@ fn train<B: AutodiffBackend>(
         "threads": threads(),
     });
     std::fs::write(ctx.dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
-    write_report_card(&ctx.dir, r, p, &report)?;
+    write_report_card(&ctx.dir, r, &p.cfg, &report)?;
     println!(
         "\n== Kiln report: {} ==\nmodel       {} parameters ({} layers, d_model {})\nsteps       {} ({} tokens)\nval loss    {:.4}\nval bpb     {:.4}\nthroughput  {:.0} tokens/s on {} ({} threads)\nwall time   {:.1} s\nenergy      {:.1} J ({}; {:.2e} J/token, {:.2e} gCO2e)\nfinal model {}",
         r.name, p.cfg.num_params(), p.cfg.num_hidden_layers, p.cfg.hidden_size, state.step, state.tokens, val_loss, val_bpb,
@@ -558,7 +558,7 @@ fn run_recipe_tasks<B: AutodiffBackend>(
 }
 
 /// `report.md` and `report.svg` (loss against cumulative joules, evaluations marked).
-fn write_report_card(run: &Path, r: &Recipe, p: &Prepared, rep: &serde_json::Value) -> Result<()> {
+pub fn write_report_card(run: &Path, r: &Recipe, cfg: &LlamaConfig, rep: &serde_json::Value) -> Result<()> {
     use kiln_evals::report::{loss_vs_energy_svg, Point};
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
     let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
@@ -584,7 +584,7 @@ fn write_report_card(run: &Path, r: &Recipe, p: &Prepared, rep: &serde_json::Val
             false
         }
     };
-    let c = &p.cfg;
+    let c = cfg;
     let q = &rep["quality"];
     let t = &rep["throughput"];
     let f = |v: &serde_json::Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "n/a".into());

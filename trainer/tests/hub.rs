@@ -12,8 +12,9 @@ use kiln_trainer::data::sources::{resolve, Dirs};
 const BODY: &[u8] = b"First Citizen:\nBefore we proceed any further, hear me speak.\n";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
-/// Counts GET requests; answers HEAD and GET for the one file, 404 for anything else.
-fn serve() -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+/// Counts GET requests; answers HEAD and GET for the files it holds (URL path -> body), 404 for
+/// anything else.
+fn serve(files: std::collections::HashMap<String, Vec<u8>>) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (gets, all) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -33,21 +34,24 @@ fn serve() -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
             a.fetch_add(1, Ordering::SeqCst);
             let mut parts = first.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let ok = path == "/datasets/kiln-test/shakespeare/resolve/main/train/input.txt";
+            let body = files.get(path);
+            let ok = body.is_some();
             let resp = if !ok {
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nX-Error-Code: EntryNotFound\r\nConnection: close\r\n\r\n".to_string()
             } else {
                 if method == "GET" {
                     g.fetch_add(1, Ordering::SeqCst);
                 }
+                let b = body.map(Vec::as_slice).unwrap_or_default();
+                let etag = format!("etag-{}", b.len());
                 format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"etag-0001\"\r\nX-Repo-Commit: {COMMIT}\r\nConnection: close\r\n\r\n",
-                    BODY.len()
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"{etag}\"\r\nX-Repo-Commit: {COMMIT}\r\nConnection: close\r\n\r\n",
+                    b.len()
                 )
             };
             let _ = s.write_all(resp.as_bytes());
-            if ok && method == "GET" {
-                let _ = s.write_all(BODY);
+            if let (Some(b), "GET") = (body, method) {
+                let _ = s.write_all(b);
             }
             let _ = s.flush();
             let mut sink = [0u8; 1];
@@ -60,7 +64,22 @@ fn serve() -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
 
 #[test]
 fn hf_dataset_source_downloads_once_then_uses_the_cache_and_works_offline() {
-    let (endpoint, gets, all) = serve();
+    // A tiny model, as an HF-layout folder, served as hf://kiln-test/tiny.
+    let model_dir = tempfile::tempdir().unwrap();
+    let local = model_dir.path().join("m");
+    {
+        use burn::backend::Flex;
+        let tok = kiln_models::Tokenizer::train_char(["abcdefgh "].into_iter()).unwrap();
+        let cfg = kiln_models::presets::preset("tiny", tok.vocab_size()).unwrap();
+        let m = kiln_models::Llama::<Flex>::build(&cfg, &mut kiln_models::init::RandomInit::new(3, 2), &Default::default()).unwrap();
+        kiln_models::checkpoint::save_dir(&local, &m, &cfg, &tok).unwrap();
+    }
+    let mut files = std::collections::HashMap::new();
+    files.insert("/datasets/kiln-test/shakespeare/resolve/main/train/input.txt".to_string(), BODY.to_vec());
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        files.insert(format!("/kiln-test/tiny/resolve/main/{f}"), std::fs::read(local.join(f)).unwrap());
+    }
+    let (endpoint, gets, all) = serve(files);
     let cache = tempfile::tempdir().unwrap();
     let root = tempfile::tempdir().unwrap();
     // SAFETY: this test binary has a single test; nothing else reads the environment concurrently.
@@ -100,4 +119,16 @@ fn hf_dataset_source_downloads_once_then_uses_the_cache_and_works_offline() {
     let e = format!("{:#}", resolve("hf://datasets/kiln-test/shakespeare/missing.txt", None, &dirs).unwrap_err());
     assert!(e.contains("hf://datasets/kiln-test/shakespeare/missing.txt"), "{e}");
     assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0, "the data root was written");
+
+    // hf://<org>/<model> in the CLI: the same greedy text as the local folder.
+    let gen = |m: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["generate", m, "--prompt", "abc", "--max-tokens", "12", "--temperature", "0"])
+            .env("KILN_CACHE", cache.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        o.stdout
+    };
+    assert_eq!(gen("hf://kiln-test/tiny"), gen(local.to_str().unwrap()));
 }
