@@ -88,16 +88,60 @@ pub fn param_sizes<B: Backend>(model: &Llama<B>) -> HashMap<String, usize> {
     s.1
 }
 
+/// The dtype weights are stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreDtype {
+    F32,
+    BF16,
+}
+
+impl StoreDtype {
+    pub fn bytes(&self) -> usize {
+        match self {
+            StoreDtype::F32 => 4,
+            StoreDtype::BF16 => 2,
+        }
+    }
+    /// The name `config.json`'s `torch_dtype` uses.
+    pub fn torch_name(&self) -> &'static str {
+        match self {
+            StoreDtype::F32 => "float32",
+            StoreDtype::BF16 => "bfloat16",
+        }
+    }
+}
+
+/// f32 -> bf16 with round-to-nearest-even (NaN stays NaN).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) as u16) | 0x40;
+    }
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
 /// Writes f32 tensors to a safetensors file, with `format = pt` metadata (which `transformers`
 /// requires) plus any extra metadata.
 pub fn write_safetensors(path: &Path, tensors: &[HostTensor], extra: &[(&str, String)]) -> Result<(), ModelError> {
+    write_safetensors_as(path, tensors, StoreDtype::F32, extra)
+}
+
+/// [`write_safetensors`] in a chosen dtype.
+pub fn write_safetensors_as(path: &Path, tensors: &[HostTensor], dtype: StoreDtype, extra: &[(&str, String)]) -> Result<(), ModelError> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .map(|(_, _, v)| match dtype {
+            StoreDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            StoreDtype::BF16 => v.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect(),
+        })
         .collect();
+    let st_dtype = match dtype {
+        StoreDtype::F32 => Dtype::F32,
+        StoreDtype::BF16 => Dtype::BF16,
+    };
     let mut views = Vec::with_capacity(tensors.len());
     for ((name, shape, _), b) in tensors.iter().zip(&bytes) {
-        let view = TensorView::new(Dtype::F32, shape.clone(), b)
+        let view = TensorView::new(st_dtype, shape.clone(), b)
             .map_err(|e| ModelError::io(path.to_path_buf(), format!("tensor {name}: {e}")))?;
         views.push((name.clone(), view));
     }
@@ -160,6 +204,80 @@ impl SafetensorsSource {
     pub fn open(path: &Path) -> Result<Self, ModelError> {
         Ok(Self { tensors: read_safetensors(path)? })
     }
+
+    /// Every tensor, sorted by name.
+    pub fn into_tensors(self) -> Vec<HostTensor> {
+        let mut v: Vec<HostTensor> = self.tensors.into_iter().map(|(n, (s, x))| (n, s, x)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The weights of a model folder: `model.safetensors`, or the shards that
+    /// `model.safetensors.index.json` lists.
+    pub fn open_dir(dir: &Path) -> Result<Self, ModelError> {
+        let single = dir.join(WEIGHTS);
+        let index = dir.join(INDEX);
+        if single.is_file() || !index.is_file() {
+            return Self::open(&single);
+        }
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let bad = |m: String| ModelError::Checkpoint { path: index.clone(), message: m, hint: "re-export the model".into() };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let map = v["weight_map"].as_object().ok_or_else(|| bad("no weight_map".into()))?;
+        let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        files.sort_unstable();
+        files.dedup();
+        let mut tensors = HashMap::new();
+        for f in files {
+            if f.contains('/') || f.contains("..") {
+                return Err(bad(format!("shard name '{f}' is not a plain file name")));
+            }
+            tensors.extend(read_safetensors(&dir.join(f))?);
+        }
+        for name in map.keys() {
+            if !tensors.contains_key(name) {
+                return Err(bad(format!("'{name}' is listed but in no shard")));
+            }
+        }
+        Ok(Self { tensors })
+    }
+}
+
+pub const INDEX: &str = "model.safetensors.index.json";
+
+/// Writes weights as `model.safetensors`, or, when they exceed `max_shard_bytes`, as
+/// `model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json` (the layout
+/// `transformers` writes).
+pub fn write_weights(dir: &Path, tensors: &[HostTensor], dtype: StoreDtype, max_shard_bytes: usize) -> Result<(), ModelError> {
+    let size = |t: &HostTensor| t.2.len() * dtype.bytes();
+    let total: usize = tensors.iter().map(size).sum();
+    if total <= max_shard_bytes {
+        return write_safetensors_as(&dir.join(WEIGHTS), tensors, dtype, &[]);
+    }
+    let mut shards: Vec<Vec<HostTensor>> = vec![Vec::new()];
+    let mut used = 0;
+    for t in tensors {
+        if used > 0 && used + size(t) > max_shard_bytes {
+            shards.push(Vec::new());
+            used = 0;
+        }
+        used += size(t);
+        if let Some(last) = shards.last_mut() {
+            last.push(t.clone());
+        }
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        write_safetensors_as(&dir.join(&file), shard, dtype, &[])?;
+        for t in shard {
+            weight_map.insert(t.0.clone(), file.clone().into());
+        }
+    }
+    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    let text = serde_json::to_string_pretty(&index).map_err(|e| ModelError::Config(e.to_string()))?;
+    std::fs::write(dir.join(INDEX), text).map_err(|e| ModelError::io(dir.join(INDEX), e))
 }
 
 impl WeightSource for SafetensorsSource {
@@ -280,7 +398,7 @@ pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<(), Model
 pub fn load_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Llama<B>, LlamaConfig, Tokenizer), ModelError> {
     let cfg = read_config(&dir.join(CONFIG))?;
     let tok = Tokenizer::load(&dir.join(TOKENIZER))?;
-    let mut src = SafetensorsSource::open(&dir.join(WEIGHTS))?;
+    let mut src = SafetensorsSource::open_dir(dir)?;
     let model = Llama::build(&cfg, &mut src, device).map_err(|e| ModelError::Checkpoint {
         path: dir.join(WEIGHTS),
         message: e.to_string(),

@@ -156,6 +156,11 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(tok_err)
     }
 
+    /// The text of a token id (special tokens included).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// The serialized `tokenizer.json`, for hashing (the data cache key).
     pub fn to_json(&self) -> Result<String, ModelError> {
         self.inner.to_string(false).map_err(tok_err)

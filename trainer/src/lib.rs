@@ -2,6 +2,7 @@
 //! The `kiln` binary (`main.rs`) is a thin CLI over this library.
 
 pub mod data;
+pub mod export;
 pub mod hub;
 pub mod optim;
 pub mod run;

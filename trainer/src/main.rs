@@ -94,6 +94,23 @@ enum Command {
         #[arg(long, default_value = "compare.svg")]
         out: PathBuf,
     },
+    /// Write a run's model (final/, else its newest checkpoint) or a model folder in the Hugging
+    /// Face layout, with a model card.
+    Export {
+        model: PathBuf,
+        /// Output folder (default: RUN_DIR/hf). Never overwritten.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Shard the weights above this many MB.
+        #[arg(long, default_value_t = 5000)]
+        max_shard_mb: usize,
+        /// The licence for the model card (an SPDX id or "other").
+        #[arg(long, default_value = "other")]
+        license: String,
+    },
     /// Tokenizer tools.
     Tokenizer {
         #[command(subcommand)]
@@ -288,6 +305,20 @@ Model `{}`.
             Ok(())
         }
         Command::Compare { runs, out } => compare(&runs, &out),
+        Command::Export { model, out, dtype, max_shard_mb, license } => {
+            let dtype = match dtype.as_str() {
+                "f32" => kiln_models::checkpoint::StoreDtype::F32,
+                "bf16" => kiln_models::checkpoint::StoreDtype::BF16,
+                other => bail!("--dtype {other}: expected f32 or bf16"),
+            };
+            let src = model_dir(&model)?;
+            let run = model.join("plan.toml").is_file().then_some(model.as_path());
+            let out = out.unwrap_or_else(|| model.join("hf"));
+            let o = kiln_trainer::export::ExportOptions { dtype, max_shard_bytes: max_shard_mb.max(1) * 1_000_000, license };
+            kiln_trainer::export::export(&src, run, &out, &o)?;
+            println!("exported {} to {}", src.display(), out.display());
+            Ok(())
+        }
         Command::Tokenizer { command: TokenizerCommand::Train { input, vocab_size, kind, out } } => {
             let texts: Vec<String> = input
                 .iter()

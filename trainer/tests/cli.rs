@@ -346,3 +346,56 @@ fn recipe_evals_run_during_and_after_training() {
     let last_step_j = text.lines().rev().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|v| v.get("kind").is_none()).unwrap()["joules"].as_f64().unwrap();
     assert_eq!(train_j, last_step_j);
 }
+
+#[test]
+fn export_round_trips_and_shards() {
+    use burn::backend::Flex;
+    use burn::tensor::{Int, Tensor, TensorData};
+    let env = Env::new();
+    let r = env.write("t.toml", &TINY.replace("steps = 400", "steps = 3"));
+    assert!(env.run(&["run", r.to_str().unwrap(), "--runs-dir", "r"]).status.success());
+    let run = only_run(&env.path("r"));
+    let out = |name: &str, extra: &[&str]| {
+        let mut args = vec!["export", run.to_str().unwrap(), "--out", name];
+        args.extend(extra);
+        let o = env.run(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        env.path(name)
+    };
+    let f32_dir = out("hf32", &[]);
+    let bf16_dir = out("hf16", &["--dtype", "bf16", "--max-shard-mb", "0"]); // 0 -> 1 MB: still one shard
+    let logits = |dir: &Path| -> Vec<f32> {
+        let (m, _, _) = kiln_models::checkpoint::load_dir::<Flex>(dir, &Default::default()).unwrap();
+        let x = Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 4, 5, 6], [1, 6]), &Default::default());
+        m.forward(x).into_data().to_vec().unwrap()
+    };
+    let want = logits(&run.join("final"));
+    assert_eq!(logits(&f32_dir), want, "f32 export must be bit-identical");
+    let got = logits(&bf16_dir);
+    let max_ref = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err / max_ref < 2e-2, "bf16 drifted: {err} / {max_ref}");
+    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"] {
+        assert!(f32_dir.join(f).is_file(), "{f}");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bf16_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    let card = std::fs::read_to_string(f32_dir.join("README.md")).unwrap();
+    for k in ["library_name: transformers", "model-index:", "co2_eq_emissions:", "emissions:", "training_type: pre-training", "## Recipe"] {
+        assert!(card.contains(k), "model card lacks {k}:\n{card}");
+    }
+    // Sharding: the weights exceed 1 MB only for bigger models, so split the tiny one by hand.
+    let tensors = kiln_models::checkpoint::SafetensorsSource::open_dir(&f32_dir).unwrap().into_tensors();
+    let sharded = env.path("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    kiln_models::checkpoint::write_weights(&sharded, &tensors, kiln_models::checkpoint::StoreDtype::F32, 20_000).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(f32_dir.join(f), sharded.join(f)).unwrap();
+    }
+    let shards = std::fs::read_dir(&sharded).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("model-")).count();
+    assert!(shards >= 3, "{shards}");
+    assert!(sharded.join("model.safetensors.index.json").is_file());
+    assert_eq!(logits(&sharded), want);
+    // Never overwrites.
+    assert_clean_error(&env.run(&["export", run.to_str().unwrap(), "--out", "hf32"]), &["already exists"]);
+}

@@ -1,0 +1,151 @@
+//! `kiln export`: a run's model in the Hugging Face layout, ready for `from_pretrained` and the Hub:
+//! weights (f32 or bf16, sharded above a size), `config.json`, `generation_config.json`,
+//! `tokenizer.json`, `tokenizer_config.json` and a `README.md` model card whose front matter carries
+//! the run's eval results (`model-index`) and its energy (`co2_eq_emissions`).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use kiln_models::checkpoint::{self, hf_config_json, read_config, write_atomically, write_weights, SafetensorsSource, StoreDtype};
+use kiln_models::Tokenizer;
+use serde_json::{json, Value};
+
+pub struct ExportOptions {
+    pub dtype: StoreDtype,
+    pub max_shard_bytes: usize,
+    pub license: String,
+}
+
+fn q(s: &str) -> String {
+    // A JSON string is a valid YAML double-quoted scalar.
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+fn read_json(p: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+}
+
+/// Writes `out` from the model folder `model` (a run's final/ or a checkpoint). `run` is the run
+/// directory, when there is one, for the model card. `out` must not exist.
+pub fn export(model: &Path, run: Option<&Path>, out: &Path, o: &ExportOptions) -> Result<()> {
+    let cfg = read_config(&model.join(checkpoint::CONFIG))?;
+    let tok = Tokenizer::load(&model.join(checkpoint::TOKENIZER))?;
+    let tensors = SafetensorsSource::open_dir(model)?.into_tensors();
+    let report = run.and_then(|r| read_json(&r.join("report.json")));
+    let manifest = run.and_then(|r| read_json(&r.join("manifest.json")));
+    let plan = run.and_then(|r| std::fs::read_to_string(r.join("plan.toml")).ok());
+    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+    write_atomically(out, |tmp| {
+        let io = |p: &Path, e: std::io::Error| kiln_models::ModelError::io(p, e);
+        let js = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
+        write_weights(tmp, &tensors, o.dtype, o.max_shard_bytes)?;
+        let mut c = hf_config_json(&cfg);
+        c["torch_dtype"] = o.dtype.torch_name().into();
+        std::fs::write(tmp.join("config.json"), js(&c)).map_err(|e| io(tmp, e))?;
+        let gen = json!({
+            "_from_model_config": true,
+            "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+            "do_sample": true, "temperature": 0.8,
+        });
+        std::fs::write(tmp.join("generation_config.json"), js(&gen)).map_err(|e| io(tmp, e))?;
+        tok.save(&tmp.join("tokenizer.json"))?;
+        let t = |id: u32| tok.id_to_token(id).unwrap_or_default();
+        let tc = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": t(tok.bos_id), "eos_token": t(tok.eos_id), "pad_token": t(tok.pad_id),
+            "model_max_length": cfg.max_position_embeddings,
+            "clean_up_tokenization_spaces": false,
+        });
+        std::fs::write(tmp.join("tokenizer_config.json"), js(&tc)).map_err(|e| io(tmp, e))?;
+        let card = model_card(&name, &cfg, o, report.as_ref(), manifest.as_ref(), plan.as_deref());
+        std::fs::write(tmp.join("README.md"), card).map_err(|e| io(tmp, e))
+    })
+    .with_context(|| format!("exporting to {}", out.display()))
+}
+
+fn model_card(name: &str, cfg: &kiln_models::LlamaConfig, o: &ExportOptions, rep: Option<&Value>, man: Option<&Value>, plan: Option<&str>) -> String {
+    let mut y = String::from("---\n");
+    y += &format!("license: {}\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- kiln\n- llama\n", q(&o.license));
+    let datasets: Vec<String> = man
+        .and_then(|m| m["data"].as_array())
+        .map(|a| a.iter().filter_map(|d| d["source"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    if !datasets.is_empty() {
+        y += "datasets:\n";
+        for d in &datasets {
+            y += &format!("- {}\n", q(d.trim_start_matches("hf://datasets/")));
+        }
+    }
+    if let Some(r) = rep {
+        let mut metrics = Vec::new();
+        for (k, label) in [("val_loss", "validation loss"), ("val_bpb", "validation bits per byte")] {
+            if let Some(v) = r["quality"][k].as_f64() {
+                metrics.push((k.to_string(), label.to_string(), v));
+            }
+        }
+        for (task, m) in r["evals"].as_object().into_iter().flatten() {
+            for (k, v) in m.as_object().into_iter().flatten() {
+                if ["acc", "acc_norm", "bpb", "perplexity", "em", "f1"].contains(&k.as_str()) {
+                    if let Some(v) = v.as_f64() {
+                        metrics.push((format!("{task}_{k}"), format!("{task} {k}"), v));
+                    }
+                }
+            }
+        }
+        if !metrics.is_empty() {
+            y += &format!("model-index:\n- name: {}\n  results:\n  - task:\n      type: text-generation\n      name: Text Generation\n", q(name));
+            let ds = datasets.first().cloned().unwrap_or_else(|| "training data".into());
+            y += &format!("    dataset:\n      name: {}\n      type: {}\n    metrics:\n", q(&ds), q(&ds));
+            for (k, label, v) in metrics {
+                y += &format!("    - type: {}\n      name: {}\n      value: {v}\n", q(&k), q(&label));
+            }
+        }
+        let e = &r["energy"];
+        if let (Some(g), Some(method)) = (e["gco2e"].as_f64(), e["method"].as_str()) {
+            let hw = format!(
+                "{} ({} backend, {} threads)",
+                man.and_then(|m| m["host"].as_str()).unwrap_or("unknown host"),
+                r["backend"].as_str().unwrap_or("?"),
+                r["threads"]
+            );
+            y += &format!(
+                "co2_eq_emissions:\n  emissions: {g}\n  source: {}\n  training_type: pre-training\n  hardware_used: {}\n",
+                q(&format!("Kiln energy meter ({method}, {}), {:.0} J at {} gCO2e/kWh", e["coverage"].as_str().unwrap_or("?"),
+                    e["joules"].as_f64().unwrap_or(0.0), e["grid_gco2_per_kwh"])),
+                q(&hw)
+            );
+        }
+    }
+    y += "---\n\n";
+    y += &format!("# {name}\n\nA Llama-style decoder trained with [Kiln](https://github.com/) (Rust, Burn). It loads in `transformers` as `LlamaForCausalLM`:\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained(\"{name}\")\ntokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n```\n\n");
+    y += &format!(
+        "## Model\n\n{} parameters: {} layers, hidden size {}, {} attention heads ({} key/value heads), SwiGLU {}, context {}, vocabulary {}. Weights in {}.\n\n",
+        cfg.num_params(), cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+        cfg.intermediate_size, cfg.max_position_embeddings, cfg.vocab_size, o.dtype.torch_name()
+    );
+    if let Some(r) = rep {
+        y += &format!(
+            "## Training\n\n{} steps, {} tokens, {:.0} s of wall time on {} ({} threads). Stopped by: {}.\n\n",
+            r["steps"], r["throughput"]["tokens"], r["throughput"]["wall_s"].as_f64().unwrap_or(0.0),
+            r["backend"].as_str().unwrap_or("?"), r["threads"], r["stop_reason"].as_str().unwrap_or("steps")
+        );
+        y += &format!(
+            "## Scores\n\nValidation loss {:.4} nats/token, {:.4} bits per byte.\n\n",
+            r["quality"]["val_loss"].as_f64().unwrap_or(f64::NAN), r["quality"]["val_bpb"].as_f64().unwrap_or(f64::NAN)
+        );
+        if let Some(ev) = r["evals"].as_object().filter(|o| !o.is_empty()) {
+            y += &kiln_evals::evals_markdown(ev);
+            y += "\n";
+        }
+        let e = &r["energy"];
+        y += &format!(
+            "## Energy\n\n{:.1} J ({:.6} kWh), {:.3e} J per token, {:.3} gCO2e. Method: **{}** ({}).\n\n",
+            e["joules"].as_f64().unwrap_or(0.0), e["kwh"].as_f64().unwrap_or(0.0), e["j_per_token"].as_f64().unwrap_or(0.0),
+            e["gco2e"].as_f64().unwrap_or(0.0), e["method"].as_str().unwrap_or("?"), e["coverage"].as_str().unwrap_or("?")
+        );
+    }
+    if let Some(p) = plan {
+        y += &format!("## Recipe\n\n```toml\n{p}```\n");
+    }
+    y
+}
