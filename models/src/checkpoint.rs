@@ -334,6 +334,34 @@ pub fn read_config(path: &Path) -> Result<LlamaConfig, ModelError> {
         hint: "Kiln loads Llama-family configs (model_type \"llama\")".into(),
     };
     let int = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or_else(|| bad(format!("missing or non-integer '{k}'")));
+    // What Kiln's decoder does not implement is refused, all of it listed, rather than loaded wrong.
+    let mut unsupported = Vec::new();
+    if let Some(t) = v.get("model_type").and_then(|x| x.as_str()) {
+        if !["llama", "mistral", "qwen2"].contains(&t) || (t != "llama" && v.get("sliding_window").is_some_and(|x| !x.is_null())) {
+            unsupported.push(format!("model_type \"{t}\""));
+        }
+    }
+    if v.get("rope_scaling").is_some_and(|x| !x.is_null()) {
+        unsupported.push(format!("rope_scaling {}", v["rope_scaling"]));
+    }
+    if let Some(act) = v.get("hidden_act").and_then(|x| x.as_str()).filter(|a| *a != "silu") {
+        unsupported.push(format!("hidden_act \"{act}\""));
+    }
+    for k in ["attention_bias", "mlp_bias"] {
+        if v.get(k).and_then(|x| x.as_bool()) == Some(true) {
+            unsupported.push(format!("{k} = true"));
+        }
+    }
+    if v.get("model_type").and_then(|x| x.as_str()) == Some("qwen2") {
+        unsupported.push("qwen2 attention biases".into());
+    }
+    if !unsupported.is_empty() {
+        return Err(ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("unsupported: {}", unsupported.join(", ")),
+            hint: "Kiln implements the Llama architecture: RMSNorm, SwiGLU (silu), plain RoPE, no biases".into(),
+        });
+    }
     let heads = int("num_attention_heads")?;
     let tok = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as u32);
     let cfg = LlamaConfig {

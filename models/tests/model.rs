@@ -120,3 +120,19 @@ fn gpt2_tokenizer_from_the_data_root() {
     assert_eq!(back.encode(" naïve café").unwrap(), t.encode(" naïve café").unwrap());
     assert_eq!(back.eos_id, 50256);
 }
+
+#[test]
+fn unsupported_configs_are_refused_with_a_list() {
+    let (model, cfg, tok) = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    save_dir(&out, &model, &cfg, &tok).unwrap();
+    let p = out.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    v["hidden_act"] = "gelu".into();
+    v["attention_bias"] = true.into();
+    std::fs::write(&p, v.to_string()).unwrap();
+    let e = load_dir::<B>(&out, &Default::default()).unwrap_err().to_string();
+    assert!(e.contains("rope_scaling") && e.contains("yarn") && e.contains("gelu") && e.contains("attention_bias"), "{e}");
+}
