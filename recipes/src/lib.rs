@@ -22,8 +22,9 @@ pub struct Recipe {
     pub name: String,
     /// `"pretrain"` (next-token loss on every token) or `"sft"` (loss on the response only).
     pub stage: Stage,
-    /// Weights to start from: `"runs/<dir>"`, a checkpoint folder, or `"hf://org/model"`.
-    /// Empty means a fresh random initialisation.
+    /// Weights to start from: `"runs/<dir>"`, a checkpoint folder, or `"hf://org/model"`; their
+    /// config and tokenizer replace `[model]` and `[tokenizer]`. Empty means a fresh random
+    /// initialisation.
     pub init: Option<String>,
     pub model: ModelSection,
     pub tokenizer: TokenizerSection,

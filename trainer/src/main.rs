@@ -249,7 +249,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed, device } => {
             let be = backend(device.as_deref().unwrap_or("cpu"))?;
-            let dir = model_dir(&model)?;
+            let dir = run::model_dir(&model)?;
             with_backend!(be, B, {
                 let device = Default::default();
                 let (m, cfg, tok) = kiln_models::checkpoint::load_dir::<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend>(&dir, &device)?;
@@ -263,7 +263,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Eval { model, tasks, common } => {
             let be = backend(common.device.as_deref().unwrap_or("cpu"))?;
-            let dir = model_dir(&model)?;
+            let dir = run::model_dir(&model)?;
             let dirs = Dirs::from_env(common.data_root);
             let tasks: Vec<Box<dyn kiln_evals::Task>> =
                 tasks.iter().map(|t| kiln_evals::parse_task(t, &dirs.data_root)).collect::<Result<_, _>>()?;
@@ -311,7 +311,7 @@ Model `{}`.
                 "bf16" => kiln_models::checkpoint::StoreDtype::BF16,
                 other => bail!("--dtype {other}: expected f32 or bf16"),
             };
-            let src = model_dir(&model)?;
+            let src = run::model_dir(&model)?;
             let run = model.join("plan.toml").is_file().then_some(model.as_path());
             let out = out.unwrap_or_else(|| model.join("hf"));
             let o = kiln_trainer::export::ExportOptions { dtype, max_shard_bytes: max_shard_mb.max(1) * 1_000_000, license };
@@ -383,35 +383,6 @@ fn compare(runs: &[PathBuf], out: &Path) -> Result<()> {
     compare_svg(out, &points, "validation loss").map_err(|e| anyhow::anyhow!(e))?;
     println!("\nwrote {}", out.display());
     Ok(())
-}
-
-/// A run directory's final/ model, else its newest checkpoint; or a model folder itself.
-fn model_dir(p: &Path) -> Result<PathBuf> {
-    let s = p.to_string_lossy();
-    if s.starts_with("hf://") {
-        let uri = kiln_trainer::data::sources::HfUri::parse(&s)?;
-        if uri.dataset || !uri.path.is_empty() {
-            bail!("{s}: expected a model, hf://<org>/<name>[@rev]");
-        }
-        let cache = Dirs::from_env(None).cache;
-        let mut dir = None;
-        for f in ["config.json", "tokenizer.json", "model.safetensors"] {
-            let got = kiln_trainer::hub::download(&kiln_trainer::data::sources::HfUri { path: f.into(), ..uri.clone() }, &cache)
-                .with_context(|| if f == "model.safetensors" { "sharded checkpoints (model.safetensors.index.json) are not supported yet".to_string() } else { String::new() })?;
-            dir = got.parent().map(Path::to_path_buf);
-        }
-        return dir.context("no download folder");
-    }
-    if p.join("config.json").is_file() {
-        return Ok(p.to_path_buf());
-    }
-    if p.join("final").join("config.json").is_file() {
-        return Ok(p.join("final"));
-    }
-    if let Some((_, ck)) = run::latest_checkpoint(p) {
-        return Ok(ck);
-    }
-    bail!("{}: no model here (expected final/, checkpoints/step-*/ or a folder with config.json)", p.display())
 }
 
 fn finish(o: Outcome) -> Result<()> {

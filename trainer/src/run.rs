@@ -48,6 +48,8 @@ pub struct Prepared {
     pub shards_cached: bool,
     /// The data root, for eval task files.
     pub data_root: PathBuf,
+    /// The model folder the weights start from (`init`), if any.
+    pub init_dir: Option<PathBuf>,
 }
 
 /// The model configuration: the preset with the recipe's overrides and the tokenizer's vocabulary.
@@ -78,12 +80,28 @@ pub fn prepare(recipe: &Recipe, dirs: &Dirs) -> Result<Prepared> {
     if recipe.stage != kiln_recipes::Stage::Pretrain {
         bail!("stage = \"sft\" is not implemented yet in this version of Kiln\n  hint: use stage = \"pretrain\"");
     }
-    if let Some(init) = &recipe.init {
-        bail!("init = \"{init}\": starting from existing weights is not implemented yet in this version of Kiln\n  hint: remove `init` to train from a random initialisation");
-    }
+    // With `init`, the model's own config and tokenizer come with its weights.
+    let init_dir = match &recipe.init {
+        Some(init) => Some(model_dir(Path::new(init)).with_context(|| format!("init = \"{init}\""))?),
+        None => None,
+    };
     let sources = resolve_sources(&recipe.data, dirs)?;
-    let tok = tokenizer_for(&recipe.tokenizer, &sources, &recipe.data, dirs)?;
-    let cfg = model_config(recipe, &tok)?;
+    let (tok, cfg) = match &init_dir {
+        Some(dir) => {
+            let tok = Tokenizer::load(&dir.join(checkpoint::TOKENIZER))?;
+            let mut cfg = checkpoint::read_config(&dir.join(checkpoint::CONFIG))?;
+            if let Some(ctx) = recipe.model.context {
+                cfg.max_position_embeddings = ctx;
+            }
+            tracing::info!("init: {} ({} parameters); [model] and [tokenizer] come from it (model.context may shorten the context)", dir.display(), cfg.num_params());
+            (tok, cfg)
+        }
+        None => {
+            let tok = tokenizer_for(&recipe.tokenizer, &sources, &recipe.data, dirs)?;
+            let cfg = model_config(recipe, &tok)?;
+            (tok, cfg)
+        }
+    };
     let stream = token_stream(&sources, &recipe.data, &tok, dirs)?;
     let n = stream.tokens.len();
     let n_val = ((n as f64) * recipe.data.val_fraction).round() as usize;
@@ -108,6 +126,7 @@ pub fn prepare(recipe: &Recipe, dirs: &Dirs) -> Result<Prepared> {
         bytes_per_token: stream.meta.n_bytes as f64 / text_tokens as f64,
         shards_cached: stream.cached,
         data_root: dirs.data_root.clone(),
+        init_dir,
     })
 }
 
@@ -209,6 +228,7 @@ pub fn create_run_dir(p: &Prepared, runs_dir: &Path, dirs: &Dirs, backend: &str)
         "data": p.sources.iter().map(|s| json!({"source": s.source, "path": s.path, "sha256": s.sha256})).collect::<Vec<_>>(),
         "data_root": dirs.data_root,
         "tokenizer_sha256": sha256_hex(&p.tok.to_json()?),
+        "init": p.init_dir,
         "backend": backend,
         "threads": threads(),
         "host": host(),
@@ -320,7 +340,10 @@ pub enum Outcome {
 
 /// Starts a fresh run. Returns the run directory.
 pub fn start<B: AutodiffBackend>(p: &Prepared, ctx: &RunCtx, device: &B::Device) -> Result<Outcome> {
-    let model = Llama::<B>::build(&p.cfg, &mut RandomInit::new(p.recipe.train.seed, p.cfg.num_hidden_layers), device)?;
+    let model = match &p.init_dir {
+        Some(dir) => Llama::<B>::build(&p.cfg, &mut checkpoint::SafetensorsSource::open_dir(dir)?, device)?,
+        None => Llama::<B>::build(&p.cfg, &mut RandomInit::new(p.recipe.train.seed, p.cfg.num_hidden_layers), device)?,
+    };
     let opt = AdamW::new(p.recipe.optim.clone());
     let state = TrainState { format_version: CHECKPOINT_FORMAT, step: 0, tokens: 0, loader: LoaderPos::default(), optimizer_steps: 0, wall_s: 0.0, train_s: 0.0, joules: 0.0, energy_method: String::new() };
     train(p, ctx, model, opt, state, device)
@@ -650,6 +673,35 @@ pub fn write_report_card(run: &Path, r: &Recipe, cfg: &LlamaConfig, rep: &serde_
     }
     std::fs::write(run.join("report.md"), md)?;
     Ok(())
+}
+
+/// A run directory's final/ model, else its newest checkpoint; or a model folder itself.
+pub fn model_dir(p: &Path) -> Result<PathBuf> {
+    let s = p.to_string_lossy();
+    if s.starts_with("hf://") {
+        let uri = crate::data::sources::HfUri::parse(&s)?;
+        if uri.dataset || !uri.path.is_empty() {
+            bail!("{s}: expected a model, hf://<org>/<name>[@rev]");
+        }
+        let cache = Dirs::from_env(None).cache;
+        let mut dir = None;
+        for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+            let got = crate::hub::download(&crate::data::sources::HfUri { path: f.into(), ..uri.clone() }, &cache)
+                .with_context(|| if f == "model.safetensors" { "sharded checkpoints (model.safetensors.index.json) are not supported yet".to_string() } else { String::new() })?;
+            dir = got.parent().map(Path::to_path_buf);
+        }
+        return dir.context("no download folder");
+    }
+    if p.join("config.json").is_file() {
+        return Ok(p.to_path_buf());
+    }
+    if p.join("final").join("config.json").is_file() {
+        return Ok(p.join("final"));
+    }
+    if let Some((_, ck)) = latest_checkpoint(p) {
+        return Ok(ck);
+    }
+    bail!("{}: no model here (expected final/, checkpoints/step-*/ or a folder with config.json)", p.display())
 }
 
 /// Reads a run directory's plan.

@@ -399,3 +399,23 @@ fn export_round_trips_and_shards() {
     // Never overwrites.
     assert_clean_error(&env.run(&["export", run.to_str().unwrap(), "--out", "hf32"]), &["already exists"]);
 }
+
+#[test]
+fn init_continues_from_a_trained_model() {
+    let env = Env::new();
+    let a = env.write("a.toml", &TINY.replace("steps = 400", "steps = 150"));
+    assert!(env.run(&["run", a.to_str().unwrap(), "--runs-dir", "a"]).status.success());
+    let run_a = only_run(&env.path("a"));
+    let first_loss = |run: &Path| losses(run).iter().find(|l| l.1.starts_with("loss=")).unwrap().1[5..].parse::<f64>().unwrap();
+    let last_loss = |run: &Path| losses(run).iter().rev().find(|l| l.1.starts_with("loss=")).unwrap().1[5..].parse::<f64>().unwrap();
+    // B starts from A's final model (by run directory); its tokenizer and config come from A.
+    let b = env.write("b.toml", &format!("init = {:?}\n{}", run_a.to_str().unwrap(), TINY.replace("steps = 400", "steps = 3").replace("preset = \"tiny\"", "preset = \"bench-cpu\"")));
+    let o = env.run(&["run", b.to_str().unwrap(), "--runs-dir", "b"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run_b = only_run(&env.path("b"));
+    let (a0, a1, b0) = (first_loss(&run_a), last_loss(&run_a), first_loss(&run_b));
+    assert!(b0 < a0 - 1.0 && (b0 - a1).abs() < 0.5, "fresh {a0:.3}, trained {a1:.3}, continued {b0:.3}");
+    let rep: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_b.join("report.json")).unwrap()).unwrap();
+    assert_eq!(rep["params"], serde_json::json!(27616), "the tiny model from A, not bench-cpu from B's [model]");
+    assert_clean_error(&env.run(&["run", env.write("c.toml", "init = \"nowhere/at/all\"\n").to_str().unwrap()]), &["init = \"nowhere/at/all\"", "no model here"]);
+}
