@@ -159,12 +159,19 @@ impl Scorer for Ticking<'_> {
     }
 }
 
+/// The keys of a task entry that are not metrics.
+const BOOKKEEPING: [&str; 7] = ["n", "seconds", "joules", "joules_per_item", "energy_method", "notes", "samples"];
+
+/// A JSON number with `d` decimals, or `n/a`.
+pub fn fmt_num(v: &serde_json::Value, d: usize) -> String {
+    v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "n/a".into())
+}
+
 /// One line for a task's result: its metrics, items, time and energy.
 pub fn summary_line(name: &str, v: &serde_json::Value) -> String {
-    let skip = ["n", "seconds", "joules", "joules_per_item", "energy_method", "notes", "samples"];
     let metrics: Vec<String> = v
         .as_object()
-        .map(|o| o.iter().filter(|(k, _)| !skip.contains(&k.as_str())).map(|(k, x)| format!("{k} {:.4}", x.as_f64().unwrap_or(f64::NAN))).collect())
+        .map(|o| o.iter().filter(|(k, _)| !BOOKKEEPING.contains(&k.as_str())).map(|(k, x)| format!("{k} {:.4}", x.as_f64().unwrap_or(f64::NAN))).collect())
         .unwrap_or_default();
     let notes: String = v["notes"].as_array().map(|a| a.iter().filter_map(|n| n.as_str()).map(|n| format!("; {n}")).collect()).unwrap_or_default();
     format!(
@@ -179,13 +186,12 @@ pub fn summary_line(name: &str, v: &serde_json::Value) -> String {
 
 /// A Markdown section for task results: a table, then notes and samples.
 pub fn evals_markdown(ev: &serde_json::Map<String, serde_json::Value>) -> String {
-    let f = |v: &serde_json::Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "n/a".into());
+    let f = fmt_num;
     let mut md = String::from("\n## Evals\n\n| task | metrics | items | seconds | joules (per item) |\n|---|---|---|---|---|\n");
-    let skip = ["n", "seconds", "joules", "joules_per_item", "energy_method", "notes", "samples"];
     for (name, v) in ev {
         let m: Vec<String> = v
             .as_object()
-            .map(|o| o.iter().filter(|(k, _)| !skip.contains(&k.as_str())).map(|(k, x)| format!("{k} {}", f(x, 4))).collect())
+            .map(|o| o.iter().filter(|(k, _)| !BOOKKEEPING.contains(&k.as_str())).map(|(k, x)| format!("{k} {}", f(x, 4))).collect())
             .unwrap_or_default();
         md.push_str(&format!(
             "| {name} | {} | {} | {} | {} ({}, {}) |\n",

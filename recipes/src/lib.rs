@@ -406,7 +406,7 @@ impl Recipe {
         if d.sources.is_empty() {
             return err("data.sources", "list at least one source");
         }
-        let https = d.sources.iter().filter(|s| s.starts_with("https://") || s.starts_with("http://")).count();
+        let https = d.sources.iter().filter(|s| is_download(s)).count();
         if https != d.sha256.len() {
             return err(
                 "data.sha256",
@@ -457,6 +457,11 @@ impl Recipe {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
+}
+
+/// A source that is downloaded (and so needs a sha256 pin): `https://` or `http://`.
+pub fn is_download(source: &str) -> bool {
+    source.starts_with("https://") || source.starts_with("http://")
 }
 
 fn line_of(text: &str, byte: usize) -> usize {

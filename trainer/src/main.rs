@@ -371,7 +371,7 @@ fn compare(runs: &[PathBuf], out: &Path) -> Result<()> {
     let front = pareto_front(&points);
     println!("| run | params | steps | tokens | val loss | val bpb | joules | method | J/token | gCO2e | Pareto |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let f = |v: &serde_json::Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "n/a".into());
+    let f = kiln_evals::fmt_num;
     for (i, (n, v)) in reps.iter().enumerate() {
         println!(
             "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",

@@ -45,7 +45,6 @@ pub struct Prepared {
     pub val: Vec<u32>,
     /// UTF-8 bytes per token in the corpus (EOS excluded), for bits per byte.
     pub bytes_per_token: f64,
-    pub shards_cached: bool,
     /// The data root, for eval task files.
     pub data_root: PathBuf,
     /// The model folder the weights start from (`init`), if any.
@@ -124,7 +123,6 @@ pub fn prepare(recipe: &Recipe, dirs: &Dirs) -> Result<Prepared> {
         train,
         val,
         bytes_per_token: stream.meta.n_bytes as f64 / text_tokens as f64,
-        shards_cached: stream.cached,
         data_root: dirs.data_root.clone(),
         init_dir,
     })
@@ -242,16 +240,20 @@ fn checkpoint_dir(run: &Path, step: usize) -> PathBuf {
     run.join("checkpoints").join(format!("step-{step:07}"))
 }
 
+/// The run's `checkpoints/step-NNNNNNN` folders (partial ones included), sorted by step.
+fn checkpoints(run: &Path) -> Vec<(usize, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(run.join("checkpoints")) else { return Vec::new() };
+    let mut all: Vec<(usize, PathBuf)> = rd
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_string_lossy().strip_prefix("step-")?.parse().ok()?, e.path())))
+        .collect();
+    all.sort();
+    all
+}
+
 /// The newest complete checkpoint of a run, if any.
 pub fn latest_checkpoint(run: &Path) -> Option<(usize, PathBuf)> {
-    let rd = std::fs::read_dir(run.join("checkpoints")).ok()?;
-    rd.filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let step = name.strip_prefix("step-")?.parse::<usize>().ok()?;
-            e.path().join("state.json").is_file().then_some((step, e.path()))
-        })
-        .max_by_key(|(s, _)| *s)
+    checkpoints(run).into_iter().rev().find(|(_, p)| p.join("state.json").is_file())
 }
 
 fn save_checkpoint<B: AutodiffBackend>(
@@ -273,11 +275,7 @@ fn save_checkpoint<B: AutodiffBackend>(
         std::fs::write(tmp.join("state.json"), s).map_err(|e| kiln_models::ModelError::io(tmp.join("state.json"), e))
     })?;
     // Keep the last `keep` checkpoints.
-    let mut all: Vec<(usize, PathBuf)> = std::fs::read_dir(run.join("checkpoints"))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| Some((e.file_name().to_string_lossy().strip_prefix("step-")?.parse().ok()?, e.path())))
-        .collect();
-    all.sort();
+    let all = checkpoints(run);
     if all.len() > keep {
         for (_, old) in &all[..all.len() - keep] {
             let _ = std::fs::remove_dir_all(old);
@@ -610,7 +608,7 @@ pub fn write_report_card(run: &Path, r: &Recipe, cfg: &LlamaConfig, rep: &serde_
     let c = cfg;
     let q = &rep["quality"];
     let t = &rep["throughput"];
-    let f = |v: &serde_json::Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "n/a".into());
+    let f = kiln_evals::fmt_num;
     let mut md = format!(
         concat!(
             "# Kiln report: {name}\n\n",

@@ -44,8 +44,6 @@ pub struct TokenStream {
     /// Start offset of each document in `tokens`.
     pub doc_starts: Vec<u64>,
     pub meta: ShardMeta,
-    /// True when the shards came from the cache.
-    pub cached: bool,
 }
 
 pub fn resolve_sources(data: &DataSection, dirs: &Dirs) -> Result<Vec<SourceFile>> {
@@ -53,7 +51,7 @@ pub fn resolve_sources(data: &DataSection, dirs: &Dirs) -> Result<Vec<SourceFile
     data.sources
         .iter()
         .map(|s| {
-            let pin = if s.starts_with("https://") || s.starts_with("http://") { pins.next().map(String::as_str) } else { None };
+            let pin = if kiln_recipes::is_download(s) { pins.next().map(String::as_str) } else { None };
             let path = resolve(s, pin, dirs)?;
             let sha256 = sha256_file(&path)?;
             Ok(SourceFile { source: s.clone(), path, sha256 })
@@ -178,7 +176,7 @@ pub fn token_stream(files: &[SourceFile], data: &DataSection, tok: &Tokenizer, d
         n_bytes,
     };
     write_shards(&dir, &tokens, &doc_starts, &meta)?;
-    Ok(TokenStream { tokens, doc_starts, meta, cached: false })
+    Ok(TokenStream { tokens, doc_starts, meta })
 }
 
 fn write_shards(dir: &Path, tokens: &[u32], doc_starts: &[u64], meta: &ShardMeta) -> Result<()> {
@@ -222,5 +220,5 @@ fn read_shards(dir: &Path) -> Result<TokenStream> {
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
         .collect();
-    Ok(TokenStream { tokens, doc_starts, meta, cached: true })
+    Ok(TokenStream { tokens, doc_starts, meta })
 }

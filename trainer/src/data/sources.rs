@@ -64,7 +64,7 @@ impl HfUri {
 
 /// Resolves one source to a local file. `pin` is the sha256 for an https source.
 pub fn resolve(source: &str, pin: Option<&str>, dirs: &Dirs) -> Result<PathBuf> {
-    if source.starts_with("https://") || source.starts_with("http://") {
+    if kiln_recipes::is_download(source) {
         let pin = pin.with_context(|| format!("{source}: downloads must be pinned with a sha256 (data.sha256)"))?;
         return resolve_url(source, pin, dirs);
     }
