@@ -316,6 +316,7 @@ pub fn hf_config_json(cfg: &LlamaConfig) -> serde_json::Value {
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
         "torch_dtype": "float32",
+        "dtype": "float32",
         "use_cache": true,
     })
 }
@@ -343,6 +344,22 @@ pub fn read_config(path: &Path) -> Result<LlamaConfig, ModelError> {
     }
     if v.get("rope_scaling").is_some_and(|x| !x.is_null()) {
         unsupported.push(format!("rope_scaling {}", v["rope_scaling"]));
+    }
+    // transformers 5 writes `rope_parameters: {rope_theta, rope_type}` instead of `rope_theta`.
+    let rope = v.get("rope_parameters").filter(|x| !x.is_null());
+    if let Some(kind) = rope.and_then(|r| r.get("rope_type")).and_then(|x| x.as_str()).filter(|k| *k != "default") {
+        unsupported.push(format!("rope_parameters.rope_type \"{kind}\""));
+    }
+    // Both spellings: `torch_dtype` (transformers 4) and `dtype` (transformers >= 4.56).
+    let dtype = v.get("dtype").or_else(|| v.get("torch_dtype")).and_then(|x| x.as_str());
+    if let Some(d) = dtype.filter(|d| !["float32", "bfloat16", "float16"].contains(d)) {
+        unsupported.push(format!("dtype \"{d}\" (Kiln reads float32, bfloat16 and float16 weights)"));
+    }
+    let heads_for_dim = v.get("num_attention_heads").and_then(|x| x.as_u64());
+    if let (Some(hd), Some(d), Some(h)) = (v.get("head_dim").and_then(|x| x.as_u64()), v.get("hidden_size").and_then(|x| x.as_u64()), heads_for_dim) {
+        if h > 0 && hd * h != d {
+            unsupported.push(format!("head_dim {hd} != hidden_size {d} / num_attention_heads {h}"));
+        }
     }
     if let Some(act) = v.get("hidden_act").and_then(|x| x.as_str()).filter(|a| *a != "silu") {
         unsupported.push(format!("hidden_act \"{act}\""));
@@ -372,7 +389,11 @@ pub fn read_config(path: &Path) -> Result<LlamaConfig, ModelError> {
         num_attention_heads: heads,
         num_key_value_heads: v.get("num_key_value_heads").and_then(|x| x.as_u64()).map_or(heads, |x| x as usize),
         max_position_embeddings: int("max_position_embeddings")?,
-        rope_theta: v.get("rope_theta").and_then(|x| x.as_f64()).unwrap_or(10000.0),
+        rope_theta: v
+            .get("rope_theta")
+            .or_else(|| rope.and_then(|r| r.get("rope_theta")))
+            .and_then(|x| x.as_f64())
+            .unwrap_or(10000.0),
         rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
         tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
         bos_token_id: tok("bos_token_id"),

@@ -41,6 +41,7 @@ pub fn export(model: &Path, run: Option<&Path>, out: &Path, o: &ExportOptions) -
         write_weights(tmp, &tensors, o.dtype, o.max_shard_bytes)?;
         let mut c = hf_config_json(&cfg);
         c["torch_dtype"] = o.dtype.torch_name().into();
+        c["dtype"] = o.dtype.torch_name().into();
         std::fs::write(tmp.join("config.json"), js(&c)).map_err(|e| io(tmp, e))?;
         let gen = json!({
             "_from_model_config": true,

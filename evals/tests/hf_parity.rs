@@ -1,0 +1,40 @@
+//! Eval parity with `transformers`: on the tiny Llama that transformers made
+//! (models/tests/fixtures/hf-tiny-llama, scripts/make_hf_fixture.py), Kiln's hellaswag scorer gives
+//! the per-ending log-likelihoods transformers computed, so Kiln's numbers compare with published ones.
+
+use std::path::Path;
+
+use burn::backend::Flex;
+use kiln_evals::scorer::ModelScorer;
+use kiln_evals::tasks::hellaswag::{self, Item};
+
+#[test]
+fn hellaswag_logliks_match_transformers() {
+    let fix = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures");
+    let device = Default::default();
+    let (model, cfg, tok) = kiln_models::checkpoint::load_dir::<Flex>(&fix.join("hf-tiny-llama"), &device).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fix.join("hf_tiny_llama_hellaswag.json")).unwrap()).unwrap();
+    // The items themselves come from the shipped data set when it is at hand.
+    let data = std::env::var("KILN_DATA").unwrap_or_else(|_| "../../shared/data".into());
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(&data).join(hellaswag::DEFAULT_PATH);
+    let items: Vec<Item> = if path.exists() {
+        hellaswag::load(&path).unwrap().into_iter().take(3).collect()
+    } else {
+        println!("skipping: {} not found (set KILN_DATA)", path.display());
+        return;
+    };
+    let mut lm = ModelScorer { model: &model, tok: &tok, context: cfg.max_position_embeddings, device };
+    let mut worst = 0f64;
+    for (it, w) in items.iter().zip(want["items"].as_array().unwrap()) {
+        assert_eq!(it.context, w["context"].as_str().unwrap());
+        let got = hellaswag::score_item(&mut lm, it).unwrap();
+        for ((ll, _bytes), w) in got.iter().zip(w["loglik"].as_array().unwrap()) {
+            let w = w.as_f64().unwrap();
+            let rel = (ll - w).abs() / w.abs();
+            println!("kiln {ll:.5}  transformers {w:.5}  rel {rel:.1e}");
+            worst = worst.max(rel);
+        }
+    }
+    assert!(worst < 1e-4, "worst relative difference {worst:.2e}");
+}
