@@ -419,3 +419,63 @@ fn init_continues_from_a_trained_model() {
     assert_eq!(rep["params"], serde_json::json!(27616), "the tiny model from A, not bench-cpu from B's [model]");
     assert_clean_error(&env.run(&["run", env.write("c.toml", "init = \"nowhere/at/all\"\n").to_str().unwrap()]), &["init = \"nowhere/at/all\"", "no model here"]);
 }
+
+/// Python with `transformers` and `torch`, or the reason there is none.
+fn python_with_transformers() -> Result<String, String> {
+    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
+    match Command::new(&py).args(["-c", "import torch, transformers"]).output() {
+        Ok(o) if o.status.success() => Ok(py),
+        Ok(o) => Err(format!("{py} lacks torch or transformers ({})", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""))),
+        Err(e) => Err(format!("no {py}: {e}")),
+    }
+}
+
+#[test]
+fn transformers_loads_a_kiln_export() {
+    use burn::backend::Flex;
+    use burn::tensor::{Int, Tensor, TensorData};
+    let py = match python_with_transformers() {
+        Ok(p) => p,
+        Err(why) => {
+            println!("skipping transformers_loads_a_kiln_export: {why}; `pip install torch transformers` to run it");
+            return;
+        }
+    };
+    let env = Env::new();
+    // A trained Kiln model (logits far from uniform) with GQA and its own char tokenizer.
+    let r = env.write("t.toml", &TINY.replace("steps = 400", "steps = 200"));
+    assert!(env.run(&["run", r.to_str().unwrap(), "--runs-dir", "r"]).status.success());
+    let run = only_run(&env.path("r"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_check.py");
+    let (_, _, tok) = kiln_models::checkpoint::load_dir::<Flex>(&run.join("final"), &Default::default()).unwrap();
+    let text = "Line 7: the quick brown fox";
+    let ids: Vec<i64> = std::iter::once(tok.bos_id as i64).chain(tok.encode(text).unwrap().iter().map(|&i| i as i64)).collect();
+    for (name, dtype) in [("hf32", "f32"), ("hf16", "bf16")] {
+        let o = env.run(&["export", run.to_str().unwrap(), "--out", name, "--dtype", dtype]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let dir = env.path(name);
+        // Kiln's logits from the exported folder (bf16 weights widen exactly to f32).
+        let (m, _, _) = kiln_models::checkpoint::load_dir::<Flex>(&dir, &Default::default()).unwrap();
+        let x = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &Default::default());
+        let want: Vec<f32> = m.forward(x).into_data().to_vec().unwrap();
+        let ids_arg = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        let o = Command::new(&py)
+            .arg(&script)
+            .args([dir.to_str().unwrap(), "--ids", &ids_arg, "--text", text])
+            .env("HF_HUB_OFFLINE", "1")
+            .env("TRANSFORMERS_VERBOSITY", "error")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(got["model_class"], "LlamaForCausalLM");
+        let enc: Vec<u32> = serde_json::from_value(got["encode"].clone()).unwrap();
+        assert_eq!(enc, tok.encode(text).unwrap(), "AutoTokenizer encodes differently");
+        let got: Vec<f32> = got["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(got.len(), want.len());
+        let max_ref = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let rel = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / max_ref;
+        println!("{dtype}: max |transformers - kiln| / max |kiln| = {rel:.2e} (max |logit| {max_ref:.2})");
+        assert!(rel < 1e-4, "{dtype}: relative error {rel}");
+    }
+}
