@@ -111,6 +111,33 @@ enum Command {
         #[arg(long, default_value = "other")]
         license: String,
     },
+    /// Upload a run's model (exported first, to RUN_DIR/hf, when it has not been) or an export
+    /// folder to the Hugging Face Hub, in one commit. The token comes from HF_TOKEN or the
+    /// Hugging Face token file and is never printed.
+    Publish {
+        model: PathBuf,
+        /// The Hub repository, USER/NAME or ORG/NAME; created when missing.
+        #[arg(long)]
+        repo: String,
+        /// Create the repository as private (an existing one keeps its visibility).
+        #[arg(long)]
+        private: bool,
+        /// The branch to commit to.
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// The commit message.
+        #[arg(long)]
+        message: Option<String>,
+        /// Print what would be uploaded, and where, without contacting the Hub.
+        #[arg(long)]
+        dry_run: bool,
+        /// When exporting first: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// When exporting first: the licence for the model card.
+        #[arg(long, default_value = "other")]
+        license: String,
+    },
     /// Tokenizer tools.
     Tokenizer {
         #[command(subcommand)]
@@ -305,12 +332,58 @@ Model `{}`.
             Ok(())
         }
         Command::Compare { runs, out } => compare(&runs, &out),
-        Command::Export { model, out, dtype, max_shard_mb, license } => {
-            let dtype = match dtype.as_str() {
-                "f32" => kiln_models::checkpoint::StoreDtype::F32,
-                "bf16" => kiln_models::checkpoint::StoreDtype::BF16,
-                other => bail!("--dtype {other}: expected f32 or bf16"),
+        Command::Publish { model, repo, private, revision, message, dry_run, dtype, license } => {
+            use kiln_trainer::hub;
+            hub::check_repo_id(&repo)?;
+            // An export folder goes up as it is; a run or a bare model folder is exported first.
+            let is_export = |d: &Path| ["config.json", "tokenizer_config.json", "README.md"].iter().all(|f| d.join(f).is_file());
+            let _tmp;
+            let folder = if is_export(&model) {
+                model.clone()
+            } else if model.join("plan.toml").is_file() && is_export(&model.join("hf")) {
+                println!("using the existing export {}", model.join("hf").display());
+                model.join("hf")
+            } else {
+                let src = run::model_dir(&model)?;
+                let run = model.join("plan.toml").is_file().then_some(model.as_path());
+                let out = match run {
+                    Some(r) => r.join("hf"),
+                    None => {
+                        _tmp = tempfile::tempdir()?;
+                        _tmp.path().join("hf")
+                    }
+                };
+                let o = kiln_trainer::export::ExportOptions { dtype: store_dtype(&dtype)?, max_shard_bytes: 5_000_000_000, license };
+                kiln_trainer::export::export(&src, run, &out, &o)?;
+                println!("exported {} to {}", src.display(), out.display());
+                out
             };
+            let files = hub::upload_list(&folder)?;
+            let total: u64 = files.iter().map(|f| f.1).sum();
+            let message = message.unwrap_or_else(|| format!("Upload {} with Kiln", folder.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()));
+            let token = hub::find_token();
+            if dry_run {
+                println!("dry run: would upload {} files ({:.1} MB) from {} to hf://{repo}@{revision}{} in one commit \"{message}\":", files.len(), total as f64 / 1e6, folder.display(), if private { " (private)" } else { "" });
+                for (f, n) in &files {
+                    println!("  {f:<40} {n:>12} bytes");
+                }
+                match &token {
+                    Some(t) => println!("token: found in {}", t.source),
+                    None => println!("token: none found (set HF_TOKEN or log in); the upload itself would fail"),
+                }
+                return Ok(());
+            }
+            let Some(token) = token else {
+                bail!("no Hugging Face token: set HF_TOKEN, or put a token in {} (what `hf auth login` writes)\n  hint: create one with write access at https://huggingface.co/settings/tokens; try --dry-run to see what would be uploaded", hf_hub::hf_home().join("token").display());
+            };
+            println!("uploading {} files ({:.1} MB) to {repo}@{revision} (token from {})", files.len(), total as f64 / 1e6, token.source);
+            let o = hub::PublishOptions { repo: &repo, private, revision: Some(&revision), message };
+            let url = hub::publish(&folder, &token, &o)?;
+            println!("published: {url}");
+            Ok(())
+        }
+        Command::Export { model, out, dtype, max_shard_mb, license } => {
+            let dtype = store_dtype(&dtype)?;
             let src = run::model_dir(&model)?;
             let run = model.join("plan.toml").is_file().then_some(model.as_path());
             let out = out.unwrap_or_else(|| model.join("hf"));
@@ -389,5 +462,13 @@ fn finish(o: Outcome) -> Result<()> {
     match o {
         Outcome::Finished => Ok(()),
         Outcome::Stopped { .. } => std::process::exit(130),
+    }
+}
+
+fn store_dtype(s: &str) -> Result<kiln_models::checkpoint::StoreDtype> {
+    match s {
+        "f32" => Ok(kiln_models::checkpoint::StoreDtype::F32),
+        "bf16" => Ok(kiln_models::checkpoint::StoreDtype::BF16),
+        other => bail!("--dtype {other}: expected f32 or bf16"),
     }
 }
