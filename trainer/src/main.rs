@@ -360,7 +360,8 @@ Model `{}`.
             };
             let files = hub::upload_list(&folder)?;
             let total: u64 = files.iter().map(|f| f.1).sum();
-            let message = message.unwrap_or_else(|| format!("Upload {} with Kiln", folder.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()));
+            let name = std::fs::canonicalize(&model).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string())).unwrap_or_default();
+            let message = message.unwrap_or_else(|| format!("Upload {name} (trained with Kiln {})", env!("CARGO_PKG_VERSION")));
             let token = hub::find_token();
             if dry_run {
                 println!("dry run: would upload {} files ({:.1} MB) from {} to hf://{repo}@{revision}{} in one commit \"{message}\":", files.len(), total as f64 / 1e6, folder.display(), if private { " (private)" } else { "" });

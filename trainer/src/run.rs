@@ -682,13 +682,29 @@ pub fn model_dir(p: &Path) -> Result<PathBuf> {
             bail!("{s}: expected a model, hf://<org>/<name>[@rev]");
         }
         let cache = Dirs::from_env(None).cache;
-        let mut dir = None;
-        for f in ["config.json", "tokenizer.json", "model.safetensors"] {
-            let got = crate::hub::download(&crate::data::sources::HfUri { path: f.into(), ..uri.clone() }, &cache)
-                .with_context(|| if f == "model.safetensors" { "sharded checkpoints (model.safetensors.index.json) are not supported yet".to_string() } else { String::new() })?;
-            dir = got.parent().map(Path::to_path_buf);
-        }
-        return dir.context("no download folder");
+        let get = |f: &str| crate::hub::download(&crate::data::sources::HfUri { path: f.into(), ..uri.clone() }, &cache);
+        get("config.json")?;
+        get("tokenizer.json")?;
+        // One file, else the shards an index names (hf-hub puts them all in one snapshot folder).
+        let weights = match get(checkpoint::WEIGHTS) {
+            Ok(w) => w,
+            Err(single) => {
+                let index = get(checkpoint::INDEX).map_err(|_| single.context(format!("{s}: neither {} nor {} could be fetched", checkpoint::WEIGHTS, checkpoint::INDEX)))?;
+                let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)
+                    .with_context(|| format!("{s}: {} is not valid JSON", checkpoint::INDEX))?;
+                let shards: std::collections::BTreeSet<String> = v["weight_map"]
+                    .as_object()
+                    .with_context(|| format!("{s}: {} has no weight_map", checkpoint::INDEX))?
+                    .values()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect();
+                for shard in &shards {
+                    get(shard)?;
+                }
+                index
+            }
+        };
+        return weights.parent().map(Path::to_path_buf).context("no download folder");
     }
     if p.join("config.json").is_file() {
         return Ok(p.to_path_buf());

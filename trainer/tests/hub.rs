@@ -79,6 +79,23 @@ fn hf_dataset_source_downloads_once_then_uses_the_cache_and_works_offline() {
     for f in ["config.json", "tokenizer.json", "model.safetensors"] {
         files.insert(format!("/kiln-test/tiny/resolve/main/{f}"), std::fs::read(local.join(f)).unwrap());
     }
+    // The same model with its weights in three shards and an index, as hf://kiln-test/tiny-sharded.
+    {
+        let tensors = kiln_models::checkpoint::SafetensorsSource::open_dir(&local).unwrap().into_tensors();
+        let sharded = model_dir.path().join("sharded");
+        std::fs::create_dir_all(&sharded).unwrap();
+        kiln_models::checkpoint::write_weights(&sharded, &tensors, kiln_models::checkpoint::StoreDtype::F32, 40_000).unwrap();
+        let mut n = 0;
+        for e in std::fs::read_dir(&sharded).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().to_string();
+            n += name.starts_with("model-") as usize;
+            files.insert(format!("/kiln-test/tiny-sharded/resolve/main/{name}"), std::fs::read(sharded.join(&name)).unwrap());
+        }
+        assert!(n >= 2, "{n} shards");
+        for f in ["config.json", "tokenizer.json"] {
+            files.insert(format!("/kiln-test/tiny-sharded/resolve/main/{f}"), std::fs::read(local.join(f)).unwrap());
+        }
+    }
     let (endpoint, gets, all) = serve(files);
     let cache = tempfile::tempdir().unwrap();
     let root = tempfile::tempdir().unwrap();
@@ -130,5 +147,7 @@ fn hf_dataset_source_downloads_once_then_uses_the_cache_and_works_offline() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         o.stdout
     };
-    assert_eq!(gen("hf://kiln-test/tiny"), gen(local.to_str().unwrap()));
+    let want = gen(local.to_str().unwrap());
+    assert_eq!(gen("hf://kiln-test/tiny"), want);
+    assert_eq!(gen("hf://kiln-test/tiny-sharded"), want, "the sharded Hub model differs");
 }
