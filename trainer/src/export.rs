@@ -57,11 +57,23 @@ pub fn export(model: &Path, run: Option<&Path>, out: &Path, o: &ExportOptions) -
             "model_max_length": cfg.max_position_embeddings,
             "clean_up_tokenization_spaces": false,
         });
+        let mut tc = tc;
+        if let Some(t) = chat_template(model, manifest.as_ref()) {
+            tc["chat_template"] = t.into();
+        }
         std::fs::write(tmp.join("tokenizer_config.json"), js(&tc)).map_err(|e| io(tmp, e))?;
         let card = model_card(&name, &cfg, o, report.as_ref(), manifest.as_ref(), plan.as_deref());
         std::fs::write(tmp.join("README.md"), card).map_err(|e| io(tmp, e))
     })
     .with_context(|| format!("exporting to {}", out.display()))
+}
+
+/// The chat template an instruction-tuned model came with: from the model folder's own
+/// `tokenizer_config.json`, else from the folder the run started from (`init`), so that a
+/// fine-tuned chat model keeps its template through export.
+fn chat_template(model: &Path, manifest: Option<&Value>) -> Option<String> {
+    let from = |dir: &Path| read_json(&dir.join("tokenizer_config.json"))?["chat_template"].as_str().map(str::to_string);
+    from(model).or_else(|| from(Path::new(manifest?["init"].as_str()?)))
 }
 
 fn model_card(name: &str, cfg: &kiln_models::LlamaConfig, o: &ExportOptions, rep: Option<&Value>, man: Option<&Value>, plan: Option<&str>) -> String {

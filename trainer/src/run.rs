@@ -685,6 +685,10 @@ pub fn model_dir(p: &Path) -> Result<PathBuf> {
         let get = |f: &str| crate::hub::download(&crate::data::sources::HfUri { path: f.into(), ..uri.clone() }, &cache);
         get("config.json")?;
         get("tokenizer.json")?;
+        // Optional: carries a chat template through fine-tuning and export.
+        if let Err(e) = get("tokenizer_config.json") {
+            tracing::debug!("{s}: no tokenizer_config.json ({e:#})");
+        }
         // One file, else the shards an index names (hf-hub puts them all in one snapshot folder).
         let weights = match get(checkpoint::WEIGHTS) {
             Ok(w) => w,

@@ -497,7 +497,18 @@ fn shipped_finetune_recipe_lowers_the_loss_of_an_imported_model() {
     };
     let env = Env::new();
     let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/finetune/shakespeare-smollm2.toml");
-    let init = format!("init={}", fixture_model().display());
+    // The fixture, as an instruction-tuned model would come: with a chat template.
+    let chat = env.path("chat-model");
+    std::fs::create_dir_all(&chat).unwrap();
+    for e in std::fs::read_dir(fixture_model()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), chat.join(e.file_name())).unwrap();
+    }
+    let template = "{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|eos|>{% endfor %}";
+    let mut tc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(chat.join("tokenizer_config.json")).unwrap()).unwrap();
+    tc["chat_template"] = template.into();
+    std::fs::write(chat.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    let init = format!("init={}", chat.display());
     let o = env
         .cmd(&[
             "run", recipe.to_str().unwrap(), "--runs-dir", "ft", "--set", &init,
@@ -518,4 +529,9 @@ fn shipped_finetune_recipe_lowers_the_loss_of_an_imported_model() {
     // The fine-tuned model is the fixture's architecture and tokenizer, in the HF layout.
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("final/config.json")).unwrap()).unwrap();
     assert_eq!((cfg["hidden_size"].as_u64(), cfg["num_key_value_heads"].as_u64(), cfg["tie_word_embeddings"].as_bool()), (Some(64), Some(2), Some(true)));
+    // Exported, it keeps the chat template it was imported with.
+    let o = env.run(&["export", run.to_str().unwrap(), "--out", "hf"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let tc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(env.path("hf/tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(tc["chat_template"], template);
 }
