@@ -217,7 +217,8 @@ pub struct TrainSection {
     pub grad_accum: usize,
     /// Seed for initialisation, data order and sampling.
     pub seed: u64,
-    /// `"cpu"` (the default CPU backend), `"flex"`, `"ndarray"`, or `"auto"`.
+    /// `"auto"` (CUDA, else a hardware wgpu adapter, else the CPU), `"cpu"` (flex), `"ndarray"`,
+    /// `"wgpu[:N]"` or `"cuda[:N]"`.
     pub device: String,
     /// Evaluate validation loss every N steps (and at the end); 0 means only at the end.
     pub eval_every: usize,
@@ -242,7 +243,7 @@ impl Default for TrainSection {
             batch_size: 12,
             grad_accum: 1,
             seed: 1337,
-            device: "cpu".into(),
+            device: "auto".into(),
             eval_every: 250,
             eval_batches: 50,
             checkpoint_every: 500,
@@ -391,8 +392,10 @@ impl Recipe {
         if t.keep_checkpoints == 0 {
             return err("train.keep_checkpoints", "must be at least 1 (the last checkpoint is what resume uses)");
         }
-        if !["cpu", "flex", "ndarray", "auto"].contains(&t.device.as_str()) {
-            return err("train.device", format!("unknown device '{}'; expected one of cpu, flex, ndarray, auto", t.device));
+        let (dev, idx) = t.device.split_once(':').map_or((t.device.as_str(), None), |(d, i)| (d, Some(i)));
+        let idx_ok = idx.is_none_or(|i| i.parse::<usize>().is_ok() && ["wgpu", "cuda"].contains(&dev));
+        if !["cpu", "flex", "ndarray", "auto", "wgpu", "cuda"].contains(&dev) || !idx_ok {
+            return err("train.device", format!("unknown device '{}'; expected one of auto, cpu, flex, ndarray, wgpu[:N], cuda[:N]", t.device));
         }
         for (k, v) in [("train.max_energy_j", t.max_energy_j), ("train.target_val_loss", t.target_val_loss)] {
             if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {

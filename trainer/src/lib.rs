@@ -2,8 +2,10 @@
 //! The `kiln` binary (`main.rs`) is a thin CLI over this library.
 
 pub mod data;
+pub mod device;
 pub mod export;
 pub mod hub;
 pub mod optim;
+pub mod perf;
 pub mod run;
 pub mod train_step;

@@ -10,6 +10,7 @@ use kiln_models::generate::{generate, SampleOptions};
 use kiln_models::Tokenizer;
 use kiln_recipes::Recipe;
 use kiln_trainer::data::sources::Dirs;
+use kiln_trainer::device::{self, Device};
 use kiln_trainer::run::{self, Outcome, RunCtx};
 
 #[derive(Parser)]
@@ -21,7 +22,7 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// Compute device: cpu (the default CPU backend, flex), flex, ndarray.
+    /// Compute device: auto (CUDA, else a hardware wgpu adapter, else the CPU), cpu (flex), ndarray, wgpu[:N], cuda[:N].
     #[arg(long)]
     device: Option<String>,
     /// Read-only data root (default: $KILN_DATA, else ./data).
@@ -72,7 +73,7 @@ enum Command {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Compute device: cpu, flex, ndarray.
+        /// Compute device: auto, cpu, ndarray, wgpu[:N], cuda[:N].
         #[arg(long)]
         device: Option<String>,
     },
@@ -175,36 +176,33 @@ enum TokenizerCommand {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
-/// The CPU backends Kiln builds. `cpu` is flex: ndarray is about 11% faster on bench-cpu, but its
-/// parallel reductions make two identical runs differ in the last bits, which breaks exact
+/// Runs `$body` with `$B` bound to the autodiff backend for the resolved device `$dev`, and `$d`
+/// to Burn's device value. The CPU default is flex: ndarray is about 11% faster on bench-cpu, but
+/// its parallel reductions make two identical runs differ in the last bits, which breaks exact
 /// resume; flex is bit-reproducible at a fixed thread count (BENCHMARKS.md).
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    Flex,
-    NdArray,
-}
-
-fn backend(name: &str) -> Result<Backend> {
-    match name {
-        "cpu" | "auto" | "flex" => Ok(Backend::Flex),
-        "ndarray" => {
-            tracing::warn!("ndarray is not bit-reproducible: a resumed run will not match an uninterrupted one exactly");
-            Ok(Backend::NdArray)
-        }
-        other => bail!("unknown device '{other}'\n  hint: one of cpu, flex, ndarray (GPU backends arrive with the backends issue)"),
-    }
-}
-
-/// Runs `$body` with `$B` bound to the autodiff backend for `$which`.
 macro_rules! with_backend {
-    ($which:expr, $B:ident, $body:block) => {
-        match $which {
-            Backend::Flex => {
+    ($dev:expr, $B:ident, $d:ident, $body:block) => {
+        match &$dev {
+            Device::Flex => {
                 type $B = Autodiff<burn::backend::Flex>;
+                let $d: burn::tensor::Device<$B> = Default::default();
                 $body
             }
-            Backend::NdArray => {
+            Device::NdArray => {
                 type $B = Autodiff<burn::backend::NdArray>;
+                let $d: burn::tensor::Device<$B> = Default::default();
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu { kind, index, .. } => {
+                type $B = Autodiff<burn::backend::Wgpu>;
+                let $d: burn::tensor::Device<$B> = Device::wgpu_device(*kind, *index);
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda { index, .. } => {
+                type $B = Autodiff<burn::backend::Cuda>;
+                let $d: burn::tensor::Device<$B> = burn::backend::cuda::CudaDevice { index: *index };
                 $body
             }
         }
@@ -212,7 +210,7 @@ macro_rules! with_backend {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,cubecl_wgpu=warn,cubecl_runtime=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -244,14 +242,14 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Run { recipe, sets, common, runs_dir } => {
             let r = Recipe::load(&recipe, &sets)?;
             let dirs = Dirs::from_env(common.data_root);
-            let be = backend(common.device.as_deref().unwrap_or(&r.train.device))?;
+            let be = device::resolve(common.device.as_deref().unwrap_or(&r.train.device))?;
             let p = run::prepare(&r, &dirs)?;
-            let dir = run::create_run_dir(&p, &runs_dir, &dirs, &format!("{be:?}").to_lowercase())?;
+            let dir = run::create_run_dir(&p, &runs_dir, &dirs, &be.describe())?;
             tracing::info!("run directory: {}", dir.display());
             println!("{}", run::summary(&p));
             install_signal_handler();
-            let ctx = RunCtx { dir, backend: format!("{be:?}").to_lowercase(), stop: &STOP };
-            let outcome = with_backend!(be, B, { run::start::<B>(&p, &ctx, &Default::default())? });
+            let ctx = RunCtx { dir, device: be.clone(), stop: &STOP };
+            let outcome = with_backend!(be, B, d, { run::start::<B>(&p, &ctx, &d)? });
             finish(outcome)
         }
         Command::Resume { run_dir, common } => {
@@ -259,11 +257,11 @@ fn dispatch(cli: Cli) -> Result<()> {
             let dirs = Dirs::from_env(common.data_root.or_else(|| {
                 std::env::var_os("KILN_DATA").is_none().then(|| run::recorded_data_root(&run_dir)).flatten()
             }));
-            let be = backend(common.device.as_deref().unwrap_or(&r.train.device))?;
+            let be = device::resolve(common.device.as_deref().unwrap_or(&r.train.device))?;
             let p = run::prepare(&r, &dirs)?;
             install_signal_handler();
-            let ctx = RunCtx { dir: run_dir, backend: format!("{be:?}").to_lowercase(), stop: &STOP };
-            let outcome = with_backend!(be, B, { run::resume::<B>(&p, &ctx, &Default::default())? });
+            let ctx = RunCtx { dir: run_dir, device: be.clone(), stop: &STOP };
+            let outcome = with_backend!(be, B, d, { run::resume::<B>(&p, &ctx, &d)? });
             finish(outcome)
         }
         Command::Recipe { command: RecipeCommand::Check { recipe, sets, data_root } } => {
@@ -275,10 +273,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed, device } => {
-            let be = backend(device.as_deref().unwrap_or("cpu"))?;
+            let be = device::resolve(device.as_deref().unwrap_or("auto"))?;
             let dir = run::model_dir(&model)?;
-            with_backend!(be, B, {
-                let device = Default::default();
+            with_backend!(be, B, device, {
                 let (m, cfg, tok) = kiln_models::checkpoint::load_dir::<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend>(&dir, &device)?;
                 let mut ids = vec![tok.bos_id];
                 ids.extend(tok.encode(&prompt)?);
@@ -289,14 +286,13 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval { model, tasks, common } => {
-            let be = backend(common.device.as_deref().unwrap_or("cpu"))?;
+            let be = device::resolve(common.device.as_deref().unwrap_or("auto"))?;
             let dir = run::model_dir(&model)?;
             let dirs = Dirs::from_env(common.data_root);
             let tasks: Vec<Box<dyn kiln_evals::Task>> =
                 tasks.iter().map(|t| kiln_evals::parse_task(t, &dirs.data_root)).collect::<Result<_, _>>()?;
-            let results = with_backend!(be, B, {
+            let results = with_backend!(be, B, device, {
                 type I = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
-                let device = Default::default();
                 let (m, cfg, tok) = kiln_models::checkpoint::load_dir::<I>(&dir, &device)?;
                 let mut lm = kiln_evals::ModelScorer::<I> { model: &m, tok: &tok, context: cfg.max_position_embeddings, device };
                 run_evals(&tasks, &mut lm)?

@@ -168,7 +168,8 @@ pub struct TrainState {
 /// Where the run lives and how it reports.
 pub struct RunCtx<'a> {
     pub dir: PathBuf,
-    pub backend: String,
+    /// The resolved device (reports name it with `describe()`; MFU looks its name up).
+    pub device: crate::device::Device,
     pub stop: &'a AtomicBool,
 }
 
@@ -413,6 +414,10 @@ fn train<B: AutodiffBackend>(
     let wall0 = state.wall_s;
     let mut last_val: Option<(usize, f64, f64)> = None;
     let keep_going = || !ctx.stop.load(Ordering::SeqCst);
+    let precision = "f32";
+    let flops_tok = crate::perf::flops_per_token(&p.cfg, context);
+    let peak = crate::perf::peak_flops(ctx.device.gpu_name(), precision);
+    let mut peak_mem: Option<(&str, u64)> = None;
 
     while state.step < t.steps {
         if !keep_going() {
@@ -452,11 +457,16 @@ fn train<B: AutodiffBackend>(
         state.joules = joules0 + j - eval_j;
         state.energy_method = method.clone();
         let wall = wall0 + started.elapsed().as_secs_f64();
+        if let Some((kind, b)) = crate::perf::peak_memory(&ctx.device) {
+            peak_mem = Some((kind, peak_mem.map_or(b, |(_, m)| m.max(b))));
+        }
+        let tps = out.tokens as f64 / dt;
         metrics.log(json!({
             "step": step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
-            "tokens": state.tokens, "tokens_per_s": out.tokens as f64 / dt, "wall_s": wall,
+            "tokens": state.tokens, "tokens_per_s": tps, "mfu": crate::perf::mfu(flops_tok, tps, peak), "wall_s": wall,
             "joules": state.joules, "energy_method": method,
             "forward_s": out.forward_s, "backward_s": out.backward_s, "optim_s": out.optim_s,
+            "peak_mem_bytes": peak_mem.map(|m| m.1), "mem_kind": peak_mem.map(|m| m.0),
         }))?;
         bar.set_position(step as u64);
         bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", out.loss, lr, out.tokens as f64 / dt));
@@ -517,6 +527,9 @@ fn train<B: AutodiffBackend>(
         "quality": {"val_loss": val_loss, "val_bpb": val_bpb},
         "throughput": {
             "tokens_per_s": state.tokens as f64 / state.train_s.max(1e-9),
+            "flops_per_token": flops_tok,
+            "mfu": crate::perf::mfu(flops_tok, state.tokens as f64 / state.train_s.max(1e-9), peak),
+            "precision": precision,
             "tokens": state.tokens,
             "wall_s": state.wall_s,
             "train_s": state.train_s,
@@ -534,12 +547,13 @@ fn train<B: AutodiffBackend>(
             "meter_overhead_s": meter_s,
             "note": "this session's components; joules include earlier sessions of a resumed run",
         },
+        "memory": {"peak_bytes": peak_mem.map(|m| m.1), "kind": peak_mem.map(|m| m.0)},
         "params": p.cfg.num_params(),
         "steps": state.step,
         "stop_reason": stop_reason,
         "evals": evals,
         "target": t.target_val_loss.map(|tv| json!({"val_loss": tv, "reached": target_hit})),
-        "backend": ctx.backend,
+        "backend": ctx.device.describe(),
         "threads": threads(),
     });
     std::fs::write(ctx.dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
@@ -547,7 +561,7 @@ fn train<B: AutodiffBackend>(
     println!(
         "\n== Kiln report: {} ==\nmodel       {} parameters ({} layers, d_model {})\nsteps       {} ({} tokens)\nval loss    {:.4}\nval bpb     {:.4}\nthroughput  {:.0} tokens/s on {} ({} threads)\nwall time   {:.1} s\nenergy      {:.1} J ({}; {:.2e} J/token, {:.2e} gCO2e)\nfinal model {}",
         r.name, p.cfg.num_params(), p.cfg.num_hidden_layers, p.cfg.hidden_size, state.step, state.tokens, val_loss, val_bpb,
-        state.tokens as f64 / state.train_s.max(1e-9), ctx.backend, threads(), state.wall_s,
+        state.tokens as f64 / state.train_s.max(1e-9), ctx.device.describe(), threads(), state.wall_s,
         state.joules, state.energy_method, state.joules / (state.tokens.max(1) as f64), state.joules / 3.6e6 * e.grid_gco2_per_kwh,
         final_dir.display()
     );

@@ -54,6 +54,7 @@ preset = "tiny"
 [data]
 sources = ["corpus.txt"]
 [train]
+device = "cpu"
 steps = 400
 batch_size = 4
 eval_every = 50

@@ -1,0 +1,103 @@
+//! Throughput accounting: FLOPs per token, model FLOP utilisation (MFU) against a small table
+//! of known devices, and peak memory (device memory on a GPU, resident set size on the CPU).
+
+use kiln_models::LlamaConfig;
+
+use crate::device::Device;
+
+/// Training FLOPs per token: 6·params (matmuls, forward and backward) + 12·layers·d_model·context
+/// (attention scores and values), the PaLM appendix's count, which `../shared/bench/torch_reference.py`
+/// prints as `flops_per_token`.
+pub fn flops_per_token(cfg: &LlamaConfig, context: usize) -> f64 {
+    6.0 * cfg.num_params() as f64 + 12.0 * (cfg.num_hidden_layers * cfg.hidden_size * context) as f64
+}
+
+/// Dense peak FLOP/s of known GPUs, by a substring of the name the driver reports:
+/// (name, f32, bf16/f16 tensor cores). From the vendors' data sheets (dense, no sparsity).
+const PEAKS: &[(&str, f64, f64)] = &[
+    ("H200", 67e12, 989e12),
+    ("H100 PCIe", 51e12, 756e12),
+    ("H100", 67e12, 989e12), // SXM (HBM3)
+    ("A100", 19.5e12, 312e12),
+    ("L40S", 91.6e12, 362e12),
+    ("L4", 30.3e12, 121e12),
+    ("A10G", 31.2e12, 70e12),
+    ("A10", 31.2e12, 125e12),
+    ("RTX 4090", 82.6e12, 165e12),
+    ("RTX 3090", 35.6e12, 71e12),
+    ("V100", 15.7e12, 125e12),
+    ("T4", 8.1e12, 65e12),
+];
+
+/// Peak FLOP/s for `precision` ("f32", "bf16-mixed", "f16-mixed") on a known GPU; `None` on the
+/// CPU or an unknown device (MFU is then reported as null, not guessed).
+pub fn peak_flops(gpu: Option<&str>, precision: &str) -> Option<f64> {
+    let name = gpu?;
+    let &(_, f32_peak, half_peak) = PEAKS.iter().find(|(n, _, _)| name.contains(n))?;
+    Some(if precision == "f32" { f32_peak } else { half_peak })
+}
+
+/// Model FLOP utilisation: achieved FLOP/s over the device's peak.
+pub fn mfu(flops_per_token: f64, tokens_per_s: f64, peak: Option<f64>) -> Option<f64> {
+    peak.map(|p| flops_per_token * tokens_per_s / p)
+}
+
+/// The process's peak resident set size in bytes (`VmHWM`), on Linux.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Device memory reserved by Burn's allocator on a GPU (it keeps its pages, so this is also
+/// the peak reserved, as `torch.cuda.max_memory_reserved` reports); `None` on the CPU.
+pub fn device_memory_bytes(dev: &Device) -> Option<u64> {
+    match dev {
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu { kind, index, .. } => {
+            use cubecl::Runtime;
+            let d = Device::wgpu_device(*kind, *index);
+            cubecl::wgpu::WgpuRuntime::client(&d).memory_usage().ok().map(|u| u.bytes_reserved)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda { index, .. } => {
+            use cubecl::Runtime;
+            let d = cubecl::cuda::CudaDevice { index: *index };
+            cubecl::cuda::CudaRuntime::client(&d).memory_usage().ok().map(|u| u.bytes_reserved)
+        }
+        _ => None,
+    }
+}
+
+/// Peak memory and what it measures: `("device", bytes)` on a GPU, `("rss", bytes)` on the CPU.
+pub fn peak_memory(dev: &Device) -> Option<(&'static str, u64)> {
+    match device_memory_bytes(dev) {
+        Some(b) => Some(("device", b)),
+        None => peak_rss_bytes().map(|b| ("rss", b)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_match_the_reference_formula() {
+        // bench-cpu: 869,760 parameters (torch_reference.py's count), 4 layers, d 128, context 64.
+        let cfg = kiln_models::presets::preset("bench-cpu", 65).unwrap();
+        assert_eq!(cfg.num_params(), 869_760);
+        assert_eq!(flops_per_token(&cfg, 64), 6.0 * 869_760.0 + 12.0 * 4.0 * 128.0 * 64.0);
+    }
+
+    #[test]
+    fn mfu_table() {
+        assert_eq!(peak_flops(Some("NVIDIA H100 80GB HBM3"), "bf16-mixed"), Some(989e12));
+        assert_eq!(peak_flops(Some("NVIDIA H100 PCIe"), "f32"), Some(51e12));
+        assert_eq!(peak_flops(Some("NVIDIA L4"), "f32"), Some(30.3e12));
+        assert_eq!(peak_flops(None, "f32"), None);
+        assert_eq!(peak_flops(Some("llvmpipe (LLVM 15.0.6, 256 bits)"), "f32"), None);
+        let m = mfu(1e9, 100_000.0, Some(989e12)).unwrap();
+        assert!((m - 1e14 / 989e12).abs() < 1e-12);
+        assert!(peak_rss_bytes().unwrap() > 1_000_000);
+    }
+}
