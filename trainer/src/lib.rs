@@ -3,6 +3,7 @@
 
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod export;
 pub mod hub;
 pub mod optim;

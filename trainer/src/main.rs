@@ -30,6 +30,44 @@ struct Common {
     data_root: Option<PathBuf>,
 }
 
+/// Data-parallel training: one `kiln run` per device, all with the same recipe.
+#[derive(clap::Args)]
+struct DistArgs {
+    /// Number of workers (processes) in the data-parallel run.
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// This worker's rank, 0..nodes; rank 0 writes checkpoints and reports.
+    #[arg(long, requires = "nodes")]
+    node_rank: Option<usize>,
+    /// HOST:PORT of `kiln coordinator`.
+    #[arg(long, requires = "nodes")]
+    coordinator: Option<String>,
+    /// HOST:PORT where this worker serves tensors to the others (reachable from them).
+    #[arg(long, requires = "nodes")]
+    node_addr: Option<String>,
+    /// Seconds to wait for all workers to join.
+    #[arg(long, default_value_t = 120)]
+    connect_timeout_s: u64,
+    /// Seconds a collective step may wait on the others before the worker gives up.
+    #[arg(long, default_value_t = 600)]
+    step_timeout_s: u64,
+}
+
+impl DistArgs {
+    fn options(&self) -> Result<Option<kiln_trainer::dist::DistOptions>> {
+        let Some(nodes) = self.nodes else { return Ok(None) };
+        let need = |v: &Option<String>, flag: &str| v.clone().with_context(|| format!("--nodes needs {flag}"));
+        Ok(Some(kiln_trainer::dist::DistOptions {
+            nodes,
+            rank: self.node_rank.context("--nodes needs --node-rank")?,
+            coordinator: need(&self.coordinator, "--coordinator HOST:PORT")?,
+            node_addr: need(&self.node_addr, "--node-addr HOST:PORT")?,
+            connect_timeout: std::time::Duration::from_secs(self.connect_timeout_s),
+            step_timeout: std::time::Duration::from_secs(self.step_timeout_s),
+        }))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train from a recipe.
@@ -43,6 +81,14 @@ enum Command {
         /// Where run directories are created.
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
+        #[command(flatten)]
+        dist: DistArgs,
+    },
+    /// Start the coordinator (burn-collective's global orchestrator) for data-parallel runs.
+    Coordinator {
+        /// HOST:PORT to listen on; workers pass the same to --coordinator.
+        #[arg(long)]
+        listen: String,
     },
     /// Continue a stopped run from its newest checkpoint.
     Resume {
@@ -239,16 +285,27 @@ fn install_signal_handler() {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { recipe, sets, common, runs_dir } => {
+        Command::Coordinator { listen } => kiln_trainer::dist::run_coordinator(&listen),
+        Command::Run { recipe, sets, common, runs_dir, dist } => {
             let r = Recipe::load(&recipe, &sets)?;
+            let dist = dist.options()?;
             let dirs = Dirs::from_env(common.data_root);
             let be = device::resolve(common.device.as_deref().unwrap_or(&r.train.device))?;
             let p = run::prepare(&r, &dirs)?;
+            // Only rank 0 of a data-parallel run keeps a run directory; the others work in a scratch one.
+            let _scratch;
+            let runs_dir = match &dist {
+                Some(o) if o.rank > 0 => {
+                    _scratch = tempfile::tempdir()?;
+                    _scratch.path().to_path_buf()
+                }
+                _ => runs_dir,
+            };
             let dir = run::create_run_dir(&p, &runs_dir, &dirs, &be.describe())?;
             tracing::info!("run directory: {}", dir.display());
             println!("{}", run::summary(&p));
             install_signal_handler();
-            let ctx = RunCtx { dir, device: be.clone(), stop: &STOP };
+            let ctx = RunCtx { dir, device: be.clone(), dist, stop: &STOP };
             let outcome = with_backend!(be, B, d, { run::start::<B>(&p, &ctx, &d)? });
             finish(outcome)
         }
@@ -260,7 +317,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             let be = device::resolve(common.device.as_deref().unwrap_or(&r.train.device))?;
             let p = run::prepare(&r, &dirs)?;
             install_signal_handler();
-            let ctx = RunCtx { dir: run_dir, device: be.clone(), stop: &STOP };
+            let ctx = RunCtx { dir: run_dir, device: be.clone(), dist: None, stop: &STOP };
             let outcome = with_backend!(be, B, d, { run::resume::<B>(&p, &ctx, &d)? });
             finish(outcome)
         }

@@ -30,7 +30,7 @@ use crate::data::loader::{validation_batches, Batch, Loader, LoaderPos};
 use crate::data::shards::{resolve_sources, token_stream, tokenizer_for, SourceFile};
 use crate::data::sources::Dirs;
 use crate::optim::{learning_rate, AdamW};
-use crate::train_step::{eval_loss, train_step};
+use crate::train_step::{eval_loss, train_step, train_step_synced};
 use kiln_evals::energy::Meters;
 
 pub const CHECKPOINT_FORMAT: u32 = 1;
@@ -170,6 +170,8 @@ pub struct RunCtx<'a> {
     pub dir: PathBuf,
     /// The resolved device (reports name it with `describe()`; MFU looks its name up).
     pub device: crate::device::Device,
+    /// Data-parallel training: this worker's place (joined at the start of training).
+    pub dist: Option<crate::dist::DistOptions>,
     pub stop: &'a AtomicBool,
 }
 
@@ -414,6 +416,18 @@ fn train<B: AutodiffBackend>(
     let wall0 = state.wall_s;
     let mut last_val: Option<(usize, f64, f64)> = None;
     let keep_going = || !ctx.stop.load(Ordering::SeqCst);
+    // Data parallelism: join the other workers; rank 0 alone writes checkpoints and reports.
+    let dist = match &ctx.dist {
+        Some(o) => {
+            if t.max_energy_j.is_some() {
+                bail!("train.max_energy_j is not supported with --nodes: each worker meters its own energy, so they could stop at different steps");
+            }
+            Some((crate::dist::Dist::join::<B::InnerBackend>(o, device)?, o.step_timeout))
+        }
+        None => None,
+    };
+    let (nodes, rank) = dist.as_ref().map_or((1, 0), |(d, _)| (d.nodes, d.rank));
+    let main = rank == 0;
     let precision = "f32";
     let flops_tok = crate::perf::flops_per_token(&p.cfg, context);
     let peak = crate::perf::peak_flops(ctx.device.gpu_name(), precision);
@@ -422,16 +436,31 @@ fn train<B: AutodiffBackend>(
     while state.step < t.steps {
         if !keep_going() {
             state.wall_s = wall0 + started.elapsed().as_secs_f64();
-            let ck = save_checkpoint(&ctx.dir, &model, p, &opt, &state, t.keep_checkpoints)?;
             bar.abandon();
+            if !main {
+                eprintln!("rank {rank}: stopped at step {}", state.step);
+                return Ok(Outcome::Stopped { step: state.step });
+            }
+            let ck = save_checkpoint(&ctx.dir, &model, p, &opt, &state, t.keep_checkpoints)?;
             eprintln!("stopped at step {}; checkpoint {}\nresume with: kiln resume {}", state.step, ck.display(), ctx.dir.display());
             return Ok(Outcome::Stopped { step: state.step });
         }
         let step = state.step + 1;
         let lr = learning_rate(&r.optim, step, t.steps);
-        let micro: Vec<Batch> = (0..t.grad_accum).map(|_| loader.next_batch()).collect();
+        // Every worker draws the step's nodes x grad_accum micro-batches and trains on its own share.
+        let all: Vec<Batch> = (0..t.grad_accum * nodes).map(|_| loader.next_batch()).collect();
+        let micro = &all[rank * t.grad_accum..(rank + 1) * t.grad_accum];
         let t0 = Instant::now();
-        let (m, out) = train_step(model, &mut opt, &micro, lr, device);
+        let (m, mut out) = match &dist {
+            None => train_step(model, &mut opt, micro, lr, device),
+            Some((d, timeout)) => {
+                let mut hook = |g, l| -> Result<_> {
+                    Ok((d.all_reduce_grads::<B::InnerBackend>(g, step, *timeout)?, d.mean::<B::InnerBackend>(l, device, step, *timeout)?))
+                };
+                train_step_synced(model, &mut opt, micro, lr, device, Some(&mut hook))?
+            }
+        };
+        out.tokens *= nodes;
         model = m;
         let dt = t0.elapsed().as_secs_f64();
         if !out.loss.is_finite() {
@@ -488,7 +517,7 @@ fn train<B: AutodiffBackend>(
                 stop_reason = "target_val_loss";
             }
         }
-        if r.eval.every > 0 && step % r.eval.every == 0 && step != t.steps && !tasks.is_empty() {
+        if main && r.eval.every > 0 && step % r.eval.every == 0 && step != t.steps && !tasks.is_empty() {
             let (j0, _, _) = meters.read();
             let evals = run_recipe_tasks(&model, p, &tasks, &mut meters, device)?;
             eval_j += meters.read().0 - j0;
@@ -500,16 +529,25 @@ fn train<B: AutodiffBackend>(
         if stop_reason != "steps" {
             tracing::info!("stopping at step {step}: {stop_reason} reached");
             state.wall_s = wall0 + started.elapsed().as_secs_f64();
-            save_checkpoint(&ctx.dir, &model, p, &opt, &state, t.keep_checkpoints)?;
+            if main {
+                save_checkpoint(&ctx.dir, &model, p, &opt, &state, t.keep_checkpoints)?;
+            }
             break;
         }
-        if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || step == t.steps {
+        if main && ((t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || step == t.steps) {
             state.wall_s = wall0 + started.elapsed().as_secs_f64();
             save_checkpoint(&ctx.dir, &model, p, &opt, &state, t.keep_checkpoints)?;
         }
     }
     bar.finish_and_clear();
     state.wall_s = wall0 + started.elapsed().as_secs_f64();
+    if let Some((d, _)) = &dist {
+        d.finish::<B::InnerBackend>();
+        if !main {
+            println!("rank {rank}: finished {} steps; rank 0 writes the model and the report", state.step);
+            return Ok(Outcome::Finished);
+        }
+    }
     let (val_loss, val_bpb) = match last_val {
         Some((s, vl, bpb)) if s == state.step => (vl, bpb),
         _ => {
@@ -555,6 +593,7 @@ fn train<B: AutodiffBackend>(
         "target": t.target_val_loss.map(|tv| json!({"val_loss": tv, "reached": target_hit})),
         "backend": ctx.device.describe(),
         "threads": threads(),
+        "workers": nodes,
     });
     std::fs::write(ctx.dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     write_report_card(&ctx.dir, r, &p.cfg, &report)?;

@@ -46,6 +46,25 @@ pub fn train_step<B: AutodiffBackend>(
     lr: f64,
     device: &B::Device,
 ) -> (Llama<B>, StepOutput) {
+    match train_step_synced(model, opt, micro, lr, device, None) {
+        Ok(r) => r,
+        Err(_) => unreachable!("a step without a sync hook cannot fail"),
+    }
+}
+
+/// Averages a step's gradients and loss with other workers (data parallelism).
+pub type SyncHook<'a> = &'a mut dyn FnMut(GradientsParams, f64) -> anyhow::Result<(GradientsParams, f64)>;
+
+/// [`train_step`], with the gradients (and the loss, for logging) passed through `sync` between
+/// the backward passes and clipping + AdamW.
+pub fn train_step_synced<B: AutodiffBackend>(
+    model: Llama<B>,
+    opt: &mut AdamW<B::InnerBackend>,
+    micro: &[Batch],
+    lr: f64,
+    device: &B::Device,
+    sync: Option<SyncHook>,
+) -> anyhow::Result<(Llama<B>, StepOutput)> {
     let k = micro.len() as f64;
     let mut acc = GradientsAccumulator::<Llama<B>>::new();
     let mut loss_sum = 0.0;
@@ -69,11 +88,15 @@ pub fn train_step<B: AutodiffBackend>(
             acc.accumulate(&model, gp);
         }
     }
-    let grads = single.unwrap_or_else(|| acc.grads());
+    let mut grads = single.unwrap_or_else(|| acc.grads());
+    let mut loss = loss_sum / k;
     let t0 = Instant::now();
+    if let Some(sync) = sync {
+        (grads, loss) = sync(grads, loss)?;
+    }
     let (model, grad_norm) = opt.step::<B, _>(model, grads, lr);
     let optim_s = t0.elapsed().as_secs_f64();
-    (model, StepOutput { loss: loss_sum / k, grad_norm, tokens, forward_s, backward_s, optim_s })
+    Ok((model, StepOutput { loss, grad_norm, tokens, forward_s, backward_s, optim_s }))
 }
 
 /// Mean validation loss (nats per token) over fixed batches, without autodiff.
