@@ -14,7 +14,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{attention, embedding};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
@@ -125,6 +125,12 @@ pub struct Llama<B: Backend> {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub eps: f64,
+    /// Mixed precision: `Some(bf16 | f16)` runs matmuls and attention in that type while the
+    /// parameters (the optimizer's master weights), norms, softmax-free reductions and the
+    /// residual stream stay f32. Burn 0.21 has no autocast, so the casts are written here;
+    /// they are differentiable, and gradients arrive in f32.
+    #[module(skip)]
+    pub compute: Option<DType>,
 }
 
 /// Where initial weights come from: a random initialiser or a checkpoint.
@@ -216,6 +222,7 @@ impl<B: Backend> Llama<B> {
             n_heads: h,
             n_kv_heads: k,
             eps: cfg.rms_norm_eps,
+            compute: None,
         })
     }
 
@@ -241,8 +248,8 @@ impl<B: Backend> Llama<B> {
         }
         let x = rms_norm(x, &self.model.norm.val(), self.eps); // [B, T, D]
         match &self.lm_head {
-            Some(w) => x.matmul(w.val().unsqueeze()), // [B, T, V]
-            None => x.matmul(self.model.embed_tokens.val().transpose().unsqueeze()), // [B, T, V]
+            Some(w) => self.mm(x, w.val()), // [B, T, V]
+            None => self.mm(x, self.model.embed_tokens.val().transpose()), // [B, T, V]
         }
     }
 
@@ -260,9 +267,9 @@ impl<B: Backend> Llama<B> {
         let a = &l.self_attn;
 
         let hn = rms_norm(x.clone(), &l.input_layernorm.val(), self.eps); // [B, T, D]
-        let q = hn.clone().matmul(a.q_proj.val().unsqueeze()).reshape([b, t, h, hd]).swap_dims(1, 2); // [B, H, T, Hd]
-        let kk = hn.clone().matmul(a.k_proj.val().unsqueeze()).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
-        let v = hn.matmul(a.v_proj.val().unsqueeze()).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
+        let q = self.mm(hn.clone(), a.q_proj.val()).reshape([b, t, h, hd]).swap_dims(1, 2); // [B, H, T, Hd]
+        let kk = self.mm(hn.clone(), a.k_proj.val()).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
+        let v = self.mm(hn, a.v_proj.val()).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
         let q = rope(q, cos, sin); // [B, H, T, Hd]
         let mut kk = rope(kk, cos, sin); // [B, K, T, Hd]
         let mut v = v;
@@ -283,15 +290,26 @@ impl<B: Backend> Llama<B> {
         let kk = repeat_kv(kk, h / k); // [B, H, S, Hd]
         let v = repeat_kv(v, h / k); // [B, H, S, Hd]
         let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
-        let y = attention(q, kk, v, None, None, opts); // [B, H, T, Hd]
+        let y = match self.compute {
+            None => attention(q, kk, v, None, None, opts), // [B, H, T, Hd]
+            Some(dt) => attention(q.cast(dt), kk.cast(dt), v.cast(dt), None, None, opts).cast(DType::F32),
+        };
         let y = y.swap_dims(1, 2).reshape([b, t, d]); // [B, T, D]
-        let x = x + y.matmul(a.o_proj.val().unsqueeze()); // [B, T, D]
+        let x = x + self.mm(y, a.o_proj.val()); // [B, T, D]
 
         let hn = rms_norm(x.clone(), &l.post_attention_layernorm.val(), self.eps); // [B, T, D]
         let m = &l.mlp;
-        let gate = silu(hn.clone().matmul(m.gate_proj.val().unsqueeze())); // [B, T, F]
-        let up = hn.matmul(m.up_proj.val().unsqueeze()); // [B, T, F]
-        x + (gate * up).matmul(m.down_proj.val().unsqueeze()) // [B, T, D]
+        let gate = silu(self.mm(hn.clone(), m.gate_proj.val())); // [B, T, F]
+        let up = self.mm(hn, m.up_proj.val()); // [B, T, F]
+        x + self.mm(gate * up, m.down_proj.val()) // [B, T, D]
+    }
+
+    /// `x @ w` for `x: [B, T, In]`, `w: [In, Out]`, in the compute precision; the result is f32.
+    fn mm(&self, x: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
+        match self.compute {
+            None => x.matmul(w.unsqueeze()),
+            Some(dt) => x.cast(dt).matmul(w.cast(dt).unsqueeze()).cast(DType::F32),
+        }
     }
 }
 

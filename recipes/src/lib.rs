@@ -220,6 +220,9 @@ pub struct TrainSection {
     /// `"auto"` (CUDA, else a hardware wgpu adapter, else the CPU), `"cpu"` (flex), `"ndarray"`,
     /// `"wgpu[:N]"` or `"cuda[:N]"`.
     pub device: String,
+    /// Compute precision: `"f32"`, `"bf16-mixed"` or `"f16-mixed"` (matmuls and attention in
+    /// half precision; master weights, norms, loss and AdamW in f32).
+    pub precision: String,
     /// Evaluate validation loss every N steps (and at the end); 0 means only at the end.
     pub eval_every: usize,
     /// Validation batches per evaluation.
@@ -244,6 +247,7 @@ impl Default for TrainSection {
             grad_accum: 1,
             seed: 1337,
             device: "auto".into(),
+            precision: "f32".into(),
             eval_every: 250,
             eval_batches: 50,
             checkpoint_every: 500,
@@ -391,6 +395,9 @@ impl Recipe {
         }
         if t.keep_checkpoints == 0 {
             return err("train.keep_checkpoints", "must be at least 1 (the last checkpoint is what resume uses)");
+        }
+        if !["f32", "bf16-mixed", "f16-mixed"].contains(&t.precision.as_str()) {
+            return err("train.precision", format!("unknown precision '{}'; expected f32, bf16-mixed or f16-mixed", t.precision));
         }
         let (dev, idx) = t.device.split_once(':').map_or((t.device.as_str(), None), |(d, i)| (d, Some(i)));
         let idx_ok = idx.is_none_or(|i| i.parse::<usize>().is_ok() && ["wgpu", "cuda"].contains(&dev));

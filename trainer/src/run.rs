@@ -374,6 +374,15 @@ pub fn resume<B: AutodiffBackend>(p: &Prepared, ctx: &RunCtx, device: &B::Device
     train(p, ctx, model, opt, state, device)
 }
 
+/// The compute type of `train.precision` (`None`: f32).
+pub fn compute_dtype(precision: &str) -> Option<burn::tensor::DType> {
+    match precision {
+        "bf16-mixed" => Some(burn::tensor::DType::BF16),
+        "f16-mixed" => Some(burn::tensor::DType::F16),
+        _ => None,
+    }
+}
+
 fn train<B: AutodiffBackend>(
     p: &Prepared,
     ctx: &RunCtx,
@@ -428,7 +437,11 @@ fn train<B: AutodiffBackend>(
     };
     let (nodes, rank) = dist.as_ref().map_or((1, 0), |(d, _)| (d.nodes, d.rank));
     let main = rank == 0;
-    let precision = "f32";
+    let precision = t.precision.as_str();
+    model.compute = compute_dtype(precision);
+    if model.compute.is_some() {
+        tracing::info!("precision {precision}: matmuls and attention in half precision, master weights and AdamW in f32");
+    }
     let flops_tok = crate::perf::flops_per_token(&p.cfg, context);
     let peak = crate::perf::peak_flops(ctx.device.gpu_name(), precision);
     let mut peak_mem: Option<(&str, u64)> = None;
