@@ -66,6 +66,11 @@ pub fn run_coordinator(listen: &str) -> Result<()> {
     Ok(())
 }
 
+/// A panic's message (`panic!` payloads are a `String` or a `&str`).
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+}
+
 /// Deadlines for blocking collective calls: a thread that exits the process with a clear message
 /// when a call outlives its deadline (the call itself cannot be cancelled).
 struct Watchdog {
@@ -107,10 +112,7 @@ impl Watchdog {
         self.deadline_ms.store(self.t0.elapsed().as_millis() as u64 + timeout.as_millis() as u64, Ordering::SeqCst);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
         self.deadline_ms.store(0, Ordering::SeqCst);
-        r.map_err(|p| {
-            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-            anyhow::anyhow!("{what} failed: the collective layer panicked ({msg}); a peer probably died")
-        })
+        r.map_err(|p| anyhow::anyhow!("{what} failed: the collective layer panicked ({}); a peer probably died", panic_text(p.as_ref())))
     }
 }
 
@@ -140,14 +142,8 @@ impl Dist {
             if std::thread::current().name() == Some("main") {
                 return default_hook(info);
             }
-            let msg = info
-                .payload()
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
             let at = info.location().map(|l| format!(" ({}:{})", l.file(), l.line())).unwrap_or_default();
-            eprintln!("warning: rank {rank}: a collective background task failed: {msg}{at}");
+            eprintln!("warning: rank {rank}: a collective background task failed: {}{at}", panic_text(info.payload()));
         }));
         tracing::info!("rank {}/{}: joining through the coordinator at {}", o.rank, o.nodes, o.coordinator);
         let what = format!(

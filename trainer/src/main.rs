@@ -152,7 +152,7 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
         /// Shard the weights above this many MB.
-        #[arg(long, default_value_t = 5000)]
+        #[arg(long, default_value_t = DEFAULT_SHARD_MB)]
         max_shard_mb: usize,
         /// The licence for the model card (an SPDX id or "other").
         #[arg(long, default_value = "other")]
@@ -397,18 +397,14 @@ Model `{}`.
                 println!("using the existing export {}", model.join("hf").display());
                 model.join("hf")
             } else {
-                let src = run::model_dir(&model)?;
-                let run = model.join("plan.toml").is_file().then_some(model.as_path());
-                let out = match run {
-                    Some(r) => r.join("hf"),
-                    None => {
-                        _tmp = tempfile::tempdir()?;
-                        _tmp.path().join("hf")
-                    }
+                let out = if model.join("plan.toml").is_file() {
+                    model.join("hf")
+                } else {
+                    _tmp = tempfile::tempdir()?;
+                    _tmp.path().join("hf")
                 };
-                let o = kiln_trainer::export::ExportOptions { dtype: store_dtype(&dtype)?, max_shard_bytes: 5_000_000_000, license };
-                kiln_trainer::export::export(&src, run, &out, &o)?;
-                println!("exported {} to {}", src.display(), out.display());
+                let o = kiln_trainer::export::ExportOptions { dtype: store_dtype(&dtype)?, max_shard_bytes: DEFAULT_SHARD_MB * 1_000_000, license };
+                export_model(&model, &out, &o)?;
                 out
             };
             let files = hub::upload_list(&folder)?;
@@ -438,12 +434,9 @@ Model `{}`.
         }
         Command::Export { model, out, dtype, max_shard_mb, license } => {
             let dtype = store_dtype(&dtype)?;
-            let src = run::model_dir(&model)?;
-            let run = model.join("plan.toml").is_file().then_some(model.as_path());
             let out = out.unwrap_or_else(|| model.join("hf"));
             let o = kiln_trainer::export::ExportOptions { dtype, max_shard_bytes: max_shard_mb.max(1) * 1_000_000, license };
-            kiln_trainer::export::export(&src, run, &out, &o)?;
-            println!("exported {} to {}", src.display(), out.display());
+            export_model(&model, &out, &o)?;
             Ok(())
         }
         Command::Tokenizer { command: TokenizerCommand::Train { input, vocab_size, kind, out } } => {
@@ -517,6 +510,19 @@ fn finish(o: Outcome) -> Result<()> {
         Outcome::Finished => Ok(()),
         Outcome::Stopped { .. } => std::process::exit(130),
     }
+}
+
+/// Weights are sharded above this many MB by default (as `save_pretrained`'s 5 GB).
+const DEFAULT_SHARD_MB: usize = 5000;
+
+/// Exports a run (its final/ or newest checkpoint, with its report for the model card) or a
+/// model folder to `out` in the Hugging Face layout.
+fn export_model(model: &Path, out: &Path, o: &kiln_trainer::export::ExportOptions) -> Result<()> {
+    let src = run::model_dir(model)?;
+    let run = model.join("plan.toml").is_file().then_some(model);
+    kiln_trainer::export::export(&src, run, out, o)?;
+    println!("exported {} to {}", src.display(), out.display());
+    Ok(())
 }
 
 fn store_dtype(s: &str) -> Result<kiln_models::checkpoint::StoreDtype> {

@@ -511,9 +511,9 @@ fn train<B: AutodiffBackend>(
             "peak_mem_bytes": peak_mem.map(|m| m.1), "mem_kind": peak_mem.map(|m| m.0),
         }))?;
         bar.set_position(step as u64);
-        bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", out.loss, lr, out.tokens as f64 / dt));
+        bar.set_message(format!("loss {:.4} lr {:.2e} {tps:.0} tok/s", out.loss, lr));
         if !tty && (step % t.log_every.max(1) == 0 || step == 1) {
-            tracing::info!("step {step}/{} loss {:.4} lr {:.2e} grad_norm {:.3} {:.0} tok/s", t.steps, out.loss, lr, out.grad_norm, out.tokens as f64 / dt);
+            tracing::info!("step {step}/{} loss {:.4} lr {:.2e} grad_norm {:.3} {tps:.0} tok/s", t.steps, out.loss, lr, out.grad_norm);
         }
         if (t.eval_every > 0 && step % t.eval_every == 0) || step == t.steps {
             let vl = eval_loss(&model, &val, device);
@@ -573,13 +573,14 @@ fn train<B: AutodiffBackend>(
         checkpoint::save_dir(&final_dir, &model, &p.cfg, &p.tok)?;
     }
     let evals = if tasks.is_empty() { json!({}) } else { run_recipe_tasks(&model, p, &tasks, &mut meters, device)? };
+    let mean_tps = state.tokens as f64 / state.train_s.max(1e-9);
     let report = json!({
         "run": ctx.dir.file_name().map(|n| n.to_string_lossy().to_string()),
         "quality": {"val_loss": val_loss, "val_bpb": val_bpb},
         "throughput": {
-            "tokens_per_s": state.tokens as f64 / state.train_s.max(1e-9),
+            "tokens_per_s": mean_tps,
             "flops_per_token": flops_tok,
-            "mfu": crate::perf::mfu(flops_tok, state.tokens as f64 / state.train_s.max(1e-9), peak),
+            "mfu": crate::perf::mfu(flops_tok, mean_tps, peak),
             "precision": precision,
             "tokens": state.tokens,
             "wall_s": state.wall_s,
@@ -613,7 +614,7 @@ fn train<B: AutodiffBackend>(
     println!(
         "\n== Kiln report: {} ==\nmodel       {} parameters ({} layers, d_model {})\nsteps       {} ({} tokens)\nval loss    {:.4}\nval bpb     {:.4}\nthroughput  {:.0} tokens/s on {} ({} threads)\nwall time   {:.1} s\nenergy      {:.1} J ({}; {:.2e} J/token, {:.2e} gCO2e)\nfinal model {}",
         r.name, p.cfg.num_params(), p.cfg.num_hidden_layers, p.cfg.hidden_size, state.step, state.tokens, val_loss, val_bpb,
-        state.tokens as f64 / state.train_s.max(1e-9), ctx.device.describe(), threads(), state.wall_s,
+        mean_tps, ctx.device.describe(), threads(), state.wall_s,
         state.joules, state.energy_method, state.joules / (state.tokens.max(1) as f64), state.joules / 3.6e6 * e.grid_gco2_per_kwh,
         final_dir.display()
     );

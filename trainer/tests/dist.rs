@@ -75,6 +75,14 @@ fn worker(dir: &Path, rank: usize, coord: u16, extra: &[&str]) -> Command {
     c
 }
 
+/// `kiln coordinator` on a free loopback port, stopped when the guard drops.
+fn coordinator(dir: &Path) -> (Kill, u16) {
+    let port = free_port();
+    let c = kiln(dir, &["coordinator", "--listen", &format!("127.0.0.1:{port}")]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    (Kill(c), port)
+}
+
 /// Waits for worker `rank`; returns its status and its log.
 fn wait_with_timeout(dir: &Path, rank: usize, mut c: Child, limit: Duration) -> (std::process::ExitStatus, String) {
     let t0 = Instant::now();
@@ -136,9 +144,7 @@ fn parameter_ids_are_the_same_in_every_process() {
 fn two_workers_match_one_process_with_the_same_global_batch() {
     let dir = setup();
     let d = dir.path();
-    let port = free_port();
-    let _coord = Kill(kiln(d, &["coordinator", "--listen", &format!("127.0.0.1:{port}")]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-    std::thread::sleep(Duration::from_millis(300));
+    let (_coord, port) = coordinator(d);
     let w0 = worker(d, 0, port, &[]).spawn().unwrap();
     let w1 = worker(d, 1, port, &[]).spawn().unwrap();
     let (s1, out1) = wait_with_timeout(d, 1, w1, Duration::from_secs(240));
@@ -168,9 +174,7 @@ fn two_workers_match_one_process_with_the_same_global_batch() {
 fn a_dead_worker_fails_the_others_cleanly_and_keeps_the_checkpoint() {
     let dir = setup();
     let d = dir.path();
-    let port = free_port();
-    let _coord = Kill(kiln(d, &["coordinator", "--listen", &format!("127.0.0.1:{port}")]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-    std::thread::sleep(Duration::from_millis(300));
+    let (_coord, port) = coordinator(d);
     let long = ["--set", "train.steps=100000", "--step-timeout-s", "10"];
     let w0 = worker(d, 0, port, &long).spawn().unwrap();
     let w1 = Kill(worker(d, 1, port, &long).spawn().unwrap());
