@@ -29,6 +29,7 @@ pub type HostTensor = (String, Vec<usize>, Vec<f32>);
 struct Collect {
     path: Vec<String>,
     out: Vec<HostTensor>,
+    hf_layout: bool,
 }
 
 impl<B: Backend> ModuleVisitor<B> for Collect {
@@ -43,7 +44,7 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
         let t = param.val();
         let shape = t.dims().to_vec();
         let values: Vec<f32> = t.into_data().convert::<f32>().to_vec().unwrap_or_default();
-        self.out.push(to_hf_layout(name, shape, values));
+        self.out.push(if self.hf_layout { to_hf_layout(name, shape, values) } else { (name, shape, values) });
     }
 }
 
@@ -64,7 +65,14 @@ fn to_hf_layout(name: String, shape: Vec<usize>, values: Vec<f32>) -> HostTensor
 
 /// Every parameter of the model, by Hugging Face name, in Hugging Face layout.
 pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<HostTensor> {
-    let mut c = Collect { path: Vec::new(), out: Vec::new() };
+    let mut c = Collect { path: Vec::new(), out: Vec::new(), hf_layout: true };
+    model.visit::<Collect>(&mut c);
+    c.out
+}
+
+/// Every parameter of the model, by Hugging Face name, in Burn's layout (`[in, out]`).
+pub fn burn_tensors<B: Backend>(model: &Llama<B>) -> Vec<HostTensor> {
+    let mut c = Collect { path: Vec::new(), out: Vec::new(), hf_layout: false };
     model.visit::<Collect>(&mut c);
     c.out
 }

@@ -2,6 +2,7 @@
 //! Hugging Face-layout checkpoints, initialisation and generation.
 
 pub mod checkpoint;
+pub mod cpu_kernels;
 pub mod generate;
 pub mod init;
 pub mod llama;

@@ -223,6 +223,10 @@ pub struct TrainSection {
     /// Compute precision: `"f32"`, `"bf16-mixed"` or `"f16-mixed"` (matmuls and attention in
     /// half precision; master weights, norms, loss and AdamW in f32).
     pub precision: String,
+    /// On the CPU backends at f32, compute forward and backward with Kiln's fused CPU kernels
+    /// (models/src/cpu_kernels.rs: the same model and gradients, several times faster) instead
+    /// of Burn's op-by-op autodiff graph; `false` uses Burn's graph.
+    pub cpu_kernels: bool,
     /// Evaluate validation loss every N steps (and at the end); 0 means only at the end.
     pub eval_every: usize,
     /// Validation batches per evaluation.
@@ -248,6 +252,7 @@ impl Default for TrainSection {
             seed: 1337,
             device: "auto".into(),
             precision: "f32".into(),
+            cpu_kernels: true,
             eval_every: 250,
             eval_batches: 50,
             checkpoint_every: 500,

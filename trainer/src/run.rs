@@ -30,7 +30,7 @@ use crate::data::loader::{validation_batches, Batch, Loader, LoaderPos};
 use crate::data::shards::{resolve_sources, token_stream, tokenizer_for, SourceFile};
 use crate::data::sources::Dirs;
 use crate::optim::{learning_rate, AdamW};
-use crate::train_step::{eval_loss, train_step, train_step_synced};
+use crate::train_step::{eval_loss, train_step_synced, CpuKernels};
 use kiln_evals::energy::Meters;
 
 pub const CHECKPOINT_FORMAT: u32 = 1;
@@ -442,6 +442,12 @@ fn train<B: AutodiffBackend>(
     if model.compute.is_some() {
         tracing::info!("precision {precision}: matmuls and attention in half precision, master weights and AdamW in f32");
     }
+    let on_cpu = matches!(ctx.device, crate::device::Device::Flex | crate::device::Device::NdArray);
+    let kernels = (t.cpu_kernels && on_cpu && model.compute.is_none()).then(|| CpuKernels::new(&model, &p.cfg, threads()));
+    if kernels.is_some() {
+        tracing::info!("forward and backward by Kiln's fused CPU kernels on {} threads (train.cpu_kernels)", threads());
+    }
+    let kernels = kernels.as_ref();
     let flops_tok = crate::perf::flops_per_token(&p.cfg, context);
     let peak = crate::perf::peak_flops(ctx.device.gpu_name(), precision);
     let mut peak_mem: Option<(&str, u64)> = None;
@@ -465,12 +471,12 @@ fn train<B: AutodiffBackend>(
         let micro = &all[rank * t.grad_accum..(rank + 1) * t.grad_accum];
         let t0 = Instant::now();
         let (m, mut out) = match &dist {
-            None => train_step(model, &mut opt, micro, lr, device),
+            None => train_step_synced(model, &mut opt, micro, lr, device, None, kernels)?,
             Some((d, timeout)) => {
                 let mut hook = |g, l| -> Result<_> {
                     Ok((d.all_reduce_grads::<B::InnerBackend>(g, step, *timeout)?, d.mean::<B::InnerBackend>(l, device, step, *timeout)?))
                 };
-                train_step_synced(model, &mut opt, micro, lr, device, Some(&mut hook))?
+                train_step_synced(model, &mut opt, micro, lr, device, Some(&mut hook), kernels)?
             }
         };
         out.tokens *= nodes;
@@ -516,7 +522,7 @@ fn train<B: AutodiffBackend>(
             tracing::info!("step {step}/{} loss {:.4} lr {:.2e} grad_norm {:.3} {tps:.0} tok/s", t.steps, out.loss, lr, out.grad_norm);
         }
         if (t.eval_every > 0 && step % t.eval_every == 0) || step == t.steps {
-            let vl = eval_loss(&model, &val, device);
+            let vl = eval_loss(&model, &val, device, kernels);
             let bpb = vl / std::f64::consts::LN_2 / p.bytes_per_token;
             metrics.log(json!({"step": step, "kind": "eval", "val_loss": vl, "val_bpb": bpb}))?;
             bar.println(format!("step {step}: val_loss {vl:.4} val_bpb {bpb:.4}"));
@@ -564,7 +570,7 @@ fn train<B: AutodiffBackend>(
     let (val_loss, val_bpb) = match last_val {
         Some((s, vl, bpb)) if s == state.step => (vl, bpb),
         _ => {
-            let vl = eval_loss(&model, &val, device);
+            let vl = eval_loss(&model, &val, device, kernels);
             (vl, vl / std::f64::consts::LN_2 / p.bytes_per_token)
         }
     };

@@ -8,7 +8,9 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use kiln_models::Llama;
+use kiln_models::cpu_kernels::{self, BatchRef, Dims, Layout, Rope};
+use kiln_models::llama::param_id;
+use kiln_models::{Llama, LlamaConfig};
 
 use crate::data::loader::Batch;
 use crate::optim::AdamW;
@@ -25,6 +27,71 @@ pub fn masked_cross_entropy<B: Backend>(model: &Llama<B>, batch: &Batch, device:
     let logp = log_softmax(logits.reshape([b * t, v]), 1); // [B*T, V]
     let nll = logp.gather(1, y).neg(); // [B*T, 1]
     (nll * mask).sum() / n.max(1.0) // [1]
+}
+
+/// The fused CPU path (`models/src/cpu_kernels.rs`): the same model, loss and gradients as
+/// Burn's autodiff graph, computed by hand-written kernels on host buffers. Built once per run;
+/// used on the CPU backends at f32 precision (`train.cpu_kernels`).
+pub struct CpuKernels {
+    layout: Layout,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    threads: usize,
+}
+
+impl CpuKernels {
+    pub fn new<B: Backend>(model: &Llama<B>, cfg: &LlamaConfig, threads: usize) -> Self {
+        let (cos, sin) = cpu_kernels::rope_tables(model);
+        Self { layout: Layout::new(Dims::from_config(cfg)), cos, sin, threads: threads.max(1) }
+    }
+
+    /// Mean loss over `micro`, the gradients of that mean as Burn gradients, and the seconds
+    /// spent in forward passes.
+    fn grads<B: AutodiffBackend>(&self, model: &Llama<B>, micro: &[Batch], device: &B::Device) -> anyhow::Result<(f64, GradientsParams, f64)> {
+        let w = self.layout.weights(model)?;
+        let rope = Rope { cos: &self.cos, sin: &self.sin };
+        let k = micro.len() as f32;
+        let mut total = vec![0.0f32; self.layout.len];
+        let mut g = vec![0.0f32; self.layout.len];
+        let (mut loss, mut forward_s) = (0.0, 0.0);
+        for (i, b) in micro.iter().enumerate() {
+            let batch = BatchRef { inputs: &b.inputs, targets: &b.targets, mask: &b.mask, b: b.batch, t: b.context };
+            let out = if i == 0 { &mut total } else { &mut g };
+            let pass = cpu_kernels::loss_and_grads(&self.layout, &w, &rope, &batch, self.threads, Some(out));
+            loss += pass.loss;
+            forward_s += pass.forward_s;
+            if i > 0 {
+                total.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+            }
+        }
+        if micro.len() > 1 {
+            total.iter_mut().for_each(|x| *x /= k);
+        }
+        let mut grads = GradientsParams::new();
+        for s in &self.layout.slots {
+            let data = TensorData::new(self.layout.get(&total, s), s.shape.clone());
+            let id = param_id(&s.name);
+            match s.shape.len() {
+                1 => grads.register(id, Tensor::<B::InnerBackend, 1>::from_data(data, device)),
+                _ => grads.register(id, Tensor::<B::InnerBackend, 2>::from_data(data, device)),
+            }
+        }
+        Ok((loss / k as f64, grads, forward_s))
+    }
+
+    /// Mean validation loss (nats per token) over fixed batches.
+    fn eval_loss<B: Backend>(&self, model: &Llama<B>, batches: &[Batch]) -> anyhow::Result<f64> {
+        let w = self.layout.weights(model)?;
+        let rope = Rope { cos: &self.cos, sin: &self.sin };
+        let (mut sum, mut n) = (0.0, 0.0);
+        for b in batches {
+            let batch = BatchRef { inputs: &b.inputs, targets: &b.targets, mask: &b.mask, b: b.batch, t: b.context };
+            let weight: f64 = b.mask.iter().map(|&m| m as f64).sum();
+            sum += cpu_kernels::loss_and_grads(&self.layout, &w, &rope, &batch, self.threads, None).loss * weight;
+            n += weight;
+        }
+        Ok(sum / f64::max(n, 1.0))
+    }
 }
 
 pub struct StepOutput {
@@ -46,7 +113,7 @@ pub fn train_step<B: AutodiffBackend>(
     lr: f64,
     device: &B::Device,
 ) -> (Llama<B>, StepOutput) {
-    match train_step_synced(model, opt, micro, lr, device, None) {
+    match train_step_synced(model, opt, micro, lr, device, None, None) {
         Ok(r) => r,
         Err(_) => unreachable!("a step without a sync hook cannot fail"),
     }
@@ -56,7 +123,8 @@ pub fn train_step<B: AutodiffBackend>(
 pub type SyncHook<'a> = &'a mut dyn FnMut(GradientsParams, f64) -> anyhow::Result<(GradientsParams, f64)>;
 
 /// [`train_step`], with the gradients (and the loss, for logging) passed through `sync` between
-/// the backward passes and clipping + AdamW.
+/// the backward passes and clipping + AdamW, and the forward and backward passes computed by
+/// `kernels` when given.
 pub fn train_step_synced<B: AutodiffBackend>(
     model: Llama<B>,
     opt: &mut AdamW<B::InnerBackend>,
@@ -64,11 +132,24 @@ pub fn train_step_synced<B: AutodiffBackend>(
     lr: f64,
     device: &B::Device,
     sync: Option<SyncHook>,
+    kernels: Option<&CpuKernels>,
 ) -> anyhow::Result<(Llama<B>, StepOutput)> {
+    let tokens = micro.iter().map(|b| b.mask.iter().filter(|&&m| m > 0.0).count()).sum();
+    if let Some(kern) = kernels {
+        let t0 = Instant::now();
+        let (mut loss, mut grads, forward_s) = kern.grads(&model, micro, device)?;
+        let backward_s = t0.elapsed().as_secs_f64() - forward_s;
+        let t0 = Instant::now();
+        if let Some(sync) = sync {
+            (grads, loss) = sync(grads, loss)?;
+        }
+        let (model, grad_norm) = opt.step::<B, _>(model, grads, lr);
+        let optim_s = t0.elapsed().as_secs_f64();
+        return Ok((model, StepOutput { loss, grad_norm, tokens, forward_s, backward_s, optim_s }));
+    }
     let k = micro.len() as f64;
     let mut acc = GradientsAccumulator::<Llama<B>>::new();
     let mut loss_sum = 0.0;
-    let mut tokens = 0;
     let mut single: Option<GradientsParams> = None;
     let (mut forward_s, mut backward_s) = (0.0, 0.0);
     for batch in micro {
@@ -80,7 +161,6 @@ pub fn train_step_synced<B: AutodiffBackend>(
         let grads = scaled.backward();
         forward_s += (t1 - t0).as_secs_f64();
         backward_s += t1.elapsed().as_secs_f64();
-        tokens += batch.mask.iter().filter(|&&m| m > 0.0).count();
         let gp = GradientsParams::from_grads(grads, &model);
         if micro.len() == 1 {
             single = Some(gp);
@@ -99,8 +179,12 @@ pub fn train_step_synced<B: AutodiffBackend>(
     Ok((model, StepOutput { loss, grad_norm, tokens, forward_s, backward_s, optim_s }))
 }
 
-/// Mean validation loss (nats per token) over fixed batches, without autodiff.
-pub fn eval_loss<B: AutodiffBackend>(model: &Llama<B>, batches: &[Batch], device: &B::Device) -> f64 {
+/// Mean validation loss (nats per token) over fixed batches, without autodiff; by `kernels`
+/// when given.
+pub fn eval_loss<B: AutodiffBackend>(model: &Llama<B>, batches: &[Batch], device: &B::Device, kernels: Option<&CpuKernels>) -> f64 {
+    if let Some(v) = kernels.and_then(|k| k.eval_loss(model, batches).ok()) {
+        return v;
+    }
     let inner: Llama<B::InnerBackend> = model.valid();
     let mut sum = 0.0;
     let mut n = 0.0;

@@ -1,0 +1,721 @@
+//! The decoder of `llama.rs`, forward and backward written out for the CPU (llm.c style).
+//!
+//! Burn 0.21 runs a training step on `flex` as some 600 small ops, each with its own layout copy
+//! and bookkeeping, on one core at a time (BENCHMARKS.md: a third of the time is matmul). This
+//! file computes the same model, loss and gradients in a handful of loops and large matmuls
+//! (the `gemm` crate, which `flex` uses too), with the batch split across threads: each thread
+//! runs the whole forward and backward on its own sequences and the gradients are summed at the
+//! end, in a fixed order, so a step is bit-reproducible for a given thread count.
+//!
+//! All parameters live in one flat `f32` buffer (gradients in another of the same layout).
+//! Linear weights are `[in, out]` as in `llama.rs`; q/k/v are packed side by side into one
+//! `[D, Q + 2·KV]` matrix and gate/up into one `[D, 2F]`, so each is one matmul.
+//!
+//! Shapes: N = rows (sequences × T) of one thread, T = context, D = hidden, H = heads,
+//! K = kv heads, Hd = head dim, Q = H·Hd, KV = K·Hd, F = SwiGLU hidden, V = vocabulary.
+//!
+//! Parity with the Burn model (logits, loss and every gradient) is tested in
+//! `models/tests/cpu_kernels.rs`.
+
+use burn::tensor::backend::Backend;
+
+use crate::llama::{Llama, LlamaConfig};
+use crate::ModelError;
+
+/// The sizes the kernels need.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dims {
+    pub vocab: usize,
+    pub d: usize,
+    pub ffn: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+    pub eps: f32,
+    pub tied: bool,
+}
+
+impl Dims {
+    pub fn from_config(c: &LlamaConfig) -> Self {
+        Self {
+            vocab: c.vocab_size,
+            d: c.hidden_size,
+            ffn: c.intermediate_size,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim(),
+            layers: c.num_hidden_layers,
+            eps: c.rms_norm_eps as f32,
+            tied: c.tie_word_embeddings,
+        }
+    }
+    fn q(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    fn kv(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+    fn qkv(&self) -> usize {
+        self.q() + 2 * self.kv()
+    }
+}
+
+/// Offsets of one layer's parameters in the flat buffer.
+#[derive(Debug, Clone, Copy)]
+struct LayerAt {
+    ln1: usize,  // [D]
+    wqkv: usize, // [D, Q + 2KV]
+    wo: usize,   // [Q, D]
+    ln2: usize,  // [D]
+    wgu: usize,  // [D, 2F]
+    wd: usize,   // [F, D]
+}
+
+/// Where one named parameter sits in the flat buffer: `cols` columns starting at column `col`
+/// of a row-major matrix with `ld` columns (a plain tensor is `col = 0`, `ld = cols`).
+#[derive(Debug, Clone)]
+pub struct Slot {
+    /// Hugging Face name, as `llama.rs` derives parameter ids from it.
+    pub name: String,
+    /// Burn shape (`[in, out]` for linear weights).
+    pub shape: Vec<usize>,
+    off: usize,
+    ld: usize,
+    col: usize,
+}
+
+/// The flat layout of all parameters.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dims: Dims,
+    embed: usize, // [V, D]
+    layers: Vec<LayerAt>,
+    norm: usize,         // [D]
+    head: Option<usize>, // [D, V], None when tied
+    pub len: usize,
+    pub slots: Vec<Slot>,
+}
+
+impl Layout {
+    pub fn new(dims: Dims) -> Self {
+        let Dims { vocab: v, d, ffn: f, .. } = dims;
+        let (q, kv, qkv) = (dims.q(), dims.kv(), dims.qkv());
+        let mut len = 0;
+        let mut take = |n: usize| {
+            len += n;
+            len - n
+        };
+        let mut slots = Vec::new();
+        let mut slot = |name: String, shape: Vec<usize>, off: usize, ld: usize, col: usize| {
+            slots.push(Slot { name, shape, off, ld, col })
+        };
+        let embed = take(v * d);
+        slot("model.embed_tokens.weight".into(), vec![v, d], embed, d, 0);
+        let mut layers = Vec::with_capacity(dims.layers);
+        for i in 0..dims.layers {
+            let at = LayerAt {
+                ln1: take(d),
+                wqkv: take(d * qkv),
+                wo: take(q * d),
+                ln2: take(d),
+                wgu: take(d * 2 * f),
+                wd: take(f * d),
+            };
+            let p = |s: &str| format!("model.layers.{i}.{s}.weight");
+            slot(p("input_layernorm"), vec![d], at.ln1, d, 0);
+            slot(p("self_attn.q_proj"), vec![d, q], at.wqkv, qkv, 0);
+            slot(p("self_attn.k_proj"), vec![d, kv], at.wqkv, qkv, q);
+            slot(p("self_attn.v_proj"), vec![d, kv], at.wqkv, qkv, q + kv);
+            slot(p("self_attn.o_proj"), vec![q, d], at.wo, d, 0);
+            slot(p("post_attention_layernorm"), vec![d], at.ln2, d, 0);
+            slot(p("mlp.gate_proj"), vec![d, f], at.wgu, 2 * f, 0);
+            slot(p("mlp.up_proj"), vec![d, f], at.wgu, 2 * f, f);
+            slot(p("mlp.down_proj"), vec![f, d], at.wd, d, 0);
+            layers.push(at);
+        }
+        let norm = take(d);
+        slot("model.norm.weight".into(), vec![d], norm, d, 0);
+        let head = if dims.tied {
+            None
+        } else {
+            let h = take(d * v);
+            slot("lm_head.weight".into(), vec![d, v], h, v, 0);
+            Some(h)
+        };
+        Self { dims, embed, layers, norm, head, len, slots }
+    }
+
+    /// Copies a parameter's values (row-major, its Burn shape) into the flat buffer.
+    pub fn put(&self, flat: &mut [f32], s: &Slot, values: &[f32]) {
+        let (rows, cols) = rows_cols(&s.shape);
+        assert_eq!(values.len(), rows * cols, "{}: wrong number of values", s.name);
+        for r in 0..rows {
+            let at = s.off + r * s.ld + s.col;
+            flat[at..at + cols].copy_from_slice(&values[r * cols..(r + 1) * cols]);
+        }
+    }
+
+    /// The model's parameters in this layout.
+    pub fn weights<B: Backend>(&self, model: &Llama<B>) -> Result<Vec<f32>, ModelError> {
+        let mut flat = vec![0.0f32; self.len];
+        let tensors = crate::checkpoint::burn_tensors(model);
+        if tensors.len() != self.slots.len() {
+            return Err(ModelError::Config(format!("the model has {} parameters, the kernels' layout {}", tensors.len(), self.slots.len())));
+        }
+        for (name, shape, values) in tensors {
+            let s = self.slots.iter().find(|s| s.name == name).ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
+            if s.shape != shape {
+                return Err(ModelError::Shape { name, got: shape, expected: s.shape.clone() });
+            }
+            self.put(&mut flat, s, &values);
+        }
+        Ok(flat)
+    }
+
+    /// A parameter's values (row-major, its Burn shape) from the flat buffer.
+    pub fn get(&self, flat: &[f32], s: &Slot) -> Vec<f32> {
+        let (rows, cols) = rows_cols(&s.shape);
+        let mut out = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            let at = s.off + r * s.ld + s.col;
+            out.extend_from_slice(&flat[at..at + cols]);
+        }
+        out
+    }
+}
+
+/// The model's RoPE tables (`cos`, `sin`), `[max_position_embeddings, Hd]` each, on the host.
+pub fn rope_tables<B: Backend>(model: &Llama<B>) -> (Vec<f32>, Vec<f32>) {
+    let host = |t: &burn::tensor::Tensor<B, 2>| t.to_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+    (host(&model.cos), host(&model.sin))
+}
+
+fn rows_cols(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [n] => (1, *n),
+        [r, c] => (*r, *c),
+        _ => unreachable!("parameters are rank 1 or 2"),
+    }
+}
+
+/// One batch: `b` sequences of `t` tokens, row-major.
+pub struct BatchRef<'a> {
+    pub inputs: &'a [i64],
+    pub targets: &'a [i64],
+    pub mask: &'a [f32],
+    pub b: usize,
+    pub t: usize,
+}
+
+/// RoPE tables, `[T, Hd]` each (the half-split convention of `llama.rs`).
+pub struct Rope<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+}
+
+/// What [`loss_and_grads`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Pass {
+    /// Mean masked cross-entropy (nats per token).
+    pub loss: f64,
+    /// Seconds the slowest thread spent in the forward pass and loss.
+    pub forward_s: f64,
+}
+
+/// Mean masked cross-entropy of `batch` and, when `grads` is given, its gradient with respect to
+/// every parameter (written into `grads`, which has `layout.len` values). The batch is split
+/// across up to `threads` threads by sequence.
+pub fn loss_and_grads(
+    layout: &Layout,
+    w: &[f32],
+    rope: &Rope,
+    batch: &BatchRef,
+    threads: usize,
+    grads: Option<&mut [f32]>,
+) -> Pass {
+    assert_eq!(w.len(), layout.len);
+    let dims = &layout.dims;
+    for &tok in batch.inputs.iter().chain(batch.targets.iter()) {
+        assert!(tok >= 0 && (tok as usize) < dims.vocab, "token id {tok} outside the vocabulary of {}", dims.vocab);
+    }
+    let n_loss: f32 = batch.mask.iter().sum::<f32>().max(1.0);
+    let shards = threads.clamp(1, batch.b.max(1));
+    // Sequences per shard: as even as possible, the first shards taking the remainder.
+    let bounds: Vec<(usize, usize)> = (0..shards)
+        .map(|i| {
+            let (q, r) = (batch.b / shards, batch.b % shards);
+            let start = i * q + i.min(r);
+            (start, start + q + usize::from(i < r))
+        })
+        .collect();
+    let want_grads = grads.is_some();
+    let run = |(s0, s1): (usize, usize)| {
+        let rows = s0 * batch.t..s1 * batch.t;
+        let part = BatchRef {
+            inputs: &batch.inputs[rows.clone()],
+            targets: &batch.targets[rows.clone()],
+            mask: &batch.mask[rows],
+            b: s1 - s0,
+            t: batch.t,
+        };
+        let mut g = if want_grads { vec![0.0f32; layout.len] } else { Vec::new() };
+        let (loss, forward_s) = shard(layout, w, rope, &part, n_loss, if want_grads { Some(&mut g) } else { None });
+        (loss, forward_s, g)
+    };
+    let results: Vec<(f64, f64, Vec<f32>)> = if shards == 1 {
+        vec![run(bounds[0])]
+    } else {
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = bounds[1..].iter().map(|&bd| sc.spawn(move || run(bd))).collect();
+            let mut out = vec![run(bounds[0])];
+            out.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
+            out
+        })
+    };
+    let mut loss = 0.0;
+    let mut first = true;
+    if let Some(out) = grads {
+        assert_eq!(out.len(), layout.len);
+        for (_, _, g) in &results {
+            if first {
+                out.copy_from_slice(g);
+                first = false;
+            } else {
+                add_into(out, g);
+            }
+        }
+    }
+    let mut forward_s = 0.0f64;
+    for (l, f, _) in &results {
+        loss += l;
+        forward_s = forward_s.max(*f);
+    }
+    Pass { loss: loss / n_loss as f64, forward_s }
+}
+
+/// Logits `[B·T, V]` (forward only; tests and checks).
+pub fn logits(layout: &Layout, w: &[f32], rope: &Rope, inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
+    let zeros = vec![0i64; inputs.len()];
+    let mask = vec![0.0f32; inputs.len()];
+    let batch = BatchRef { inputs, targets: &zeros, mask: &mask, b, t };
+    let acts = forward(layout, w, rope, &batch);
+    acts.logits
+}
+
+/// What the backward pass needs from one layer's forward pass.
+struct LayerActs {
+    x: Vec<f32>,   // [N, D] layer input
+    r1: Vec<f32>,  // [N] 1 / rms of x
+    hn1: Vec<f32>, // [N, D] normed input
+    qkv: Vec<f32>, // [N, Q + 2KV] after RoPE
+    p: Vec<f32>,   // [B, H, T, T] attention probabilities
+    y: Vec<f32>,   // [N, Q] attention output
+    x2: Vec<f32>,  // [N, D] residual after attention
+    r2: Vec<f32>,  // [N]
+    hn2: Vec<f32>, // [N, D]
+    gu: Vec<f32>,  // [N, 2F] gate and up projections
+    sig: Vec<f32>, // [N, F] sigmoid(gate)
+    a: Vec<f32>,   // [N, F] silu(gate) * up
+}
+
+struct Acts {
+    layers: Vec<LayerActs>,
+    xf: Vec<f32>,     // [N, D] final residual
+    rf: Vec<f32>,     // [N]
+    hf: Vec<f32>,     // [N, D] final normed
+    logits: Vec<f32>, // [N, V]
+}
+
+fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef) -> Acts {
+    let dm = &layout.dims;
+    let (d, f, hd, v) = (dm.d, dm.ffn, dm.head_dim, dm.vocab);
+    let (q, qkv) = (dm.q(), dm.qkv());
+    let (b, t) = (batch.b, batch.t);
+    let n = b * t;
+    let scale = 1.0 / (hd as f32).sqrt();
+
+    // Embedding lookup: x[i] = E[token_i].
+    let mut x = vec![0.0f32; n * d]; // [N, D]
+    for (i, &tok) in batch.inputs.iter().enumerate() {
+        let e = layout.embed + tok as usize * d;
+        x[i * d..(i + 1) * d].copy_from_slice(&w[e..e + d]);
+    }
+    let mut layers = Vec::with_capacity(dm.layers);
+    for at in &layout.layers {
+        let mut hn1 = vec![0.0f32; n * d];
+        let r1 = rms_norm(&x, &w[at.ln1..at.ln1 + d], dm.eps, d, &mut hn1); // [N, D]
+        let mut qkv_b = vec![0.0f32; n * qkv];
+        mm(n, qkv, d, &mut qkv_b, qkv, false, 1.0, rm(&hn1, d), rm(&w[at.wqkv..], qkv)); // [N, Q+2KV]
+        rope_rows(&mut qkv_b, qkv, dm.heads + dm.kv_heads, hd, t, rope, false);
+        let mut p = vec![0.0f32; b * dm.heads * t * t];
+        let mut y = vec![0.0f32; n * q];
+        attention_forward(dm, &qkv_b, &mut p, &mut y, b, t, scale);
+        let mut x2 = x.clone();
+        mm(n, d, q, &mut x2, d, true, 1.0, rm(&y, q), rm(&w[at.wo..], d)); // [N, D] = x + y·Wo
+        let mut hn2 = vec![0.0f32; n * d];
+        let r2 = rms_norm(&x2, &w[at.ln2..at.ln2 + d], dm.eps, d, &mut hn2);
+        let mut gu = vec![0.0f32; n * 2 * f];
+        mm(n, 2 * f, d, &mut gu, 2 * f, false, 1.0, rm(&hn2, d), rm(&w[at.wgu..], 2 * f)); // [N, 2F]
+        let mut sig = vec![0.0f32; n * f];
+        let mut a = vec![0.0f32; n * f];
+        for i in 0..n {
+            let (g, u) = gu[i * 2 * f..(i + 1) * 2 * f].split_at(f);
+            swiglu(g, u, &mut sig[i * f..(i + 1) * f], &mut a[i * f..(i + 1) * f]);
+        }
+        let mut x3 = x2.clone();
+        mm(n, d, f, &mut x3, d, true, 1.0, rm(&a, f), rm(&w[at.wd..], d)); // [N, D] = x2 + a·Wd
+        layers.push(LayerActs { x, r1, hn1, qkv: qkv_b, p, y, x2, r2, hn2, gu, sig, a });
+        x = x3;
+    }
+    let mut hf = vec![0.0f32; n * d];
+    let rf = rms_norm(&x, &w[layout.norm..layout.norm + d], dm.eps, d, &mut hf);
+    let mut logits = vec![0.0f32; n * v];
+    match layout.head {
+        Some(h) => mm(n, v, d, &mut logits, v, false, 1.0, rm(&hf, d), rm(&w[h..], v)), // [N, V]
+        None => mm(n, v, d, &mut logits, v, false, 1.0, rm(&hf, d), rm(&w[layout.embed..], d).t()), // [N, V]
+    }
+    Acts { layers, xf: x, rf, hf, logits }
+}
+
+/// Forward, loss and (optionally) backward for one thread's sequences. Returns the sum of
+/// `mask · nll` over its rows and the seconds spent up to the loss; gradients are of the mean
+/// over all `n_loss` masked tokens.
+fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut Vec<f32>>) -> (f64, f64) {
+    let t0 = std::time::Instant::now();
+    let dm = &layout.dims;
+    let (d, f, hd, v) = (dm.d, dm.ffn, dm.head_dim, dm.vocab);
+    let (q, qkv) = (dm.q(), dm.qkv());
+    let (b, t) = (batch.b, batch.t);
+    let n = b * t;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut acts = forward(layout, w, rope, batch);
+
+    // Loss, and d loss / d logits in place of the logits: (softmax - onehot) · mask / n_loss.
+    let mut loss = 0.0f64;
+    for i in 0..n {
+        let row = &mut acts.logits[i * v..(i + 1) * v];
+        let m = batch.mask[i];
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let target = batch.targets[i] as usize;
+        let z = row[target] - max;
+        let mut sum = 0.0f32;
+        for x in row.iter_mut() {
+            *x = exp(*x - max);
+            sum += *x;
+        }
+        if m != 0.0 {
+            loss += (m * (sum.ln() - z)) as f64; // -log softmax(target)
+        }
+        let k = m / (sum * n_loss);
+        for x in row.iter_mut() {
+            *x *= k;
+        }
+        row[target] -= m / n_loss;
+    }
+    let forward_s = t0.elapsed().as_secs_f64();
+    let Some(g) = grads else { return (loss, forward_s) };
+    let dl = &acts.logits; // [N, V]
+
+    // Output head (or tied embedding) and the final norm.
+    let mut dh = vec![0.0f32; n * d]; // [N, D]
+    match layout.head {
+        Some(h) => {
+            mm(d, v, n, &mut g[h..], v, true, 1.0, rm(&acts.hf, d).t(), rm(dl, v)); // dHead [D, V] += hf^T·dl
+            mm(n, d, v, &mut dh, d, false, 1.0, rm(dl, v), rm(&w[h..], v).t()); // [N, D] = dl·Head^T
+        }
+        None => {
+            mm(v, d, n, &mut g[layout.embed..], d, true, 1.0, rm(dl, v).t(), rm(&acts.hf, d)); // dE [V, D] += dl^T·hf
+            mm(n, d, v, &mut dh, d, false, 1.0, rm(dl, v), rm(&w[layout.embed..], d)); // [N, D] = dl·E
+        }
+    }
+    let mut dx = vec![0.0f32; n * d]; // [N, D] gradient of the residual stream
+    rms_norm_backward(&dh, &acts.xf, &acts.rf, &w[layout.norm..layout.norm + d], d, &mut dx, &mut g[layout.norm..layout.norm + d]);
+
+    let mut da = vec![0.0f32; n * f];
+    let mut dgu = vec![0.0f32; n * 2 * f];
+    let mut dhn = vec![0.0f32; n * d];
+    let mut dy = vec![0.0f32; n * q];
+    let mut dqkv = vec![0.0f32; n * qkv];
+    let mut dp = vec![0.0f32; t * t];
+    for (at, la) in layout.layers.iter().zip(acts.layers.iter()).rev() {
+        // MLP: x3 = x2 + a·Wd, a = silu(g)·u, [g u] = hn2·Wgu, hn2 = norm(x2).
+        mm(f, d, n, &mut g[at.wd..], d, true, 1.0, rm(&la.a, f).t(), rm(&dx, d)); // dWd [F, D] += a^T·dx
+        mm(n, f, d, &mut da, f, false, 1.0, rm(&dx, d), rm(&w[at.wd..], d).t()); // da [N, F] = dx·Wd^T
+        for i in 0..n {
+            let (gg, uu) = la.gu[i * 2 * f..(i + 1) * 2 * f].split_at(f);
+            let (dg, du) = dgu[i * 2 * f..(i + 1) * 2 * f].split_at_mut(f);
+            swiglu_backward(gg, uu, &la.sig[i * f..(i + 1) * f], &da[i * f..(i + 1) * f], dg, du);
+        }
+        mm(d, 2 * f, n, &mut g[at.wgu..], 2 * f, true, 1.0, rm(&la.hn2, d).t(), rm(&dgu, 2 * f)); // dWgu [D, 2F]
+        mm(n, d, 2 * f, &mut dhn, d, false, 1.0, rm(&dgu, 2 * f), rm(&w[at.wgu..], 2 * f).t()); // dhn2 [N, D]
+        // dx now holds d/dx2 (the residual path); the norm adds its share.
+        rms_norm_backward(&dhn, &la.x2, &la.r2, &w[at.ln2..at.ln2 + d], d, &mut dx, &mut g[at.ln2..at.ln2 + d]);
+
+        // Attention: x2 = x + y·Wo.
+        mm(q, d, n, &mut g[at.wo..], d, true, 1.0, rm(&la.y, q).t(), rm(&dx, d)); // dWo [Q, D] += y^T·dx2
+        mm(n, q, d, &mut dy, q, false, 1.0, rm(&dx, d), rm(&w[at.wo..], d).t()); // dy [N, Q]
+        dqkv.iter_mut().for_each(|x| *x = 0.0);
+        attention_backward(dm, &la.qkv, &la.p, &dy, &mut dqkv, &mut dp, b, t, scale);
+        rope_rows(&mut dqkv, qkv, dm.heads + dm.kv_heads, hd, t, rope, true);
+        mm(d, qkv, n, &mut g[at.wqkv..], qkv, true, 1.0, rm(&la.hn1, d).t(), rm(&dqkv, qkv)); // dWqkv [D, Q+2KV]
+        mm(n, d, qkv, &mut dhn, d, false, 1.0, rm(&dqkv, qkv), rm(&w[at.wqkv..], qkv).t()); // dhn1 [N, D]
+        rms_norm_backward(&dhn, &la.x, &la.r1, &w[at.ln1..at.ln1 + d], d, &mut dx, &mut g[at.ln1..at.ln1 + d]);
+    }
+    // Embedding: dE[token_i] += dx[i].
+    for (i, &tok) in batch.inputs.iter().enumerate() {
+        let e = layout.embed + tok as usize * d;
+        add_into(&mut g[e..e + d], &dx[i * d..(i + 1) * d]);
+    }
+    (loss, forward_s)
+}
+
+/// Causal attention for every sequence and head: `P = softmax(Q·K^T·scale)`, `Y = P·V`.
+#[allow(clippy::too_many_arguments)]
+fn attention_forward(dm: &Dims, qkv: &[f32], p: &mut [f32], y: &mut [f32], b: usize, t: usize, scale: f32) {
+    let (hd, q, kv, ld) = (dm.head_dim, dm.q(), dm.kv(), dm.qkv());
+    let group = dm.heads / dm.kv_heads;
+    for s in 0..b {
+        let rows = s * t * ld;
+        for h in 0..dm.heads {
+            let kh = h / group;
+            let qs = &qkv[rows + h * hd..]; // [T, Hd], row stride Q+2KV
+            let ks = &qkv[rows + q + kh * hd..];
+            let vs = &qkv[rows + q + kv + kh * hd..];
+            let ps = &mut p[(s * dm.heads + h) * t * t..][..t * t]; // [T, T]
+            mm(t, t, hd, ps, t, false, scale, rm(qs, ld), rm(ks, ld).t()); // scores [T, T]
+            for i in 0..t {
+                let row = &mut ps[i * t..(i + 1) * t];
+                let (seen, future) = row.split_at_mut(i + 1);
+                let max = seen.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                let mut sum = 0.0;
+                for x in seen.iter_mut() {
+                    *x = exp(*x - max);
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                seen.iter_mut().for_each(|x| *x *= inv);
+                future.iter_mut().for_each(|x| *x = 0.0);
+            }
+            mm(t, hd, t, &mut y[s * t * q + h * hd..], q, false, 1.0, rm(ps, t), rm(vs, ld)); // Y [T, Hd]
+        }
+    }
+}
+
+/// Gradients of [`attention_forward`] with respect to q, k and v, into `dqkv` (zeroed by the
+/// caller; k and v accumulate over the query heads that share them). `dp` is `[T, T]` scratch.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward(dm: &Dims, qkv: &[f32], p: &[f32], dy: &[f32], dqkv: &mut [f32], dp: &mut [f32], b: usize, t: usize, scale: f32) {
+    let (hd, q, kv, ld) = (dm.head_dim, dm.q(), dm.kv(), dm.qkv());
+    let group = dm.heads / dm.kv_heads;
+    for s in 0..b {
+        let rows = s * t * ld;
+        for h in 0..dm.heads {
+            let kh = h / group;
+            let qs = &qkv[rows + h * hd..];
+            let ks = &qkv[rows + q + kh * hd..];
+            let vs = &qkv[rows + q + kv + kh * hd..];
+            let ps = &p[(s * dm.heads + h) * t * t..][..t * t];
+            let dys = &dy[s * t * q + h * hd..]; // [T, Hd], row stride Q
+            mm(t, t, hd, dp, t, false, 1.0, rm(dys, q), rm(vs, ld).t()); // dP [T, T] = dY·V^T
+            mm(t, hd, t, &mut dqkv[rows + q + kv + kh * hd..], ld, true, 1.0, rm(ps, t).t(), rm(dys, q)); // dV += P^T·dY
+            for i in 0..t {
+                let pr = &ps[i * t..i * t + i + 1];
+                let dr = &mut dp[i * t..(i + 1) * t];
+                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                for (x, &pv) in dr[..=i].iter_mut().zip(pr) {
+                    *x = pv * (*x - dot) * scale;
+                }
+                dr[i + 1..].iter_mut().for_each(|x| *x = 0.0);
+            }
+            mm(t, hd, t, &mut dqkv[rows + h * hd..], ld, false, 1.0, rm(dp, t), rm(ks, ld)); // dQ = dS·K
+            mm(t, hd, t, &mut dqkv[rows + q + kh * hd..], ld, true, 1.0, rm(dp, t).t(), rm(qs, ld)); // dK += dS^T·Q
+        }
+    }
+}
+
+/// Rotates the first `heads` head-sized column blocks of every row (q then k heads) by the
+/// position's angle (row `i` is position `i % t`); `inverse` rotates back (the backward pass).
+fn rope_rows(x: &mut [f32], ld: usize, heads: usize, hd: usize, t: usize, rope: &Rope, inverse: bool) {
+    let half = hd / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    for (i, row) in x.chunks_exact_mut(ld).enumerate() {
+        let pos = i % t;
+        let cos = &rope.cos[pos * hd..pos * hd + half];
+        let sin = &rope.sin[pos * hd..pos * hd + half];
+        for h in 0..heads {
+            let (a, b) = row[h * hd..(h + 1) * hd].split_at_mut(half);
+            for j in 0..half {
+                let (x1, x2, c, s) = (a[j], b[j], cos[j], sign * sin[j]);
+                a[j] = x1 * c - x2 * s;
+                b[j] = x2 * c + x1 * s;
+            }
+        }
+    }
+}
+
+/// `out = x / rms(x) · w` per row of `d`; returns `1 / rms` per row.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, d: usize, out: &mut [f32]) -> Vec<f32> {
+    let mut r = Vec::with_capacity(x.len() / d);
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum();
+        let inv = 1.0 / (ss / d as f32 + eps).sqrt();
+        for ((o, &xv), &wv) in or.iter_mut().zip(xr).zip(w) {
+            *o = xv * inv * wv;
+        }
+        r.push(inv);
+    }
+    r
+}
+
+/// Backward of [`rms_norm`]: adds d/dx into `dx` and d/dw into `dw`.
+fn rms_norm_backward(dy: &[f32], x: &[f32], r: &[f32], w: &[f32], d: usize, dx: &mut [f32], dw: &mut [f32]) {
+    for (i, ((dyr, xr), dxr)) in dy.chunks_exact(d).zip(x.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).enumerate() {
+        let inv = r[i];
+        let mut dot = 0.0f32; // Σ dy·w·x
+        for ((&g, &xv), (&wv, dwv)) in dyr.iter().zip(xr).zip(w.iter().zip(dw.iter_mut())) {
+            dot += g * wv * xv;
+            *dwv += g * xv * inv;
+        }
+        let k = dot * inv * inv * inv / d as f32;
+        for ((o, &g), (&xv, &wv)) in dxr.iter_mut().zip(dyr).zip(xr.iter().zip(w)) {
+            *o += g * wv * inv - xv * k;
+        }
+    }
+}
+
+/// `a = silu(g)·u`, keeping `sig = sigmoid(g)`.
+fn swiglu(g: &[f32], u: &[f32], sig: &mut [f32], a: &mut [f32]) {
+    for (((&gv, &uv), s), av) in g.iter().zip(u).zip(sig.iter_mut()).zip(a.iter_mut()) {
+        *s = 1.0 / (1.0 + exp(-gv));
+        *av = gv * *s * uv;
+    }
+}
+
+fn swiglu_backward(g: &[f32], u: &[f32], sig: &[f32], da: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    for i in 0..g.len() {
+        let (gv, s) = (g[i], sig[i]);
+        du[i] = da[i] * gv * s;
+        dg[i] = da[i] * u[i] * s * (1.0 + gv * (1.0 - s));
+    }
+}
+
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    for (a, &b) in dst.iter_mut().zip(src) {
+        *a += b;
+    }
+}
+
+/// `e^x` to about 2 ulp, branch-free so that loops over it vectorise (Cephes' `expf`).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.max(-87.0).min(88.0);
+    let n = (x * std::f32::consts::LOG2_E + 12582912.0) - 12582912.0; // round to nearest
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// A strided matrix view for `gemm`: element `(i, j)` is at `i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    s: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+/// Row-major view with `ld` columns per row.
+fn rm(s: &[f32], ld: usize) -> View<'_> {
+    View { s, rs: ld, cs: 1 }
+}
+
+impl View<'_> {
+    fn t(self) -> Self {
+        View { s: self.s, rs: self.cs, cs: self.rs }
+    }
+    fn check(&self, rows: usize, cols: usize) {
+        assert!(rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.s.len(), "matrix view out of bounds");
+    }
+}
+
+/// `dst[m, n] (row stride ld) = (acc ? dst : 0) + scale · a[m, k] · b[k, n]`, single-threaded.
+#[allow(clippy::too_many_arguments)]
+fn mm(m: usize, n: usize, k: usize, dst: &mut [f32], ld: usize, acc: bool, scale: f32, a: View, b: View) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * ld + n <= dst.len(), "matmul output out of bounds");
+    a.check(m, k);
+    b.check(k, n);
+    if k == 0 {
+        if !acc {
+            for r in 0..m {
+                dst[r * ld..r * ld + n].iter_mut().for_each(|x| *x = 0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: every element the call reads or writes is inside the slices (checked above), and
+    // `dst` does not alias `a` or `b` (it is borrowed mutably).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            ld as isize,
+            acc,
+            a.s.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.s.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_matches_std() {
+        let mut worst = 0.0f32;
+        let mut x = -80.0f32;
+        while x < 80.0 {
+            let rel = ((exp(x) - x.exp()) / x.exp()).abs();
+            worst = worst.max(rel);
+            x += 0.0137;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn matmul_views_transpose() {
+        // a [2, 3], b [3, 2]; a·b and (b^T·a^T)^T agree with a hand computation.
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [7.0, 8.0, 9.0, 10.0, 11.0, 12.0];
+        let mut c = [0.0; 4];
+        mm(2, 2, 3, &mut c, 2, false, 1.0, rm(&a, 3), rm(&b, 2));
+        assert_eq!(c, [58.0, 64.0, 139.0, 154.0]);
+        let mut ct = [0.0; 4];
+        mm(2, 2, 3, &mut ct, 2, false, 1.0, rm(&b, 2).t(), rm(&a, 3).t());
+        assert_eq!(ct, [58.0, 139.0, 64.0, 154.0]);
+        mm(2, 2, 3, &mut c, 2, true, 0.5, rm(&a, 3), rm(&b, 2));
+        assert_eq!(c, [87.0, 96.0, 208.5, 231.0]);
+    }
+}

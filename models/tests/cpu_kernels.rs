@@ -1,0 +1,146 @@
+//! The CPU kernels (models/src/cpu_kernels.rs) against the Burn model they re-implement:
+//! logits, masked loss and every parameter's gradient, on Autodiff<Flex>, tied and untied, GQA.
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+use kiln_models::cpu_kernels::{loss_and_grads, logits, rope_tables, BatchRef, Dims, Layout, Rope};
+use kiln_models::init::RandomInit;
+use kiln_models::{Llama, LlamaConfig};
+
+type B = Autodiff<Flex>;
+
+fn config(tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 37,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 16,
+        rope_theta: 10000.0,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: tied,
+        bos_token_id: None,
+        eos_token_id: None,
+        pad_token_id: None,
+    }
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-12);
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn check(tied: bool, threads: usize) {
+    let cfg = config(tied);
+    let device = Default::default();
+    let model = Llama::<B>::build(&cfg, &mut RandomInit::new(3, cfg.num_hidden_layers), &device).unwrap();
+    let (b, t) = (3, 9);
+    let inputs: Vec<i64> = (0..b * t).map(|i| ((i * 7 + 3) % cfg.vocab_size) as i64).collect();
+    let targets: Vec<i64> = (0..b * t).map(|i| ((i * 5 + 1) % cfg.vocab_size) as i64).collect();
+    let mask: Vec<f32> = (0..b * t).map(|i| if i % 4 == 1 { 0.0 } else { 1.0 }).collect();
+    let n: f32 = mask.iter().sum();
+
+    // Burn: forward, masked mean cross-entropy, backward.
+    let x = Tensor::<B, 2, Int>::from_data(TensorData::new(inputs.clone(), [b, t]), &device);
+    let y = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.clone(), [b * t, 1]), &device);
+    let m = Tensor::<B, 2>::from_data(TensorData::new(mask.clone(), [b * t, 1]), &device);
+    let out = model.forward(x); // [B, T, V]
+    let burn_logits: Vec<f32> = out.clone().into_data().to_vec().unwrap();
+    let nll = log_softmax(out.reshape([b * t, cfg.vocab_size]), 1).gather(1, y).neg();
+    let loss = (nll * m).sum() / n;
+    let burn_loss = loss.clone().into_scalar() as f64;
+    let grads = loss.backward();
+
+    // Kernels.
+    let layout = Layout::new(Dims::from_config(&cfg));
+    let w = layout.weights(&model).unwrap();
+    let (cos, sin) = rope_tables(&model);
+    let rope = Rope { cos: &cos, sin: &sin };
+    let k_logits = logits(&layout, &w, &rope, &inputs, b, t);
+    let e = max_rel(&k_logits, &burn_logits);
+    assert!(e < 1e-5, "logits differ by {e}");
+    let mut g = vec![0.0f32; layout.len];
+    let batch = BatchRef { inputs: &inputs, targets: &targets, mask: &mask, b, t };
+    let k_loss = loss_and_grads(&layout, &w, &rope, &batch, threads, Some(&mut g)).loss;
+    assert!((k_loss - burn_loss).abs() < 1e-5 * burn_loss.abs(), "loss {k_loss} vs {burn_loss}");
+
+    let burn_grads = kiln_models::checkpoint::burn_tensors(&model);
+    let mut checked = 0;
+    for (name, _shape, _) in burn_grads {
+        let slot = layout.slots.iter().find(|s| s.name == name).unwrap();
+        let param_grad: Vec<f32> = find_grad(&model, &grads, &name);
+        let e = max_rel(&layout.get(&g, slot), &param_grad);
+        assert!(e < 1e-4, "gradient of {name} differs by {e} (tied {tied}, threads {threads})");
+        checked += 1;
+    }
+    assert_eq!(checked, layout.slots.len());
+}
+
+/// The Burn gradient of the parameter called `name`.
+fn find_grad(model: &Llama<B>, grads: &<B as burn::tensor::backend::AutodiffBackend>::Gradients, name: &str) -> Vec<f32> {
+    use burn::module::{ModuleVisitor, Param};
+    struct Find<'a> {
+        path: Vec<String>,
+        name: &'a str,
+        grads: &'a <B as burn::tensor::backend::AutodiffBackend>::Gradients,
+        out: Option<Vec<f32>>,
+    }
+    impl ModuleVisitor<B> for Find<'_> {
+        fn enter_module(&mut self, name: &str, _c: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _n: &str, _c: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if format!("{}.weight", self.path.join(".")) == self.name {
+                self.out = p.val().grad(self.grads).map(|g| g.into_data().to_vec().unwrap());
+            }
+        }
+    }
+    let mut f = Find { path: Vec::new(), name, grads, out: None };
+    burn::module::Module::visit(model, &mut f);
+    f.out.unwrap_or_else(|| panic!("no gradient for {name}"))
+}
+
+#[test]
+fn kernels_match_burn_untied() {
+    check(false, 1);
+}
+
+#[test]
+fn kernels_match_burn_tied_two_threads() {
+    check(true, 2);
+}
+
+#[test]
+fn thread_count_changes_nothing_but_rounding() {
+    let cfg = config(false);
+    let model = Llama::<Flex>::build(&cfg, &mut RandomInit::new(5, 2), &Default::default()).unwrap();
+    let layout = Layout::new(Dims::from_config(&cfg));
+    let w = layout.weights(&model).unwrap();
+    let (cos, sin) = rope_tables(&model);
+    let rope = Rope { cos: &cos, sin: &sin };
+    let (b, t) = (4, 16);
+    let inputs: Vec<i64> = (0..b * t).map(|i| ((i * 11) % 37) as i64).collect();
+    let targets: Vec<i64> = (0..b * t).map(|i| ((i * 13 + 2) % 37) as i64).collect();
+    let mask = vec![1.0f32; b * t];
+    let batch = BatchRef { inputs: &inputs, targets: &targets, mask: &mask, b, t };
+    let run = |threads| {
+        let mut g = vec![0.0f32; layout.len];
+        let l = loss_and_grads(&layout, &w, &rope, &batch, threads, Some(&mut g)).loss;
+        (l, g)
+    };
+    let (l1, g1) = run(1);
+    let (l3, g3) = run(3);
+    assert!((l1 - l3).abs() < 1e-6, "{l1} vs {l3}");
+    assert!(max_rel(&g3, &g1) < 1e-5);
+    // And the same thread count twice is bit-identical.
+    let (l3b, g3b) = run(3);
+    assert_eq!(l3.to_bits(), l3b.to_bits());
+    assert_eq!(g3, g3b);
+}
