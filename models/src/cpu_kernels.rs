@@ -209,12 +209,12 @@ pub struct BatchRef<'a> {
 }
 
 /// RoPE tables, `[T, Hd]` each (the half-split convention of `llama.rs`).
-pub struct Rope<'a> {
-    pub cos: &'a [f32],
-    pub sin: &'a [f32],
+struct Rope<'a> {
+    cos: &'a [f32],
+    sin: &'a [f32],
 }
 
-/// What [`loss_and_grads`] measured.
+/// What [`Kernels::loss_and_grads`] measured.
 #[derive(Debug, Clone, Copy)]
 pub struct Pass {
     /// Mean masked cross-entropy (nats per token).
@@ -223,84 +223,123 @@ pub struct Pass {
     pub forward_s: f64,
 }
 
-/// Mean masked cross-entropy of `batch` and, when `grads` is given, its gradient with respect to
-/// every parameter (written into `grads`, which has `layout.len` values). The batch is split
-/// across up to `threads` threads by sequence.
-pub fn loss_and_grads(
-    layout: &Layout,
-    w: &[f32],
-    rope: &Rope,
-    batch: &BatchRef,
-    threads: usize,
-    grads: Option<&mut [f32]>,
-) -> Pass {
-    assert_eq!(w.len(), layout.len);
-    let dims = &layout.dims;
-    for &tok in batch.inputs.iter().chain(batch.targets.iter()) {
-        assert!(tok >= 0 && (tok as usize) < dims.vocab, "token id {tok} outside the vocabulary of {}", dims.vocab);
+/// Reused activation buffers, so that a step allocates (and page-faults) nothing after the first.
+#[derive(Default)]
+struct Pool(Vec<Vec<f32>>);
+
+impl Pool {
+    /// A zeroed buffer of `n` values: the smallest free one that fits, else a new one.
+    fn zeros(&mut self, n: usize) -> Vec<f32> {
+        let best = (0..self.0.len()).filter(|&i| self.0[i].capacity() >= n).min_by_key(|&i| self.0[i].capacity());
+        let mut v = best.map(|i| self.0.swap_remove(i)).unwrap_or_default();
+        v.clear();
+        v.resize(n, 0.0);
+        v
     }
-    let n_loss: f32 = batch.mask.iter().sum::<f32>().max(1.0);
-    let shards = threads.clamp(1, batch.b.max(1));
-    // Sequences per shard: as even as possible, the first shards taking the remainder.
-    let bounds: Vec<(usize, usize)> = (0..shards)
-        .map(|i| {
-            let (q, r) = (batch.b / shards, batch.b % shards);
-            let start = i * q + i.min(r);
-            (start, start + q + usize::from(i < r))
-        })
-        .collect();
-    let want_grads = grads.is_some();
-    let run = |(s0, s1): (usize, usize)| {
-        let rows = s0 * batch.t..s1 * batch.t;
-        let part = BatchRef {
-            inputs: &batch.inputs[rows.clone()],
-            targets: &batch.targets[rows.clone()],
-            mask: &batch.mask[rows],
-            b: s1 - s0,
-            t: batch.t,
-        };
-        let mut g = if want_grads { vec![0.0f32; layout.len] } else { Vec::new() };
-        let (loss, forward_s) = shard(layout, w, rope, &part, n_loss, if want_grads { Some(&mut g) } else { None });
-        (loss, forward_s, g)
-    };
-    let results: Vec<(f64, f64, Vec<f32>)> = if shards == 1 {
-        vec![run(bounds[0])]
-    } else {
-        std::thread::scope(|sc| {
-            let handles: Vec<_> = bounds[1..].iter().map(|&bd| sc.spawn(move || run(bd))).collect();
-            let mut out = vec![run(bounds[0])];
-            out.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
-            out
-        })
-    };
-    let mut loss = 0.0;
-    let mut first = true;
-    if let Some(out) = grads {
-        assert_eq!(out.len(), layout.len);
-        for (_, _, g) in &results {
-            if first {
-                out.copy_from_slice(g);
-                first = false;
-            } else {
-                add_into(out, g);
-            }
-        }
+    fn copy(&mut self, src: &[f32]) -> Vec<f32> {
+        let mut v = self.zeros(0);
+        v.extend_from_slice(src);
+        v
     }
-    let mut forward_s = 0.0f64;
-    for (l, f, _) in &results {
-        loss += l;
-        forward_s = forward_s.max(*f);
+    fn put(&mut self, bufs: impl IntoIterator<Item = Vec<f32>>) {
+        self.0.extend(bufs);
     }
-    Pass { loss: loss / n_loss as f64, forward_s }
 }
 
-/// Logits `[B·T, V]` (forward only; tests and checks).
-pub fn logits(layout: &Layout, w: &[f32], rope: &Rope, inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
-    let zeros = vec![0i64; inputs.len()];
-    let mask = vec![0.0f32; inputs.len()];
-    let batch = BatchRef { inputs, targets: &zeros, mask: &mask, b, t };
-    let acts = forward(layout, w, rope, &batch);
-    acts.logits
+/// The kernels for one model shape, with their RoPE tables, thread count and buffers.
+pub struct Kernels {
+    pub layout: Layout,
+    cos: Vec<f32>, // [max T, Hd]
+    sin: Vec<f32>, // [max T, Hd]
+    threads: usize,
+    pools: Vec<std::sync::Mutex<Pool>>,
+}
+
+impl Kernels {
+    /// `cos`/`sin` are the model's RoPE tables (see [`rope_tables`]).
+    pub fn new(dims: Dims, cos: Vec<f32>, sin: Vec<f32>, threads: usize) -> Self {
+        let threads = threads.max(1);
+        let pools = (0..threads).map(|_| Default::default()).collect();
+        Self { layout: Layout::new(dims), cos, sin, threads, pools }
+    }
+
+    /// Mean masked cross-entropy of `batch` and, when `grads` is given, its gradient with
+    /// respect to every parameter (written into `grads`, which has `layout.len` values). The
+    /// batch is split across the threads by sequence; shard gradients are summed in a fixed order.
+    pub fn loss_and_grads(&self, w: &[f32], batch: &BatchRef, grads: Option<&mut [f32]>) -> Pass {
+        let layout = &self.layout;
+        assert_eq!(w.len(), layout.len);
+        assert!(batch.t * layout.dims.head_dim <= self.cos.len(), "context {} is longer than the RoPE tables", batch.t);
+        let vocab = layout.dims.vocab;
+        for &tok in batch.inputs.iter().chain(batch.targets.iter()) {
+            assert!(tok >= 0 && (tok as usize) < vocab, "token id {tok} outside the vocabulary of {vocab}");
+        }
+        let n_loss: f32 = batch.mask.iter().sum::<f32>().max(1.0);
+        let shards = self.threads.clamp(1, batch.b.max(1));
+        // Sequences per shard: as even as possible, the first shards taking the remainder.
+        let bounds: Vec<(usize, usize)> = (0..shards)
+            .map(|i| {
+                let (q, r) = (batch.b / shards, batch.b % shards);
+                let start = i * q + i.min(r);
+                (start, start + q + usize::from(i < r))
+            })
+            .collect();
+        let rope = Rope { cos: &self.cos, sin: &self.sin };
+        // Shard `i` writes its gradients into `out` (shard 0: the caller's buffer).
+        let run = |i: usize, out: Option<&mut [f32]>| {
+            let (s0, s1) = bounds[i];
+            let rows = s0 * batch.t..s1 * batch.t;
+            let part = BatchRef {
+                inputs: &batch.inputs[rows.clone()],
+                targets: &batch.targets[rows.clone()],
+                mask: &batch.mask[rows],
+                b: s1 - s0,
+                t: batch.t,
+            };
+            let mut pool = self.pools[i].lock().unwrap_or_else(|e| e.into_inner());
+            shard(layout, w, &rope, &part, n_loss, out, &mut pool)
+        };
+        let Some(out) = grads else {
+            // Forward only.
+            let results: Vec<(f64, f64)> = std::thread::scope(|sc| {
+                let hs: Vec<_> = (1..shards).map(|i| sc.spawn(move || run(i, None))).collect();
+                let mut r = vec![run(0, None)];
+                r.extend(hs.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
+                r
+            });
+            return pass(&results, n_loss);
+        };
+        assert_eq!(out.len(), layout.len);
+        let mut extra: Vec<Vec<f32>> = (1..shards).map(|i| self.pools[i].lock().unwrap_or_else(|e| e.into_inner()).zeros(layout.len)).collect();
+        out.fill(0.0);
+        let results: Vec<(f64, f64)> = std::thread::scope(|sc| {
+            let hs: Vec<_> = extra.iter_mut().enumerate().map(|(i, g)| sc.spawn(move || run(i + 1, Some(g)))).collect();
+            let mut r = vec![run(0, Some(&mut *out))];
+            r.extend(hs.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
+            r
+        });
+        for (i, g) in extra.into_iter().enumerate() {
+            add_into(out, &g);
+            self.pools[i + 1].lock().unwrap_or_else(|e| e.into_inner()).put([g]);
+        }
+        pass(&results, n_loss)
+    }
+
+    /// Logits `[B·T, V]` (forward only; tests and checks).
+    pub fn logits(&self, w: &[f32], inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
+        let zeros = vec![0i64; inputs.len()];
+        let mask = vec![0.0f32; inputs.len()];
+        let batch = BatchRef { inputs, targets: &zeros, mask: &mask, b, t };
+        let rope = Rope { cos: &self.cos, sin: &self.sin };
+        let mut pool = Pool::default();
+        forward(&self.layout, w, &rope, &batch, &mut pool).logits
+    }
+}
+
+fn pass(results: &[(f64, f64)], n_loss: f32) -> Pass {
+    let loss: f64 = results.iter().map(|r| r.0).sum();
+    let forward_s = results.iter().fold(0.0f64, |m, r| m.max(r.1));
+    Pass { loss: loss / n_loss as f64, forward_s }
 }
 
 /// What the backward pass needs from one layer's forward pass.
@@ -327,7 +366,16 @@ struct Acts {
     logits: Vec<f32>, // [N, V]
 }
 
-fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef) -> Acts {
+impl Acts {
+    fn recycle(self, pool: &mut Pool) {
+        for l in self.layers {
+            pool.put([l.x, l.r1, l.hn1, l.qkv, l.p, l.y, l.x2, l.r2, l.hn2, l.gu, l.sig, l.a]);
+        }
+        pool.put([self.xf, self.rf, self.hf, self.logits]);
+    }
+}
+
+fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, pool: &mut Pool) -> Acts {
     let dm = &layout.dims;
     let (d, f, hd, v) = (dm.d, dm.ffn, dm.head_dim, dm.vocab);
     let (q, qkv) = (dm.q(), dm.qkv());
@@ -336,41 +384,41 @@ fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef) -> Acts {
     let scale = 1.0 / (hd as f32).sqrt();
 
     // Embedding lookup: x[i] = E[token_i].
-    let mut x = vec![0.0f32; n * d]; // [N, D]
+    let mut x = pool.zeros(n * d); // [N, D]
     for (i, &tok) in batch.inputs.iter().enumerate() {
         let e = layout.embed + tok as usize * d;
         x[i * d..(i + 1) * d].copy_from_slice(&w[e..e + d]);
     }
     let mut layers = Vec::with_capacity(dm.layers);
     for at in &layout.layers {
-        let mut hn1 = vec![0.0f32; n * d];
-        let r1 = rms_norm(&x, &w[at.ln1..at.ln1 + d], dm.eps, d, &mut hn1); // [N, D]
-        let mut qkv_b = vec![0.0f32; n * qkv];
+        let mut hn1 = pool.zeros(n * d);
+        let r1 = rms_norm(&x, &w[at.ln1..at.ln1 + d], dm.eps, d, &mut hn1, pool); // [N, D]
+        let mut qkv_b = pool.zeros(n * qkv);
         mm(n, qkv, d, &mut qkv_b, qkv, false, 1.0, rm(&hn1, d), rm(&w[at.wqkv..], qkv)); // [N, Q+2KV]
         rope_rows(&mut qkv_b, qkv, dm.heads + dm.kv_heads, hd, t, rope, false);
-        let mut p = vec![0.0f32; b * dm.heads * t * t];
-        let mut y = vec![0.0f32; n * q];
+        let mut p = pool.zeros(b * dm.heads * t * t);
+        let mut y = pool.zeros(n * q);
         attention_forward(dm, &qkv_b, &mut p, &mut y, b, t, scale);
-        let mut x2 = x.clone();
+        let mut x2 = pool.copy(&x);
         mm(n, d, q, &mut x2, d, true, 1.0, rm(&y, q), rm(&w[at.wo..], d)); // [N, D] = x + y·Wo
-        let mut hn2 = vec![0.0f32; n * d];
-        let r2 = rms_norm(&x2, &w[at.ln2..at.ln2 + d], dm.eps, d, &mut hn2);
-        let mut gu = vec![0.0f32; n * 2 * f];
+        let mut hn2 = pool.zeros(n * d);
+        let r2 = rms_norm(&x2, &w[at.ln2..at.ln2 + d], dm.eps, d, &mut hn2, pool);
+        let mut gu = pool.zeros(n * 2 * f);
         mm(n, 2 * f, d, &mut gu, 2 * f, false, 1.0, rm(&hn2, d), rm(&w[at.wgu..], 2 * f)); // [N, 2F]
-        let mut sig = vec![0.0f32; n * f];
-        let mut a = vec![0.0f32; n * f];
+        let mut sig = pool.zeros(n * f);
+        let mut a = pool.zeros(n * f);
         for i in 0..n {
             let (g, u) = gu[i * 2 * f..(i + 1) * 2 * f].split_at(f);
             swiglu(g, u, &mut sig[i * f..(i + 1) * f], &mut a[i * f..(i + 1) * f]);
         }
-        let mut x3 = x2.clone();
+        let mut x3 = pool.copy(&x2);
         mm(n, d, f, &mut x3, d, true, 1.0, rm(&a, f), rm(&w[at.wd..], d)); // [N, D] = x2 + a·Wd
         layers.push(LayerActs { x, r1, hn1, qkv: qkv_b, p, y, x2, r2, hn2, gu, sig, a });
         x = x3;
     }
-    let mut hf = vec![0.0f32; n * d];
-    let rf = rms_norm(&x, &w[layout.norm..layout.norm + d], dm.eps, d, &mut hf);
-    let mut logits = vec![0.0f32; n * v];
+    let mut hf = pool.zeros(n * d);
+    let rf = rms_norm(&x, &w[layout.norm..layout.norm + d], dm.eps, d, &mut hf, pool);
+    let mut logits = pool.zeros(n * v);
     match layout.head {
         Some(h) => mm(n, v, d, &mut logits, v, false, 1.0, rm(&hf, d), rm(&w[h..], v)), // [N, V]
         None => mm(n, v, d, &mut logits, v, false, 1.0, rm(&hf, d), rm(&w[layout.embed..], d).t()), // [N, V]
@@ -381,7 +429,7 @@ fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef) -> Acts {
 /// Forward, loss and (optionally) backward for one thread's sequences. Returns the sum of
 /// `mask · nll` over its rows and the seconds spent up to the loss; gradients are of the mean
 /// over all `n_loss` masked tokens.
-fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut Vec<f32>>) -> (f64, f64) {
+fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut [f32]>, pool: &mut Pool) -> (f64, f64) {
     let t0 = std::time::Instant::now();
     let dm = &layout.dims;
     let (d, f, hd, v) = (dm.d, dm.ffn, dm.head_dim, dm.vocab);
@@ -389,7 +437,7 @@ fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32,
     let (b, t) = (batch.b, batch.t);
     let n = b * t;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut acts = forward(layout, w, rope, batch);
+    let mut acts = forward(layout, w, rope, batch, pool);
 
     // Loss, and d loss / d logits in place of the logits: (softmax - onehot) · mask / n_loss.
     let mut loss = 0.0f64;
@@ -414,11 +462,14 @@ fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32,
         row[target] -= m / n_loss;
     }
     let forward_s = t0.elapsed().as_secs_f64();
-    let Some(g) = grads else { return (loss, forward_s) };
+    let Some(g) = grads else {
+        acts.recycle(pool);
+        return (loss, forward_s);
+    };
     let dl = &acts.logits; // [N, V]
 
     // Output head (or tied embedding) and the final norm.
-    let mut dh = vec![0.0f32; n * d]; // [N, D]
+    let mut dh = pool.zeros(n * d); // [N, D]
     match layout.head {
         Some(h) => {
             mm(d, v, n, &mut g[h..], v, true, 1.0, rm(&acts.hf, d).t(), rm(dl, v)); // dHead [D, V] += hf^T·dl
@@ -429,15 +480,15 @@ fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32,
             mm(n, d, v, &mut dh, d, false, 1.0, rm(dl, v), rm(&w[layout.embed..], d)); // [N, D] = dl·E
         }
     }
-    let mut dx = vec![0.0f32; n * d]; // [N, D] gradient of the residual stream
+    let mut dx = pool.zeros(n * d); // [N, D] gradient of the residual stream
     rms_norm_backward(&dh, &acts.xf, &acts.rf, &w[layout.norm..layout.norm + d], d, &mut dx, &mut g[layout.norm..layout.norm + d]);
 
-    let mut da = vec![0.0f32; n * f];
-    let mut dgu = vec![0.0f32; n * 2 * f];
-    let mut dhn = vec![0.0f32; n * d];
-    let mut dy = vec![0.0f32; n * q];
-    let mut dqkv = vec![0.0f32; n * qkv];
-    let mut dp = vec![0.0f32; t * t];
+    let mut da = pool.zeros(n * f);
+    let mut dgu = pool.zeros(n * 2 * f);
+    let mut dhn = pool.zeros(n * d);
+    let mut dy = pool.zeros(n * q);
+    let mut dqkv = pool.zeros(n * qkv);
+    let mut dp = pool.zeros(t * t);
     for (at, la) in layout.layers.iter().zip(acts.layers.iter()).rev() {
         // MLP: x3 = x2 + a·Wd, a = silu(g)·u, [g u] = hn2·Wgu, hn2 = norm(x2).
         mm(f, d, n, &mut g[at.wd..], d, true, 1.0, rm(&la.a, f).t(), rm(&dx, d)); // dWd [F, D] += a^T·dx
@@ -467,6 +518,8 @@ fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32,
         let e = layout.embed + tok as usize * d;
         add_into(&mut g[e..e + d], &dx[i * d..(i + 1) * d]);
     }
+    pool.put([dh, dx, da, dgu, dhn, dy, dqkv, dp]);
+    acts.recycle(pool);
     (loss, forward_s)
 }
 
@@ -555,8 +608,8 @@ fn rope_rows(x: &mut [f32], ld: usize, heads: usize, hd: usize, t: usize, rope: 
 }
 
 /// `out = x / rms(x) · w` per row of `d`; returns `1 / rms` per row.
-fn rms_norm(x: &[f32], w: &[f32], eps: f32, d: usize, out: &mut [f32]) -> Vec<f32> {
-    let mut r = Vec::with_capacity(x.len() / d);
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, d: usize, out: &mut [f32], pool: &mut Pool) -> Vec<f32> {
+    let mut r = pool.zeros(0);
     for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let ss: f32 = xr.iter().map(|v| v * v).sum();
         let inv = 1.0 / (ss / d as f32 + eps).sqrt();

@@ -4,7 +4,7 @@
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
-use kiln_models::cpu_kernels::{loss_and_grads, logits, rope_tables, BatchRef, Dims, Layout, Rope};
+use kiln_models::cpu_kernels::{rope_tables, BatchRef, Dims, Kernels};
 use kiln_models::init::RandomInit;
 use kiln_models::{Llama, LlamaConfig};
 
@@ -56,16 +56,16 @@ fn check(tied: bool, threads: usize) {
     let grads = loss.backward();
 
     // Kernels.
-    let layout = Layout::new(Dims::from_config(&cfg));
-    let w = layout.weights(&model).unwrap();
     let (cos, sin) = rope_tables(&model);
-    let rope = Rope { cos: &cos, sin: &sin };
-    let k_logits = logits(&layout, &w, &rope, &inputs, b, t);
+    let kern = Kernels::new(Dims::from_config(&cfg), cos, sin, threads);
+    let layout = &kern.layout;
+    let w = layout.weights(&model).unwrap();
+    let k_logits = kern.logits(&w, &inputs, b, t);
     let e = max_rel(&k_logits, &burn_logits);
     assert!(e < 1e-5, "logits differ by {e}");
     let mut g = vec![0.0f32; layout.len];
     let batch = BatchRef { inputs: &inputs, targets: &targets, mask: &mask, b, t };
-    let k_loss = loss_and_grads(&layout, &w, &rope, &batch, threads, Some(&mut g)).loss;
+    let k_loss = kern.loss_and_grads(&w, &batch, Some(&mut g)).loss;
     assert!((k_loss - burn_loss).abs() < 1e-5 * burn_loss.abs(), "loss {k_loss} vs {burn_loss}");
 
     let burn_grads = kiln_models::checkpoint::burn_tensors(&model);
@@ -121,26 +121,28 @@ fn kernels_match_burn_tied_two_threads() {
 fn thread_count_changes_nothing_but_rounding() {
     let cfg = config(false);
     let model = Llama::<Flex>::build(&cfg, &mut RandomInit::new(5, 2), &Default::default()).unwrap();
-    let layout = Layout::new(Dims::from_config(&cfg));
-    let w = layout.weights(&model).unwrap();
     let (cos, sin) = rope_tables(&model);
-    let rope = Rope { cos: &cos, sin: &sin };
+    let kern = |threads| Kernels::new(Dims::from_config(&cfg), cos.clone(), sin.clone(), threads);
+    let (k1, k3) = (kern(1), kern(3));
+    let w = k1.layout.weights(&model).unwrap();
     let (b, t) = (4, 16);
     let inputs: Vec<i64> = (0..b * t).map(|i| ((i * 11) % 37) as i64).collect();
     let targets: Vec<i64> = (0..b * t).map(|i| ((i * 13 + 2) % 37) as i64).collect();
     let mask = vec![1.0f32; b * t];
     let batch = BatchRef { inputs: &inputs, targets: &targets, mask: &mask, b, t };
-    let run = |threads| {
-        let mut g = vec![0.0f32; layout.len];
-        let l = loss_and_grads(&layout, &w, &rope, &batch, threads, Some(&mut g)).loss;
+    let run = |k: &Kernels| {
+        let mut g = vec![0.0f32; k.layout.len];
+        let l = k.loss_and_grads(&w, &batch, Some(&mut g)).loss;
         (l, g)
     };
-    let (l1, g1) = run(1);
-    let (l3, g3) = run(3);
+    let (l1, g1) = run(&k1);
+    let (l3, g3) = run(&k3);
     assert!((l1 - l3).abs() < 1e-6, "{l1} vs {l3}");
     assert!(max_rel(&g3, &g1) < 1e-5);
     // And the same thread count twice is bit-identical.
-    let (l3b, g3b) = run(3);
+    let (l3b, g3b) = run(&k3);
+    // Forward only gives the same loss.
+    assert_eq!(k3.loss_and_grads(&w, &batch, None).loss.to_bits(), l3.to_bits());
     assert_eq!(l3.to_bits(), l3b.to_bits());
     assert_eq!(g3, g3b);
 }

@@ -8,7 +8,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use kiln_models::cpu_kernels::{self, BatchRef, Dims, Layout, Rope};
+use kiln_models::cpu_kernels::{self, BatchRef, Dims, Kernels};
 use kiln_models::llama::param_id;
 use kiln_models::{Llama, LlamaConfig};
 
@@ -33,31 +33,28 @@ pub fn masked_cross_entropy<B: Backend>(model: &Llama<B>, batch: &Batch, device:
 /// Burn's autodiff graph, computed by hand-written kernels on host buffers. Built once per run;
 /// used on the CPU backends at f32 precision (`train.cpu_kernels`).
 pub struct CpuKernels {
-    layout: Layout,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    threads: usize,
+    kern: Kernels,
 }
 
 impl CpuKernels {
     pub fn new<B: Backend>(model: &Llama<B>, cfg: &LlamaConfig, threads: usize) -> Self {
         let (cos, sin) = cpu_kernels::rope_tables(model);
-        Self { layout: Layout::new(Dims::from_config(cfg)), cos, sin, threads: threads.max(1) }
+        Self { kern: Kernels::new(Dims::from_config(cfg), cos, sin, threads) }
     }
 
     /// Mean loss over `micro`, the gradients of that mean as Burn gradients, and the seconds
     /// spent in forward passes.
     fn grads<B: AutodiffBackend>(&self, model: &Llama<B>, micro: &[Batch], device: &B::Device) -> anyhow::Result<(f64, GradientsParams, f64)> {
-        let w = self.layout.weights(model)?;
-        let rope = Rope { cos: &self.cos, sin: &self.sin };
+        let layout = &self.kern.layout;
+        let w = layout.weights(model)?;
         let k = micro.len() as f32;
-        let mut total = vec![0.0f32; self.layout.len];
-        let mut g = vec![0.0f32; self.layout.len];
+        let mut total = vec![0.0f32; layout.len];
+        let mut g = vec![0.0f32; if micro.len() > 1 { layout.len } else { 0 }];
         let (mut loss, mut forward_s) = (0.0, 0.0);
         for (i, b) in micro.iter().enumerate() {
             let batch = BatchRef { inputs: &b.inputs, targets: &b.targets, mask: &b.mask, b: b.batch, t: b.context };
             let out = if i == 0 { &mut total } else { &mut g };
-            let pass = cpu_kernels::loss_and_grads(&self.layout, &w, &rope, &batch, self.threads, Some(out));
+            let pass = self.kern.loss_and_grads(&w, &batch, Some(out));
             loss += pass.loss;
             forward_s += pass.forward_s;
             if i > 0 {
@@ -68,8 +65,8 @@ impl CpuKernels {
             total.iter_mut().for_each(|x| *x /= k);
         }
         let mut grads = GradientsParams::new();
-        for s in &self.layout.slots {
-            let data = TensorData::new(self.layout.get(&total, s), s.shape.clone());
+        for s in &layout.slots {
+            let data = TensorData::new(layout.get(&total, s), s.shape.clone());
             let id = param_id(&s.name);
             match s.shape.len() {
                 1 => grads.register(id, Tensor::<B::InnerBackend, 1>::from_data(data, device)),
@@ -81,13 +78,12 @@ impl CpuKernels {
 
     /// Mean validation loss (nats per token) over fixed batches.
     fn eval_loss<B: Backend>(&self, model: &Llama<B>, batches: &[Batch]) -> anyhow::Result<f64> {
-        let w = self.layout.weights(model)?;
-        let rope = Rope { cos: &self.cos, sin: &self.sin };
+        let w = self.kern.layout.weights(model)?;
         let (mut sum, mut n) = (0.0, 0.0);
         for b in batches {
             let batch = BatchRef { inputs: &b.inputs, targets: &b.targets, mask: &b.mask, b: b.batch, t: b.context };
             let weight: f64 = b.mask.iter().map(|&m| m as f64).sum();
-            sum += cpu_kernels::loss_and_grads(&self.layout, &w, &rope, &batch, self.threads, None).loss * weight;
+            sum += self.kern.loss_and_grads(&w, &batch, None).loss * weight;
             n += weight;
         }
         Ok(sum / f64::max(n, 1.0))
