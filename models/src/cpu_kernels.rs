@@ -159,6 +159,12 @@ impl Layout {
     /// The model's parameters in this layout.
     pub fn weights<B: Backend>(&self, model: &Llama<B>) -> Result<Vec<f32>, ModelError> {
         let mut flat = vec![0.0f32; self.len];
+        self.weights_into(model, &mut flat)?;
+        Ok(flat)
+    }
+
+    /// [`Layout::weights`] into an existing buffer of `len` values.
+    pub fn weights_into<B: Backend>(&self, model: &Llama<B>, flat: &mut [f32]) -> Result<(), ModelError> {
         let tensors = crate::checkpoint::burn_tensors(model);
         if tensors.len() != self.slots.len() {
             return Err(ModelError::Config(format!("the model has {} parameters, the kernels' layout {}", tensors.len(), self.slots.len())));
@@ -168,9 +174,16 @@ impl Layout {
             if s.shape != shape {
                 return Err(ModelError::Shape { name, got: shape, expected: s.shape.clone() });
             }
-            self.put(&mut flat, s, &values);
+            self.put(flat, s, &values);
         }
-        Ok(flat)
+        Ok(())
+    }
+
+    /// The flat index ranges holding a parameter, one per row.
+    pub fn rows(&self, s: &Slot) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        let (rows, cols) = rows_cols(&s.shape);
+        let (off, ld, col) = (s.off, s.ld, s.col);
+        (0..rows).map(move |r| off + r * ld + col..off + r * ld + col + cols)
     }
 
     /// A parameter's values (row-major, its Burn shape) from the flat buffer.

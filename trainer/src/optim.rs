@@ -12,6 +12,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use kiln_models::checkpoint::HostTensor;
+use kiln_models::cpu_kernels::Layout;
 use kiln_recipes::OptimSection;
 
 /// Linear warmup from 0 to `lr`, then cosine decay to `min_lr` at `total` steps.
@@ -35,7 +36,17 @@ pub struct AdamW<B: Backend> {
     pub cfg: OptimSection,
     /// Optimizer steps taken (for bias correction).
     pub t: u64,
+    /// Moments as Burn tensors, by parameter name (the Burn path).
     pub state: HashMap<String, Moments<B>>,
+    /// Moments in the CPU kernels' flat layout (the fused CPU path; see [`AdamW::step_flat`]).
+    /// When present, `state` is empty.
+    flat: Option<FlatMoments>,
+}
+
+struct FlatMoments {
+    layout: Layout,
+    m: Vec<f32>,
+    v: Vec<f32>,
 }
 
 struct PathStack(Vec<String>);
@@ -125,7 +136,48 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Step<'_, B> {
 
 impl<B: Backend> AdamW<B> {
     pub fn new(cfg: OptimSection) -> Self {
-        Self { cfg, t: 0, state: HashMap::new() }
+        Self { cfg, t: 0, state: HashMap::new(), flat: None }
+    }
+
+    /// Clip and AdamW on host buffers in the CPU kernels' flat `layout`: `w` (weights, updated in
+    /// place) and `g` (gradients). The same update as [`AdamW::step`]; on first use the moments
+    /// move from `state` into flat buffers. Returns the gradient norm before clipping.
+    pub fn step_flat(&mut self, layout: &Layout, w: &mut [f32], g: &[f32], lr: f64) -> f64 {
+        let fm = self.flat.get_or_insert_with(|| {
+            let (mut m, mut v) = (vec![0.0f32; layout.len], vec![0.0f32; layout.len]);
+            for s in &layout.slots {
+                if let Some(st) = self.state.remove(&s.name) {
+                    let host = |t: &Tensor<B, 1>| t.to_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+                    layout.put(&mut m, s, &host(&st.m));
+                    layout.put(&mut v, s, &host(&st.v));
+                }
+            }
+            FlatMoments { layout: layout.clone(), m, v }
+        });
+        let norm = g.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+        let c = &self.cfg;
+        let scale = if c.grad_clip > 0.0 && norm > c.grad_clip { (c.grad_clip / (norm + 1e-6)) as f32 } else { 1.0 };
+        self.t += 1;
+        let t = self.t as i32;
+        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        let (c1, c2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        let lr32 = lr as f32;
+        for s in &layout.slots {
+            let shrink = if s.shape.len() >= 2 { (lr * c.weight_decay) as f32 } else { 0.0 };
+            for r in layout.rows(s) {
+                for i in r {
+                    let gi = g[i] * scale;
+                    let m = fm.m[i] * b1 + gi * (1.0 - b1);
+                    let v = fm.v[i] * b2 + gi * gi * (1.0 - b2);
+                    fm.m[i] = m;
+                    fm.v[i] = v;
+                    let update = (m / c1 as f32) / ((v / c2 as f32).sqrt() + eps);
+                    let p = w[i];
+                    w[i] = p - p * shrink - update * lr32;
+                }
+            }
+        }
+        norm
     }
 
     /// Clips `grads` to the global norm `cfg.grad_clip` (when positive) and takes one step.
@@ -146,6 +198,18 @@ impl<B: Backend> AdamW<B> {
 
     /// The moments as host tensors, `<name>.exp_avg` and `<name>.exp_avg_sq`, sorted by name.
     pub fn to_host(&self) -> Vec<HostTensor> {
+        if let Some(fm) = &self.flat {
+            let mut out = Vec::new();
+            let mut slots: Vec<_> = fm.layout.slots.iter().collect();
+            slots.sort_by(|a, b| a.name.cmp(&b.name));
+            for s in slots {
+                for (suffix, buf) in [("exp_avg", &fm.m), ("exp_avg_sq", &fm.v)] {
+                    let v = fm.layout.get(buf, s);
+                    out.push((format!("{}.{suffix}", s.name), vec![v.len()], v));
+                }
+            }
+            return out;
+        }
         let mut names: Vec<&String> = self.state.keys().collect();
         names.sort();
         let mut out = Vec::new();
@@ -168,6 +232,7 @@ impl<B: Backend> AdamW<B> {
         expected: &HashMap<String, usize>,
         device: &B::Device,
     ) -> anyhow::Result<()> {
+        self.flat = None;
         let names: Vec<String> = tensors.keys().filter_map(|k| k.strip_suffix(".exp_avg").map(str::to_string)).collect();
         for n in names {
             let (_, m) = tensors.remove(&format!("{n}.exp_avg")).unwrap_or_default();

@@ -3,7 +3,10 @@
 
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -29,51 +32,106 @@ pub fn masked_cross_entropy<B: Backend>(model: &Llama<B>, batch: &Batch, device:
     (nll * mask).sum() / n.max(1.0) // [1]
 }
 
-/// The fused CPU path (`models/src/cpu_kernels.rs`): the same model, loss and gradients as
-/// Burn's autodiff graph, computed by hand-written kernels on host buffers. Built once per run;
-/// used on the CPU backends at f32 precision (`train.cpu_kernels`).
+/// The fused CPU path (`models/src/cpu_kernels.rs`): the same model, loss, gradients and AdamW
+/// update as Burn's autodiff graph and [`AdamW::step`], computed by hand-written kernels on host
+/// buffers. Built once per run; used on the CPU backends at f32 precision (`train.cpu_kernels`).
 pub struct CpuKernels {
     kern: Kernels,
+    /// Parameter name -> index into `kern.layout.slots`.
+    index: HashMap<String, usize>,
+    /// Flat weights, gradients and a second gradient buffer (accumulation), reused every step.
+    bufs: Mutex<[Vec<f32>; 3]>,
 }
 
 impl CpuKernels {
     pub fn new<B: Backend>(model: &Llama<B>, cfg: &LlamaConfig, threads: usize) -> Self {
         let (cos, sin) = cpu_kernels::rope_tables(model);
-        Self { kern: Kernels::new(Dims::from_config(cfg), cos, sin, threads) }
+        let kern = Kernels::new(Dims::from_config(cfg), cos, sin, threads);
+        let index = kern.layout.slots.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        Self { kern, index, bufs: Mutex::new(Default::default()) }
     }
 
-    /// Mean loss over `micro`, the gradients of that mean as Burn gradients, and the seconds
-    /// spent in forward passes.
-    fn grads<B: AutodiffBackend>(&self, model: &Llama<B>, micro: &[Batch], device: &B::Device) -> anyhow::Result<(f64, GradientsParams, f64)> {
+    /// One optimizer step: forward and backward over `micro` (gradients averaged), the optional
+    /// data-parallel `sync`, then global-norm clip and AdamW on the flat buffers.
+    pub fn step<B: AutodiffBackend>(
+        &self,
+        model: Llama<B>,
+        opt: &mut AdamW<B::InnerBackend>,
+        micro: &[Batch],
+        lr: f64,
+        device: &B::Device,
+        sync: Option<SyncHook>,
+    ) -> anyhow::Result<(Llama<B>, StepOutput)> {
         let layout = &self.kern.layout;
-        let w = layout.weights(model)?;
-        let k = micro.len() as f32;
-        let mut total = vec![0.0f32; layout.len];
-        let mut g = vec![0.0f32; if micro.len() > 1 { layout.len } else { 0 }];
+        let mut guard = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        let [w, total, g] = &mut *guard;
+        w.resize(layout.len, 0.0);
+        total.resize(layout.len, 0.0);
+        let t0 = Instant::now();
+        layout.weights_into(&model, w)?;
         let (mut loss, mut forward_s) = (0.0, 0.0);
         for (i, b) in micro.iter().enumerate() {
             let batch = BatchRef { inputs: &b.inputs, targets: &b.targets, mask: &b.mask, b: b.batch, t: b.context };
-            let out = if i == 0 { &mut total } else { &mut g };
-            let pass = self.kern.loss_and_grads(&w, &batch, Some(out));
+            let out = if i == 0 {
+                &mut *total
+            } else {
+                g.resize(layout.len, 0.0);
+                &mut *g
+            };
+            let pass = self.kern.loss_and_grads(w, &batch, Some(out));
             loss += pass.loss;
             forward_s += pass.forward_s;
             if i > 0 {
-                total.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+                total.iter_mut().zip(g.iter()).for_each(|(a, b)| *a += b);
             }
         }
+        let k = micro.len() as f32;
         if micro.len() > 1 {
             total.iter_mut().for_each(|x| *x /= k);
         }
+        loss /= k as f64;
+        let backward_s = t0.elapsed().as_secs_f64() - forward_s;
+        let t0 = Instant::now();
+        if let Some(sync) = sync {
+            let (grads, l) = sync(self.to_params::<B::InnerBackend>(total, device), loss)?;
+            loss = l;
+            self.from_params::<B::InnerBackend>(grads, total)?;
+        }
+        let grad_norm = opt.step_flat(layout, w, total, lr);
+        let model = model.map(&mut WriteWeights::<B> { kern: self, w, device, path: Vec::new() });
+        let optim_s = t0.elapsed().as_secs_f64();
+        let tokens = micro.iter().map(|b| b.mask.iter().filter(|&&m| m > 0.0).count()).sum();
+        Ok((model, StepOutput { loss, grad_norm, tokens, forward_s, backward_s, optim_s }))
+    }
+
+    /// Flat gradients as Burn gradients, keyed by parameter id.
+    fn to_params<I: Backend>(&self, flat: &[f32], device: &I::Device) -> GradientsParams {
+        let layout = &self.kern.layout;
         let mut grads = GradientsParams::new();
         for s in &layout.slots {
-            let data = TensorData::new(layout.get(&total, s), s.shape.clone());
+            let data = TensorData::new(layout.get(flat, s), s.shape.clone());
             let id = param_id(&s.name);
             match s.shape.len() {
-                1 => grads.register(id, Tensor::<B::InnerBackend, 1>::from_data(data, device)),
-                _ => grads.register(id, Tensor::<B::InnerBackend, 2>::from_data(data, device)),
+                1 => grads.register(id, Tensor::<I, 1>::from_data(data, device)),
+                _ => grads.register(id, Tensor::<I, 2>::from_data(data, device)),
             }
         }
-        Ok((loss / k as f64, grads, forward_s))
+        grads
+    }
+
+    fn from_params<I: Backend>(&self, mut grads: GradientsParams, flat: &mut [f32]) -> anyhow::Result<()> {
+        let layout = &self.kern.layout;
+        for s in &layout.slots {
+            let id = param_id(&s.name);
+            let data = match s.shape.len() {
+                1 => grads.remove::<I, 1>(id).map(|t| t.into_data()),
+                _ => grads.remove::<I, 2>(id).map(|t| t.into_data()),
+            };
+            let data = data.ok_or_else(|| anyhow::anyhow!("averaged gradients lack '{}'", s.name))?;
+            let values = data.convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("gradient of '{}': {e:?}", s.name))?;
+            layout.put(flat, s, &values);
+        }
+        Ok(())
     }
 
     /// Mean validation loss (nats per token) over fixed batches.
@@ -87,6 +145,35 @@ impl CpuKernels {
             n += weight;
         }
         Ok(sum / f64::max(n, 1.0))
+    }
+}
+
+/// Replaces every parameter's value with its values from the flat weights.
+struct WriteWeights<'a, B: AutodiffBackend> {
+    kern: &'a CpuKernels,
+    w: &'a [f32],
+    device: &'a B::Device,
+    path: Vec<String>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for WriteWeights<'_, B> {
+    fn enter_module(&mut self, name: &str, _c: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _n: &str, _c: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let name = format!("{}.weight", self.path.join("."));
+        let Some(&i) = self.kern.index.get(&name) else {
+            return param;
+        };
+        let layout = &self.kern.kern.layout;
+        let s = &layout.slots[i];
+        let (id, tensor, mapper) = param.consume();
+        let data = TensorData::new(layout.get(self.w, s), tensor.shape());
+        let inner = Tensor::<B::InnerBackend, D>::from_data(data, self.device);
+        Param::from_mapped_value(id, Tensor::from_inner(inner).require_grad(), mapper)
     }
 }
 
@@ -132,16 +219,7 @@ pub fn train_step_synced<B: AutodiffBackend>(
 ) -> anyhow::Result<(Llama<B>, StepOutput)> {
     let tokens = micro.iter().map(|b| b.mask.iter().filter(|&&m| m > 0.0).count()).sum();
     if let Some(kern) = kernels {
-        let t0 = Instant::now();
-        let (mut loss, mut grads, forward_s) = kern.grads(&model, micro, device)?;
-        let backward_s = t0.elapsed().as_secs_f64() - forward_s;
-        let t0 = Instant::now();
-        if let Some(sync) = sync {
-            (grads, loss) = sync(grads, loss)?;
-        }
-        let (model, grad_norm) = opt.step::<B, _>(model, grads, lr);
-        let optim_s = t0.elapsed().as_secs_f64();
-        return Ok((model, StepOutput { loss, grad_norm, tokens, forward_s, backward_s, optim_s }));
+        return kern.step(model, opt, micro, lr, device, sync);
     }
     let k = micro.len() as f64;
     let mut acc = GradientsAccumulator::<Llama<B>>::new();
