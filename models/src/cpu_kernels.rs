@@ -18,6 +18,7 @@
 //! `models/tests/cpu_kernels.rs`.
 
 use burn::tensor::backend::Backend;
+use rayon::prelude::*;
 
 use crate::llama::{Llama, LlamaConfig};
 use crate::ModelError;
@@ -243,15 +244,25 @@ struct Pool(Vec<Vec<f32>>);
 impl Pool {
     /// A zeroed buffer of `n` values: the smallest free one that fits, else a new one.
     fn zeros(&mut self, n: usize) -> Vec<f32> {
+        let mut v = self.any(n);
+        v.fill(0.0);
+        v
+    }
+    /// A buffer of `n` values whose contents are left over from earlier use: for outputs that
+    /// are written in full before they are read.
+    fn any(&mut self, n: usize) -> Vec<f32> {
         let best = (0..self.0.len()).filter(|&i| self.0[i].capacity() >= n).min_by_key(|&i| self.0[i].capacity());
         let mut v = best.map(|i| self.0.swap_remove(i)).unwrap_or_default();
-        v.clear();
-        v.resize(n, 0.0);
+        if v.len() > n {
+            v.truncate(n);
+        } else {
+            v.resize(n, 0.0);
+        }
         v
     }
     fn copy(&mut self, src: &[f32]) -> Vec<f32> {
-        let mut v = self.zeros(0);
-        v.extend_from_slice(src);
+        let mut v = self.any(src.len());
+        v.copy_from_slice(src);
         v
     }
     fn put(&mut self, bufs: impl IntoIterator<Item = Vec<f32>>) {
@@ -314,23 +325,16 @@ impl Kernels {
         };
         let Some(out) = grads else {
             // Forward only.
-            let results: Vec<(f64, f64)> = std::thread::scope(|sc| {
-                let hs: Vec<_> = (1..shards).map(|i| sc.spawn(move || run(i, None))).collect();
-                let mut r = vec![run(0, None)];
-                r.extend(hs.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
-                r
-            });
+            let results: Vec<(f64, f64)> = (0..shards).into_par_iter().map(|i| run(i, None)).collect();
             return pass(&results, n_loss);
         };
         assert_eq!(out.len(), layout.len);
         let mut extra: Vec<Vec<f32>> = (1..shards).map(|i| self.pools[i].lock().unwrap_or_else(|e| e.into_inner()).zeros(layout.len)).collect();
         out.fill(0.0);
-        let results: Vec<(f64, f64)> = std::thread::scope(|sc| {
-            let hs: Vec<_> = extra.iter_mut().enumerate().map(|(i, g)| sc.spawn(move || run(i + 1, Some(g)))).collect();
-            let mut r = vec![run(0, Some(&mut *out))];
-            r.extend(hs.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
-            r
-        });
+        // Shards run on rayon's pool (long-lived threads, so gemm's per-thread packing buffers
+        // are reused); `collect` keeps shard order.
+        let outs: Vec<&mut [f32]> = std::iter::once(&mut *out).chain(extra.iter_mut().map(|g| g.as_mut_slice())).collect();
+        let results: Vec<(f64, f64)> = outs.into_par_iter().enumerate().map(|(i, g)| run(i, Some(g))).collect();
         for (i, g) in extra.into_iter().enumerate() {
             add_into(out, &g);
             self.pools[i + 1].lock().unwrap_or_else(|e| e.into_inner()).put([g]);
@@ -397,29 +401,29 @@ fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, pool: &mut
     let scale = 1.0 / (hd as f32).sqrt();
 
     // Embedding lookup: x[i] = E[token_i].
-    let mut x = pool.zeros(n * d); // [N, D]
+    let mut x = pool.any(n * d); // [N, D]
     for (i, &tok) in batch.inputs.iter().enumerate() {
         let e = layout.embed + tok as usize * d;
         x[i * d..(i + 1) * d].copy_from_slice(&w[e..e + d]);
     }
     let mut layers = Vec::with_capacity(dm.layers);
     for at in &layout.layers {
-        let mut hn1 = pool.zeros(n * d);
+        let mut hn1 = pool.any(n * d);
         let r1 = rms_norm(&x, &w[at.ln1..at.ln1 + d], dm.eps, d, &mut hn1, pool); // [N, D]
-        let mut qkv_b = pool.zeros(n * qkv);
+        let mut qkv_b = pool.any(n * qkv);
         mm(n, qkv, d, &mut qkv_b, qkv, false, 1.0, rm(&hn1, d), rm(&w[at.wqkv..], qkv)); // [N, Q+2KV]
         rope_rows(&mut qkv_b, qkv, dm.heads + dm.kv_heads, hd, t, rope, false);
-        let mut p = pool.zeros(b * dm.heads * t * t);
-        let mut y = pool.zeros(n * q);
+        let mut p = pool.any(b * dm.heads * t * t);
+        let mut y = pool.any(n * q);
         attention_forward(dm, &qkv_b, &mut p, &mut y, b, t, scale);
         let mut x2 = pool.copy(&x);
         mm(n, d, q, &mut x2, d, true, 1.0, rm(&y, q), rm(&w[at.wo..], d)); // [N, D] = x + y·Wo
-        let mut hn2 = pool.zeros(n * d);
+        let mut hn2 = pool.any(n * d);
         let r2 = rms_norm(&x2, &w[at.ln2..at.ln2 + d], dm.eps, d, &mut hn2, pool);
-        let mut gu = pool.zeros(n * 2 * f);
+        let mut gu = pool.any(n * 2 * f);
         mm(n, 2 * f, d, &mut gu, 2 * f, false, 1.0, rm(&hn2, d), rm(&w[at.wgu..], 2 * f)); // [N, 2F]
-        let mut sig = pool.zeros(n * f);
-        let mut a = pool.zeros(n * f);
+        let mut sig = pool.any(n * f);
+        let mut a = pool.any(n * f);
         for i in 0..n {
             let (g, u) = gu[i * 2 * f..(i + 1) * 2 * f].split_at(f);
             swiglu(g, u, &mut sig[i * f..(i + 1) * f], &mut a[i * f..(i + 1) * f]);
@@ -429,9 +433,9 @@ fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, pool: &mut
         layers.push(LayerActs { x, r1, hn1, qkv: qkv_b, p, y, x2, r2, hn2, gu, sig, a });
         x = x3;
     }
-    let mut hf = pool.zeros(n * d);
+    let mut hf = pool.any(n * d);
     let rf = rms_norm(&x, &w[layout.norm..layout.norm + d], dm.eps, d, &mut hf, pool);
-    let mut logits = pool.zeros(n * v);
+    let mut logits = pool.any(n * v);
     match layout.head {
         Some(h) => mm(n, v, d, &mut logits, v, false, 1.0, rm(&hf, d), rm(&w[h..], v)), // [N, V]
         None => mm(n, v, d, &mut logits, v, false, 1.0, rm(&hf, d), rm(&w[layout.embed..], d).t()), // [N, V]
@@ -457,14 +461,11 @@ fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32,
     for i in 0..n {
         let row = &mut acts.logits[i * v..(i + 1) * v];
         let m = batch.mask[i];
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let mx = max(row);
         let target = batch.targets[i] as usize;
-        let z = row[target] - max;
-        let mut sum = 0.0f32;
-        for x in row.iter_mut() {
-            *x = exp(*x - max);
-            sum += *x;
-        }
+        let z = row[target] - mx;
+        row.iter_mut().for_each(|x| *x = exp(*x - mx));
+        let sum = sum(row);
         if m != 0.0 {
             loss += (m * (sum.ln() - z)) as f64; // -log softmax(target)
         }
@@ -482,7 +483,7 @@ fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32,
     let dl = &acts.logits; // [N, V]
 
     // Output head (or tied embedding) and the final norm.
-    let mut dh = pool.zeros(n * d); // [N, D]
+    let mut dh = pool.any(n * d); // [N, D]
     match layout.head {
         Some(h) => {
             mm(d, v, n, &mut g[h..], v, true, 1.0, rm(&acts.hf, d).t(), rm(dl, v)); // dHead [D, V] += hf^T·dl
@@ -496,12 +497,12 @@ fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32,
     let mut dx = pool.zeros(n * d); // [N, D] gradient of the residual stream
     rms_norm_backward(&dh, &acts.xf, &acts.rf, &w[layout.norm..layout.norm + d], d, &mut dx, &mut g[layout.norm..layout.norm + d]);
 
-    let mut da = pool.zeros(n * f);
-    let mut dgu = pool.zeros(n * 2 * f);
-    let mut dhn = pool.zeros(n * d);
-    let mut dy = pool.zeros(n * q);
-    let mut dqkv = pool.zeros(n * qkv);
-    let mut dp = pool.zeros(t * t);
+    let mut da = pool.any(n * f);
+    let mut dgu = pool.any(n * 2 * f);
+    let mut dhn = pool.any(n * d);
+    let mut dy = pool.any(n * q);
+    let mut dqkv = pool.any(n * qkv);
+    let mut dp = pool.any(t * t);
     for (at, la) in layout.layers.iter().zip(acts.layers.iter()).rev() {
         // MLP: x3 = x2 + a·Wd, a = silu(g)·u, [g u] = hn2·Wgu, hn2 = norm(x2).
         mm(f, d, n, &mut g[at.wd..], d, true, 1.0, rm(&la.a, f).t(), rm(&dx, d)); // dWd [F, D] += a^T·dx
@@ -553,13 +554,9 @@ fn attention_forward(dm: &Dims, qkv: &[f32], p: &mut [f32], y: &mut [f32], b: us
             for i in 0..t {
                 let row = &mut ps[i * t..(i + 1) * t];
                 let (seen, future) = row.split_at_mut(i + 1);
-                let max = seen.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                let mut sum = 0.0;
-                for x in seen.iter_mut() {
-                    *x = exp(*x - max);
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
+                let mx = max(seen);
+                seen.iter_mut().for_each(|x| *x = exp(*x - mx));
+                let inv = 1.0 / sum(seen);
                 seen.iter_mut().for_each(|x| *x *= inv);
                 future.iter_mut().for_each(|x| *x = 0.0);
             }
@@ -588,9 +585,9 @@ fn attention_backward(dm: &Dims, qkv: &[f32], p: &[f32], dy: &[f32], dqkv: &mut 
             for i in 0..t {
                 let pr = &ps[i * t..i * t + i + 1];
                 let dr = &mut dp[i * t..(i + 1) * t];
-                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                let pd = dot(pr, &dr[..=i]);
                 for (x, &pv) in dr[..=i].iter_mut().zip(pr) {
-                    *x = pv * (*x - dot) * scale;
+                    *x = pv * (*x - pd) * scale;
                 }
                 dr[i + 1..].iter_mut().for_each(|x| *x = 0.0);
             }
@@ -622,28 +619,29 @@ fn rope_rows(x: &mut [f32], ld: usize, heads: usize, hd: usize, t: usize, rope: 
 
 /// `out = x / rms(x) · w` per row of `d`; returns `1 / rms` per row.
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, d: usize, out: &mut [f32], pool: &mut Pool) -> Vec<f32> {
-    let mut r = pool.zeros(0);
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum();
-        let inv = 1.0 / (ss / d as f32 + eps).sqrt();
+    let mut r = pool.any(x.len() / d);
+    for ((xr, or), ri) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(r.iter_mut()) {
+        let inv = 1.0 / (dot(xr, xr) / d as f32 + eps).sqrt();
         for ((o, &xv), &wv) in or.iter_mut().zip(xr).zip(w) {
             *o = xv * inv * wv;
         }
-        r.push(inv);
+        *ri = inv;
     }
     r
 }
 
 /// Backward of [`rms_norm`]: adds d/dx into `dx` and d/dw into `dw`.
 fn rms_norm_backward(dy: &[f32], x: &[f32], r: &[f32], w: &[f32], d: usize, dx: &mut [f32], dw: &mut [f32]) {
+    let mut gx = vec![0.0f32; d]; // dy·x of one row
     for (i, ((dyr, xr), dxr)) in dy.chunks_exact(d).zip(x.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).enumerate() {
         let inv = r[i];
-        let mut dot = 0.0f32; // Σ dy·w·x
-        for ((&g, &xv), (&wv, dwv)) in dyr.iter().zip(xr).zip(w.iter().zip(dw.iter_mut())) {
-            dot += g * wv * xv;
-            *dwv += g * xv * inv;
+        for ((o, &g), &xv) in gx.iter_mut().zip(dyr).zip(xr) {
+            *o = g * xv;
         }
-        let k = dot * inv * inv * inv / d as f32;
+        for (dwv, &v) in dw.iter_mut().zip(&gx) {
+            *dwv += v * inv;
+        }
+        let k = dot(&gx, w) * inv * inv * inv / d as f32; // Σ dy·w·x, scaled
         for ((o, &g), (&xv, &wv)) in dxr.iter_mut().zip(dyr).zip(xr.iter().zip(w)) {
             *o += g * wv * inv - xv * k;
         }
@@ -664,6 +662,49 @@ fn swiglu_backward(g: &[f32], u: &[f32], sig: &[f32], da: &[f32], dg: &mut [f32]
         du[i] = da[i] * gv * s;
         dg[i] = da[i] * u[i] * s * (1.0 + gv * (1.0 - s));
     }
+}
+
+/// `Σ a·b`, in 8 independent partial sums so that the loop vectorises (a fixed order, so the
+/// result is deterministic).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ a`, as [`dot`].
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let ac = a.chunks_exact(8);
+    let tail: f32 = ac.remainder().iter().sum();
+    for x in ac {
+        for i in 0..8 {
+            acc[i] += x[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `max a` (`-inf` when empty).
+#[inline(always)]
+fn max(a: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let ac = a.chunks_exact(8);
+    let tail = ac.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for x in ac {
+        for i in 0..8 {
+            acc[i] = acc[i].max(x[i]);
+        }
+    }
+    acc.iter().fold(tail, |m, &x| m.max(x))
 }
 
 fn add_into(dst: &mut [f32], src: &[f32]) {

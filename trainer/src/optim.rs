@@ -154,26 +154,34 @@ impl<B: Backend> AdamW<B> {
             }
             FlatMoments { layout: layout.clone(), m, v }
         });
-        let norm = g.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+        // Eight partial sums in f64, so that the loop vectorises and the order is fixed.
+        let mut acc = [0.0f64; 8];
+        let chunks = g.chunks_exact(8);
+        let tail: f64 = chunks.remainder().iter().map(|&x| x as f64 * x as f64).sum();
+        for ch in chunks {
+            for i in 0..8 {
+                acc[i] += ch[i] as f64 * ch[i] as f64;
+            }
+        }
+        let norm = (acc.iter().sum::<f64>() + tail).sqrt();
         let c = &self.cfg;
         let scale = if c.grad_clip > 0.0 && norm > c.grad_clip { (c.grad_clip / (norm + 1e-6)) as f32 } else { 1.0 };
         self.t += 1;
         let t = self.t as i32;
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let (c1, c2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        let (k1, k2) = ((1.0 / (1.0 - c.beta1.powi(t))) as f32, (1.0 / (1.0 - c.beta2.powi(t))) as f32);
         let lr32 = lr as f32;
         for s in &layout.slots {
             let shrink = if s.shape.len() >= 2 { (lr * c.weight_decay) as f32 } else { 0.0 };
             for r in layout.rows(s) {
-                for i in r {
-                    let gi = g[i] * scale;
-                    let m = fm.m[i] * b1 + gi * (1.0 - b1);
-                    let v = fm.v[i] * b2 + gi * gi * (1.0 - b2);
-                    fm.m[i] = m;
-                    fm.v[i] = v;
-                    let update = (m / c1 as f32) / ((v / c2 as f32).sqrt() + eps);
-                    let p = w[i];
-                    w[i] = p - p * shrink - update * lr32;
+                let (ws, gs) = (&mut w[r.clone()], &g[r.clone()]);
+                let (ms, vs) = (&mut fm.m[r.clone()], &mut fm.v[r]);
+                for (((p, &gi), m), v) in ws.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
+                    let gi = gi * scale;
+                    *m = *m * b1 + gi * (1.0 - b1);
+                    *v = *v * b2 + gi * gi * (1.0 - b2);
+                    let update = (*m * k1) / ((*v * k2).sqrt() + eps);
+                    *p = *p - *p * shrink - update * lr32;
                 }
             }
         }
