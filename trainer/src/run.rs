@@ -448,6 +448,10 @@ fn train<B: AutodiffBackend>(
         tracing::info!("forward and backward by Kiln's fused CPU kernels on {} threads (train.cpu_kernels)", threads());
     }
     let kernels = kernels.as_ref();
+    let backend = match kernels {
+        Some(_) => format!("{} (fused CPU kernels)", ctx.device.describe()),
+        None => ctx.device.describe(),
+    };
     let flops_tok = crate::perf::flops_per_token(&p.cfg, context);
     let peak = crate::perf::peak_flops(ctx.device.gpu_name(), precision);
     let mut peak_mem: Option<(&str, u64)> = None;
@@ -611,7 +615,7 @@ fn train<B: AutodiffBackend>(
         "stop_reason": stop_reason,
         "evals": evals,
         "target": t.target_val_loss.map(|tv| json!({"val_loss": tv, "reached": target_hit})),
-        "backend": ctx.device.describe(),
+        "backend": backend,
         "threads": threads(),
         "workers": nodes,
     });
@@ -620,7 +624,7 @@ fn train<B: AutodiffBackend>(
     println!(
         "\n== Kiln report: {} ==\nmodel       {} parameters ({} layers, d_model {})\nsteps       {} ({} tokens)\nval loss    {:.4}\nval bpb     {:.4}\nthroughput  {:.0} tokens/s on {} ({} threads)\nwall time   {:.1} s\nenergy      {:.1} J ({}; {:.2e} J/token, {:.2e} gCO2e)\nfinal model {}",
         r.name, p.cfg.num_params(), p.cfg.num_hidden_layers, p.cfg.hidden_size, state.step, state.tokens, val_loss, val_bpb,
-        mean_tps, ctx.device.describe(), threads(), state.wall_s,
+        mean_tps, backend, threads(), state.wall_s,
         state.joules, state.energy_method, state.joules / (state.tokens.max(1) as f64), state.joules / 3.6e6 * e.grid_gco2_per_kwh,
         final_dir.display()
     );
