@@ -1,5 +1,6 @@
 //! Times the fused CPU kernels alone (forward + backward, no optimizer) on the bench-cpu shape,
-//! for profiling: `cargo run --release -p kiln-models --example kernel_step [STEPS] [THREADS]`.
+//! for profiling: `cargo run --release -p kiln-models --example kernel_step [STEPS] [THREADS] [baseline]`
+//! (`baseline`: the elementwise loops without their AVX-512 build).
 
 use std::time::Instant;
 
@@ -9,6 +10,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let steps: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(100);
     let threads: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let baseline = args.next().is_some_and(|s| s == "baseline");
     let dims = Dims { vocab: 69, d: 128, ffn: 384, heads: 4, kv_heads: 4, head_dim: 32, layers: 4, eps: 1e-5, tied: false };
     let (b, t) = (12, 64);
     let mut state = 12345u64;
@@ -33,6 +35,7 @@ fn main() {
     let mask = vec![1.0f32; b * t];
     let batch = BatchRef { inputs: &inputs, targets: &targets, mask: &mask, b, t };
     let kern = Kernels::new(dims, cos, sin, threads);
+    let kern = if baseline { kern.baseline() } else { kern };
     let mut g = vec![0.0f32; len];
     let mut times = Vec::new();
     let mut fwd = Vec::new();

@@ -277,6 +277,8 @@ pub struct Kernels {
     sin: Vec<f32>, // [max T, Hd]
     threads: usize,
     pools: Vec<std::sync::Mutex<Pool>>,
+    /// Use the AVX-512 build of the elementwise loops where the CPU has it.
+    wide: bool,
 }
 
 impl Kernels {
@@ -284,7 +286,14 @@ impl Kernels {
     pub fn new(dims: Dims, cos: Vec<f32>, sin: Vec<f32>, threads: usize) -> Self {
         let threads = threads.max(1);
         let pools = (0..threads).map(|_| Default::default()).collect();
-        Self { layout: Layout::new(dims), cos, sin, threads, pools }
+        Self { layout: Layout::new(dims), cos, sin, threads, pools, wide: true }
+    }
+
+    /// The same kernels with the elementwise loops in their baseline build only (a test checks
+    /// that both builds agree bit for bit).
+    pub fn baseline(mut self) -> Self {
+        self.wide = false;
+        self
     }
 
     /// Mean masked cross-entropy of `batch` and, when `grads` is given, its gradient with
@@ -321,7 +330,7 @@ impl Kernels {
                 t: batch.t,
             };
             let mut pool = self.pools[i].lock().unwrap_or_else(|e| e.into_inner());
-            shard(layout, w, &rope, &part, n_loss, out, &mut pool)
+            shard(layout, w, &rope, &part, n_loss, out, &mut pool, self.wide)
         };
         let Some(out) = grads else {
             // Forward only.
@@ -392,6 +401,7 @@ impl Acts {
     }
 }
 
+#[inline(always)]
 fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, pool: &mut Pool) -> Acts {
     let dm = &layout.dims;
     let (d, f, hd, v) = (dm.d, dm.ffn, dm.head_dim, dm.vocab);
@@ -446,7 +456,25 @@ fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, pool: &mut
 /// Forward, loss and (optionally) backward for one thread's sequences. Returns the sum of
 /// `mask · nll` over its rows and the seconds spent up to the loss; gradients are of the mean
 /// over all `n_loss` masked tokens.
-fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut [f32]>, pool: &mut Pool) -> (f64, f64) {
+#[allow(clippy::too_many_arguments)]
+fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut [f32]>, pool: &mut Pool, wide: bool) -> (f64, f64) {
+    // The elementwise loops, compiled again with AVX-512 where the CPU has it. Rust never fuses
+    // a multiply and an add on its own, and every reduction has a fixed order, so both versions
+    // give bit-identical results (tested).
+    #[cfg(target_arch = "x86_64")]
+    if wide && std::arch::is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn wide(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut [f32]>, pool: &mut Pool) -> (f64, f64) {
+            shard_impl(layout, w, rope, batch, n_loss, grads, pool)
+        }
+        // SAFETY: the CPU supports the features `wide` is compiled for (checked just above).
+        return unsafe { wide(layout, w, rope, batch, n_loss, grads, pool) };
+    }
+    shard_impl(layout, w, rope, batch, n_loss, grads, pool)
+}
+
+#[inline(always)]
+fn shard_impl(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut [f32]>, pool: &mut Pool) -> (f64, f64) {
     let t0 = std::time::Instant::now();
     let dm = &layout.dims;
     let (d, f, hd, v) = (dm.d, dm.ffn, dm.head_dim, dm.vocab);
@@ -539,6 +567,7 @@ fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32,
 
 /// Causal attention for every sequence and head: `P = softmax(Q·K^T·scale)`, `Y = P·V`.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn attention_forward(dm: &Dims, qkv: &[f32], p: &mut [f32], y: &mut [f32], b: usize, t: usize, scale: f32) {
     let (hd, q, kv, ld) = (dm.head_dim, dm.q(), dm.kv(), dm.qkv());
     let group = dm.heads / dm.kv_heads;
@@ -568,6 +597,7 @@ fn attention_forward(dm: &Dims, qkv: &[f32], p: &mut [f32], y: &mut [f32], b: us
 /// Gradients of [`attention_forward`] with respect to q, k and v, into `dqkv` (zeroed by the
 /// caller; k and v accumulate over the query heads that share them). `dp` is `[T, T]` scratch.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn attention_backward(dm: &Dims, qkv: &[f32], p: &[f32], dy: &[f32], dqkv: &mut [f32], dp: &mut [f32], b: usize, t: usize, scale: f32) {
     let (hd, q, kv, ld) = (dm.head_dim, dm.q(), dm.kv(), dm.qkv());
     let group = dm.heads / dm.kv_heads;
@@ -599,6 +629,7 @@ fn attention_backward(dm: &Dims, qkv: &[f32], p: &[f32], dy: &[f32], dqkv: &mut 
 
 /// Rotates the first `heads` head-sized column blocks of every row (q then k heads) by the
 /// position's angle (row `i` is position `i % t`); `inverse` rotates back (the backward pass).
+#[inline(always)]
 fn rope_rows(x: &mut [f32], ld: usize, heads: usize, hd: usize, t: usize, rope: &Rope, inverse: bool) {
     let half = hd / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
@@ -618,6 +649,7 @@ fn rope_rows(x: &mut [f32], ld: usize, heads: usize, hd: usize, t: usize, rope: 
 }
 
 /// `out = x / rms(x) · w` per row of `d`; returns `1 / rms` per row.
+#[inline(always)]
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, d: usize, out: &mut [f32], pool: &mut Pool) -> Vec<f32> {
     let mut r = pool.any(x.len() / d);
     for ((xr, or), ri) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(r.iter_mut()) {
@@ -631,6 +663,7 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, d: usize, out: &mut [f32], pool: &mu
 }
 
 /// Backward of [`rms_norm`]: adds d/dx into `dx` and d/dw into `dw`.
+#[inline(always)]
 fn rms_norm_backward(dy: &[f32], x: &[f32], r: &[f32], w: &[f32], d: usize, dx: &mut [f32], dw: &mut [f32]) {
     let mut gx = vec![0.0f32; d]; // dy·x of one row
     for (i, ((dyr, xr), dxr)) in dy.chunks_exact(d).zip(x.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).enumerate() {
@@ -649,6 +682,7 @@ fn rms_norm_backward(dy: &[f32], x: &[f32], r: &[f32], w: &[f32], d: usize, dx: 
 }
 
 /// `a = silu(g)·u`, keeping `sig = sigmoid(g)`.
+#[inline(always)]
 fn swiglu(g: &[f32], u: &[f32], sig: &mut [f32], a: &mut [f32]) {
     for (((&gv, &uv), s), av) in g.iter().zip(u).zip(sig.iter_mut()).zip(a.iter_mut()) {
         *s = 1.0 / (1.0 + exp(-gv));
@@ -656,6 +690,7 @@ fn swiglu(g: &[f32], u: &[f32], sig: &mut [f32], a: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn swiglu_backward(g: &[f32], u: &[f32], sig: &[f32], da: &[f32], dg: &mut [f32], du: &mut [f32]) {
     for i in 0..g.len() {
         let (gv, s) = (g[i], sig[i]);
@@ -707,6 +742,7 @@ fn max(a: &[f32]) -> f32 {
     acc.iter().fold(tail, |m, &x| m.max(x))
 }
 
+#[inline(always)]
 fn add_into(dst: &mut [f32], src: &[f32]) {
     for (a, &b) in dst.iter_mut().zip(src) {
         *a += b;

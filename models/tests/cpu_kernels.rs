@@ -141,6 +141,11 @@ fn thread_count_changes_nothing_but_rounding() {
     assert!(max_rel(&g3, &g1) < 1e-5);
     // And the same thread count twice is bit-identical.
     let (l3b, g3b) = run(&k3);
+    // The baseline build of the elementwise loops gives the same bits as the AVX-512 one.
+    let base = kern(3).baseline();
+    let (lb, gb) = run(&base);
+    assert_eq!(lb.to_bits(), l3.to_bits());
+    assert!(gb.iter().zip(&g3).all(|(a, b)| a.to_bits() == b.to_bits()), "baseline and AVX-512 loops differ");
     // Forward only gives the same loss.
     assert_eq!(k3.loss_and_grads(&w, &batch, None).loss.to_bits(), l3.to_bits());
     assert_eq!(l3.to_bits(), l3b.to_bits());
