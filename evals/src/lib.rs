@@ -11,7 +11,7 @@ pub mod tasks;
 
 use std::collections::BTreeMap;
 
-pub use scorer::{ModelScorer, Scorer};
+pub use scorer::{KernelScorer, ModelScorer, Scorer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {

@@ -3,8 +3,9 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use kiln_models::cpu_kernels::{rope_tables, Dims, Kernels};
 use kiln_models::generate::{generate, SampleOptions};
-use kiln_models::{Llama, Tokenizer};
+use kiln_models::{Llama, LlamaConfig, ModelError, Tokenizer};
 
 pub trait Scorer {
     fn tokenizer(&self) -> &Tokenizer;
@@ -35,16 +36,7 @@ impl<B: Backend> Scorer for ModelScorer<'_, B> {
         if seqs.is_empty() {
             return Vec::new();
         }
-        // Pad to the longest input on the right: causal attention keeps padding from
-        // affecting earlier positions.
-        let t = seqs.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0).clamp(1, self.context);
-        let b = seqs.len();
-        let mut ids = vec![0i64; b * t];
-        for (r, s) in seqs.iter().enumerate() {
-            for (i, &x) in s.iter().take(t).enumerate() {
-                ids[r * t + i] = x as i64;
-            }
-        }
+        let (ids, b, t) = padded(seqs, self.context);
         let x = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &self.device); // [B, T]
         let logp = log_softmax(self.model.forward(x), 2); // [B, T, V]
         let v = logp.dims()[2];
@@ -57,5 +49,70 @@ impl<B: Backend> Scorer for ModelScorer<'_, B> {
     fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: Option<u32>) -> Vec<u32> {
         let o = SampleOptions { max_tokens, temperature: 0.0, stop, ..Default::default() };
         generate(self.model, self.context, prompt, &o, &self.device)
+    }
+}
+
+/// Token ids padded on the right to the longest input (at most `context`): `([B·T], B, T)`.
+/// Causal attention keeps the padding from affecting earlier positions.
+fn padded(seqs: &[Vec<u32>], context: usize) -> (Vec<i64>, usize, usize) {
+    let t = seqs.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0).clamp(1, context);
+    let b = seqs.len();
+    let mut ids = vec![0i64; b * t];
+    for (r, s) in seqs.iter().enumerate() {
+        for (i, &x) in s.iter().take(t).enumerate() {
+            ids[r * t + i] = x as i64;
+        }
+    }
+    (ids, b, t)
+}
+
+/// A [`ModelScorer`] whose log-probabilities come from the fused CPU kernels
+/// (`kiln_models::cpu_kernels`): for the CPU backends at f32. Generation still goes through the
+/// Burn model and its KV cache.
+pub struct KernelScorer<'a, B: Backend> {
+    pub inner: ModelScorer<'a, B>,
+    kern: Kernels,
+    w: Vec<f32>,
+}
+
+impl<'a, B: Backend> KernelScorer<'a, B> {
+    pub fn new(inner: ModelScorer<'a, B>, cfg: &LlamaConfig, threads: usize) -> Result<Self, ModelError> {
+        let (cos, sin) = rope_tables(inner.model);
+        let kern = Kernels::new(Dims::from_config(cfg), cos, sin, threads);
+        let w = kern.layout.weights(inner.model)?;
+        Ok(Self { inner, kern, w })
+    }
+}
+
+impl<B: Backend> Scorer for KernelScorer<'_, B> {
+    fn tokenizer(&self) -> &Tokenizer {
+        self.inner.tok
+    }
+    fn context(&self) -> usize {
+        self.inner.context
+    }
+    fn logprobs(&mut self, seqs: &[Vec<u32>]) -> Vec<Vec<f64>> {
+        if seqs.is_empty() {
+            return Vec::new();
+        }
+        let (ids, b, t) = padded(seqs, self.inner.context);
+        let logits = self.kern.logits(&self.w, &ids, b, t); // [B·T, V]
+        let v = self.kern.layout.dims.vocab;
+        seqs.iter()
+            .enumerate()
+            .map(|(r, s)| {
+                (1..s.len().min(t + 1))
+                    .map(|i| {
+                        let row = &logits[(r * t + i - 1) * v..(r * t + i) * v];
+                        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+                        let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+                        row[s[i] as usize] as f64 - lse
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+    fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: Option<u32>) -> Vec<u32> {
+        self.inner.greedy(prompt, max_tokens, stop)
     }
 }

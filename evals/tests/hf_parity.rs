@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use burn::backend::Flex;
-use kiln_evals::scorer::ModelScorer;
+use kiln_evals::scorer::{KernelScorer, ModelScorer, Scorer};
 use kiln_evals::tasks::hellaswag::{self, Item};
 
 #[test]
@@ -22,13 +22,21 @@ fn hellaswag_logliks_match_transformers() {
     };
     let path = Path::new(&data).join(hellaswag::DEFAULT_PATH);
     let items: Vec<Item> = hellaswag::load(&path).unwrap().into_iter().take(3).collect();
-    let mut lm = ModelScorer { model: &model, tok: &tok, context: cfg.max_position_embeddings, device };
+    let lm = ModelScorer { model: &model, tok: &tok, context: cfg.max_position_embeddings, device };
+    // Burn's forward pass, then the fused CPU kernels' (KernelScorer), both against transformers.
+    let mut kern = KernelScorer::new(ModelScorer { device: Default::default(), ..lm }, &cfg, 2).unwrap();
+    let mut lm = ModelScorer { model: &model, tok: &tok, context: cfg.max_position_embeddings, device: Default::default() };
+    check(&mut lm, &items, &want);
+    check(&mut kern, &items, &want);
+}
+
+fn check(lm: &mut dyn Scorer, items: &[Item], want: &serde_json::Value) {
     let mut worst = 0f64;
     for (it, w) in items.iter().zip(want["items"].as_array().unwrap()) {
         use sha2::Digest;
         assert_eq!(hex::encode(sha2::Sha256::digest(it.context.as_bytes())), w["context_sha256"].as_str().unwrap(), "not the fixture's item");
         assert_eq!(it.label as u64, w["label"].as_u64().unwrap());
-        let got = hellaswag::score_item(&mut lm, it).unwrap();
+        let got = hellaswag::score_item(lm, it).unwrap();
         for ((ll, _bytes), w) in got.iter().zip(w["loglik"].as_array().unwrap()) {
             let w = w.as_f64().unwrap();
             let rel = (ll - w).abs() / w.abs();

@@ -308,15 +308,8 @@ impl Kernels {
             assert!(tok >= 0 && (tok as usize) < vocab, "token id {tok} outside the vocabulary of {vocab}");
         }
         let n_loss: f32 = batch.mask.iter().sum::<f32>().max(1.0);
-        let shards = self.threads.clamp(1, batch.b.max(1));
-        // Sequences per shard: as even as possible, the first shards taking the remainder.
-        let bounds: Vec<(usize, usize)> = (0..shards)
-            .map(|i| {
-                let (q, r) = (batch.b / shards, batch.b % shards);
-                let start = i * q + i.min(r);
-                (start, start + q + usize::from(i < r))
-            })
-            .collect();
+        let bounds = self.bounds(batch.b);
+        let shards = bounds.len();
         let rope = Rope { cos: &self.cos, sin: &self.sin };
         // Shard `i` writes its gradients into `out` (shard 0: the caller's buffer).
         let run = |i: usize, out: Option<&mut [f32]>| {
@@ -351,14 +344,41 @@ impl Kernels {
         pass(&results, n_loss)
     }
 
-    /// Logits `[B·T, V]` (forward only; tests and checks).
+    /// Sequence ranges, one per thread: as even as possible, the first taking the remainder.
+    fn bounds(&self, b: usize) -> Vec<(usize, usize)> {
+        let shards = self.threads.clamp(1, b.max(1));
+        let (q, r) = (b / shards, b % shards);
+        (0..shards)
+            .map(|i| {
+                let start = i * q + i.min(r);
+                (start, start + q + usize::from(i < r))
+            })
+            .collect()
+    }
+
+    /// Logits `[B·T, V]` of `b` sequences of `t` tokens (forward only: evaluation, tests).
     pub fn logits(&self, w: &[f32], inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
-        let zeros = vec![0i64; inputs.len()];
-        let mask = vec![0.0f32; inputs.len()];
-        let batch = BatchRef { inputs, targets: &zeros, mask: &mask, b, t };
+        assert_eq!(w.len(), self.layout.len);
+        assert!(t * self.layout.dims.head_dim <= self.cos.len(), "context {t} is longer than the RoPE tables");
+        let vocab = self.layout.dims.vocab;
+        assert!(inputs.iter().all(|&x| x >= 0 && (x as usize) < vocab), "token id outside the vocabulary of {vocab}");
         let rope = Rope { cos: &self.cos, sin: &self.sin };
-        let mut pool = Pool::default();
-        forward(&self.layout, w, &rope, &batch, &mut pool).logits
+        let bounds = self.bounds(b);
+        let parts: Vec<Vec<f32>> = (0..bounds.len())
+            .into_par_iter()
+            .map(|i| {
+                let (s0, s1) = bounds[i];
+                let rows = s0 * t..s1 * t;
+                let (zeros, mask) = (vec![0i64; rows.len()], vec![0.0f32; rows.len()]);
+                let batch = BatchRef { inputs: &inputs[rows], targets: &zeros, mask: &mask, b: s1 - s0, t };
+                let mut pool = self.pools[i].lock().unwrap_or_else(|e| e.into_inner());
+                let mut acts = forward(&self.layout, w, &rope, &batch, &mut pool);
+                let out = std::mem::take(&mut acts.logits);
+                acts.recycle(&mut pool);
+                out
+            })
+            .collect();
+        parts.concat()
     }
 }
 

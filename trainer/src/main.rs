@@ -351,8 +351,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             let results = with_backend!(be, B, device, {
                 type I = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
                 let (m, cfg, tok) = kiln_models::checkpoint::load_dir::<I>(&dir, &device)?;
-                let mut lm = kiln_evals::ModelScorer::<I> { model: &m, tok: &tok, context: cfg.max_position_embeddings, device };
-                run_evals(&tasks, &mut lm)?
+                let lm = kiln_evals::ModelScorer::<I> { model: &m, tok: &tok, context: cfg.max_position_embeddings, device };
+                if matches!(be, Device::Flex | Device::NdArray) {
+                    // On the CPU, log-probabilities come from the fused kernels (same numbers).
+                    run_evals(&tasks, &mut kiln_evals::KernelScorer::new(lm, &cfg, run::threads())?)?
+                } else {
+                    let mut lm = lm;
+                    run_evals(&tasks, &mut lm)?
+                }
             });
             let out = serde_json::json!({"model": dir, "evals": results});
             // On a finished run, the evals also join report.json, report.md and report.svg.

@@ -542,7 +542,7 @@ fn train<B: AutodiffBackend>(
         }
         if main && r.eval.every > 0 && step % r.eval.every == 0 && step != t.steps && !tasks.is_empty() {
             let (j0, _, _) = meters.read();
-            let evals = run_recipe_tasks(&model, p, &tasks, &mut meters, device)?;
+            let evals = run_recipe_tasks(&model, p, &tasks, &mut meters, device, kernels.is_some())?;
             eval_j += meters.read().0 - j0;
             metrics.log(json!({"step": step, "kind": "tasks", "joules": state.joules, "tokens": state.tokens, "evals": evals}))?;
         }
@@ -582,7 +582,7 @@ fn train<B: AutodiffBackend>(
     if !final_dir.exists() {
         checkpoint::save_dir(&final_dir, &model, &p.cfg, &p.tok)?;
     }
-    let evals = if tasks.is_empty() { json!({}) } else { run_recipe_tasks(&model, p, &tasks, &mut meters, device)? };
+    let evals = if tasks.is_empty() { json!({}) } else { run_recipe_tasks(&model, p, &tasks, &mut meters, device, kernels.is_some())? };
     let mean_tps = state.tokens as f64 / state.train_s.max(1e-9);
     let report = json!({
         "run": ctx.dir.file_name().map(|n| n.to_string_lossy().to_string()),
@@ -649,10 +649,18 @@ fn run_recipe_tasks<B: AutodiffBackend>(
     tasks: &[Box<dyn kiln_evals::Task>],
     meters: &mut Meters,
     device: &B::Device,
+    cpu_kernels: bool,
 ) -> Result<serde_json::Value> {
     let inner: Llama<B::InnerBackend> = burn::module::AutodiffModule::valid(model);
-    let mut lm = kiln_evals::ModelScorer::<B::InnerBackend> { model: &inner, tok: &p.tok, context: p.cfg.max_position_embeddings, device: device.clone() };
-    Ok(kiln_evals::run_tasks(tasks, &mut lm, meters, |n, v| tracing::info!("eval {}", kiln_evals::summary_line(n, v)))?)
+    let lm = kiln_evals::ModelScorer::<B::InnerBackend> { model: &inner, tok: &p.tok, context: p.cfg.max_position_embeddings, device: device.clone() };
+    let log = |n: &str, v: &serde_json::Value| tracing::info!("eval {}", kiln_evals::summary_line(n, v));
+    Ok(if cpu_kernels {
+        let mut lm = kiln_evals::KernelScorer::new(lm, &p.cfg, threads())?;
+        kiln_evals::run_tasks(tasks, &mut lm, meters, log)?
+    } else {
+        let mut lm = lm;
+        kiln_evals::run_tasks(tasks, &mut lm, meters, log)?
+    })
 }
 
 /// `report.md` and `report.svg` (loss against cumulative joules, evaluations marked).
