@@ -86,7 +86,7 @@ pub fn resolve(spec: &str) -> Result<Device> {
     match (name, index) {
         ("cpu" | "flex", None) => Ok(Device::Flex),
         ("ndarray", None) => {
-            tracing::warn!("ndarray is not bit-reproducible: a resumed run will not match an uninterrupted one exactly");
+            tracing::warn!("ndarray's own ops are not bit-reproducible: with train.cpu_kernels = false or mixed precision, a resumed run will not match an uninterrupted one exactly");
             Ok(Device::NdArray)
         }
         ("auto", None) => Ok(auto()),

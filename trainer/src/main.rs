@@ -223,9 +223,10 @@ enum TokenizerCommand {
 static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Runs `$body` with `$B` bound to the autodiff backend for the resolved device `$dev`, and `$d`
-/// to Burn's device value. The CPU default is flex: ndarray is about 11% faster on bench-cpu, but
-/// its parallel reductions make two identical runs differ in the last bits, which breaks exact
-/// resume; flex is bit-reproducible at a fixed thread count (BENCHMARKS.md).
+/// to Burn's device value. The CPU default is flex: on Burn's graph ndarray is about 11% faster on
+/// bench-cpu, but its parallel reductions make two identical runs differ in the last bits, which
+/// breaks exact resume; flex is bit-reproducible at a fixed thread count (BENCHMARKS.md). With the
+/// fused CPU kernels (the default at f32) training is reproducible on both.
 macro_rules! with_backend {
     ($dev:expr, $B:ident, $d:ident, $body:block) => {
         match &$dev {
