@@ -256,8 +256,11 @@ pub fn train_step_synced<B: AutodiffBackend>(
 /// Mean validation loss (nats per token) over fixed batches, without autodiff; by `kernels`
 /// when given.
 pub fn eval_loss<B: AutodiffBackend>(model: &Llama<B>, batches: &[Batch], device: &B::Device, kernels: Option<&CpuKernels>) -> f64 {
-    if let Some(v) = kernels.and_then(|k| k.eval_loss(model, batches).ok()) {
-        return v;
+    if let Some(k) = kernels {
+        match k.eval_loss(model, batches) {
+            Ok(v) => return v,
+            Err(e) => tracing::warn!("validation through the CPU kernels failed ({e}); using Burn's forward pass"),
+        }
     }
     let inner: Llama<B::InnerBackend> = model.valid();
     let mut sum = 0.0;
