@@ -599,7 +599,10 @@ fn attention_forward(dm: &Dims, qkv: &[f32], p: &mut [f32], y: &mut [f32], b: us
             let ks = &qkv[rows + q + kh * hd..];
             let vs = &qkv[rows + q + kv + kh * hd..];
             let ps = &mut p[(s * dm.heads + h) * t * t..][..t * t]; // [T, T]
-            mm(t, t, hd, ps, t, false, scale, rm(qs, ld), rm(ks, ld).t()); // scores [T, T]
+            for (r0, r1) in causal_blocks(t) {
+                // Scores of query rows r0..r1 against the keys they may see, 0..r1.
+                mm(r1 - r0, r1, hd, &mut ps[r0 * t..], t, false, scale, rm(&qs[r0 * ld..], ld), rm(ks, ld).t());
+            }
             for i in 0..t {
                 let row = &mut ps[i * t..(i + 1) * t];
                 let (seen, future) = row.split_at_mut(i + 1);
@@ -609,7 +612,9 @@ fn attention_forward(dm: &Dims, qkv: &[f32], p: &mut [f32], y: &mut [f32], b: us
                 seen.iter_mut().for_each(|x| *x *= inv);
                 future.iter_mut().for_each(|x| *x = 0.0);
             }
-            mm(t, hd, t, &mut y[s * t * q + h * hd..], q, false, 1.0, rm(ps, t), rm(vs, ld)); // Y [T, Hd]
+            for (r0, r1) in causal_blocks(t) {
+                mm(r1 - r0, hd, r1, &mut y[(s * t + r0) * q + h * hd..], q, false, 1.0, rm(&ps[r0 * t..], t), rm(vs, ld)); // Y = P·V
+            }
         }
     }
 }
@@ -630,21 +635,31 @@ fn attention_backward(dm: &Dims, qkv: &[f32], p: &[f32], dy: &[f32], dqkv: &mut 
             let vs = &qkv[rows + q + kv + kh * hd..];
             let ps = &p[(s * dm.heads + h) * t * t..][..t * t];
             let dys = &dy[s * t * q + h * hd..]; // [T, Hd], row stride Q
-            mm(t, t, hd, dp, t, false, 1.0, rm(dys, q), rm(vs, ld).t()); // dP [T, T] = dY·V^T
-            mm(t, hd, t, &mut dqkv[rows + q + kv + kh * hd..], ld, true, 1.0, rm(ps, t).t(), rm(dys, q)); // dV += P^T·dY
-            for i in 0..t {
-                let pr = &ps[i * t..i * t + i + 1];
-                let dr = &mut dp[i * t..(i + 1) * t];
-                let pd = dot(pr, &dr[..=i]);
-                for (x, &pv) in dr[..=i].iter_mut().zip(pr) {
-                    *x = pv * (*x - pd) * scale;
+            for (r0, r1) in causal_blocks(t) {
+                let (m, drow) = (r1 - r0, &dys[r0 * q..]);
+                mm(m, r1, hd, &mut dp[r0 * t..], t, false, 1.0, rm(drow, q), rm(vs, ld).t()); // dP = dY·V^T
+                mm(r1, hd, m, &mut dqkv[rows + q + kv + kh * hd..], ld, true, 1.0, rm(&ps[r0 * t..], t).t(), rm(drow, q)); // dV += P^T·dY
+                for i in r0..r1 {
+                    let pr = &ps[i * t..i * t + i + 1];
+                    let dr = &mut dp[i * t..(i + 1) * t];
+                    let pd = dot(pr, &dr[..=i]);
+                    for (x, &pv) in dr[..=i].iter_mut().zip(pr) {
+                        *x = pv * (*x - pd) * scale;
+                    }
+                    dr[i + 1..].iter_mut().for_each(|x| *x = 0.0);
                 }
-                dr[i + 1..].iter_mut().for_each(|x| *x = 0.0);
+                mm(m, hd, r1, &mut dqkv[rows + r0 * ld + h * hd..], ld, false, 1.0, rm(&dp[r0 * t..], t), rm(ks, ld)); // dQ = dS·K
+                mm(r1, hd, m, &mut dqkv[rows + q + kh * hd..], ld, true, 1.0, rm(&dp[r0 * t..], t).t(), rm(&qs[r0 * ld..], ld)); // dK += dS^T·Q
             }
-            mm(t, hd, t, &mut dqkv[rows + h * hd..], ld, false, 1.0, rm(dp, t), rm(ks, ld)); // dQ = dS·K
-            mm(t, hd, t, &mut dqkv[rows + q + kh * hd..], ld, true, 1.0, rm(dp, t).t(), rm(qs, ld)); // dK += dS^T·Q
         }
     }
+}
+
+/// Query-row blocks `(r0, r1)` of causal attention: block rows see keys `0..r1` only, so the
+/// matmuls skip most of the masked upper triangle (one block up to 64 positions).
+fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    const BLOCK: usize = 64;
+    (0..t).step_by(BLOCK).map(move |r0| (r0, (r0 + BLOCK).min(t)))
 }
 
 /// Rotates the first `heads` head-sized column blocks of every row (q then k heads) by the

@@ -11,6 +11,10 @@ use kiln_models::{Llama, LlamaConfig};
 type B = Autodiff<Flex>;
 
 fn config(tied: bool) -> LlamaConfig {
+    config_ctx(tied, 16)
+}
+
+fn config_ctx(tied: bool, context: usize) -> LlamaConfig {
     LlamaConfig {
         vocab_size: 37,
         hidden_size: 32,
@@ -18,7 +22,7 @@ fn config(tied: bool) -> LlamaConfig {
         num_hidden_layers: 2,
         num_attention_heads: 4,
         num_key_value_heads: 2,
-        max_position_embeddings: 16,
+        max_position_embeddings: context,
         rope_theta: 10000.0,
         rms_norm_eps: 1e-5,
         tie_word_embeddings: tied,
@@ -35,10 +39,13 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn check(tied: bool, threads: usize) {
-    let cfg = config(tied);
+    check_shape(config(tied), threads, 3, 9);
+}
+
+fn check_shape(cfg: LlamaConfig, threads: usize, b: usize, t: usize) {
+    let tied = cfg.tie_word_embeddings;
     let device = Default::default();
     let model = Llama::<B>::build(&cfg, &mut RandomInit::new(3, cfg.num_hidden_layers), &device).unwrap();
-    let (b, t) = (3, 9);
     let inputs: Vec<i64> = (0..b * t).map(|i| ((i * 7 + 3) % cfg.vocab_size) as i64).collect();
     let targets: Vec<i64> = (0..b * t).map(|i| ((i * 5 + 1) % cfg.vocab_size) as i64).collect();
     let mask: Vec<f32> = (0..b * t).map(|i| if i % 4 == 1 { 0.0 } else { 1.0 }).collect();
@@ -115,6 +122,12 @@ fn kernels_match_burn_untied() {
 #[test]
 fn kernels_match_burn_tied_two_threads() {
     check(true, 2);
+}
+
+#[test]
+fn kernels_match_burn_past_one_attention_block() {
+    // 150 positions: causal attention in three query blocks (64, 64, 22).
+    check_shape(config_ctx(false, 160), 2, 2, 150);
 }
 
 #[test]
