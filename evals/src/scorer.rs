@@ -3,7 +3,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use kiln_models::cpu_kernels::{rope_tables, Dims, Kernels};
+use kiln_models::cpu_kernels::Kernels;
 use kiln_models::generate::{generate, SampleOptions};
 use kiln_models::{Llama, LlamaConfig, ModelError, Tokenizer};
 
@@ -77,8 +77,7 @@ pub struct KernelScorer<'a, B: Backend> {
 
 impl<'a, B: Backend> KernelScorer<'a, B> {
     pub fn new(inner: ModelScorer<'a, B>, cfg: &LlamaConfig, threads: usize) -> Result<Self, ModelError> {
-        let (cos, sin) = rope_tables(inner.model);
-        let kern = Kernels::new(Dims::from_config(cfg), cos, sin, threads);
+        let kern = Kernels::for_model(inner.model, cfg, threads);
         let w = kern.layout.weights(inner.model)?;
         Ok(Self { inner, kern, w })
     }

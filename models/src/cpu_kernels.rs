@@ -289,6 +289,12 @@ impl Kernels {
         Self { layout: Layout::new(dims), cos, sin, threads, pools, wide: true }
     }
 
+    /// Kernels for `model` (its RoPE tables), with sizes from `cfg`.
+    pub fn for_model<B: Backend>(model: &Llama<B>, cfg: &LlamaConfig, threads: usize) -> Self {
+        let (cos, sin) = rope_tables(model);
+        Self::new(Dims::from_config(cfg), cos, sin, threads)
+    }
+
     /// The same kernels with the elementwise loops in their baseline build only (a test checks
     /// that both builds agree bit for bit).
     pub fn baseline(mut self) -> Self {
@@ -301,12 +307,7 @@ impl Kernels {
     /// batch is split across the threads by sequence; shard gradients are summed in a fixed order.
     pub fn loss_and_grads(&self, w: &[f32], batch: &BatchRef, grads: Option<&mut [f32]>) -> Pass {
         let layout = &self.layout;
-        assert_eq!(w.len(), layout.len);
-        assert!(batch.t * layout.dims.head_dim <= self.cos.len(), "context {} is longer than the RoPE tables", batch.t);
-        let vocab = layout.dims.vocab;
-        for &tok in batch.inputs.iter().chain(batch.targets.iter()) {
-            assert!(tok >= 0 && (tok as usize) < vocab, "token id {tok} outside the vocabulary of {vocab}");
-        }
+        self.check(w, batch.inputs.iter().chain(batch.targets.iter()), batch.t);
         let n_loss: f32 = batch.mask.iter().sum::<f32>().max(1.0);
         let bounds = self.bounds(batch.b);
         let shards = bounds.len();
@@ -322,7 +323,7 @@ impl Kernels {
                 b: s1 - s0,
                 t: batch.t,
             };
-            let mut pool = self.pools[i].lock().unwrap_or_else(|e| e.into_inner());
+            let mut pool = self.pool(i);
             shard(layout, w, &rope, &part, n_loss, out, &mut pool, self.wide)
         };
         let Some(out) = grads else {
@@ -331,7 +332,7 @@ impl Kernels {
             return pass(&results, n_loss);
         };
         assert_eq!(out.len(), layout.len);
-        let mut extra: Vec<Vec<f32>> = (1..shards).map(|i| self.pools[i].lock().unwrap_or_else(|e| e.into_inner()).zeros(layout.len)).collect();
+        let mut extra: Vec<Vec<f32>> = (1..shards).map(|i| self.pool(i).zeros(layout.len)).collect();
         out.fill(0.0);
         // Shards run on rayon's pool (long-lived threads, so gemm's per-thread packing buffers
         // are reused); `collect` keeps shard order.
@@ -339,9 +340,25 @@ impl Kernels {
         let results: Vec<(f64, f64)> = outs.into_par_iter().enumerate().map(|(i, g)| run(i, Some(g))).collect();
         for (i, g) in extra.into_iter().enumerate() {
             add_into(out, &g);
-            self.pools[i + 1].lock().unwrap_or_else(|e| e.into_inner()).put([g]);
+            self.pool(i + 1).put([g]);
         }
         pass(&results, n_loss)
+    }
+
+    /// The invariants the kernels index by: weights of this layout, a context within the RoPE
+    /// tables, token ids within the vocabulary (the trainer's data guarantees all three).
+    fn check<'a>(&self, w: &[f32], tokens: impl Iterator<Item = &'a i64>, t: usize) {
+        assert_eq!(w.len(), self.layout.len);
+        assert!(t * self.layout.dims.head_dim <= self.cos.len(), "context {t} is longer than the RoPE tables");
+        let vocab = self.layout.dims.vocab;
+        for &tok in tokens {
+            assert!(tok >= 0 && (tok as usize) < vocab, "token id {tok} outside the vocabulary of {vocab}");
+        }
+    }
+
+    /// Thread `i`'s buffers.
+    fn pool(&self, i: usize) -> std::sync::MutexGuard<'_, Pool> {
+        self.pools[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sequence ranges, one per thread: as even as possible, the first taking the remainder.
@@ -358,10 +375,7 @@ impl Kernels {
 
     /// Logits `[B·T, V]` of `b` sequences of `t` tokens (forward only: evaluation, tests).
     pub fn logits(&self, w: &[f32], inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
-        assert_eq!(w.len(), self.layout.len);
-        assert!(t * self.layout.dims.head_dim <= self.cos.len(), "context {t} is longer than the RoPE tables");
-        let vocab = self.layout.dims.vocab;
-        assert!(inputs.iter().all(|&x| x >= 0 && (x as usize) < vocab), "token id outside the vocabulary of {vocab}");
+        self.check(w, inputs.iter(), t);
         let rope = Rope { cos: &self.cos, sin: &self.sin };
         let bounds = self.bounds(b);
         let parts: Vec<Vec<f32>> = (0..bounds.len())
@@ -371,7 +385,7 @@ impl Kernels {
                 let rows = s0 * t..s1 * t;
                 let (zeros, mask) = (vec![0i64; rows.len()], vec![0.0f32; rows.len()]);
                 let batch = BatchRef { inputs: &inputs[rows], targets: &zeros, mask: &mask, b: s1 - s0, t };
-                let mut pool = self.pools[i].lock().unwrap_or_else(|e| e.into_inner());
+                let mut pool = self.pool(i);
                 let mut acts = forward(&self.layout, w, &rope, &batch, &mut pool);
                 let out = std::mem::take(&mut acts.logits);
                 acts.recycle(&mut pool);

@@ -353,13 +353,8 @@ fn dispatch(cli: Cli) -> Result<()> {
                 type I = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
                 let (m, cfg, tok) = kiln_models::checkpoint::load_dir::<I>(&dir, &device)?;
                 let lm = kiln_evals::ModelScorer::<I> { model: &m, tok: &tok, context: cfg.max_position_embeddings, device };
-                if matches!(be, Device::Flex | Device::NdArray) {
-                    // On the CPU, log-probabilities come from the fused kernels (same numbers).
-                    run_evals(&tasks, &mut kiln_evals::KernelScorer::new(lm, &cfg, run::threads())?)?
-                } else {
-                    let mut lm = lm;
-                    run_evals(&tasks, &mut lm)?
-                }
+                // On the CPU, log-probabilities come from the fused kernels (same numbers).
+                run::with_scorer(lm, &cfg, matches!(be, Device::Flex | Device::NdArray), |lm| run_evals(&tasks, lm))?
             });
             let out = serde_json::json!({"model": dir, "evals": results});
             // On a finished run, the evals also join report.json, report.md and report.svg.

@@ -49,10 +49,11 @@ struct FlatMoments {
     v: Vec<f32>,
 }
 
-struct PathStack(Vec<String>);
+/// The module path of the parameter being visited; its Hugging Face name is `name()`.
+pub(crate) struct PathStack(pub(crate) Vec<String>);
 
 impl PathStack {
-    fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         format!("{}.weight", self.0.join("."))
     }
 }

@@ -653,14 +653,25 @@ fn run_recipe_tasks<B: AutodiffBackend>(
 ) -> Result<serde_json::Value> {
     let inner: Llama<B::InnerBackend> = burn::module::AutodiffModule::valid(model);
     let lm = kiln_evals::ModelScorer::<B::InnerBackend> { model: &inner, tok: &p.tok, context: p.cfg.max_position_embeddings, device: device.clone() };
-    let log = |n: &str, v: &serde_json::Value| tracing::info!("eval {}", kiln_evals::summary_line(n, v));
-    Ok(if cpu_kernels {
-        let mut lm = kiln_evals::KernelScorer::new(lm, &p.cfg, threads())?;
-        kiln_evals::run_tasks(tasks, &mut lm, meters, log)?
+    with_scorer(lm, &p.cfg, cpu_kernels, |lm| {
+        Ok(kiln_evals::run_tasks(tasks, lm, meters, |n, v| tracing::info!("eval {}", kiln_evals::summary_line(n, v)))?)
+    })
+}
+
+/// Runs `f` on a scorer for `lm`'s model: log-probabilities from the fused CPU kernels when
+/// `cpu_kernels` (the CPU backends at f32), else from Burn's forward pass.
+pub fn with_scorer<B: burn::tensor::backend::Backend, R>(
+    lm: kiln_evals::ModelScorer<'_, B>,
+    cfg: &LlamaConfig,
+    cpu_kernels: bool,
+    f: impl FnOnce(&mut dyn kiln_evals::Scorer) -> Result<R>,
+) -> Result<R> {
+    if cpu_kernels {
+        f(&mut kiln_evals::KernelScorer::new(lm, cfg, threads())?)
     } else {
         let mut lm = lm;
-        kiln_evals::run_tasks(tasks, &mut lm, meters, log)?
-    })
+        f(&mut lm)
+    }
 }
 
 /// `report.md` and `report.svg` (loss against cumulative joules, evaluations marked).

@@ -11,12 +11,12 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use kiln_models::cpu_kernels::{self, BatchRef, Dims, Kernels};
+use kiln_models::cpu_kernels::{BatchRef, Kernels};
 use kiln_models::llama::param_id;
 use kiln_models::{Llama, LlamaConfig};
 
 use crate::data::loader::Batch;
-use crate::optim::AdamW;
+use crate::optim::{AdamW, PathStack};
 
 /// Mean cross-entropy over the tokens where `mask` is 1. Returns a `[1]` tensor.
 pub fn masked_cross_entropy<B: Backend>(model: &Llama<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 1> {
@@ -45,8 +45,7 @@ pub struct CpuKernels {
 
 impl CpuKernels {
     pub fn new<B: Backend>(model: &Llama<B>, cfg: &LlamaConfig, threads: usize) -> Self {
-        let (cos, sin) = cpu_kernels::rope_tables(model);
-        let kern = Kernels::new(Dims::from_config(cfg), cos, sin, threads);
+        let kern = Kernels::for_model(model, cfg, threads);
         let index = kern.layout.slots.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
         Self { kern, index, bufs: Mutex::new(Default::default()) }
     }
@@ -98,10 +97,9 @@ impl CpuKernels {
             self.from_params::<B::InnerBackend>(grads, total)?;
         }
         let grad_norm = opt.step_flat(layout, w, total, lr);
-        let model = model.map(&mut WriteWeights::<B> { kern: self, w, device, path: Vec::new() });
+        let model = model.map(&mut WriteWeights::<B> { kern: self, w, device, path: PathStack(Vec::new()) });
         let optim_s = t0.elapsed().as_secs_f64();
-        let tokens = micro.iter().map(|b| b.mask.iter().filter(|&&m| m > 0.0).count()).sum();
-        Ok((model, StepOutput { loss, grad_norm, tokens, forward_s, backward_s, optim_s }))
+        Ok((model, StepOutput { loss, grad_norm, tokens: loss_tokens(micro), forward_s, backward_s, optim_s }))
     }
 
     /// Flat gradients as Burn gradients, keyed by parameter id.
@@ -153,18 +151,18 @@ struct WriteWeights<'a, B: AutodiffBackend> {
     kern: &'a CpuKernels,
     w: &'a [f32],
     device: &'a B::Device,
-    path: Vec<String>,
+    path: PathStack,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for WriteWeights<'_, B> {
     fn enter_module(&mut self, name: &str, _c: &str) {
-        self.path.push(name.to_string());
+        self.path.0.push(name.to_string());
     }
     fn exit_module(&mut self, _n: &str, _c: &str) {
-        self.path.pop();
+        self.path.0.pop();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let name = format!("{}.weight", self.path.join("."));
+        let name = self.path.name();
         let Some(&i) = self.kern.index.get(&name) else {
             return param;
         };
@@ -175,6 +173,11 @@ impl<B: AutodiffBackend> ModuleMapper<B> for WriteWeights<'_, B> {
         let inner = Tensor::<B::InnerBackend, D>::from_data(data, self.device);
         Param::from_mapped_value(id, Tensor::from_inner(inner).require_grad(), mapper)
     }
+}
+
+/// Loss-bearing tokens in a step's micro-batches.
+fn loss_tokens(micro: &[Batch]) -> usize {
+    micro.iter().map(|b| b.mask.iter().filter(|&&m| m > 0.0).count()).sum()
 }
 
 pub struct StepOutput {
@@ -217,10 +220,10 @@ pub fn train_step_synced<B: AutodiffBackend>(
     sync: Option<SyncHook>,
     kernels: Option<&CpuKernels>,
 ) -> anyhow::Result<(Llama<B>, StepOutput)> {
-    let tokens = micro.iter().map(|b| b.mask.iter().filter(|&&m| m > 0.0).count()).sum();
     if let Some(kern) = kernels {
         return kern.step(model, opt, micro, lr, device, sync);
     }
+    let tokens = loss_tokens(micro);
     let k = micro.len() as f64;
     let mut acc = GradientsAccumulator::<Llama<B>>::new();
     let mut loss_sum = 0.0;
