@@ -196,6 +196,65 @@ fn wgpu_device(_index: Option<usize>) -> Result<Device> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// GPU kernel caches
+
+/// Burn's GPU backends (CubeCL) compile every kernel at run time and autotune matmuls and
+/// reductions on first use. On a new GPU that is minutes (an H200 spent over five minutes before
+/// its first bench-gpu steps; with the autotune results cached, the first step still took 27 s of
+/// compilation). CubeCL can keep both, but by default it keeps no compiled kernels and puts the
+/// autotune results under whatever Cargo project the working directory is in. Kiln keeps both
+/// under `cache_root/cubecl/<device name>` (one folder per GPU model, so that code compiled for
+/// one architecture is never loaded on another), so later runs on that GPU start in seconds.
+///
+/// A `cubecl.toml` or `burn.toml` in the working directory or above is the user's own CubeCL
+/// configuration: it is left to apply untouched (and `None` is returned). Call this before the
+/// first GPU tensor is made: CubeCL reads its configuration once per process. Returns the folder.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub fn configure_kernel_cache(dev: &Device, cache_root: &std::path::Path) -> Option<std::path::PathBuf> {
+    use cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
+    let name = match dev {
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu { name, .. } => format!("wgpu-{name}"),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { name, .. } => format!("cuda-{name}"),
+        _ => return None,
+    };
+    if let Some(own) = cubecl_config_file() {
+        tracing::info!("GPU kernel caches: as {} says", own.display());
+        return None;
+    }
+    let folder: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
+    let root = cache_root.join("cubecl").join(folder);
+    let mut cfg = CubeClRuntimeConfig::default().override_from_env(); // CUBECL_* variables still apply
+    cfg.compilation.cache = Some(CacheConfig::File(root.clone()));
+    cfg.autotune.cache = CacheConfig::File(root.clone());
+    // Set it only if CubeCL has not read its configuration yet (it reads it once).
+    let mut slot = CubeClRuntimeConfig::storage().lock();
+    if slot.is_some() {
+        return None;
+    }
+    *slot = Some(std::sync::Arc::new(cfg));
+    Some(root)
+}
+
+/// The first `cubecl.toml`, `CubeCL.toml`, `burn.toml` or `Burn.toml` in the working directory or
+/// above: where CubeCL would read its configuration from.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn cubecl_config_file() -> Option<std::path::PathBuf> {
+    let mut dir = std::env::current_dir().ok()?;
+    loop {
+        for n in ["cubecl.toml", "CubeCL.toml", "burn.toml", "Burn.toml"] {
+            if dir.join(n).is_file() {
+                return Some(dir.join(n));
+            }
+        }
+        if !dir.pop() {
+            return None;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // CUDA
 
 /// The CUDA devices' names, by asking the driver (`libcuda.so.1`, loaded at run time), or why
@@ -239,7 +298,28 @@ pub fn cuda_probe() -> std::result::Result<Vec<String>, String> {
         }
         // Keep the library loaded for the process: the backend will use it.
         std::mem::forget(lib);
+        if !out.is_empty() {
+            cuda_compiler_check()?;
+        }
         Ok(out)
+    }
+}
+
+/// Burn's CUDA backend compiles its kernels at run time with NVRTC, against CUDA's headers
+/// (`$CUDA_PATH/include`, else `/usr/local/cuda/include`); without either it would panic at the
+/// first kernel. Checked here so that `cuda` fails with a hint and `auto` moves on.
+#[cfg(feature = "cuda")]
+fn cuda_compiler_check() -> std::result::Result<(), String> {
+    let nvrtc = ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11"];
+    // SAFETY: loading NVRTC only runs its initialisers; the handle is dropped (the backend loads it again).
+    let found = nvrtc.iter().any(|n| unsafe { libloading::Library::new(n) }.is_ok());
+    if !cfg!(windows) && !found {
+        return Err("the driver is there but NVRTC is not (no libnvrtc.so on the library path); Burn's CUDA backend compiles its kernels with it at run time\n  hint: install CUDA's nvrtc (e.g. the cuda-nvrtc package, or pip's nvidia-cuda-nvrtc) and add its lib folder to LD_LIBRARY_PATH".into());
+    }
+    match cubecl::cuda::install::cuda_path() {
+        Some(p) if p.join("include").is_dir() => Ok(()),
+        Some(p) => Err(format!("no CUDA headers in {}/include; Burn's CUDA backend compiles its kernels against them\n  hint: point CUDA_PATH at a CUDA installation with include/", p.display())),
+        None => Err("no CUDA headers (CUDA_PATH is unset and there is no /usr/local/cuda or /opt/cuda); Burn's CUDA backend compiles its kernels against them at run time\n  hint: install CUDA's headers and NVRTC (the toolkit, or cuda-nvrtc and cuda-cudart-dev) and set CUDA_PATH".into()),
     }
 }
 
@@ -248,7 +328,8 @@ fn cuda_device(index: usize) -> Result<Device> {
     match cuda_probe() {
         Ok(names) if index < names.len() => Ok(Device::Cuda { index, name: names[index].clone() }),
         Ok(names) => bail!("device cuda:{index}: the driver reports {} CUDA device(s)", names.len()),
-        Err(why) => bail!("device cuda:{index}: {why}\n  hint: install the NVIDIA driver (Kiln needs no CUDA toolkit, only the driver and NVRTC), or use --device cpu"),
+        Err(why) if why.contains("hint:") => bail!("device cuda:{index}: {why}"),
+        Err(why) => bail!("device cuda:{index}: {why}\n  hint: install the NVIDIA driver (Kiln needs no CUDA toolkit to build; to run, the driver, NVRTC and CUDA's headers), or use --device cpu"),
     }
 }
 

@@ -284,6 +284,17 @@ fn install_signal_handler() {
     }
 }
 
+/// `device::resolve`, and for a GPU, CubeCL's compiled-kernel and autotune caches under
+/// `$KILN_CACHE/cubecl` (see `device::configure_kernel_cache`).
+fn resolve_device(spec: &str) -> Result<Device> {
+    let be = device::resolve(spec)?;
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    if let Some(root) = device::configure_kernel_cache(&be, &Dirs::from_env(None).cache) {
+        tracing::info!("GPU kernels: compiled and autotuned on first use (minutes on a new GPU), cached in {}", root.display());
+    }
+    Ok(be)
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Coordinator { listen } => kiln_trainer::dist::run_coordinator(&listen),
@@ -291,7 +302,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             let r = Recipe::load(&recipe, &sets)?;
             let dist = dist.options()?;
             let dirs = Dirs::from_env(common.data_root);
-            let be = device::resolve(common.device.as_deref().unwrap_or(&r.train.device))?;
+            let be = resolve_device(common.device.as_deref().unwrap_or(&r.train.device))?;
             let p = run::prepare(&r, &dirs)?;
             // Only rank 0 of a data-parallel run keeps a run directory; the others work in a scratch one.
             let _scratch;
@@ -315,7 +326,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             let dirs = Dirs::from_env(common.data_root.or_else(|| {
                 std::env::var_os("KILN_DATA").is_none().then(|| run::recorded_data_root(&run_dir)).flatten()
             }));
-            let be = device::resolve(common.device.as_deref().unwrap_or(&r.train.device))?;
+            let be = resolve_device(common.device.as_deref().unwrap_or(&r.train.device))?;
             let p = run::prepare(&r, &dirs)?;
             install_signal_handler();
             let ctx = RunCtx { dir: run_dir, device: be.clone(), dist: None, stop: &STOP };
@@ -331,7 +342,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed, device } => {
-            let be = device::resolve(device.as_deref().unwrap_or("auto"))?;
+            let be = resolve_device(device.as_deref().unwrap_or("auto"))?;
             let dir = run::model_dir(&model)?;
             with_backend!(be, B, device, {
                 let (m, cfg, tok) = kiln_models::checkpoint::load_dir::<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend>(&dir, &device)?;
@@ -344,7 +355,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval { model, tasks, common } => {
-            let be = device::resolve(common.device.as_deref().unwrap_or("auto"))?;
+            let be = resolve_device(common.device.as_deref().unwrap_or("auto"))?;
             let dir = run::model_dir(&model)?;
             let dirs = Dirs::from_env(common.data_root);
             let tasks: Vec<Box<dyn kiln_evals::Task>> =

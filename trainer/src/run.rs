@@ -455,6 +455,9 @@ fn train<B: AutodiffBackend>(
     let flops_tok = crate::perf::flops_per_token(&p.cfg, context);
     let peak = crate::perf::peak_flops(ctx.device.gpu_name(), precision);
     let mut peak_mem: Option<(&str, u64)> = None;
+    // This session's per-step tokens/s, for the steady-state figure in the report.
+    let mut step_tps: Vec<f64> = Vec::new();
+    let mut first_step_s: Option<f64> = None;
 
     while state.step < t.steps {
         if !keep_going() {
@@ -513,6 +516,8 @@ fn train<B: AutodiffBackend>(
             peak_mem = Some((kind, peak_mem.map_or(b, |(_, m)| m.max(b))));
         }
         let tps = out.tokens as f64 / dt;
+        step_tps.push(tps);
+        first_step_s.get_or_insert(dt);
         metrics.log(json!({
             "step": step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
             "tokens": state.tokens, "tokens_per_s": tps, "mfu": crate::perf::mfu(flops_tok, tps, peak), "wall_s": wall,
@@ -584,6 +589,7 @@ fn train<B: AutodiffBackend>(
     }
     let evals = if tasks.is_empty() { json!({}) } else { run_recipe_tasks(&model, p, &tasks, &mut meters, device, kernels.is_some())? };
     let mean_tps = state.tokens as f64 / state.train_s.max(1e-9);
+    let steady_tps = steady_tokens_per_s(&step_tps);
     let report = json!({
         "run": ctx.dir.file_name().map(|n| n.to_string_lossy().to_string()),
         "quality": {"val_loss": val_loss, "val_bpb": val_bpb},
@@ -591,6 +597,9 @@ fn train<B: AutodiffBackend>(
             "tokens_per_s": mean_tps,
             "flops_per_token": flops_tok,
             "mfu": crate::perf::mfu(flops_tok, mean_tps, peak),
+            "steady_tokens_per_s": steady_tps,
+            "steady_mfu": steady_tps.and_then(|s| crate::perf::mfu(flops_tok, s, peak)),
+            "first_step_s": first_step_s,
             "precision": precision,
             "tokens": state.tokens,
             "wall_s": state.wall_s,
@@ -622,13 +631,36 @@ fn train<B: AutodiffBackend>(
     std::fs::write(ctx.dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     write_report_card(&ctx.dir, r, &p.cfg, &report)?;
     println!(
-        "\n== Kiln report: {} ==\nmodel       {} parameters ({} layers, d_model {})\nsteps       {} ({} tokens)\nval loss    {:.4}\nval bpb     {:.4}\nthroughput  {:.0} tokens/s on {} ({} threads)\nwall time   {:.1} s\nenergy      {:.1} J ({}; {:.2e} J/token, {:.2e} gCO2e)\nfinal model {}",
+        "\n== Kiln report: {} ==\nmodel       {} parameters ({} layers, d_model {})\nsteps       {} ({} tokens)\nval loss    {:.4}\nval bpb     {:.4}\nthroughput  {:.0} tokens/s on {} ({} threads){}\nwall time   {:.1} s\nenergy      {:.1} J ({}; {:.2e} J/token, {:.2e} gCO2e)\nfinal model {}",
         r.name, p.cfg.num_params(), p.cfg.num_hidden_layers, p.cfg.hidden_size, state.step, state.tokens, val_loss, val_bpb,
-        mean_tps, backend, threads(), state.wall_s,
+        mean_tps, backend, threads(), steady_line(steady_tps, first_step_s, crate::perf::mfu(flops_tok, steady_tps.unwrap_or(0.0), peak)), state.wall_s,
         state.joules, state.energy_method, state.joules / (state.tokens.max(1) as f64), state.joules / 3.6e6 * e.grid_gco2_per_kwh,
         final_dir.display()
     );
     Ok(Outcome::Finished)
+}
+
+/// Steady-state tokens/s: the median over this session's steps from the 4th on, leaving out the
+/// first steps, where a GPU backend compiles and autotunes its kernels (27 s to minutes on an
+/// H200, against 0.15 s for a later step). `None` with fewer than 4 steps.
+pub fn steady_tokens_per_s(step_tps: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = step_tps.iter().skip(3).copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+/// The report's second throughput line, when the first step was much slower than the rest.
+fn steady_line(steady: Option<f64>, first_s: Option<f64>, mfu: Option<f64>) -> String {
+    match (steady, first_s) {
+        (Some(s), Some(f)) => {
+            let mfu = mfu.map(|m| format!(", MFU {:.1}%", m * 100.0)).unwrap_or_default();
+            format!("\nsteady      {s:.0} tokens/s from step 4 on{mfu} (step 1 took {f:.1} s)")
+        }
+        _ => String::new(),
+    }
 }
 
 /// The recipe's `[eval]` tasks, plus the samples task when it lists prompts.

@@ -66,3 +66,70 @@ fn flex_and_wgpu_agree_on_logits_and_training() {
     }
     assert!(sf[2] < sf[0], "training did not lower the loss: {sf:?}");
 }
+
+/// GPU kernel caches: a `kiln run` on wgpu leaves CubeCL's autotune results under
+/// `$KILN_CACHE/cubecl/wgpu-<adapter>/`, and a `cubecl.toml` in the working directory takes
+/// precedence (Kiln then configures nothing). On lavapipe in CI.
+#[test]
+fn gpu_kernel_caches_live_in_the_kiln_cache() {
+    if device::wgpu_adapters().is_empty() {
+        println!("SKIP: no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe); kernel caches not checked");
+        return;
+    }
+    let kiln = env!("CARGO_BIN_EXE_kiln");
+    let tmp = tempfile::tempdir().unwrap();
+    let (work, cache, data) = (tmp.path().join("work"), tmp.path().join("cache"), tmp.path().join("data"));
+    for d in [&work, &cache, &data] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(data.join("corpus.txt"), "to be or not to be, that is the question.\n".repeat(200)).unwrap();
+    let recipe = tmp.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        "name = \"cache\"\n[model]\npreset = \"tiny\"\n[data]\nsources = [\"corpus.txt\"]\n[train]\nsteps = 1\nbatch_size = 2\neval_batches = 1\ncheckpoint_every = 0\n",
+    )
+    .unwrap();
+    let run = |cwd: &std::path::Path, recipe: &std::path::Path| {
+        std::process::Command::new(kiln)
+            .args(["run", recipe.to_str().unwrap(), "--device", "wgpu", "--runs-dir", tmp.path().join("runs").to_str().unwrap()])
+            .current_dir(cwd)
+            .env("KILN_CACHE", &cache)
+            .env("KILN_DATA", &data)
+            .output()
+            .unwrap()
+    };
+    let o = run(&work, &recipe);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "kiln run on wgpu failed:\n{err}");
+    assert!(err.contains("GPU kernels: compiled and autotuned on first use"), "{err}");
+    let folders: Vec<_> = std::fs::read_dir(cache.join("cubecl")).expect("no $KILN_CACHE/cubecl").flatten().map(|e| e.path()).collect();
+    assert_eq!(folders.len(), 1, "{folders:?}");
+    assert!(folders[0].file_name().unwrap().to_string_lossy().starts_with("wgpu-"), "{folders:?}");
+    let files = walk(&folders[0].join("autotune"));
+    println!("autotune cache files: {files:?}");
+    assert!(!files.is_empty(), "no autotune results under {}", folders[0].display());
+
+    // The user's cubecl.toml wins: Kiln says so and sets nothing (the run then stops early on a
+    // missing data file, after choosing the device).
+    std::fs::write(work.join("cubecl.toml"), "[autotune]\nlevel = \"minimal\"\n").unwrap();
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, std::fs::read_to_string(&recipe).unwrap().replace("corpus.txt", "missing.txt")).unwrap();
+    let o = run(&work, &bad);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("GPU kernel caches: as") && err.contains("cubecl.toml"), "{err}");
+    assert!(!err.contains("GPU kernels: compiled and autotuned"), "{err}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
