@@ -58,7 +58,7 @@ impl PathStack {
     }
 }
 
-/// Sums the squares of every gradient (one host read at the end).
+/// Sums the squares of every gradient, on the device.
 struct SquaredNorm<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
     acc: Option<Tensor<B::InnerBackend, 1>>,
@@ -76,14 +76,12 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
     }
 }
 
-/// The global L2 norm of all gradients.
-pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams) -> f64 {
+/// The global L2 norm of all gradients, as a device tensor `[1]` (no host read: on a GPU the
+/// clip and the update are queued behind the backward pass instead of waiting for it).
+pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams) -> Option<Tensor<B::InnerBackend, 1>> {
     let mut v = SquaredNorm::<B> { grads, acc: None };
     model.visit(&mut v);
-    match v.acc {
-        Some(a) => (a.into_scalar().elem::<f64>()).sqrt(),
-        None => 0.0,
-    }
+    v.acc.map(|a| a.sqrt())
 }
 
 use burn::tensor::ElementConversion;
@@ -92,7 +90,8 @@ struct Step<'a, B: AutodiffBackend> {
     opt: &'a mut AdamW<B::InnerBackend>,
     grads: &'a mut GradientsParams,
     lr: f64,
-    scale: f64,
+    /// The clip factor, `[1]` on the device (`None`: no clipping).
+    scale: Option<Tensor<B::InnerBackend, 1>>,
     path: PathStack,
 }
 
@@ -112,10 +111,13 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Step<'_, B> {
         let (b1, b2, eps) = (c.beta1, c.beta2, c.eps);
         let decay = if D >= 2 { c.weight_decay } else { 0.0 };
         let t = self.opt.t as i32;
-        let (lr, scale) = (self.lr, self.scale);
+        let lr = self.lr;
         let shape = g.shape();
         let n = shape.num_elements();
-        let g = g.reshape([n]) * scale; // [N]
+        let g = match &self.scale {
+            Some(s) => g.reshape([n]) * s.clone(), // [N] * [1]
+            None => g.reshape([n]),                // [N]
+        };
         let device = g.device();
         let st = self.opt.state.remove(&name).unwrap_or_else(|| Moments {
             m: Tensor::zeros([n], &device),
@@ -191,18 +193,30 @@ impl<B: Backend> AdamW<B> {
 
     /// Clips `grads` to the global norm `cfg.grad_clip` (when positive) and takes one step.
     /// Returns the gradient norm before clipping.
+    ///
+    /// The norm and the clip factor stay on the device and the norm is read once every update is
+    /// queued, so a GPU never idles between the backward pass and the update. With `KILN_STEP_SYNC=1`
+    /// the norm is read first instead (the host clock then splits a step into its phases).
     pub fn step<A, M>(&mut self, model: M, mut grads: GradientsParams, lr: f64) -> (M, f64)
     where
         A: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<A>,
     {
-        let norm = global_grad_norm::<A, M>(&model, &grads);
+        let Some(norm) = global_grad_norm::<A, M>(&model, &grads) else {
+            return (model, 0.0);
+        };
+        let read = |t: Tensor<B, 1>| t.into_scalar().elem::<f64>();
+        let early = crate::perf::step_sync().then(|| read(norm.clone()));
         let clip = self.cfg.grad_clip;
-        let scale = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
+        // clip / (norm + 1e-6) where norm > clip, else 1.
+        let scale = (clip > 0.0).then(|| {
+            let s = (norm.clone() + 1e-6).recip() * clip;
+            s.mask_fill(norm.clone().lower_equal_elem(clip), 1.0)
+        });
         self.t += 1;
         let mut s = Step::<A> { opt: self, grads: &mut grads, lr, scale, path: PathStack(Vec::new()) };
         let model = model.map(&mut s);
-        (model, norm)
+        (model, early.unwrap_or_else(|| read(norm)))
     }
 
     /// The moments as host tensors, `<name>.exp_avg` and `<name>.exp_avg_sq`, sorted by name.

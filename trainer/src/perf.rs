@@ -37,6 +37,14 @@ pub fn peak_flops(gpu: Option<&str>, precision: &str) -> Option<f64> {
     Some(if precision == "f32" { f32_peak } else { half_peak })
 }
 
+/// `KILN_STEP_SYNC=1`: read the loss after the forward pass and the gradient norm before the
+/// update, so that `forward_s`, `backward_s` and `optim_s` are each phase's device time on a GPU.
+/// By default a step reads both at its end: the GPU is never left waiting for the host mid-step,
+/// and the three figures are host time (the GPU's work mostly lands in `optim_s`).
+pub fn step_sync() -> bool {
+    std::env::var("KILN_STEP_SYNC").is_ok_and(|v| v == "1")
+}
+
 /// Model FLOP utilisation: achieved FLOP/s over the device's peak.
 pub fn mfu(flops_per_token: f64, tokens_per_s: f64, peak: Option<f64>) -> Option<f64> {
     peak.map(|p| flops_per_token * tokens_per_s / p)

@@ -458,6 +458,14 @@ fn train<B: AutodiffBackend>(
     // This session's per-step tokens/s, for the steady-state figure in the report.
     let mut step_tps: Vec<f64> = Vec::new();
     let mut first_step_s: Option<f64> = None;
+    if ctx.device.gpu_name().is_some() {
+        // The first step compiles (and autotunes) every kernel it uses: say so, or it looks hung.
+        bar.set_message("first step: compiling GPU kernels (minutes on a new GPU; cached for later runs)");
+        bar.enable_steady_tick(std::time::Duration::from_millis(500));
+        if !tty {
+            tracing::info!("first step: compiling GPU kernels (minutes on a new GPU; cached for later runs)");
+        }
+    }
 
     while state.step < t.steps {
         if !keep_going() {

@@ -226,13 +226,23 @@ pub fn train_step_synced<B: AutodiffBackend>(
     let tokens = loss_tokens(micro);
     let k = micro.len() as f64;
     let mut acc = GradientsAccumulator::<Llama<B>>::new();
-    let mut loss_sum = 0.0;
+    // The loss stays on the device until the step is queued (see `perf::step_sync`), unless
+    // data parallelism must average it first.
+    let early = crate::perf::step_sync() || sync.is_some();
+    let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
     let mut single: Option<GradientsParams> = None;
     let (mut forward_s, mut backward_s) = (0.0, 0.0);
     for batch in micro {
         let t0 = Instant::now();
         let loss = masked_cross_entropy(&model, batch, device);
-        loss_sum += loss.clone().into_scalar().elem::<f64>();
+        let l = loss.clone().inner(); // [1]
+        if early {
+            l.clone().into_scalar().elem::<f64>();
+        }
+        loss_sum = Some(match loss_sum.take() {
+            Some(a) => a + l,
+            None => l,
+        });
         let t1 = Instant::now();
         let scaled = if micro.len() > 1 { loss / k } else { loss };
         let grads = scaled.backward();
@@ -246,12 +256,15 @@ pub fn train_step_synced<B: AutodiffBackend>(
         }
     }
     let mut grads = single.unwrap_or_else(|| acc.grads());
-    let mut loss = loss_sum / k;
+    let read = |t: Option<Tensor<B::InnerBackend, 1>>| t.map_or(0.0, |t| t.into_scalar().elem::<f64>()) / k;
     let t0 = Instant::now();
+    let mut loss = None;
     if let Some(sync) = sync {
-        (grads, loss) = sync(grads, loss)?;
+        let (g, l) = sync(grads, read(loss_sum.take()))?;
+        (grads, loss) = (g, Some(l));
     }
     let (model, grad_norm) = opt.step::<B, _>(model, grads, lr);
+    let loss = loss.unwrap_or_else(|| read(loss_sum));
     let optim_s = t0.elapsed().as_secs_f64();
     Ok((model, StepOutput { loss, grad_norm, tokens, forward_s, backward_s, optim_s }))
 }
