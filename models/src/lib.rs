@@ -1,6 +1,7 @@
 //! Kiln models: what a checkpoint *is*. The Llama decoder, its named sizes, tokenizers,
 //! Hugging Face-layout checkpoints, initialisation and generation.
 
+pub mod attention;
 pub mod checkpoint;
 pub mod cpu_kernels;
 pub mod generate;

@@ -131,6 +131,11 @@ pub struct Llama<B: Backend> {
     /// they are differentiable, and gradients arrive in f32.
     #[module(skip)]
     pub compute: Option<DType>,
+    /// Train attention through the custom autodiff op of `attention.rs` (fused forward, probabilities
+    /// recomputed in the backward pass) when one is registered for this backend; else Burn's
+    /// decomposed attention. Only the training (causal, no KV cache) path uses it.
+    #[module(skip)]
+    pub fused_attention: bool,
 }
 
 /// Where initial weights come from: a random initialiser or a checkpoint.
@@ -223,6 +228,7 @@ impl<B: Backend> Llama<B> {
             n_kv_heads: k,
             eps: cfg.rms_norm_eps,
             compute: None,
+            fused_attention: false,
         })
     }
 
@@ -290,9 +296,14 @@ impl<B: Backend> Llama<B> {
         let kk = repeat_kv(kk, h / k); // [B, H, S, Hd]
         let v = repeat_kv(v, h / k); // [B, H, S, Hd]
         let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
+        let fused = (self.fused_attention && causal && t == kk.dims()[2]).then(crate::attention::registered::<B>).flatten();
+        let attend = |q, k, v| match fused {
+            Some(f) => f(q, k, v),
+            None => attention(q, k, v, None, None, opts),
+        };
         let y = match self.compute {
-            None => attention(q, kk, v, None, None, opts), // [B, H, T, Hd]
-            Some(dt) => attention(q.cast(dt), kk.cast(dt), v.cast(dt), None, None, opts).cast(DType::F32),
+            None => attend(q, kk, v), // [B, H, T, Hd]
+            Some(dt) => attend(q.cast(dt), kk.cast(dt), v.cast(dt)).cast(DType::F32),
         };
         let y = y.swap_dims(1, 2).reshape([b, t, d]); // [B, T, D]
         let x = x + self.mm(y, a.o_proj.val()); // [B, T, D]

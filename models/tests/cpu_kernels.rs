@@ -43,9 +43,20 @@ fn check(tied: bool, threads: usize) {
 }
 
 fn check_shape(cfg: LlamaConfig, threads: usize, b: usize, t: usize) {
+    check_model(cfg, threads, b, t, false)
+}
+
+/// With `fused`, Burn's side trains attention through `kiln_models::attention` (the custom
+/// autodiff op), which the kernels check the same way.
+fn check_model(cfg: LlamaConfig, threads: usize, b: usize, t: usize, fused: bool) {
     let tied = cfg.tie_word_embeddings;
     let device = Default::default();
-    let model = Llama::<B>::build(&cfg, &mut RandomInit::new(3, cfg.num_hidden_layers), &device).unwrap();
+    let mut model = Llama::<B>::build(&cfg, &mut RandomInit::new(3, cfg.num_hidden_layers), &device).unwrap();
+    if fused {
+        kiln_models::attention::register_autodiff::<Flex, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>();
+        assert!(kiln_models::attention::registered::<B>().is_some());
+        model.fused_attention = true;
+    }
     let inputs: Vec<i64> = (0..b * t).map(|i| ((i * 7 + 3) % cfg.vocab_size) as i64).collect();
     let targets: Vec<i64> = (0..b * t).map(|i| ((i * 5 + 1) % cfg.vocab_size) as i64).collect();
     let mask: Vec<f32> = (0..b * t).map(|i| if i % 4 == 1 { 0.0 } else { 1.0 }).collect();
@@ -163,4 +174,14 @@ fn thread_count_changes_nothing_but_rounding() {
     assert_eq!(k3.loss_and_grads(&w, &batch, None).loss.to_bits(), l3.to_bits());
     assert_eq!(l3.to_bits(), l3b.to_bits());
     assert_eq!(g3, g3b);
+}
+
+/// Burn's model with the fused attention op (forward by the backend's attention, backward by
+/// recomputation) gives the kernels' logits, loss and gradients, as the decomposed one does:
+/// untied and tied, GQA, one and several query blocks' worth of positions.
+#[test]
+fn fused_attention_trains_like_the_kernels() {
+    check_model(config(false), 2, 3, 9, true);
+    check_model(config(true), 1, 2, 16, true);
+    check_model(config_ctx(false, 80), 2, 2, 80, true);
 }

@@ -227,6 +227,11 @@ pub struct TrainSection {
     /// (models/src/cpu_kernels.rs: the same model and gradients, several times faster) instead
     /// of Burn's op-by-op autodiff graph; `false` uses Burn's graph.
     pub cpu_kernels: bool,
+    /// Train attention as one custom autodiff op on Burn's graph (the GPUs; the CPU with
+    /// `cpu_kernels = false` or mixed precision): the backend's fused attention forward, and a
+    /// backward pass that recomputes the probabilities instead of keeping `[B, H, T, T]` tensors
+    /// per layer. Same gradients (tested); speed on a GPU not yet measured, hence off by default.
+    pub fused_attention: bool,
     /// Evaluate validation loss every N steps (and at the end); 0 means only at the end.
     pub eval_every: usize,
     /// Validation batches per evaluation.
@@ -253,6 +258,7 @@ impl Default for TrainSection {
             device: "auto".into(),
             precision: "f32".into(),
             cpu_kernels: true,
+            fused_attention: false,
             eval_every: 250,
             eval_batches: 50,
             checkpoint_every: 500,

@@ -295,7 +295,23 @@ fn resolve_device(spec: &str) -> Result<Device> {
     Ok(be)
 }
 
+/// The fused attention op (`train.fused_attention`, models/src/attention.rs) for every autodiff
+/// backend `with_backend!` builds.
+fn register_fused_attention() {
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+    use kiln_models::attention::register_autodiff;
+    #[cfg(feature = "flex")]
+    register_autodiff::<burn::backend::Flex, NoCheckpointing>();
+    #[cfg(feature = "ndarray")]
+    register_autodiff::<burn::backend::NdArray, NoCheckpointing>();
+    #[cfg(feature = "wgpu")]
+    register_autodiff::<burn::backend::Wgpu, NoCheckpointing>();
+    #[cfg(feature = "cuda")]
+    register_autodiff::<burn::backend::Cuda, NoCheckpointing>();
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
+    register_fused_attention();
     match cli.command {
         Command::Coordinator { listen } => kiln_trainer::dist::run_coordinator(&listen),
         Command::Run { recipe, sets, common, runs_dir, dist } => {

@@ -444,6 +444,13 @@ fn train<B: AutodiffBackend>(
     }
     let on_cpu = matches!(ctx.device, crate::device::Device::Flex | crate::device::Device::NdArray);
     let kernels = (t.cpu_kernels && on_cpu && model.compute.is_none()).then(|| CpuKernels::new(&model, &p.cfg, threads()));
+    model.fused_attention = t.fused_attention && kernels.is_none();
+    if model.fused_attention {
+        match kiln_models::attention::registered::<B>() {
+            Some(_) => tracing::info!("attention trained as one fused op (train.fused_attention): probabilities recomputed in the backward pass"),
+            None => tracing::warn!("train.fused_attention: no fused attention op for this backend; using Burn's decomposed attention"),
+        }
+    }
     if kernels.is_some() {
         tracing::info!("forward and backward by Kiln's fused CPU kernels on {} threads (train.cpu_kernels)", threads());
     }

@@ -27,9 +27,11 @@ fn batch(seed: i64) -> Batch {
 }
 
 /// Logits for a fixed input, then the losses of 3 AdamW steps, on backend `B`.
-fn run<B: burn::tensor::backend::AutodiffBackend>(device: &B::Device) -> (Vec<f32>, Vec<f64>) {
+/// With `fused`, attention trains through `kiln_models::attention` (registered for `B` by the caller).
+fn run<B: burn::tensor::backend::AutodiffBackend>(device: &B::Device, fused: bool) -> (Vec<f32>, Vec<f64>) {
     let cfg = preset("tiny", 24).unwrap();
     let mut model: Llama<B> = Llama::build(&cfg, &mut RandomInit::new(7, cfg.num_hidden_layers), device).unwrap();
+    model.fused_attention = fused;
     let b = batch(0);
     let x = Tensor::<B, 2, Int>::from_data(TensorData::new(b.inputs.clone(), [b.batch, b.context]), device);
     let logits: Vec<f32> = model.forward(x).into_data().convert::<f32>().to_vec().unwrap();
@@ -54,8 +56,8 @@ fn flex_and_wgpu_agree_on_logits_and_training() {
     let Device::Wgpu { kind, index, name } = device::resolve("wgpu").unwrap() else { unreachable!() };
     println!("using {name}");
     let wd = Device::wgpu_device(kind, index);
-    let (lf, sf) = run::<Autodiff<Flex>>(&burn::tensor::Device::<Flex>::default());
-    let (lw, sw) = run::<Autodiff<Wgpu>>(&wd);
+    let (lf, sf) = run::<Autodiff<Flex>>(&burn::tensor::Device::<Flex>::default(), false);
+    let (lw, sw) = run::<Autodiff<Wgpu>>(&wd, false);
     let max_ref = lf.iter().fold(0f32, |m, x| m.max(x.abs()));
     let rel = lf.iter().zip(&lw).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / max_ref;
     println!("logits: max |flex - wgpu| / max |flex| = {rel:.2e}; losses flex {sf:?} wgpu {sw:?}");
@@ -65,6 +67,16 @@ fn flex_and_wgpu_agree_on_logits_and_training() {
         assert!((a - b).abs() < 1e-3, "losses differ: flex {sf:?} wgpu {sw:?}");
     }
     assert!(sf[2] < sf[0], "training did not lower the loss: {sf:?}");
+
+    // train.fused_attention on wgpu: the backend's attention forward and Kiln's backward.
+    kiln_models::attention::register_autodiff::<Wgpu, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>();
+    let (lwf, swf) = run::<Autodiff<Wgpu>>(&wd, true);
+    println!("fused attention on wgpu: losses {swf:?}");
+    let relf = lf.iter().zip(&lwf).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / max_ref;
+    assert!(relf < 1e-3, "logits through the fused op differ: {relf}");
+    for (a, b) in sf.iter().zip(&swf) {
+        assert!((a - b).abs() < 1e-3, "fused attention on wgpu: losses flex {sf:?} wgpu {swf:?}");
+    }
 }
 
 /// GPU kernel caches: a `kiln run` on wgpu leaves CubeCL's autotune results under

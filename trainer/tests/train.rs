@@ -177,3 +177,33 @@ fn cpu_kernels_train_like_burn() {
     assert_eq!(sb.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>(), sf.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>());
     assert_eq!(of.t, 10);
 }
+
+#[test]
+fn fused_attention_trains_like_burn() {
+    // train.fused_attention on Burn's graph (flex): ten AdamW steps with two micro-batches give
+    // the decomposed attention's losses, gradient norms and weights within float rounding.
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+    kiln_models::attention::register_autodiff::<burn::backend::Flex, NoCheckpointing>();
+    let cfg = OptimSection { lr: 3e-3, warmup_steps: 0, grad_clip: 0.5, ..Default::default() };
+    let (mut plain, mut fused) = (tiny(), tiny());
+    fused.fused_attention = true;
+    let (mut op, mut of) = (AdamW::new(cfg.clone()), AdamW::new(cfg));
+    let mut b2 = batch();
+    b2.mask[3] = 0.0;
+    b2.inputs.reverse();
+    let micro = [batch(), b2];
+    for step in 0..10 {
+        let (m, a) = train_step(plain, &mut op, &micro, 3e-3, &Default::default());
+        plain = m;
+        let (m, b) = train_step(fused, &mut of, &micro, 3e-3, &Default::default());
+        fused = m;
+        assert!(fused.fused_attention, "the flag survives a step");
+        assert!((a.loss - b.loss).abs() < 1e-5 * a.loss, "step {step}: loss {} vs {}", a.loss, b.loss);
+        assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm, "step {step}: norm {} vs {}", a.grad_norm, b.grad_norm);
+    }
+    let (wp, wf) = (kiln_models::checkpoint::burn_tensors(&plain), kiln_models::checkpoint::burn_tensors(&fused));
+    for ((np, _, vp), (_, _, vf)) in wp.iter().zip(&wf) {
+        let diff = vp.iter().zip(vf).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff < 1e-5, "{np}: weights differ by {diff}");
+    }
+}

@@ -1,0 +1,122 @@
+//! Causal self-attention for training, as one custom autodiff op (`train.fused_attention`).
+//!
+//! Burn 0.21's autodiff backend trains attention by decomposing it (QKᵀ, scale, mask, max, exp,
+//! sum, divide, ·V) and keeps several `[B, H, T, T]` tensors per layer alive from the forward to
+//! the backward pass. This op instead runs the inner backend's `attention` forward (CubeCL's fused
+//! flash attention on a GPU, where it exists; the same composition on the CPU) and keeps only q,
+//! k, v and the output `[B, H, T, Hd]`. The backward pass recomputes the probabilities one layer
+//! at a time (flash-attention style, without the tiling):
+//!
+//! ```text
+//! S  = Q Kᵀ · s, causal mask      P  = softmax(S)          [B, H, T, T]
+//! dV = Pᵀ dO                      dP = dO Vᵀ               [B, H, T, Hd], [B, H, T, T]
+//! D  = rowsum(dO ∘ O)             dS = P ∘ (dP − D) · s    [B, H, T, 1],  [B, H, T, T]
+//! dQ = dS K                       dK = dSᵀ Q               [B, H, T, Hd]
+//! ```
+//!
+//! `Llama::layer` is generic over any backend, so the op is found through a small registry keyed
+//! by the backend type: the trainer registers [`causal_attention`] for the autodiff backends it
+//! builds, and a model with `fused_attention` set uses it when its backend is registered.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
+use burn::tensor::{Bool, Tensor, TensorPrimitive};
+
+/// Causal attention over `q, k, v: [B, H, T, Hd]` (keys and values already repeated to H heads).
+pub type AttentionFn<B> = fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>;
+
+type Registry = Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>;
+
+fn registry() -> &'static Registry {
+    static R: OnceLock<Registry> = OnceLock::new();
+    R.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Makes `f` the fused attention of backend `B` (idempotent).
+pub fn register<B: Backend>(f: AttentionFn<B>) {
+    if let Ok(mut r) = registry().lock() {
+        r.insert(TypeId::of::<B>(), Box::new(f));
+    }
+}
+
+/// Registers [`causal_attention`] for `Autodiff<B, C>`.
+pub fn register_autodiff<B: Backend, C: CheckpointStrategy>() {
+    register::<Autodiff<B, C>>(causal_attention::<B, C>);
+}
+
+/// The fused attention registered for `B`, if any.
+pub fn registered<B: Backend>() -> Option<AttentionFn<B>> {
+    let r = registry().lock().ok()?;
+    r.get(&TypeId::of::<B>()).and_then(|f| f.downcast_ref::<AttentionFn<B>>()).copied()
+}
+
+/// `softmax(Q Kᵀ / √Hd + causal mask) V` with the backward pass above.
+pub fn causal_attention<B: Backend, C: CheckpointStrategy>(
+    q: Tensor<Autodiff<B, C>, 4>, // [B, H, T, Hd]
+    k: Tensor<Autodiff<B, C>, 4>, // [B, H, T, Hd]
+    v: Tensor<Autodiff<B, C>, 4>, // [B, H, T, Hd]
+) -> Tensor<Autodiff<B, C>, 4> {
+    #[derive(Debug)]
+    struct CausalAttention;
+
+    impl<B: Backend> Backward<B, 3> for CausalAttention {
+        // q, k, v and the output, on the inner backend.
+        type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let (q, k, v, o) = ops.state;
+            let d_o = grads.consume::<B>(&ops.node);
+            let t = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
+            let (dq, dk, dv) = attention_backward(t(q), t(k), t(v), t(o), t(d_o));
+            let [nq, nk, nv] = ops.parents;
+            for (node, g) in [(nq, dq), (nk, dk), (nv, dv)] {
+                if let Some(node) = node {
+                    grads.register::<B>(node.id, g.into_primitive().tensor());
+                }
+            }
+        }
+    }
+
+    let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+    let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
+    let out = match CausalAttention.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let o = B::attention(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), None, None, opts);
+            prep.finish((q.primitive, k.primitive, v.primitive, o.clone()), o)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::attention(q.primitive, k.primitive, v.primitive, None, None, opts)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// The gradients of causal attention with respect to q, k and v, recomputing the probabilities.
+pub fn attention_backward<B: Backend>(
+    q: Tensor<B, 4>,   // [B, H, T, Hd]
+    k: Tensor<B, 4>,   // [B, H, T, Hd]
+    v: Tensor<B, 4>,   // [B, H, T, Hd]
+    o: Tensor<B, 4>,   // [B, H, T, Hd], the forward's output
+    d_o: Tensor<B, 4>, // [B, H, T, Hd]
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, h, t, hd] = q.dims();
+    let scale = 1.0 / (hd as f64).sqrt();
+    // tril_mask marks the positions above the diagonal (key after query): the ones to hide.
+    let future = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &q.device()).unsqueeze::<4>().expand([b, h, t, t]);
+    let s = q.clone().matmul(k.clone().swap_dims(2, 3)) * scale; // [B, H, T, T]
+    let p = softmax(s.mask_fill(future, f32::NEG_INFINITY), 3); // [B, H, T, T]
+    let dv = p.clone().swap_dims(2, 3).matmul(d_o.clone()); // [B, H, T, Hd]
+    let dp = d_o.clone().matmul(v.swap_dims(2, 3)); // [B, H, T, T]
+    let d = (d_o * o).sum_dim(3); // [B, H, T, 1]
+    let ds = p * (dp - d) * scale; // [B, H, T, T]
+    let dq = ds.clone().matmul(k); // [B, H, T, Hd]
+    let dk = ds.swap_dims(2, 3).matmul(q); // [B, H, T, Hd]
+    (dq, dk, dv)
+}
