@@ -135,9 +135,11 @@ pub fn summary(p: &Prepared) -> String {
     let ctx = p.cfg.max_position_embeddings;
     let per_step = t.batch_size * t.grad_accum * ctx;
     let params = p.cfg.num_params();
-    // f32 weights + grads + 2 Adam moments, plus activations (~ 34·d + 5·heads·T floats per token per layer).
+    // f32 weights + grads + 2 Adam moments, plus activations (~ 34·d floats per token per layer,
+    // and 5·heads·T more where Burn's decomposed attention keeps its [B, H, T, T] tensors).
     let state = params * 4 * 4;
-    let act_per_tok = (34 * p.cfg.hidden_size + 5 * p.cfg.num_attention_heads * ctx) * p.cfg.num_hidden_layers + 2 * p.cfg.vocab_size;
+    let attn = if t.fused_attention { 0 } else { 5 * p.cfg.num_attention_heads * ctx };
+    let act_per_tok = (34 * p.cfg.hidden_size + attn) * p.cfg.num_hidden_layers + 2 * p.cfg.vocab_size;
     let act = t.batch_size * ctx * act_per_tok * 4;
     format!(
         "model: {} layers, d_model {}, {} heads ({} kv), SwiGLU {}, context {}, vocab {}\nparameters: {}\ntokens per step: {} ({} x {} x {} accum)\ntotal tokens: {}\ndata: {} train tokens, {} validation tokens\nmemory estimate: {:.1} MiB (weights, grads and AdamW state {:.1} MiB; activations {:.1} MiB)",
