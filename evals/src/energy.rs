@@ -245,6 +245,41 @@ impl EnergyMeter for Nvml {
     }
 }
 
+/// A GPU that NVML cannot read, estimated at its board power (TDP) for the whole time the meter
+/// runs: an upper bound on what the GPU drew, labelled as an estimate.
+pub struct GpuTdp {
+    pub watts: f64,
+    start: Instant,
+}
+
+impl GpuTdp {
+    pub fn new(watts: f64) -> Self {
+        Self { watts, start: Instant::now() }
+    }
+}
+
+impl EnergyMeter for GpuTdp {
+    fn name(&self) -> &str {
+        "gpu-tdp-estimate"
+    }
+    fn method(&self) -> Method {
+        Method::Estimate
+    }
+    fn coverage(&self) -> &str {
+        "gpu-tdp-estimate"
+    }
+    fn joules(&mut self) -> Result<f64, String> {
+        Ok(self.watts * self.start.elapsed().as_secs_f64())
+    }
+}
+
+/// The GPU a run uses, for the energy meters: its name and board power when known.
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    pub name: String,
+    pub tdp_watts: Option<f64>,
+}
+
 /// Several meters at once (GPU and CPU): the total is their sum, and each is a component.
 pub struct Meters {
     pub meters: Vec<Box<dyn EnergyMeter>>,
@@ -258,20 +293,36 @@ impl Meters {
     }
 
     /// `auto`: NVML for GPUs when it loads, plus RAPL for the CPU where readable, else the CPU
-    /// estimate. `rapl` and `nvml` fail if they cannot be read.
-    pub fn choose(kind: &str, powercap: &Path, watts_per_core: f64, idle_watts: f64) -> Result<(Self, Vec<String>), String> {
+    /// estimate. `rapl` and `nvml` fail if they cannot be read. When the run uses a GPU (`gpu`)
+    /// and NVML cannot read it, `auto` says why and adds the GPU at its board power (TDP) as an
+    /// estimate, or says the GPU is not counted when its TDP is unknown.
+    pub fn choose(kind: &str, powercap: &Path, watts_per_core: f64, idle_watts: f64, gpu: Option<&GpuInfo>) -> Result<(Self, Vec<String>), String> {
         let estimate = || Box::new(Estimate::new(watts_per_core, idle_watts)) as Box<dyn EnergyMeter>;
         if kind == "auto" || kind == "nvml" {
             match Nvml::open() {
-                Ok((gpu, mut notes)) => {
-                    let (cpu, more) = Self::choose("auto-cpu", powercap, watts_per_core, idle_watts)?;
+                Ok((nvml, mut notes)) => {
+                    let (cpu, more) = Self::choose("auto-cpu", powercap, watts_per_core, idle_watts, None)?;
                     notes.extend(more);
-                    let mut meters: Vec<Box<dyn EnergyMeter>> = vec![Box::new(gpu)];
+                    let mut meters: Vec<Box<dyn EnergyMeter>> = vec![Box::new(nvml)];
                     meters.extend(cpu.meters);
                     return Ok((Self::new(meters), notes));
                 }
                 Err(e) if kind == "nvml" => return Err(e),
-                Err(_) => {}
+                Err(e) => {
+                    if let Some(g) = gpu {
+                        let (cpu, mut notes) = Self::choose("auto-cpu", powercap, watts_per_core, idle_watts, None)?;
+                        let mut meters: Vec<Box<dyn EnergyMeter>> = Vec::new();
+                        match g.tdp_watts {
+                            Some(w) => {
+                                notes.insert(0, format!("{e}: the energy of {} is estimated at its board power, {w:.0} W, for the whole run (an upper bound)", g.name));
+                                meters.push(Box::new(GpuTdp::new(w)));
+                            }
+                            None => notes.insert(0, format!("{e}: the energy of {} is not counted (its board power is not in Kiln's table); only the CPU's is", g.name)),
+                        }
+                        meters.extend(cpu.meters);
+                        return Ok((Self::new(meters), notes));
+                    }
+                }
             }
         }
         match kind {
@@ -361,11 +412,38 @@ mod tests {
     #[test]
     fn no_rapl_means_the_estimate_and_says_so() {
         let d = tempfile::tempdir().unwrap();
-        let (m, notes) = Meters::choose("auto", d.path(), 10.0, 0.0).unwrap();
+        let (m, notes) = Meters::choose("auto", d.path(), 10.0, 0.0, None).unwrap();
         assert_eq!(m.method(), Method::Estimate);
         assert!(notes[0].contains("RAPL unavailable"));
-        assert!(Meters::choose("rapl", d.path(), 10.0, 0.0).is_err());
-        assert!(Meters::choose("bogus", d.path(), 10.0, 0.0).is_err());
+        assert!(Meters::choose("rapl", d.path(), 10.0, 0.0, None).is_err());
+        assert!(Meters::choose("bogus", d.path(), 10.0, 0.0, None).is_err());
+    }
+
+    #[test]
+    fn a_gpu_nvml_cannot_read_is_estimated_at_its_board_power() {
+        // This machine has no NVML. A run on a GPU then counts the GPU at its TDP (estimate) plus
+        // the CPU, and says why; an unknown TDP is said, not guessed.
+        if Nvml::open().is_ok() {
+            println!("SKIP: NVML loads here; the fallback is not exercised");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let gpu = GpuInfo { name: "NVIDIA H200".into(), tdp_watts: Some(700.0) };
+        let (mut m, notes) = Meters::choose("auto", d.path(), 10.0, 0.0, Some(&gpu)).unwrap();
+        assert_eq!(m.meters.len(), 2);
+        assert_eq!(m.meters[0].coverage(), "gpu-tdp-estimate");
+        assert_eq!(m.method(), Method::Estimate);
+        assert!(notes[0].contains("NVIDIA H200") && notes[0].contains("700 W"), "{notes:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (j, comps, errors) = m.read();
+        assert!(errors.is_empty());
+        assert!(j >= 700.0 * 0.05 * 0.99 && j < 700.0 * 2.0, "{j} J after 50 ms at 700 W");
+        assert_eq!(comps.len(), 2);
+
+        let unknown = GpuInfo { name: "Some GPU".into(), tdp_watts: None };
+        let (m, notes) = Meters::choose("auto", d.path(), 10.0, 0.0, Some(&unknown)).unwrap();
+        assert_eq!(m.meters.len(), 1);
+        assert!(notes[0].contains("not counted"), "{notes:?}");
     }
 
     #[test]

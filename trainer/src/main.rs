@@ -381,7 +381,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 let (m, cfg, tok) = kiln_models::checkpoint::load_dir::<I>(&dir, &device)?;
                 let lm = kiln_evals::ModelScorer::<I> { model: &m, tok: &tok, context: cfg.max_position_embeddings, device };
                 // On the CPU, log-probabilities come from the fused kernels (same numbers).
-                run::with_scorer(lm, &cfg, matches!(be, Device::Flex | Device::NdArray), |lm| run_evals(&tasks, lm))?
+                run::with_scorer(lm, &cfg, matches!(be, Device::Flex | Device::NdArray), |lm| run_evals(&tasks, lm, &be))?
             });
             let out = serde_json::json!({"model": dir, "evals": results});
             // On a finished run, the evals also join report.json, report.md and report.svg.
@@ -490,9 +490,10 @@ Model `{}`.
 }
 
 /// Runs each task with the default energy meter, printing a line per task.
-fn run_evals(tasks: &[Box<dyn kiln_evals::Task>], lm: &mut dyn kiln_evals::Scorer) -> Result<serde_json::Value> {
+fn run_evals(tasks: &[Box<dyn kiln_evals::Task>], lm: &mut dyn kiln_evals::Scorer, be: &Device) -> Result<serde_json::Value> {
     let d = kiln_recipes::EnergySection::default();
-    let (mut meters, notes) = kiln_evals::energy::Meters::choose(&d.meter, Path::new(&d.powercap_root), d.watts_per_core, d.idle_watts)
+    let gpu = kiln_trainer::perf::gpu_info(be);
+    let (mut meters, notes) = kiln_evals::energy::Meters::choose(&d.meter, Path::new(&d.powercap_root), d.watts_per_core, d.idle_watts, gpu.as_ref())
         .map_err(|e| anyhow::anyhow!(e))?;
     for n in notes {
         tracing::info!("{n}");

@@ -12,28 +12,41 @@ pub fn flops_per_token(cfg: &LlamaConfig, context: usize) -> f64 {
     6.0 * cfg.num_params() as f64 + 12.0 * (cfg.num_hidden_layers * cfg.hidden_size * context) as f64
 }
 
-/// Dense peak FLOP/s of known GPUs, by a substring of the name the driver reports:
-/// (name, f32, bf16/f16 tensor cores). From the vendors' data sheets (dense, no sparsity).
-const PEAKS: &[(&str, f64, f64)] = &[
-    ("H200", 67e12, 989e12),
-    ("H100 PCIe", 51e12, 756e12),
-    ("H100", 67e12, 989e12), // SXM (HBM3)
-    ("A100", 19.5e12, 312e12),
-    ("L40S", 91.6e12, 362e12),
-    ("L4", 30.3e12, 121e12),
-    ("A10G", 31.2e12, 70e12),
-    ("A10", 31.2e12, 125e12),
-    ("RTX 4090", 82.6e12, 165e12),
-    ("RTX 3090", 35.6e12, 71e12),
-    ("V100", 15.7e12, 125e12),
-    ("T4", 8.1e12, 65e12),
+/// Known GPUs, by a substring of the name the driver reports: (name, dense f32 FLOP/s, dense
+/// bf16/f16 tensor-core FLOP/s, board power in W). From the vendors' data sheets (no sparsity).
+const GPUS: &[(&str, f64, f64, f64)] = &[
+    ("H200", 67e12, 989e12, 700.0),
+    ("H100 PCIe", 51e12, 756e12, 350.0),
+    ("H100", 67e12, 989e12, 700.0), // SXM (HBM3)
+    ("A100", 19.5e12, 312e12, 400.0),
+    ("L40S", 91.6e12, 362e12, 350.0),
+    ("L4", 30.3e12, 121e12, 72.0),
+    ("A10G", 31.2e12, 70e12, 150.0),
+    ("A10", 31.2e12, 125e12, 150.0),
+    ("RTX 4090", 82.6e12, 165e12, 450.0),
+    ("RTX 3090", 35.6e12, 71e12, 350.0),
+    ("V100", 15.7e12, 125e12, 300.0),
+    ("T4", 8.1e12, 65e12, 70.0),
 ];
+
+fn known_gpu(name: &str) -> Option<&'static (&'static str, f64, f64, f64)> {
+    GPUS.iter().find(|g| name.contains(g.0))
+}
+
+/// The board power (TDP) of a known GPU, for the energy estimate when NVML cannot read it.
+pub fn board_watts(gpu: &str) -> Option<f64> {
+    known_gpu(gpu).map(|g| g.3)
+}
+
+/// The energy meters' view of the run's GPU; `None` on the CPU.
+pub fn gpu_info(dev: &Device) -> Option<kiln_evals::energy::GpuInfo> {
+    dev.gpu_name().map(|n| kiln_evals::energy::GpuInfo { name: n.to_string(), tdp_watts: board_watts(n) })
+}
 
 /// Peak FLOP/s for `precision` ("f32", "bf16-mixed", "f16-mixed") on a known GPU; `None` on the
 /// CPU or an unknown device (MFU is then reported as null, not guessed).
 pub fn peak_flops(gpu: Option<&str>, precision: &str) -> Option<f64> {
-    let name = gpu?;
-    let &(_, f32_peak, half_peak) = PEAKS.iter().find(|(n, _, _)| name.contains(n))?;
+    let &(_, f32_peak, half_peak, _) = known_gpu(gpu?)?;
     Some(if precision == "f32" { f32_peak } else { half_peak })
 }
 

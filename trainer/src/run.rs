@@ -407,7 +407,8 @@ fn train<B: AutodiffBackend>(
     );
     bar.set_position(state.step as u64);
     let e = &r.energy;
-    let (mut meters, notes) = Meters::choose(&e.meter, Path::new(&e.powercap_root), e.watts_per_core, e.idle_watts)
+    let gpu = crate::perf::gpu_info(&ctx.device);
+    let (mut meters, notes) = Meters::choose(&e.meter, Path::new(&e.powercap_root), e.watts_per_core, e.idle_watts, gpu.as_ref())
         .map_err(|m| anyhow::anyhow!("energy.meter: {m}"))?;
     for n in notes {
         tracing::warn!("{n}");
