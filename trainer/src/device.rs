@@ -204,7 +204,7 @@ fn wgpu_device(_index: Option<usize>) -> Result<Device> {
 /// compilation). CubeCL can keep both, but by default it keeps no compiled kernels and puts the
 /// autotune results under whatever Cargo project the working directory is in. Kiln keeps both
 /// under `cache_root/cubecl/<device name>` (one folder per GPU model, so that code compiled for
-/// one architecture is never loaded on another), so later runs on that GPU start in seconds.
+/// one architecture is never loaded on another), so later runs on that GPU skip both.
 ///
 /// A `cubecl.toml` or `burn.toml` in the working directory or above is the user's own CubeCL
 /// configuration: it is left to apply untouched (and `None` is returned). Call this before the
