@@ -299,30 +299,23 @@ impl Meters {
     pub fn choose(kind: &str, powercap: &Path, watts_per_core: f64, idle_watts: f64, gpu: Option<&GpuInfo>) -> Result<(Self, Vec<String>), String> {
         let estimate = || Box::new(Estimate::new(watts_per_core, idle_watts)) as Box<dyn EnergyMeter>;
         if kind == "auto" || kind == "nvml" {
-            match Nvml::open() {
-                Ok((nvml, mut notes)) => {
-                    let (cpu, more) = Self::choose("auto-cpu", powercap, watts_per_core, idle_watts, None)?;
-                    notes.extend(more);
-                    let mut meters: Vec<Box<dyn EnergyMeter>> = vec![Box::new(nvml)];
-                    meters.extend(cpu.meters);
-                    return Ok((Self::new(meters), notes));
-                }
+            // The GPU's meter (if any) and notes; `None`: no GPU part, the CPU meters alone.
+            let gpu_part: Option<(Option<Box<dyn EnergyMeter>>, Vec<String>)> = match Nvml::open() {
+                Ok((nvml, notes)) => Some((Some(Box::new(nvml)), notes)),
                 Err(e) if kind == "nvml" => return Err(e),
-                Err(e) => {
-                    if let Some(g) = gpu {
-                        let (cpu, mut notes) = Self::choose("auto-cpu", powercap, watts_per_core, idle_watts, None)?;
-                        let mut meters: Vec<Box<dyn EnergyMeter>> = Vec::new();
-                        match g.tdp_watts {
-                            Some(w) => {
-                                notes.insert(0, format!("{e}: the energy of {} is estimated at its board power, {w:.0} W, for the whole run (an upper bound)", g.name));
-                                meters.push(Box::new(GpuTdp::new(w)));
-                            }
-                            None => notes.insert(0, format!("{e}: the energy of {} is not counted (its board power is not in Kiln's table); only the CPU's is", g.name)),
-                        }
-                        meters.extend(cpu.meters);
-                        return Ok((Self::new(meters), notes));
-                    }
-                }
+                Err(e) => gpu.map(|g| match g.tdp_watts {
+                    Some(w) => (
+                        Some(Box::new(GpuTdp::new(w)) as Box<dyn EnergyMeter>),
+                        vec![format!("{e}: the energy of {} is estimated at its board power, {w:.0} W, for the whole run (an upper bound)", g.name)],
+                    ),
+                    None => (None, vec![format!("{e}: the energy of {} is not counted (its board power is not in Kiln's table); only the CPU's is", g.name)]),
+                }),
+            };
+            if let Some((meter, mut notes)) = gpu_part {
+                let (cpu, more) = Self::choose("auto-cpu", powercap, watts_per_core, idle_watts, None)?;
+                notes.extend(more);
+                let meters: Vec<Box<dyn EnergyMeter>> = meter.into_iter().chain(cpu.meters).collect();
+                return Ok((Self::new(meters), notes));
             }
         }
         match kind {

@@ -470,10 +470,11 @@ fn train<B: AutodiffBackend>(
     let mut first_step_s: Option<f64> = None;
     if ctx.device.gpu_name().is_some() {
         // The first step compiles (and autotunes) every kernel it uses: say so, or it looks hung.
-        bar.set_message("first step: compiling GPU kernels (minutes on a new GPU; cached for later runs)");
+        let msg = "first step: compiling GPU kernels (minutes on a new GPU; cached for later runs)";
+        bar.set_message(msg);
         bar.enable_steady_tick(std::time::Duration::from_millis(500));
         if !tty {
-            tracing::info!("first step: compiling GPU kernels (minutes on a new GPU; cached for later runs)");
+            tracing::info!("{msg}");
         }
     }
 
@@ -608,6 +609,7 @@ fn train<B: AutodiffBackend>(
     let evals = if tasks.is_empty() { json!({}) } else { run_recipe_tasks(&model, p, &tasks, &mut meters, device, kernels.is_some())? };
     let mean_tps = state.tokens as f64 / state.train_s.max(1e-9);
     let steady_tps = steady_tokens_per_s(&step_tps);
+    let steady_mfu = steady_tps.and_then(|s| crate::perf::mfu(flops_tok, s, peak));
     let report = json!({
         "run": ctx.dir.file_name().map(|n| n.to_string_lossy().to_string()),
         "quality": {"val_loss": val_loss, "val_bpb": val_bpb},
@@ -616,7 +618,7 @@ fn train<B: AutodiffBackend>(
             "flops_per_token": flops_tok,
             "mfu": crate::perf::mfu(flops_tok, mean_tps, peak),
             "steady_tokens_per_s": steady_tps,
-            "steady_mfu": steady_tps.and_then(|s| crate::perf::mfu(flops_tok, s, peak)),
+            "steady_mfu": steady_mfu,
             "first_step_s": first_step_s,
             "precision": precision,
             "tokens": state.tokens,
@@ -651,7 +653,7 @@ fn train<B: AutodiffBackend>(
     println!(
         "\n== Kiln report: {} ==\nmodel       {} parameters ({} layers, d_model {})\nsteps       {} ({} tokens)\nval loss    {:.4}\nval bpb     {:.4}\nthroughput  {:.0} tokens/s on {} ({} threads){}\nwall time   {:.1} s\nenergy      {:.1} J ({}; {:.2e} J/token, {:.2e} gCO2e)\nfinal model {}",
         r.name, p.cfg.num_params(), p.cfg.num_hidden_layers, p.cfg.hidden_size, state.step, state.tokens, val_loss, val_bpb,
-        mean_tps, backend, threads(), steady_line(steady_tps, first_step_s, crate::perf::mfu(flops_tok, steady_tps.unwrap_or(0.0), peak)), state.wall_s,
+        mean_tps, backend, threads(), steady_line(steady_tps, first_step_s, steady_mfu), state.wall_s,
         state.joules, state.energy_method, state.joules / (state.tokens.max(1) as f64), state.joules / 3.6e6 * e.grid_gco2_per_kwh,
         final_dir.display()
     );

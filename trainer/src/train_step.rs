@@ -226,9 +226,9 @@ pub fn train_step_synced<B: AutodiffBackend>(
     let tokens = loss_tokens(micro);
     let k = micro.len() as f64;
     let mut acc = GradientsAccumulator::<Llama<B>>::new();
-    // The loss stays on the device until the step is queued (see `perf::step_sync`), unless
-    // data parallelism must average it first.
-    let early = crate::perf::step_sync() || sync.is_some();
+    // The loss stays on the device until the step is queued (see `perf::step_sync`); data
+    // parallelism reads it once, after the backward passes, to average it.
+    let early = crate::perf::step_sync();
     let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
     let mut single: Option<GradientsParams> = None;
     let (mut forward_s, mut backward_s) = (0.0, 0.0);
@@ -237,6 +237,7 @@ pub fn train_step_synced<B: AutodiffBackend>(
         let loss = masked_cross_entropy(&model, batch, device);
         let l = loss.clone().inner(); // [1]
         if early {
+            // Wait for the forward pass, so that forward_s is its device time.
             l.clone().into_scalar().elem::<f64>();
         }
         loss_sum = Some(match loss_sum.take() {
