@@ -14,13 +14,9 @@
 //! dQ = dS K                       dK = dSᵀ Q               [B, H, T, Hd]
 //! ```
 //!
-//! `Llama::layer` is generic over any backend, so the op is found through a small registry keyed
-//! by the backend type: the trainer registers [`causal_attention`] for the autodiff backends it
-//! builds, and a model with `fused_attention` set uses it when its backend is registered.
-
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+//! `Llama::layer` is generic over any backend, so the op is found through `registry.rs`: the
+//! trainer registers [`causal_attention`] for the autodiff backends it builds, and a model with
+//! `fused_attention` set uses it when its backend is registered.
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -34,18 +30,9 @@ use burn::tensor::{Bool, Tensor, TensorPrimitive};
 /// Causal attention over `q, k, v: [B, H, T, Hd]` (keys and values already repeated to H heads).
 pub type AttentionFn<B> = fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>;
 
-type Registry = Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>;
-
-fn registry() -> &'static Registry {
-    static R: OnceLock<Registry> = OnceLock::new();
-    R.get_or_init(|| Mutex::new(HashMap::new()))
-}
-
 /// Makes `f` the fused attention of backend `B` (idempotent).
 pub fn register<B: Backend>(f: AttentionFn<B>) {
-    if let Ok(mut r) = registry().lock() {
-        r.insert(TypeId::of::<B>(), Box::new(f));
-    }
+    crate::registry::register(f);
 }
 
 /// Registers [`causal_attention`] for `Autodiff<B, C>`.
@@ -55,8 +42,7 @@ pub fn register_autodiff<B: Backend, C: CheckpointStrategy>() {
 
 /// The fused attention registered for `B`, if any.
 pub fn registered<B: Backend>() -> Option<AttentionFn<B>> {
-    let r = registry().lock().ok()?;
-    r.get(&TypeId::of::<B>()).and_then(|f| f.downcast_ref::<AttentionFn<B>>()).copied()
+    crate::registry::registered::<AttentionFn<B>>()
 }
 
 /// `softmax(Q Kᵀ / √Hd + causal mask) V` with the backward pass above.

@@ -7,7 +7,9 @@ pub mod cpu_kernels;
 pub mod generate;
 pub mod init;
 pub mod llama;
+pub mod loss;
 pub mod presets;
+pub mod registry;
 pub mod tokenizer;
 
 pub use llama::{Llama, LlamaConfig};

@@ -136,6 +136,11 @@ pub struct Llama<B: Backend> {
     /// decomposed attention. Only the training (causal, no KV cache) path uses it.
     #[module(skip)]
     pub fused_attention: bool,
+    /// Compute the training loss through the cross-entropy op of `loss.rs` (no `[N, V]`
+    /// log-probabilities) when one is registered for this backend; else Burn's `log_softmax`.
+    /// Read by the trainer's loss, not by `forward`.
+    #[module(skip)]
+    pub fused_loss: bool,
 }
 
 /// Where initial weights come from: a random initialiser or a checkpoint.
@@ -229,6 +234,7 @@ impl<B: Backend> Llama<B> {
             eps: cfg.rms_norm_eps,
             compute: None,
             fused_attention: false,
+            fused_loss: false,
         })
     }
 

@@ -233,6 +233,11 @@ pub struct TrainSection {
     /// per layer. Same gradients (tested); on lavapipe 43% less device memory and 28% more
     /// tokens/s at context 512; `false` keeps Burn's decomposed attention.
     pub fused_attention: bool,
+    /// Compute the loss on Burn's graph as one custom autodiff op (models/src/loss.rs): the
+    /// log-sum-exp and the target's logit forward, `softmax − one-hot` backward, instead of
+    /// Burn's `log_softmax` and `gather`, which write several more `[tokens, vocab]` tensors each
+    /// way. Same gradients (tested); `false` keeps Burn's composition.
+    pub fused_loss: bool,
     /// Evaluate validation loss every N steps (and at the end); 0 means only at the end.
     pub eval_every: usize,
     /// Validation batches per evaluation.
@@ -260,6 +265,7 @@ impl Default for TrainSection {
             precision: "f32".into(),
             cpu_kernels: true,
             fused_attention: true,
+            fused_loss: true,
             eval_every: 250,
             eval_batches: 50,
             checkpoint_every: 500,

@@ -265,10 +265,32 @@ fn main() {
         .with_target(false)
         .init();
     let cli = Cli::parse();
+    // The coordinator's tokio tasks may panic when a worker drops out; tokio contains those.
+    if !matches!(cli.command, Command::Coordinator { .. }) {
+        exit_on_background_panic();
+    }
     if let Err(e) = dispatch(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// A panic on a thread other than `main` ends the process (after the usual panic message). The
+/// GPU backends run each device's work on a thread of their own; when that thread panicked (a
+/// kernel that would not compile), the main thread waited on it forever. Checkpoints are written
+/// to a temporary name and renamed, so stopping here never leaves a damaged one. A data-parallel
+/// run replaces this hook with its own (dist.rs), which turns the collective layer's panics into
+/// errors.
+fn exit_on_background_panic() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        let thread = std::thread::current();
+        if thread.name() != Some("main") {
+            eprintln!("error: background thread '{}' panicked (above); stopping rather than waiting on it forever. The run's last complete checkpoint is kept", thread.name().unwrap_or("?"));
+            std::process::exit(101);
+        }
+    }));
 }
 
 fn install_signal_handler() {
@@ -295,23 +317,26 @@ fn resolve_device(spec: &str) -> Result<Device> {
     Ok(be)
 }
 
-/// The fused attention op (`train.fused_attention`, models/src/attention.rs) for every autodiff
-/// backend `with_backend!` builds.
-fn register_fused_attention() {
+/// The fused attention and cross-entropy ops (`train.fused_attention`, `train.fused_loss`;
+/// models/src/attention.rs, loss.rs) for every autodiff backend `with_backend!` builds.
+fn register_fused_ops() {
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-    use kiln_models::attention::register_autodiff;
+    fn both<B: burn::tensor::backend::Backend>() {
+        kiln_models::attention::register_autodiff::<B, NoCheckpointing>();
+        kiln_models::loss::register_autodiff::<B, NoCheckpointing>();
+    }
     #[cfg(feature = "flex")]
-    register_autodiff::<burn::backend::Flex, NoCheckpointing>();
+    both::<burn::backend::Flex>();
     #[cfg(feature = "ndarray")]
-    register_autodiff::<burn::backend::NdArray, NoCheckpointing>();
+    both::<burn::backend::NdArray>();
     #[cfg(feature = "wgpu")]
-    register_autodiff::<burn::backend::Wgpu, NoCheckpointing>();
+    both::<burn::backend::Wgpu>();
     #[cfg(feature = "cuda")]
-    register_autodiff::<burn::backend::Cuda, NoCheckpointing>();
+    both::<burn::backend::Cuda>();
 }
 
 fn dispatch(cli: Cli) -> Result<()> {
-    register_fused_attention();
+    register_fused_ops();
     match cli.command {
         Command::Coordinator { listen } => kiln_trainer::dist::run_coordinator(&listen),
         Command::Run { recipe, sets, common, runs_dir, dist } => {
@@ -319,6 +344,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             let dist = dist.options()?;
             let dirs = Dirs::from_env(common.data_root);
             let be = resolve_device(common.device.as_deref().unwrap_or(&r.train.device))?;
+            with_backend!(be, B, d, { run::check_precision::<B>(&r.train.precision, &d, &be.describe())? });
             let p = run::prepare(&r, &dirs)?;
             // Only rank 0 of a data-parallel run keeps a run directory; the others work in a scratch one.
             let _scratch;
@@ -343,6 +369,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 std::env::var_os("KILN_DATA").is_none().then(|| run::recorded_data_root(&run_dir)).flatten()
             }));
             let be = resolve_device(common.device.as_deref().unwrap_or(&r.train.device))?;
+            with_backend!(be, B, d, { run::check_precision::<B>(&r.train.precision, &d, &be.describe())? });
             let p = run::prepare(&r, &dirs)?;
             install_signal_handler();
             let ctx = RunCtx { dir: run_dir, device: be.clone(), dist: None, stop: &STOP };

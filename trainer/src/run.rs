@@ -385,6 +385,32 @@ pub fn compute_dtype(precision: &str) -> Option<burn::tensor::DType> {
     }
 }
 
+/// Whether backend `B` can compute in `train.precision` on `device`, as the backend itself says
+/// (`Backend::supports_dtype`): ndarray has no half types, wgpu's shaders (WGSL) have no bf16 and
+/// have f16 only on adapters with the shader-f16 feature. Asked before training, so that an
+/// unsupported type is an error with a hint instead of a panic in a kernel compiler (on wgpu that
+/// panic is on the device thread and left the process hanging). `what` names the device.
+pub fn check_precision<B: burn::tensor::backend::Backend>(precision: &str, device: &B::Device, what: &str) -> Result<()> {
+    let Some(dt) = compute_dtype(precision) else { return Ok(()) };
+    if B::supports_dtype(device, dt) {
+        return Ok(());
+    }
+    let others: Vec<&str> = ["bf16-mixed", "f16-mixed"]
+        .into_iter()
+        .filter(|p| *p != precision && compute_dtype(p).is_some_and(|d| B::supports_dtype(device, d)))
+        .chain(["f32"])
+        .collect();
+    bail!(
+        "train.precision = \"{precision}\": {what} cannot compute in {dt:?}\n  hint: --set train.precision={} (supported on this device){}",
+        others.join(" or --set train.precision="),
+        match what {
+            "ndarray" => "; on the CPU, --device cpu (flex) computes in both half types",
+            w if w.starts_with("wgpu") && dt == burn::tensor::DType::BF16 => "; bf16-mixed needs CUDA or --device cpu",
+            _ => "",
+        }
+    )
+}
+
 fn train<B: AutodiffBackend>(
     p: &Prepared,
     ctx: &RunCtx,
@@ -453,6 +479,10 @@ fn train<B: AutodiffBackend>(
             Some(_) => tracing::info!("attention trained as one fused op (train.fused_attention): probabilities recomputed in the backward pass"),
             None => tracing::warn!("train.fused_attention: no fused attention op for this backend; using Burn's decomposed attention"),
         }
+    }
+    model.fused_loss = t.fused_loss && kernels.is_none();
+    if model.fused_loss && kiln_models::loss::registered::<B>().is_none() {
+        tracing::warn!("train.fused_loss: no fused cross-entropy op for this backend; using Burn's log_softmax");
     }
     if kernels.is_some() {
         tracing::info!("forward and backward by Kiln's fused CPU kernels on {} threads (train.cpu_kernels)", threads());

@@ -8,7 +8,6 @@ use std::sync::Mutex;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use kiln_models::cpu_kernels::{BatchRef, Kernels};
@@ -23,13 +22,12 @@ pub fn masked_cross_entropy<B: Backend>(model: &Llama<B>, batch: &Batch, device:
     let (b, t) = (batch.batch, batch.context);
     let x = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.clone(), [b, t]), device); // [B, T]
     let y = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), [b * t, 1]), device); // [B*T, 1]
-    let mask = Tensor::<B, 2>::from_data(TensorData::new(batch.mask.clone(), [b * t, 1]), device); // [B*T, 1]
-    let n: f32 = batch.mask.iter().sum();
+    let n: f32 = batch.mask.iter().sum::<f32>().max(1.0);
+    let w: Vec<f32> = batch.mask.iter().map(|m| m / n).collect();
+    let w = Tensor::<B, 2>::from_data(TensorData::new(w, [b * t, 1]), device); // [B*T, 1]: mask / n
     let logits = model.forward(x); // [B, T, V]
     let v = logits.dims()[2];
-    let logp = log_softmax(logits.reshape([b * t, v]), 1); // [B*T, V]
-    let nll = logp.gather(1, y).neg(); // [B*T, 1]
-    (nll * mask).sum() / n.max(1.0) // [1]
+    kiln_models::loss::cross_entropy(logits.reshape([b * t, v]), y, w, model.fused_loss) // [1]
 }
 
 /// The fused CPU path (`models/src/cpu_kernels.rs`): the same model, loss, gradients and AdamW

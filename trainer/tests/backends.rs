@@ -27,11 +27,13 @@ fn batch(seed: i64) -> Batch {
 }
 
 /// Logits for a fixed input, then the losses of 3 AdamW steps, on backend `B`.
-/// With `fused`, attention trains through `kiln_models::attention` (registered for `B` by the caller).
+/// With `fused`, attention and the loss train through `kiln_models::attention` and `::loss`
+/// (registered for `B` by the caller).
 fn run<B: burn::tensor::backend::AutodiffBackend>(device: &B::Device, fused: bool) -> (Vec<f32>, Vec<f64>) {
     let cfg = preset("tiny", 24).unwrap();
     let mut model: Llama<B> = Llama::build(&cfg, &mut RandomInit::new(7, cfg.num_hidden_layers), device).unwrap();
     model.fused_attention = fused;
+    model.fused_loss = fused;
     let b = batch(0);
     let x = Tensor::<B, 2, Int>::from_data(TensorData::new(b.inputs.clone(), [b.batch, b.context]), device);
     let logits: Vec<f32> = model.forward(x).into_data().convert::<f32>().to_vec().unwrap();
@@ -68,14 +70,16 @@ fn flex_and_wgpu_agree_on_logits_and_training() {
     }
     assert!(sf[2] < sf[0], "training did not lower the loss: {sf:?}");
 
-    // train.fused_attention on wgpu: the backend's attention forward and Kiln's backward.
+    // train.fused_attention and train.fused_loss on wgpu: the backend's attention forward and
+    // Kiln's backward; the cross-entropy op.
     kiln_models::attention::register_autodiff::<Wgpu, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>();
+    kiln_models::loss::register_autodiff::<Wgpu, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>();
     let (lwf, swf) = run::<Autodiff<Wgpu>>(&wd, true);
-    println!("fused attention on wgpu: losses {swf:?}");
+    println!("fused attention and loss on wgpu: losses {swf:?}");
     let relf = lf.iter().zip(&lwf).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / max_ref;
     assert!(relf < 1e-3, "logits through the fused op differ: {relf}");
     for (a, b) in sf.iter().zip(&swf) {
-        assert!((a - b).abs() < 1e-3, "fused attention on wgpu: losses flex {sf:?} wgpu {swf:?}");
+        assert!((a - b).abs() < 1e-3, "fused attention and loss on wgpu: losses flex {sf:?} wgpu {swf:?}");
     }
 }
 
@@ -131,6 +135,47 @@ fn gpu_kernel_caches_live_in_the_kiln_cache() {
     assert!(!o.status.success());
     assert!(err.contains("GPU kernel caches: as") && err.contains("cubecl.toml"), "{err}");
     assert!(!err.contains("GPU kernels: compiled and autotuned"), "{err}");
+}
+
+/// `train.precision = "bf16-mixed"` on wgpu (WGSL has no bf16): a clear error with the types
+/// that work there, not a panic on CubeCL's device thread that left the process hanging. On
+/// lavapipe in CI (which has shader-f16, so f16-mixed is offered).
+#[test]
+fn wgpu_refuses_a_precision_it_cannot_compute_in() {
+    let adapters = device::wgpu_adapters();
+    if adapters.is_empty() {
+        println!("SKIP: no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe); precision check not run");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("corpus.txt"), "to be or not to be, that is the question.\n".repeat(200)).unwrap();
+    let recipe = tmp.path().join("r.toml");
+    std::fs::write(&recipe, "name = \"half\"\n[model]\npreset = \"tiny\"\n[data]\nsources = [\"corpus.txt\"]\n[train]\nsteps = 1\nbatch_size = 2\nprecision = \"bf16-mixed\"\n").unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["run", recipe.to_str().unwrap(), "--device", "wgpu", "--runs-dir", tmp.path().join("runs").to_str().unwrap()])
+        .env("KILN_CACHE", tmp.path().join("cache"))
+        .env("KILN_DATA", &data)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed().as_secs() > 120 {
+            child.kill().ok();
+            panic!("kiln run with bf16-mixed on wgpu still running after 120 s (hung?)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    println!("{err}");
+    assert!(!o.status.success(), "bf16-mixed on wgpu ran: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("train.precision = \"bf16-mixed\"") && err.contains("cannot compute in BF16"), "{err}");
+    assert!(err.contains("--set train.precision=f32") && err.contains("needs CUDA or --device cpu"), "{err}");
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -243,6 +243,13 @@ fn bad_inputs_give_clear_errors() {
     assert_clean_error(&env.run(&["generate", run.to_str().unwrap(), "--max-tokens", "5"]), &["model.safetensors", "truncated or corrupt"]);
 
     assert_clean_error(&env.run(&["resume", env.path("nowhere").to_str().unwrap()]), &["not a Kiln run directory"]);
+
+    // A precision the backend cannot compute in (ndarray has no half types): an error naming what
+    // works there, before any run directory is made (it was a panic in the first forward pass).
+    let o = env.run(&["run", ok.to_str().unwrap(), "--device", "ndarray", "--set", "train.precision=bf16-mixed", "--runs-dir", "half"]);
+    assert_clean_error(&o, &["train.precision = \"bf16-mixed\"", "ndarray cannot compute in BF16", "--set train.precision=f32", "--device cpu (flex)"]);
+    assert!(!stderr(&o).contains("f16-mixed or"), "ndarray has no f16 either: {}", stderr(&o));
+    assert!(!env.path("half").exists(), "a run directory was made for a run that cannot start");
 }
 
 /// Every shipped recipe resolves completely (preset, tokenizer, data) against the shared data.

@@ -176,16 +176,19 @@ fn a_dead_worker_fails_the_others_cleanly_and_keeps_the_checkpoint() {
     let d = dir.path();
     let (_coord, port) = coordinator(d);
     let long = ["--set", "train.steps=100000", "--step-timeout-s", "10"];
-    let w0 = worker(d, 0, port, &long).spawn().unwrap();
-    let w1 = Kill(worker(d, 1, port, &long).spawn().unwrap());
+    let mut w0 = worker(d, 0, port, &long).spawn().unwrap();
+    let mut w1 = Kill(worker(d, 1, port, &long).spawn().unwrap());
     // Let them train past a checkpoint, then kill rank 1 without warning.
     let t0 = Instant::now();
+    let logs = || (1..=2).map(|r| format!("w{}.log:\n{}", r - 1, std::fs::read_to_string(d.join(format!("w{}.log", r - 1))).unwrap_or_default())).collect::<Vec<_>>().join("\n");
     let run = loop {
         let ck = std::fs::read_dir(d.join("dp")).ok().and_then(|mut e| e.next()).map(|e| e.unwrap().path());
         if let Some(run) = ck.filter(|r| r.join("checkpoints/step-0000010").is_dir()) {
             break run;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint at step 10");
+        let exited = (w0.try_wait().unwrap(), w1.0.try_wait().unwrap());
+        assert!(exited == (None, None), "a worker exited before step 10 ({exited:?}):\n{}", logs());
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint at step 10 after 120 s:\n{}", logs());
         std::thread::sleep(Duration::from_millis(20));
     };
     drop(w1);

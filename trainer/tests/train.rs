@@ -122,10 +122,12 @@ fn mixed_precision_tracks_f32() {
     // follows f32's (the GPU check of the issue runs this over 200 steps on CUDA).
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     kiln_models::attention::register_autodiff::<burn::backend::Flex, NoCheckpointing>();
+    kiln_models::loss::register_autodiff::<burn::backend::Flex, NoCheckpointing>();
     let run_with = |dt: Option<burn::tensor::DType>, fused: bool| {
         let mut model = tiny();
         model.compute = dt;
         model.fused_attention = fused;
+        model.fused_loss = fused;
         let mut opt = AdamW::new(OptimSection { lr: 3e-3, warmup_steps: 0, ..Default::default() });
         let mut losses = Vec::new();
         for _ in 0..60 {
@@ -139,7 +141,7 @@ fn mixed_precision_tracks_f32() {
     let run = |dt| run_with(dt, false);
     let f32 = run(None);
     for dt in [burn::tensor::DType::BF16, burn::tensor::DType::F16] {
-        // train.fused_attention in half precision: the op's backward runs in bf16/f16 too.
+        // train.fused_attention and fused_loss in half precision: the attention op's backward runs in bf16/f16 too.
         let fused = run_with(Some(dt), true);
         let half = run(Some(dt));
         let tail = |v: &[f64]| v[v.len() - 20..].iter().sum::<f64>() / 20.0;
@@ -187,14 +189,23 @@ fn cpu_kernels_train_like_burn() {
 }
 
 #[test]
-fn fused_attention_trains_like_burn() {
-    // train.fused_attention on Burn's graph (flex): ten AdamW steps with two micro-batches give
-    // the decomposed attention's losses, gradient norms and weights within float rounding.
+fn fused_ops_train_like_burn() {
+    // train.fused_attention and train.fused_loss on Burn's graph (flex): ten AdamW steps with two
+    // micro-batches (one with a masked token) give the decomposed ops' losses, gradient norms and
+    // weights within float rounding, each op alone and both together.
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     kiln_models::attention::register_autodiff::<burn::backend::Flex, NoCheckpointing>();
+    kiln_models::loss::register_autodiff::<burn::backend::Flex, NoCheckpointing>();
+    for (attn, loss) in [(true, false), (false, true), (true, true)] {
+        fused_trains_like_burn(attn, loss);
+    }
+}
+
+fn fused_trains_like_burn(attn: bool, loss: bool) {
     let cfg = OptimSection { lr: 3e-3, warmup_steps: 0, grad_clip: 0.5, ..Default::default() };
     let (mut plain, mut fused) = (tiny(), tiny());
-    fused.fused_attention = true;
+    fused.fused_attention = attn;
+    fused.fused_loss = loss;
     let (mut op, mut of) = (AdamW::new(cfg.clone()), AdamW::new(cfg));
     let mut b2 = batch();
     b2.mask[3] = 0.0;
@@ -205,13 +216,14 @@ fn fused_attention_trains_like_burn() {
         plain = m;
         let (m, b) = train_step(fused, &mut of, &micro, 3e-3, &Default::default());
         fused = m;
-        assert!(fused.fused_attention, "the flag survives a step");
-        assert!((a.loss - b.loss).abs() < 1e-5 * a.loss, "step {step}: loss {} vs {}", a.loss, b.loss);
-        assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm, "step {step}: norm {} vs {}", a.grad_norm, b.grad_norm);
+        assert_eq!((fused.fused_attention, fused.fused_loss), (attn, loss), "the flags survive a step");
+        let what = format!("attention {attn}, loss {loss}, step {step}");
+        assert!((a.loss - b.loss).abs() < 1e-5 * a.loss, "{what}: loss {} vs {}", a.loss, b.loss);
+        assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm, "{what}: norm {} vs {}", a.grad_norm, b.grad_norm);
     }
     let (wp, wf) = (kiln_models::checkpoint::burn_tensors(&plain), kiln_models::checkpoint::burn_tensors(&fused));
     for ((np, _, vp), (_, _, vf)) in wp.iter().zip(&wf) {
         let diff = vp.iter().zip(vf).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(diff < 1e-5, "{np}: weights differ by {diff}");
+        assert!(diff < 1e-5, "attention {attn}, loss {loss}: {np}: weights differ by {diff}");
     }
 }
