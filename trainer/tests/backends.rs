@@ -47,13 +47,21 @@ fn run<B: burn::tensor::backend::AutodiffBackend>(device: &B::Device, fused: boo
     (logits, losses)
 }
 
+/// True (and says so) when this machine has no wgpu adapter: the test then checks nothing.
+fn no_adapter(what: &str) -> bool {
+    let none = device::wgpu_adapters().is_empty();
+    if none {
+        println!("SKIP: no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe); {what} not checked");
+    }
+    none
+}
+
 #[test]
 fn flex_and_wgpu_agree_on_logits_and_training() {
-    let adapters = device::wgpu_adapters();
-    if adapters.is_empty() {
-        println!("SKIP: no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe); flex/wgpu parity not checked");
+    if no_adapter("flex/wgpu parity") {
         return;
     }
+    let adapters = device::wgpu_adapters();
     println!("wgpu adapters: {:?}", adapters.iter().map(|a| format!("{} ({:?}{})", a.name, a.kind, if a.software { ", software" } else { "" })).collect::<Vec<_>>());
     let Device::Wgpu { kind, index, name } = device::resolve("wgpu").unwrap() else { unreachable!() };
     println!("using {name}");
@@ -88,8 +96,7 @@ fn flex_and_wgpu_agree_on_logits_and_training() {
 /// precedence (Kiln then configures nothing). On lavapipe in CI.
 #[test]
 fn gpu_kernel_caches_live_in_the_kiln_cache() {
-    if device::wgpu_adapters().is_empty() {
-        println!("SKIP: no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe); kernel caches not checked");
+    if no_adapter("kernel caches") {
         return;
     }
     let kiln = env!("CARGO_BIN_EXE_kiln");
@@ -142,9 +149,7 @@ fn gpu_kernel_caches_live_in_the_kiln_cache() {
 /// lavapipe in CI (which has shader-f16, so f16-mixed is offered).
 #[test]
 fn wgpu_refuses_a_precision_it_cannot_compute_in() {
-    let adapters = device::wgpu_adapters();
-    if adapters.is_empty() {
-        println!("SKIP: no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe); precision check not run");
+    if no_adapter("the precision check") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
