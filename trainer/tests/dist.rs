@@ -3,6 +3,7 @@
 //! other fail with a clear error, keeping the last checkpoint, instead of hanging.
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,8 +30,18 @@ checkpoint_every = 5
 log_every = 1
 "#;
 
+/// A loopback port nobody listens on. Taken below Linux's ephemeral range (32768-60999), so that
+/// no outgoing connection (the workers make many) can take it between this check and the bind of
+/// the process it is meant for; distinct within this test binary, whose tests run in parallel.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 1_000) as u16 * 10;
+    loop {
+        let port = base + NEXT.fetch_add(1, Ordering::SeqCst) % 2_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 struct Kill(Child);
