@@ -1,6 +1,5 @@
 //! What a task needs from a model: token log-probabilities and greedy generation.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use kiln_models::cpu_kernels::Kernels;
@@ -37,13 +36,21 @@ impl<B: Backend> Scorer for ModelScorer<'_, B> {
             return Vec::new();
         }
         let (ids, b, t) = padded(seqs, self.context);
+        // The next token at every position (0 where there is none; those are not read).
+        let mut next = vec![0i64; b * t];
+        for (r, s) in seqs.iter().enumerate() {
+            for i in 1..s.len().min(t + 1) {
+                next[r * t + i - 1] = s[i] as i64;
+            }
+        }
         let x = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &self.device); // [B, T]
-        let logp = log_softmax(self.model.forward(x), 2); // [B, T, V]
-        let v = logp.dims()[2];
-        let all: Vec<f32> = logp.into_data().convert::<f32>().to_vec().unwrap_or_default();
+        let y = Tensor::<B, 3, Int>::from_data(TensorData::new(next, [b, t, 1]), &self.device); // [B, T, 1]
+        // Picked on the device: only [B, T] numbers come back to the host, not [B, T, V].
+        let lp = kiln_models::loss::target_logprobs(self.model.forward(x), y); // [B, T, 1]
+        let all: Vec<f32> = lp.into_data().convert::<f32>().to_vec().unwrap_or_default();
         seqs.iter()
             .enumerate()
-            .map(|(r, s)| (1..s.len().min(t + 1)).map(|i| all[(r * t + i - 1) * v + s[i] as usize] as f64).collect())
+            .map(|(r, s)| (1..s.len().min(t + 1)).map(|i| all[r * t + i - 1] as f64).collect())
             .collect()
     }
     fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: Option<u32>) -> Vec<u32> {

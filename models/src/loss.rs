@@ -52,11 +52,25 @@ pub fn decomposed<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 2, Int>, 
     (logp.gather(1, targets).neg() * weights).sum() // [1]
 }
 
+/// Over the last dimension of `x: [.., V]`: `logsumexp(x)` and the target's logit `x[y]`, both
+/// `[.., 1]`, with the maximum subtracted before `exp`.
+fn lse_and_target<B: Backend, const D: usize>(x: Tensor<B, D>, targets: Tensor<B, D, Int>) -> (Tensor<B, D>, Tensor<B, D>) {
+    let last = D - 1;
+    let m = x.clone().max_dim(last); // [.., 1]
+    let lse = (x.clone() - m.clone()).exp().sum_dim(last).log() + m; // [.., 1]
+    (lse, x.gather(last, targets)) // [.., 1], [.., 1]
+}
+
+/// `log softmax(x)[y]` over the last dimension without forming the log-probabilities:
+/// `x[y] − logsumexp(x)`, for logits `[.., V]` and targets `[.., 1]`. Returns `[.., 1]`.
+pub fn target_logprobs<B: Backend, const D: usize>(logits: Tensor<B, D>, targets: Tensor<B, D, Int>) -> Tensor<B, D> {
+    let (lse, picked) = lse_and_target(logits, targets);
+    picked - lse
+}
+
 /// The op's forward pass on any backend: the loss `[1]` and `lse` `[N, 1]`.
 fn forward<B: Backend>(x: Tensor<B, 2>, targets: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> (Tensor<B, 1>, Tensor<B, 2>) {
-    let m = x.clone().max_dim(1); // [N, 1]
-    let lse = (x.clone() - m.clone()).exp().sum_dim(1).log() + m; // [N, 1]
-    let picked = x.gather(1, targets); // [N, 1]
+    let (lse, picked) = lse_and_target(x, targets); // [N, 1], [N, 1]
     (((lse.clone() - picked) * weights).sum(), lse) // [1], [N, 1]
 }
 

@@ -80,3 +80,22 @@ fn forward_only_and_the_registry() {
     let plain = cross_entropy(x, y, w, false).into_scalar();
     assert!((via - reference).abs() < 1e-5 * reference && plain == reference, "{via} {plain} {reference}");
 }
+
+#[test]
+fn target_logprobs_match_log_softmax() {
+    // [B, T, V] with the targets picked on the device, as the eval scorer does.
+    let device = Default::default();
+    <Flex as burn::tensor::backend::Backend>::seed(&device, 9);
+    let (b, t, v) = (3, 5, 97);
+    let x = Tensor::<Flex, 3>::random([b, t, v], Distribution::Normal(0.0, 4.0), &device);
+    let y: Vec<i64> = (0..b * t).map(|i| ((i * 31) % v) as i64).collect();
+    let yt = Tensor::<Flex, 3, Int>::from_data(TensorData::new(y.clone(), [b, t, 1]), &device);
+    let got = kiln_models::loss::target_logprobs(x.clone(), yt).into_data().to_vec::<f32>().unwrap();
+    let logp = burn::tensor::activation::log_softmax(x, 2).into_data().to_vec::<f32>().unwrap();
+    assert_eq!(got.len(), b * t);
+    for (i, (g, &yi)) in got.iter().zip(&y).enumerate() {
+        let want = logp[i * v + yi as usize];
+        assert!((g - want).abs() < 1e-5 * want.abs().max(1.0), "position {i}: {g} vs {want}");
+        assert!(*g < 0.0);
+    }
+}
