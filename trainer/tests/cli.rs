@@ -252,6 +252,30 @@ fn bad_inputs_give_clear_errors() {
     assert!(!env.path("half").exists(), "a run directory was made for a run that cannot start");
 }
 
+/// Several first runs at once (data-parallel workers on one machine) with an empty token cache:
+/// each tokenizes, and the ones that lose the race to move their shards into the cache use the
+/// winner's instead of failing ("Directory not empty" stopped a worker about once in 75 runs).
+#[test]
+fn concurrent_first_runs_share_the_token_cache() {
+    let env = Env::new();
+    let recipe = env.write("c.toml", &TINY.replace("steps = 400", "steps = 1"));
+    let kids: Vec<_> = (0..4)
+        .map(|i| {
+            env.cmd(&["run", recipe.to_str().unwrap(), "--runs-dir", &format!("c{i}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for k in kids {
+        let o = k.wait_with_output().unwrap();
+        assert!(o.status.success(), "a concurrent first run failed:\n{}", stderr(&o));
+    }
+    let entries: Vec<_> = std::fs::read_dir(env.path("cache/tokens")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(entries.len(), 1, "one cache entry, no temporary folders left: {entries:?}");
+}
+
 /// Every shipped recipe resolves completely (preset, tokenizer, data) against the shared data.
 #[test]
 fn shipped_recipes_resolve_against_the_data_root() {

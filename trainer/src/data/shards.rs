@@ -202,7 +202,15 @@ fn write_shards(dir: &Path, tokens: &[u32], doc_starts: &[u64], meta: &ShardMeta
         let _ = std::fs::remove_dir_all(&tmp);
         return Ok(());
     }
-    std::fs::rename(&tmp, dir).with_context(|| format!("moving shards into {}", dir.display()))
+    match std::fs::rename(&tmp, dir) {
+        // Another process (a second data-parallel worker on this machine) moved its identical
+        // shards in between the check above and this rename.
+        Err(_) if dir.join("meta.json").is_file() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(())
+        }
+        r => r.with_context(|| format!("moving shards into {}", dir.display())),
+    }
 }
 
 fn read_shards(dir: &Path) -> Result<TokenStream> {
