@@ -317,22 +317,26 @@ fn resolve_device(spec: &str) -> Result<Device> {
     Ok(be)
 }
 
+/// `resolve_device`, then `train.precision` checked against it before anything is written.
+fn training_device(spec: &str, precision: &str) -> Result<Device> {
+    let be = resolve_device(spec)?;
+    with_backend!(be, B, d, { run::check_precision::<B>(precision, &d, &be)? });
+    Ok(be)
+}
+
 /// The fused attention and cross-entropy ops (`train.fused_attention`, `train.fused_loss`;
 /// models/src/attention.rs, loss.rs) for every autodiff backend `with_backend!` builds.
 fn register_fused_ops() {
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-    fn both<B: burn::tensor::backend::Backend>() {
-        kiln_models::attention::register_autodiff::<B, NoCheckpointing>();
-        kiln_models::loss::register_autodiff::<B, NoCheckpointing>();
-    }
+    use kiln_models::registry::register_fused_ops;
     #[cfg(feature = "flex")]
-    both::<burn::backend::Flex>();
+    register_fused_ops::<burn::backend::Flex, NoCheckpointing>();
     #[cfg(feature = "ndarray")]
-    both::<burn::backend::NdArray>();
+    register_fused_ops::<burn::backend::NdArray, NoCheckpointing>();
     #[cfg(feature = "wgpu")]
-    both::<burn::backend::Wgpu>();
+    register_fused_ops::<burn::backend::Wgpu, NoCheckpointing>();
     #[cfg(feature = "cuda")]
-    both::<burn::backend::Cuda>();
+    register_fused_ops::<burn::backend::Cuda, NoCheckpointing>();
 }
 
 fn dispatch(cli: Cli) -> Result<()> {
@@ -343,8 +347,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             let r = Recipe::load(&recipe, &sets)?;
             let dist = dist.options()?;
             let dirs = Dirs::from_env(common.data_root);
-            let be = resolve_device(common.device.as_deref().unwrap_or(&r.train.device))?;
-            with_backend!(be, B, d, { run::check_precision::<B>(&r.train.precision, &d, &be.describe())? });
+            let be = training_device(common.device.as_deref().unwrap_or(&r.train.device), &r.train.precision)?;
             let p = run::prepare(&r, &dirs)?;
             // Only rank 0 of a data-parallel run keeps a run directory; the others work in a scratch one.
             let _scratch;
@@ -368,8 +371,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             let dirs = Dirs::from_env(common.data_root.or_else(|| {
                 std::env::var_os("KILN_DATA").is_none().then(|| run::recorded_data_root(&run_dir)).flatten()
             }));
-            let be = resolve_device(common.device.as_deref().unwrap_or(&r.train.device))?;
-            with_backend!(be, B, d, { run::check_precision::<B>(&r.train.precision, &d, &be.describe())? });
+            let be = training_device(common.device.as_deref().unwrap_or(&r.train.device), &r.train.precision)?;
             let p = run::prepare(&r, &dirs)?;
             install_signal_handler();
             let ctx = RunCtx { dir: run_dir, device: be.clone(), dist: None, stop: &STOP };

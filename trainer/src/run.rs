@@ -389,8 +389,8 @@ pub fn compute_dtype(precision: &str) -> Option<burn::tensor::DType> {
 /// (`Backend::supports_dtype`): ndarray has no half types, wgpu's shaders (WGSL) have no bf16 and
 /// have f16 only on adapters with the shader-f16 feature. Asked before training, so that an
 /// unsupported type is an error with a hint instead of a panic in a kernel compiler (on wgpu that
-/// panic is on the device thread and left the process hanging). `what` names the device.
-pub fn check_precision<B: burn::tensor::backend::Backend>(precision: &str, device: &B::Device, what: &str) -> Result<()> {
+/// panic is on the device thread and left the process hanging). `dev` is the device `device` is.
+pub fn check_precision<B: burn::tensor::backend::Backend>(precision: &str, device: &B::Device, dev: &crate::device::Device) -> Result<()> {
     let Some(dt) = compute_dtype(precision) else { return Ok(()) };
     if B::supports_dtype(device, dt) {
         return Ok(());
@@ -401,11 +401,12 @@ pub fn check_precision<B: burn::tensor::backend::Backend>(precision: &str, devic
         .chain(["f32"])
         .collect();
     bail!(
-        "train.precision = \"{precision}\": {what} cannot compute in {dt:?}\n  hint: --set train.precision={} (supported on this device){}",
+        "train.precision = \"{precision}\": {} cannot compute in {dt:?}\n  hint: --set train.precision={} (supported on this device){}",
+        dev.describe(),
         others.join(" or --set train.precision="),
-        match what {
+        match dev.backend() {
             "ndarray" => "; on the CPU, --device cpu (flex) computes in both half types",
-            w if w.starts_with("wgpu") && dt == burn::tensor::DType::BF16 => "; bf16-mixed needs CUDA or --device cpu",
+            "wgpu" if dt == burn::tensor::DType::BF16 => "; bf16-mixed needs CUDA or --device cpu",
             _ => "",
         }
     )

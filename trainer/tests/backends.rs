@@ -80,8 +80,7 @@ fn flex_and_wgpu_agree_on_logits_and_training() {
 
     // train.fused_attention and train.fused_loss on wgpu: the backend's attention forward and
     // Kiln's backward; the cross-entropy op.
-    kiln_models::attention::register_autodiff::<Wgpu, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>();
-    kiln_models::loss::register_autodiff::<Wgpu, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>();
+    kiln_models::registry::register_fused_ops::<Wgpu, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>();
     let (lwf, swf) = run::<Autodiff<Wgpu>>(&wd, true);
     println!("fused attention and loss on wgpu: losses {swf:?}");
     let relf = lf.iter().zip(&lwf).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / max_ref;

@@ -191,7 +191,7 @@ fn a_dead_worker_fails_the_others_cleanly_and_keeps_the_checkpoint() {
     let mut w1 = Kill(worker(d, 1, port, &long).spawn().unwrap());
     // Let them train past a checkpoint, then kill rank 1 without warning.
     let t0 = Instant::now();
-    let logs = || (1..=2).map(|r| format!("w{}.log:\n{}", r - 1, std::fs::read_to_string(d.join(format!("w{}.log", r - 1))).unwrap_or_default())).collect::<Vec<_>>().join("\n");
+    let logs = || (0..2).map(|r| format!("w{r}.log:\n{}", std::fs::read_to_string(d.join(format!("w{r}.log"))).unwrap_or_default())).collect::<Vec<_>>().join("\n");
     let run = loop {
         let ck = std::fs::read_dir(d.join("dp")).ok().and_then(|mut e| e.next()).map(|e| e.unwrap().path());
         if let Some(run) = ck.filter(|r| r.join("checkpoints/step-0000010").is_dir()) {

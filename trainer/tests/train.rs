@@ -121,8 +121,7 @@ fn mixed_precision_tracks_f32() {
     // bf16 and f16 matmuls/attention with f32 master weights, on the CPU backend: the loss curve
     // follows f32's (the GPU check of the issue runs this over 200 steps on CUDA).
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-    kiln_models::attention::register_autodiff::<burn::backend::Flex, NoCheckpointing>();
-    kiln_models::loss::register_autodiff::<burn::backend::Flex, NoCheckpointing>();
+    kiln_models::registry::register_fused_ops::<burn::backend::Flex, NoCheckpointing>();
     let run_with = |dt: Option<burn::tensor::DType>, fused: bool| {
         let mut model = tiny();
         model.compute = dt;
@@ -145,7 +144,7 @@ fn mixed_precision_tracks_f32() {
         let fused = run_with(Some(dt), true);
         let half = run(Some(dt));
         let tail = |v: &[f64]| v[v.len() - 20..].iter().sum::<f64>() / 20.0;
-        println!("{dt:?} fused attention: mean of the last 20 {:.4} vs decomposed {:.4}", tail(&fused), tail(&half));
+        println!("{dt:?} fused attention and loss: mean of the last 20 {:.4} vs decomposed {:.4}", tail(&fused), tail(&half));
         assert!((tail(&fused) - tail(&half)).abs() < 0.02, "{dt:?}: fused {:.4} vs {:.4}", tail(&fused), tail(&half));
         assert_ne!(half[0], f32[0], "{dt:?}: the same loss bit for bit: did it run in half precision?");
         println!("{dt:?}: first loss {:.5} vs {:.5}; mean of the last 20 {:.4} vs f32 {:.4}", half[0], f32[0], tail(&half), tail(&f32));
@@ -194,8 +193,7 @@ fn fused_ops_train_like_burn() {
     // micro-batches (one with a masked token) give the decomposed ops' losses, gradient norms and
     // weights within float rounding, each op alone and both together.
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-    kiln_models::attention::register_autodiff::<burn::backend::Flex, NoCheckpointing>();
-    kiln_models::loss::register_autodiff::<burn::backend::Flex, NoCheckpointing>();
+    kiln_models::registry::register_fused_ops::<burn::backend::Flex, NoCheckpointing>();
     for (attn, loss) in [(true, false), (false, true), (true, true)] {
         fused_trains_like_burn(attn, loss);
     }

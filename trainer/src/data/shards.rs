@@ -197,15 +197,10 @@ fn write_shards(dir: &Path, tokens: &[u32], doc_starts: &[u64], meta: &ShardMeta
     let docs: Vec<u8> = doc_starts.iter().flat_map(|d| d.to_le_bytes()).collect();
     std::fs::write(tmp.join("docs.bin"), docs)?;
     std::fs::write(tmp.join("meta.json"), serde_json::to_string_pretty(meta)?)?;
-    if dir.exists() {
-        // Another process finished first; its shards are identical.
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Ok(());
-    }
     match std::fs::rename(&tmp, dir) {
         // Another process (a second data-parallel worker on this machine) moved its identical
-        // shards in between the check above and this rename.
-        Err(_) if dir.join("meta.json").is_file() => {
+        // shards in first.
+        Err(_) if dir.exists() => {
             let _ = std::fs::remove_dir_all(&tmp);
             Ok(())
         }
