@@ -188,6 +188,9 @@ pub struct OptimSection {
     pub eps: f64,
     /// Global gradient-norm clip; 0 disables clipping.
     pub grad_clip: f64,
+    /// On GPU backends (wgpu, CUDA), each parameter's clip-and-AdamW update as one kernel
+    /// instead of some 19 tensor ops; `false` uses the tensor ops. The CPU kernels have their own.
+    pub fused: bool,
 }
 
 impl Default for OptimSection {
@@ -201,6 +204,7 @@ impl Default for OptimSection {
             beta2: 0.99,
             eps: 1e-8,
             grad_clip: 1.0,
+            fused: true,
         }
     }
 }

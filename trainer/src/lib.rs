@@ -7,6 +7,8 @@ pub mod dist;
 pub mod export;
 pub mod hub;
 pub mod optim;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod optim_cube;
 pub mod perf;
 pub mod run;
 pub mod train_step;

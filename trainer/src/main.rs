@@ -325,7 +325,8 @@ fn training_device(spec: &str, precision: &str) -> Result<Device> {
 }
 
 /// The fused attention and cross-entropy ops (`train.fused_attention`, `train.fused_loss`;
-/// models/src/attention.rs, loss.rs) for every autodiff backend `with_backend!` builds.
+/// models/src/attention.rs, loss.rs) for every autodiff backend `with_backend!` builds, and the
+/// one-kernel AdamW for the GPU ones.
 fn register_fused_ops() {
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use kiln_models::registry::register_fused_ops;
@@ -337,6 +338,12 @@ fn register_fused_ops() {
     register_fused_ops::<burn::backend::Wgpu, NoCheckpointing>();
     #[cfg(feature = "cuda")]
     register_fused_ops::<burn::backend::Cuda, NoCheckpointing>();
+    // The one-kernel AdamW (`optim.fused`) for the inner backends of training: Burn's `Wgpu` and
+    // `Cuda` are `Fusion<CubeBackend<runtime, f32, i32, bool element>>`.
+    #[cfg(feature = "wgpu")]
+    kiln_trainer::optim_cube::register::<cubecl::wgpu::WgpuRuntime, f32, i32, u32>();
+    #[cfg(feature = "cuda")]
+    kiln_trainer::optim_cube::register::<cubecl::cuda::CudaRuntime, f32, i32, u8>();
 }
 
 fn dispatch(cli: Cli) -> Result<()> {

@@ -84,7 +84,29 @@ pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, gra
     v.acc.map(|a| a.sqrt())
 }
 
-use burn::tensor::ElementConversion;
+use burn::tensor::{DType, ElementConversion};
+
+/// The scalars of one AdamW update: learning rate, `lr · weight_decay` (0 for vectors), the
+/// betas, the bias corrections `1 / (1 − βᵗ)` and epsilon.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWScalars {
+    pub lr: f32,
+    pub shrink: f32,
+    pub b1: f32,
+    pub b2: f32,
+    pub k1: f32,
+    pub k2: f32,
+    pub eps: f32,
+}
+
+/// A backend's AdamW update of one parameter as one op: `(p, g, m, v, clip scale [1])` ->
+/// `(p', m', v')`, all f32 and `[N]` but the scale. Registered per backend (`register`).
+pub type AdamWFn<B> = fn(Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, AdamWScalars) -> [Tensor<B, 1>; 3];
+
+/// The update registered for backend `B`, if any.
+pub fn registered<B: Backend>() -> Option<AdamWFn<B>> {
+    kiln_models::registry::registered::<AdamWFn<B>>()
+}
 
 struct Step<'a, B: AutodiffBackend> {
     opt: &'a mut AdamW<B::InnerBackend>,
@@ -93,6 +115,8 @@ struct Step<'a, B: AutodiffBackend> {
     /// The clip factor, `[1]` on the device (`None`: no clipping).
     scale: Option<Tensor<B::InnerBackend, 1>>,
     path: PathStack,
+    /// The backend's one-kernel update, where one is registered (optim_cube.rs).
+    fused: Option<AdamWFn<B::InnerBackend>>,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for Step<'_, B> {
@@ -114,25 +138,45 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Step<'_, B> {
         let lr = self.lr;
         let shape = g.shape();
         let n = shape.num_elements();
-        let g = match &self.scale {
-            Some(s) => g.reshape([n]) * s.clone(), // [N] * [1]
-            None => g.reshape([n]),                // [N]
-        };
         let device = g.device();
         let st = self.opt.state.remove(&name).unwrap_or_else(|| Moments {
             m: Tensor::zeros([n], &device),
             v: Tensor::zeros([n], &device),
         });
-        let m = st.m * b1 + g.clone() * (1.0 - b1);
-        let v = st.v * b2 + g.square() * (1.0 - b2);
-        let m_hat = m.clone() / (1.0 - b1.powi(t));
-        let v_hat = v.clone() / (1.0 - b2.powi(t));
-        let update = m_hat / (v_hat.sqrt() + eps); // [N]
-        self.opt.state.insert(name, Moments { m, v });
         let (id, tensor, mapper) = param.consume();
         let p = tensor.inner(); // [..]
-        let p = if decay > 0.0 { p.clone() - p * (lr * decay) } else { p };
-        let p = p - update.reshape(shape) * lr;
+        let f32s = [p.dtype(), g.dtype(), st.m.dtype(), st.v.dtype()].iter().all(|d| *d == DType::F32);
+        let (p, m, v) = match self.fused.filter(|_| f32s) {
+            // One kernel (optim_cube.rs).
+            Some(update) => {
+                let s = AdamWScalars {
+                    lr: lr as f32,
+                    shrink: (lr * decay) as f32,
+                    b1: b1 as f32,
+                    b2: b2 as f32,
+                    k1: (1.0 / (1.0 - b1.powi(t))) as f32,
+                    k2: (1.0 / (1.0 - b2.powi(t))) as f32,
+                    eps: eps as f32,
+                };
+                let scale = self.scale.clone().unwrap_or_else(|| Tensor::ones([1], &device)); // [1]
+                let [p, m, v] = update(p.reshape([n]), g.reshape([n]), st.m, st.v, scale, s);
+                (p.reshape(shape), m, v)
+            }
+            None => {
+                let g = match &self.scale {
+                    Some(s) => g.reshape([n]) * s.clone(), // [N] * [1]
+                    None => g.reshape([n]),                // [N]
+                };
+                let m = st.m * b1 + g.clone() * (1.0 - b1);
+                let v = st.v * b2 + g.square() * (1.0 - b2);
+                let m_hat = m.clone() / (1.0 - b1.powi(t));
+                let v_hat = v.clone() / (1.0 - b2.powi(t));
+                let update = m_hat / (v_hat.sqrt() + eps); // [N]
+                let p = if decay > 0.0 { p.clone() - p * (lr * decay) } else { p };
+                (p - update.reshape(shape) * lr, m, v)
+            }
+        };
+        self.opt.state.insert(name, Moments { m, v });
         Param::from_mapped_value(id, Tensor::from_inner(p).require_grad(), mapper)
     }
 }
@@ -214,7 +258,8 @@ impl<B: Backend> AdamW<B> {
             s.mask_fill(norm.clone().lower_equal_elem(clip), 1.0)
         });
         self.t += 1;
-        let mut s = Step::<A> { opt: self, grads: &mut grads, lr, scale, path: PathStack(Vec::new()) };
+        let fused = if self.cfg.fused { registered::<B>() } else { None };
+        let mut s = Step::<A> { opt: self, grads: &mut grads, lr, scale, path: PathStack(Vec::new()), fused };
         let model = model.map(&mut s);
         (model, early.unwrap_or_else(|| read(norm)))
     }

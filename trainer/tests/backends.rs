@@ -90,6 +90,50 @@ fn flex_and_wgpu_agree_on_logits_and_training() {
     }
 }
 
+/// `optim.fused`: the one-kernel AdamW of optim_cube.rs against Burn's tensor ops, both on wgpu:
+/// ten steps with the clip active and weight decay on give the same losses, gradient norms,
+/// weights and moments within float rounding.
+#[test]
+fn one_kernel_adamw_matches_the_tensor_ops_on_wgpu() {
+    if no_adapter("the one-kernel AdamW") {
+        return;
+    }
+    let Device::Wgpu { kind, index, .. } = device::resolve("wgpu").unwrap() else { unreachable!() };
+    let wd = Device::wgpu_device(kind, index);
+    kiln_trainer::optim_cube::register::<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>();
+    assert!(kiln_trainer::optim::registered::<Wgpu>().is_some());
+    let cfg = preset("tiny", 24).unwrap();
+    let train = |fused: bool| {
+        let mut model: Llama<Autodiff<Wgpu>> = Llama::build(&cfg, &mut RandomInit::new(7, cfg.num_hidden_layers), &wd).unwrap();
+        let mut opt = AdamW::new(OptimSection { lr: 3e-3, warmup_steps: 0, grad_clip: 0.5, fused, ..Default::default() });
+        let mut out = Vec::new();
+        for step in 0..10 {
+            let (m, o) = train_step(model, &mut opt, &[batch(step)], 3e-3, &wd);
+            model = m;
+            out.push((o.loss, o.grad_norm));
+        }
+        (out, kiln_models::checkpoint::burn_tensors(&model), opt.to_host())
+    };
+    let (plain, wp, mp) = train(false);
+    let (kernel, wk, mk) = train(true);
+    println!("losses, tensor ops {:?}\n        one kernel {:?}", plain.iter().map(|x| x.0).collect::<Vec<_>>(), kernel.iter().map(|x| x.0).collect::<Vec<_>>());
+    assert!(plain.iter().any(|x| x.1 > 0.5), "the clip never acted: norms {plain:?}");
+    for (step, (a, b)) in plain.iter().zip(&kernel).enumerate() {
+        assert!((a.0 - b.0).abs() < 1e-4 * a.0.abs().max(1.0), "step {step}: loss {} vs {}", a.0, b.0);
+        assert!((a.1 - b.1).abs() < 1e-3 * a.1.max(1e-3), "step {step}: gradient norm {} vs {}", a.1, b.1);
+    }
+    assert!(plain[9].0 < plain[0].0, "training did not lower the loss: {plain:?}");
+    for (label, a, b) in [("weights", wp, wk), ("moments", mp, mk)] {
+        assert_eq!(a.len(), b.len());
+        for ((na, sa, va), (nb, sb, vb)) in a.iter().zip(&b) {
+            assert_eq!((na, sa), (nb, sb));
+            let scale = va.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+            let diff = va.iter().zip(vb).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(diff <= 1e-4 * scale, "{label} {na}: differ by {diff} (largest value {scale})");
+        }
+    }
+}
+
 /// GPU kernel caches: a `kiln run` on wgpu leaves CubeCL's autotune results under
 /// `$KILN_CACHE/cubecl/wgpu-<adapter>/`, and a `cubecl.toml` in the working directory takes
 /// precedence (Kiln then configures nothing). On lavapipe in CI.
