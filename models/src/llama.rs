@@ -322,10 +322,16 @@ impl<B: Backend> Llama<B> {
     }
 
     /// `x @ w` for `x: [B, T, In]`, `w: [In, Out]`, in the compute precision; the result is f32.
+    /// One 2-D matmul over all `B·T` rows: a batched `[B, T, In] @ [1, In, Out]` would make the
+    /// weight's gradient `B` matmuls of depth `T` into a `[B, In, Out]` tensor, then a sum over `B`.
     fn mm(&self, x: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
+        let [b, t, d_in] = x.dims();
+        let d_out = w.dims()[1];
         match self.compute {
-            None => x.matmul(w.unsqueeze()),
-            Some(dt) => x.cast(dt).matmul(w.cast(dt).unsqueeze()).cast(DType::F32),
+            None => x.reshape([b * t, d_in]).matmul(w).reshape([b, t, d_out]),
+            // Cast before flattening and after unflattening, so that Burn's fusion can merge the
+            // casts with the element-wise ops around them.
+            Some(dt) => x.cast(dt).reshape([b * t, d_in]).matmul(w.cast(dt)).reshape([b, t, d_out]).cast(DType::F32),
         }
     }
 }
