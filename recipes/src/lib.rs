@@ -188,8 +188,9 @@ pub struct OptimSection {
     pub eps: f64,
     /// Global gradient-norm clip; 0 disables clipping.
     pub grad_clip: f64,
-    /// On GPU backends (wgpu, CUDA), each parameter's clip-and-AdamW update as one kernel
-    /// instead of some 19 tensor ops; `false` uses the tensor ops. The CPU kernels have their own.
+    /// On GPU backends (wgpu, CUDA), each parameter's clip-and-AdamW update as one kernel and the
+    /// gradient norm as one op, instead of some 22 tensor ops a parameter; `false` uses the tensor
+    /// ops. The CPU kernels have their own.
     pub fused: bool,
 }
 

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData};
 use kiln_models::checkpoint::HostTensor;
 use kiln_models::cpu_kernels::Layout;
@@ -58,15 +59,21 @@ impl PathStack {
     }
 }
 
-/// Sums the squares of every gradient, on the device.
+/// Sums the squares of every gradient, on the device; with a backend's one-op sum
+/// (`fused`), only collects the gradients for it.
 struct SquaredNorm<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
     acc: Option<Tensor<B::InnerBackend, 1>>,
+    fused: Option<(SquaredNormFn<B::InnerBackend>, Vec<FloatTensor<B::InnerBackend>>)>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            if let Some((_, all)) = &mut self.fused {
+                all.push(g.into_primitive().tensor());
+                return;
+            }
             let s = g.square().sum(); // [1]
             self.acc = Some(match self.acc.take() {
                 Some(a) => a + s,
@@ -78,10 +85,15 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
 
 /// The global L2 norm of all gradients, as a device tensor `[1]` (no host read: on a GPU the
 /// clip and the update are queued behind the backward pass instead of waiting for it).
-pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams) -> Option<Tensor<B::InnerBackend, 1>> {
-    let mut v = SquaredNorm::<B> { grads, acc: None };
+/// `fused`: sum the squares through the backend's one op ([`SquaredNormFn`]) where it has one.
+pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams, fused: bool) -> Option<Tensor<B::InnerBackend, 1>> {
+    let f = if fused { kiln_models::registry::registered::<SquaredNormFn<B::InnerBackend>>() } else { None };
+    let mut v = SquaredNorm::<B> { grads, acc: None, fused: f.map(|f| (f, Vec::new())) };
     model.visit(&mut v);
-    v.acc.map(|a| a.sqrt())
+    match v.fused {
+        Some((f, all)) if !all.is_empty() => Some(f(all).sqrt()),
+        _ => v.acc.map(|a| a.sqrt()),
+    }
 }
 
 use burn::tensor::{DType, ElementConversion};
@@ -102,6 +114,9 @@ pub struct AdamWScalars {
 /// A backend's AdamW update of one parameter as one op: `(p, g, m, v, clip scale [1])` ->
 /// `(p', m', v')`, all f32 and `[N]` but the scale. Registered per backend (`register`).
 pub type AdamWFn<B> = fn(Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, AdamWScalars) -> [Tensor<B, 1>; 3];
+
+/// A backend's sum of the squares of all gradients (any shapes) as one op: `[1]`.
+pub type SquaredNormFn<B> = fn(Vec<FloatTensor<B>>) -> Tensor<B, 1>;
 
 /// The update registered for backend `B`, if any.
 pub fn registered<B: Backend>() -> Option<AdamWFn<B>> {
@@ -246,7 +261,7 @@ impl<B: Backend> AdamW<B> {
         A: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<A>,
     {
-        let Some(norm) = global_grad_norm::<A, M>(&model, &grads) else {
+        let Some(norm) = global_grad_norm::<A, M>(&model, &grads, self.cfg.fused) else {
             return (model, 0.0);
         };
         let read = |t: Tensor<B, 1>| t.into_scalar().elem::<f64>();
