@@ -3,8 +3,8 @@
 //! Written with Burn's tensor ops ([`crate::optim`]), one parameter's update is about 19 ops
 //! (moments, bias correction, decay, clip scale, reshapes), and a bench-gpu model has 111
 //! parameters: some 2,000 ops a step that Burn's fusion layer records, optimizes and launches one
-//! by one on the host. A GPU step is host-bound when ops are that many (BENCHMARKS.md, "Ops a
-//! step"). Here the same update is one custom op for the fusion stream and one kernel:
+//! by one on the host, work that may bound a GPU step (BENCHMARKS.md, "Ops a step on the GPU
+//! path"). Here the same update is one custom op for the fusion stream and one kernel:
 //!
 //! ```text
 //! g' = g · scale                      (scale: the clip factor, [1] on the device)
@@ -18,7 +18,8 @@
 //! The clip's global gradient norm is one custom op too ([`squared_norm`]): one fusion op for all
 //! gradients instead of three per gradient.
 
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -26,11 +27,8 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
-use cubecl::prelude::*;
 use cubecl::calculate_cube_count_elemwise;
-
-use burn::tensor::ops::{FloatTensor, FloatTensorOps};
-use burn::tensor::Shape;
+use cubecl::prelude::*;
 
 use crate::optim::{AdamWFn, AdamWScalars, SquaredNormFn};
 
