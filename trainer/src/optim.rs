@@ -59,18 +59,18 @@ impl PathStack {
     }
 }
 
-/// Sums the squares of every gradient, on the device; with a backend's one-op sum
-/// (`fused`), only collects the gradients for it.
+/// Sums the squares of every gradient, on the device; or, with `collected` (for a backend's
+/// one-op sum), only collects the gradients.
 struct SquaredNorm<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
     acc: Option<Tensor<B::InnerBackend, 1>>,
-    fused: Option<(SquaredNormFn<B::InnerBackend>, Vec<FloatTensor<B::InnerBackend>>)>,
+    collected: Option<Vec<FloatTensor<B::InnerBackend>>>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            if let Some((_, all)) = &mut self.fused {
+            if let Some(all) = &mut self.collected {
                 all.push(g.into_primitive().tensor());
                 return;
             }
@@ -88,10 +88,10 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
 /// `fused`: sum the squares through the backend's one op ([`SquaredNormFn`]) where it has one.
 pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams, fused: bool) -> Option<Tensor<B::InnerBackend, 1>> {
     let f = if fused { kiln_models::registry::registered::<SquaredNormFn<B::InnerBackend>>() } else { None };
-    let mut v = SquaredNorm::<B> { grads, acc: None, fused: f.map(|f| (f, Vec::new())) };
+    let mut v = SquaredNorm::<B> { grads, acc: None, collected: f.map(|_| Vec::new()) };
     model.visit(&mut v);
-    match v.fused {
-        Some((f, all)) if !all.is_empty() => Some(f(all).sqrt()),
+    match (f, v.collected) {
+        (Some(f), Some(all)) if !all.is_empty() => Some(f(all).sqrt()),
         _ => v.acc.map(|a| a.sqrt()),
     }
 }
@@ -127,7 +127,8 @@ struct Step<'a, B: AutodiffBackend> {
     opt: &'a mut AdamW<B::InnerBackend>,
     grads: &'a mut GradientsParams,
     lr: f64,
-    /// The clip factor, `[1]` on the device (`None`: no clipping).
+    /// The clip factor, `[1]` on the device (`None`: no clipping; the one-kernel update then sets
+    /// it to 1 on first use).
     scale: Option<Tensor<B::InnerBackend, 1>>,
     path: PathStack,
     /// The backend's one-kernel update, where one is registered (optim_cube.rs).
@@ -173,7 +174,8 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Step<'_, B> {
                     k2: (1.0 / (1.0 - b2.powi(t))) as f32,
                     eps: eps as f32,
                 };
-                let scale = self.scale.clone().unwrap_or_else(|| Tensor::ones([1], &device)); // [1]
+                // Without clipping, a factor of 1 (made once a step, kept in `scale`).
+                let scale = self.scale.get_or_insert_with(|| Tensor::ones([1], &device)).clone(); // [1]
                 let [p, m, v] = update(p.reshape([n]), g.reshape([n]), st.m, st.v, scale, s);
                 (p.reshape(shape), m, v)
             }

@@ -23,9 +23,10 @@ use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use burn_fusion::stream::{Operation, OperationStreams};
-use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
+use burn_fusion::{Fusion, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
@@ -101,111 +102,126 @@ fn launch<R: CubeRuntime>(inputs: [CubeTensor<R>; 5], s: &AdamWScalars) -> [Cube
     [p_out, m_out, v_out]
 }
 
-/// The update as a custom op of the fusion stream: `(p, g, m, v, scale) -> (p', m', v')`.
-fn adamw<R, F, I, BT>(
-    p: Tensor<Fusion<CubeBackend<R, F, I, BT>>, 1>,
-    g: Tensor<Fusion<CubeBackend<R, F, I, BT>>, 1>,
-    m: Tensor<Fusion<CubeBackend<R, F, I, BT>>, 1>,
-    v: Tensor<Fusion<CubeBackend<R, F, I, BT>>, 1>,
-    scale: Tensor<Fusion<CubeBackend<R, F, I, BT>>, 1>,
-    s: AdamWScalars,
-) -> [Tensor<Fusion<CubeBackend<R, F, I, BT>>, 1>; 3]
+type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+/// Kiln's GPU inner backends: Burn's `Wgpu` and `Cuda` are `Gpu<runtime, f32, i32, _>`.
+type Gpu<R, F, I, BT> = Fusion<Cube<R, F, I, BT>>;
+/// The fusion stream's tensor handles on runtime `R` (`FusionCubeRuntime` is that of every `Cube`).
+type Handles<R> = HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>;
+
+/// A custom op of the fusion stream: when the stream executes it, `run` gets the op's description
+/// (its input and output tensors), the op's scalars `S` and the handles, and registers every
+/// output.
+struct CustomOp<R: CubeRuntime, S> {
+    desc: CustomOpIr,
+    scalars: S,
+    run: fn(&CustomOpIr, &S, &mut Handles<R>),
+}
+
+impl<R: CubeRuntime, S> core::fmt::Debug for CustomOp<R, S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "CustomOp({})", self.desc.id)
+    }
+}
+
+impl<R: CubeRuntime, S: Send + Sync + 'static> Operation<FusionCubeRuntime<R>> for CustomOp<R, S> {
+    fn execute(&self, handles: &mut Handles<R>) {
+        (self.run)(&self.desc, &self.scalars, handles)
+    }
+}
+
+/// Queues `run` on the fusion stream as op `id` over `inputs` (at least one), with one new f32
+/// tensor of each shape in `outputs`; returns those outputs.
+fn queue<R, F, I, BT, S>(
+    id: &'static str,
+    inputs: Vec<FloatTensor<Gpu<R, F, I, BT>>>,
+    outputs: Vec<Shape>,
+    scalars: S,
+    run: fn(&CustomOpIr, &S, &mut Handles<R>),
+) -> Vec<FloatTensor<Gpu<R, F, I, BT>>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+    S: Send + Sync + 'static,
+{
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(inputs.iter());
+    let outputs: Vec<TensorIr> = outputs.into_iter().map(|s| TensorIr::uninit(client.create_empty_handle(), s, DType::F32)).collect();
+    let inputs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
+    let desc = CustomOpIr::new(id, &inputs, &outputs);
+    let op = CustomOp::<R, S> { desc: desc.clone(), scalars, run };
+    client.register(streams, OperationIr::Custom(desc), op)
+}
+
+/// A fusion primitive as a `[N]` tensor.
+fn float<R, F, I, BT>(t: FloatTensor<Gpu<R, F, I, BT>>) -> Tensor<Gpu<R, F, I, BT>, 1>
 where
     R: CubeRuntime,
     F: FloatElement,
     I: IntElement,
     BT: BoolElement,
 {
-    type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
 
-    #[derive(Debug)]
-    struct AdamWOp<R, F, I, BT> {
-        desc: CustomOpIr,
-        s: AdamWScalars,
-        _b: core::marker::PhantomData<(R, F, I, BT)>,
-    }
-
-    impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
-        Operation<<B<R, F, I, BT> as FusionBackend>::FusionRuntime> for AdamWOp<R, F, I, BT>
-    {
-        fn execute(
-            &self,
-            handles: &mut HandleContainer<<<B<R, F, I, BT> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>,
-        ) {
-            let ([p, g, m, v, scale], [p_out, m_out, v_out]) = self.desc.as_fixed();
-            let inputs = [p, g, m, v, scale].map(|t| handles.get_float_tensor::<B<R, F, I, BT>>(t));
-            let [po, mo, vo] = launch(inputs, &self.s);
-            handles.register_float_tensor::<B<R, F, I, BT>>(&p_out.id, po);
-            handles.register_float_tensor::<B<R, F, I, BT>>(&m_out.id, mo);
-            handles.register_float_tensor::<B<R, F, I, BT>>(&v_out.id, vo);
+/// The update as a custom op of the fusion stream: `(p, g, m, v, scale) -> (p', m', v')`.
+fn adamw<R, F, I, BT>(
+    p: Tensor<Gpu<R, F, I, BT>, 1>,
+    g: Tensor<Gpu<R, F, I, BT>, 1>,
+    m: Tensor<Gpu<R, F, I, BT>, 1>,
+    v: Tensor<Gpu<R, F, I, BT>, 1>,
+    scale: Tensor<Gpu<R, F, I, BT>, 1>,
+    s: AdamWScalars,
+) -> [Tensor<Gpu<R, F, I, BT>, 1>; 3]
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let shape = p.shape();
+    let inputs = [p, g, m, v, scale].map(|t| t.into_primitive().tensor()).into();
+    let outs = queue::<R, F, I, BT, _>("kiln_adamw", inputs, vec![shape; 3], s, |desc, s, handles| {
+        let ([p, g, m, v, scale], outs) = desc.as_fixed::<5, 3>();
+        let inputs = [p, g, m, v, scale].map(|t| handles.get_float_tensor::<Cube<R, F, I, BT>>(t));
+        for (out, t) in outs.iter().zip(launch(inputs, s)) {
+            handles.register_float_tensor::<Cube<R, F, I, BT>>(&out.id, t);
         }
-    }
-
-    let [p, g, m, v, scale] = [p, g, m, v, scale].map(|t| t.into_primitive().tensor());
-    let client = p.client.clone();
-    let streams = OperationStreams::with_inputs([&p, &g, &m, &v, &scale]);
-    let out = || TensorIr::uninit(client.create_empty_handle(), p.shape.clone(), DType::F32);
-    let outputs = [out(), out(), out()];
-    let inputs = [p, g, m, v, scale].map(|t| t.into_ir());
-    let desc = CustomOpIr::new("kiln_adamw", &inputs, &outputs);
-    let op = AdamWOp::<R, F, I, BT> { desc: desc.clone(), s, _b: core::marker::PhantomData };
-    let outs: [_; 3] = match client.register(streams, OperationIr::Custom(desc), op).try_into() {
-        Ok(o) => o,
+    });
+    match <[_; 3]>::try_from(outs) {
+        Ok(o) => o.map(float),
         Err(o) => unreachable!("the op declares 3 outputs, fusion returned {}", o.len()),
-    };
-    outs.map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
+    }
 }
 
 /// The sum of the squares of every gradient, `[1]`, as one custom op of the fusion stream: inside
 /// it, `sum(g²)` of each gradient and the total run directly on the CubeCL backend (about 2 kernels
 /// a gradient), instead of 3 fusion ops a gradient (square, sum, add to the running total).
-fn squared_norm<R, F, I, BT>(grads: Vec<FloatTensor<Fusion<CubeBackend<R, F, I, BT>>>>) -> Tensor<Fusion<CubeBackend<R, F, I, BT>>, 1>
+/// `grads` is not empty.
+fn squared_norm<R, F, I, BT>(grads: Vec<FloatTensor<Gpu<R, F, I, BT>>>) -> Tensor<Gpu<R, F, I, BT>, 1>
 where
     R: CubeRuntime,
     F: FloatElement,
     I: IntElement,
     BT: BoolElement,
 {
-    type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
-
-    #[derive(Debug)]
-    struct SquaredNormOp<R, F, I, BT> {
-        desc: CustomOpIr,
-        _b: core::marker::PhantomData<(R, F, I, BT)>,
-    }
-
-    impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
-        Operation<<B<R, F, I, BT> as FusionBackend>::FusionRuntime> for SquaredNormOp<R, F, I, BT>
-    {
-        fn execute(
-            &self,
-            handles: &mut HandleContainer<<<B<R, F, I, BT> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>,
-        ) {
-            let sums: Vec<_> = self
-                .desc
-                .inputs
-                .iter()
-                .map(|t| {
-                    let g = handles.get_float_tensor::<B<R, F, I, BT>>(t);
-                    let g = <B<R, F, I, BT> as FloatTensorOps<_>>::float_reshape(g.clone(), Shape::new([g.meta.num_elements()])); // [N]
-                    <B<R, F, I, BT> as FloatTensorOps<_>>::float_sum(<B<R, F, I, BT> as FloatTensorOps<_>>::float_mul(g.clone(), g)) // [1]
-                })
-                .collect();
-            let all = <B<R, F, I, BT> as FloatTensorOps<_>>::float_cat(sums, 0); // [P]
-            let total = <B<R, F, I, BT> as FloatTensorOps<_>>::float_sum(all); // [1]
-            handles.register_float_tensor::<B<R, F, I, BT>>(&self.desc.outputs[0].id, total);
-        }
-    }
-
-    let client = grads[0].client.clone();
-    let streams = OperationStreams::with_inputs(grads.iter());
-    let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([1]), DType::F32);
-    let inputs: Vec<TensorIr> = grads.into_iter().map(|t| t.into_ir()).collect();
-    let desc = CustomOpIr::new("kiln_squared_norm", &inputs, &[out]);
-    let op = SquaredNormOp::<R, F, I, BT> { desc: desc.clone(), _b: core::marker::PhantomData };
-    let mut outs = client.register(streams, OperationIr::Custom(desc), op);
+    let mut outs = queue::<R, F, I, BT, _>("kiln_squared_norm", grads, vec![Shape::new([1])], (), |desc, (), handles| {
+        let sums: Vec<_> = desc
+            .inputs
+            .iter()
+            .map(|t| {
+                let g = handles.get_float_tensor::<Cube<R, F, I, BT>>(t);
+                // A backend's sum may keep the input's rank ([1, 1] for a matrix): make it [1].
+                let s = Cube::<R, F, I, BT>::float_sum(Cube::<R, F, I, BT>::float_mul(g.clone(), g));
+                Cube::<R, F, I, BT>::float_reshape(s, Shape::new([1])) // [1]
+            })
+            .collect();
+        let total = Cube::<R, F, I, BT>::float_sum(Cube::<R, F, I, BT>::float_cat(sums, 0)); // [P] -> [1]
+        handles.register_float_tensor::<Cube<R, F, I, BT>>(&desc.outputs[0].id, total);
+    });
     match outs.pop() {
-        Some(t) if outs.is_empty() => Tensor::from_primitive(TensorPrimitive::Float(t)),
+        Some(t) if outs.is_empty() => float(t),
         _ => unreachable!("the op declares 1 output"),
     }
 }
@@ -213,8 +229,8 @@ where
 /// Registers the kernel as the AdamW update of `Fusion<CubeBackend<R, ..>>` (Burn's `Wgpu` and
 /// `Cuda` with fusion, the inner backends of training), and the one-op squared gradient norm.
 pub fn register<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>() {
-    let f: AdamWFn<Fusion<CubeBackend<R, F, I, BT>>> = adamw::<R, F, I, BT>;
+    let f: AdamWFn<Gpu<R, F, I, BT>> = adamw::<R, F, I, BT>;
     kiln_models::registry::register(f);
-    let n: SquaredNormFn<Fusion<CubeBackend<R, F, I, BT>>> = squared_norm::<R, F, I, BT>;
+    let n: SquaredNormFn<Gpu<R, F, I, BT>> = squared_norm::<R, F, I, BT>;
     kiln_models::registry::register(n);
 }
