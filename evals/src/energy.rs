@@ -11,12 +11,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::Serialize;
+use kiln_recipes::Meter;
+use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_WATTS_PER_CORE: f64 = 12.0;
 pub const DEFAULT_GRID_GCO2_PER_KWH: f64 = 475.0;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     Counter,
@@ -35,7 +36,7 @@ impl Method {
 }
 
 /// One meter's share of a run's energy.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Component {
     pub meter: String,
     pub method: Method,
@@ -296,40 +297,36 @@ impl Meters {
     /// estimate. `rapl` and `nvml` fail if they cannot be read. When the run uses a GPU (`gpu`)
     /// and NVML cannot read it, `auto` says why and adds the GPU at its board power (TDP) as an
     /// estimate, or says the GPU is not counted when its TDP is unknown.
-    pub fn choose(kind: &str, powercap: &Path, watts_per_core: f64, idle_watts: f64, gpu: Option<&GpuInfo>) -> Result<(Self, Vec<String>), String> {
+    pub fn choose(kind: Meter, powercap: &Path, watts_per_core: f64, idle_watts: f64, gpu: Option<&GpuInfo>) -> Result<(Self, Vec<String>), String> {
         let estimate = || Box::new(Estimate::new(watts_per_core, idle_watts)) as Box<dyn EnergyMeter>;
-        if kind == "auto" || kind == "nvml" {
-            // The GPU's meter (if any) and notes; `None`: no GPU part, the CPU meters alone.
-            let gpu_part: Option<(Option<Box<dyn EnergyMeter>>, Vec<String>)> = match Nvml::open() {
-                Ok((nvml, notes)) => Some((Some(Box::new(nvml)), notes)),
-                Err(e) if kind == "nvml" => return Err(e),
-                Err(e) => gpu.map(|g| match g.tdp_watts {
-                    Some(w) => (
-                        Some(Box::new(GpuTdp::new(w)) as Box<dyn EnergyMeter>),
-                        vec![format!("{e}: the energy of {} is estimated at its board power, {w:.0} W, for the whole run (an upper bound)", g.name)],
-                    ),
-                    None => (None, vec![format!("{e}: the energy of {} is not counted (its board power is not in Kiln's table); only the CPU's is", g.name)]),
-                }),
-            };
-            if let Some((meter, mut notes)) = gpu_part {
-                let (cpu, more) = Self::choose("auto-cpu", powercap, watts_per_core, idle_watts, None)?;
-                notes.extend(more);
-                let meters: Vec<Box<dyn EnergyMeter>> = meter.into_iter().chain(cpu.meters).collect();
-                return Ok((Self::new(meters), notes));
-            }
-        }
         match kind {
-            "estimate" => Ok((Self::new(vec![estimate()]), vec![])),
-            "rapl" => {
+            Meter::Estimate => return Ok((Self::new(vec![estimate()]), vec![])),
+            Meter::Rapl => {
                 let (r, w) = Rapl::open(powercap)?;
-                Ok((Self::new(vec![Box::new(r)]), w))
+                return Ok((Self::new(vec![Box::new(r)]), w));
             }
-            "auto" | "auto-cpu" => match Rapl::open(powercap) {
-                Ok((r, w)) => Ok((Self::new(vec![Box::new(r)]), w)),
-                Err(e) => Ok((Self::new(vec![estimate()]), vec![format!("RAPL unavailable ({e}); using the CPU-time estimate")])),
-            },
-            other => Err(format!("unknown energy meter '{other}'; expected auto, nvml, rapl or estimate")),
+            Meter::Auto | Meter::Nvml => {}
         }
+        // The GPU's meter (if any) and notes; `None`: no GPU part, the CPU meters alone.
+        let gpu_part: Option<(Option<Box<dyn EnergyMeter>>, Vec<String>)> = match Nvml::open() {
+            Ok((nvml, notes)) => Some((Some(Box::new(nvml)), notes)),
+            Err(e) if kind == Meter::Nvml => return Err(e),
+            Err(e) => gpu.map(|g| match g.tdp_watts {
+                Some(w) => (
+                    Some(Box::new(GpuTdp::new(w)) as Box<dyn EnergyMeter>),
+                    vec![format!("{e}: the energy of {} is estimated at its board power, {w:.0} W, for the whole run (an upper bound)", g.name)],
+                ),
+                None => (None, vec![format!("{e}: the energy of {} is not counted (its board power is not in Kiln's table); only the CPU's is", g.name)]),
+            }),
+        };
+        // The CPU: RAPL where readable, else the estimate.
+        let (cpu, cpu_notes) = match Rapl::open(powercap) {
+            Ok((r, w)) => (Box::new(r) as Box<dyn EnergyMeter>, w),
+            Err(e) => (estimate(), vec![format!("RAPL unavailable ({e}); using the CPU-time estimate")]),
+        };
+        let (gpu_meter, mut notes) = gpu_part.unwrap_or_default();
+        notes.extend(cpu_notes);
+        Ok((Self::new(gpu_meter.into_iter().chain([cpu]).collect()), notes))
     }
 
     /// Cumulative joules and each component. A meter that fails keeps its last reading and
@@ -405,11 +402,10 @@ mod tests {
     #[test]
     fn no_rapl_means_the_estimate_and_says_so() {
         let d = tempfile::tempdir().unwrap();
-        let (m, notes) = Meters::choose("auto", d.path(), 10.0, 0.0, None).unwrap();
+        let (m, notes) = Meters::choose(Meter::Auto, d.path(), 10.0, 0.0, None).unwrap();
         assert_eq!(m.method(), Method::Estimate);
         assert!(notes[0].contains("RAPL unavailable"));
-        assert!(Meters::choose("rapl", d.path(), 10.0, 0.0, None).is_err());
-        assert!(Meters::choose("bogus", d.path(), 10.0, 0.0, None).is_err());
+        assert!(Meters::choose(Meter::Rapl, d.path(), 10.0, 0.0, None).is_err());
     }
 
     #[test]
@@ -422,7 +418,7 @@ mod tests {
         }
         let d = tempfile::tempdir().unwrap();
         let gpu = GpuInfo { name: "NVIDIA H200".into(), tdp_watts: Some(700.0) };
-        let (mut m, notes) = Meters::choose("auto", d.path(), 10.0, 0.0, Some(&gpu)).unwrap();
+        let (mut m, notes) = Meters::choose(Meter::Auto, d.path(), 10.0, 0.0, Some(&gpu)).unwrap();
         assert_eq!(m.meters.len(), 2);
         assert_eq!(m.meters[0].coverage(), "gpu-tdp-estimate");
         assert_eq!(m.method(), Method::Estimate);
@@ -434,7 +430,7 @@ mod tests {
         assert_eq!(comps.len(), 2);
 
         let unknown = GpuInfo { name: "Some GPU".into(), tdp_watts: None };
-        let (m, notes) = Meters::choose("auto", d.path(), 10.0, 0.0, Some(&unknown)).unwrap();
+        let (m, notes) = Meters::choose(Meter::Auto, d.path(), 10.0, 0.0, Some(&unknown)).unwrap();
         assert_eq!(m.meters.len(), 1);
         assert!(notes[0].contains("not counted"), "{notes:?}");
     }

@@ -1,5 +1,5 @@
-//! Kiln evals: a small `Task` trait and the tasks that implement it. Adding a task is one file
-//! under `tasks/` plus one line in [`parse_task`].
+//! Kiln evals: a small `Task` trait and the tasks that implement it (`tasks/`, with the registry
+//! of their names), the energy meters, and the report plots.
 //!
 //! Tasks talk to a model only through [`Scorer`] (log-probabilities and greedy generation), so
 //! the maths is testable with a hand-made scorer and any backend can serve.
@@ -12,6 +12,7 @@ pub mod tasks;
 use std::collections::BTreeMap;
 
 pub use scorer::{KernelScorer, ModelScorer, Scorer};
+pub use tasks::{parse_task, TASKS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -38,69 +39,56 @@ pub trait Task {
     /// `bpb`, `hellaswag`, `squad`, ...
     fn name(&self) -> String;
     fn run(&self, lm: &mut dyn Scorer) -> Result<TaskResult, EvalError>;
+    /// The data files the task reads (checked by [`check_files`] before any training).
+    fn files(&self) -> Vec<&std::path::Path> {
+        Vec::new()
+    }
 }
 
-/// Parses `name[:arg]`, as `kiln eval --task` and the recipe's `[eval]` take them:
-/// `bpb:FILE[@FROM]`, `hellaswag[:N]`, `squad[:N]`. Relative files are under `data_root`.
-pub fn parse_task(spec: &str, data_root: &std::path::Path) -> Result<Box<dyn Task>, EvalError> {
-    let (name, arg) = match spec.split_once(':') {
-        Some((n, a)) => (n, Some(a)),
-        None => (spec, None),
-    };
-    let count = |default: Option<usize>| -> Result<Option<usize>, EvalError> {
-        match arg {
-            None | Some("all") => Ok(default),
-            Some(a) => a.parse().map(Some).map_err(|_| EvalError::Spec {
-                spec: spec.into(),
-                message: format!("'{a}' is not a number of items"),
-                hint: format!("{name}:500 scores the first 500 items, {name}:all every one"),
-            }),
+/// Every file `task` reads is a regular file: checked before a run trains, so that a wrong path
+/// fails in seconds, not after the training it would have reported on.
+pub fn check_files(task: &dyn Task) -> Result<(), EvalError> {
+    for f in task.files() {
+        if !std::fs::metadata(f).is_ok_and(|m| m.is_file()) {
+            return Err(EvalError::Data(format!(
+                "task '{}': {} is not a readable file\n  hint: task files are under the data root (--data-root or KILN_DATA)",
+                task.name(),
+                f.display()
+            )));
         }
-    };
-    Ok(match name {
-        "bpb" => {
-            let file = arg.ok_or_else(|| EvalError::Spec {
-                spec: spec.into(),
-                message: "bpb needs a file".into(),
-                hint: "bpb:tinyshakespeare/input.txt (text or JSONL, under the data root)".into(),
-            })?;
-            let (file, from) = match file.rsplit_once('@') {
-                Some((f, x)) => {
-                    let from: f64 = x.parse().ok().filter(|v| (0.0..1.0).contains(v)).ok_or_else(|| EvalError::Spec {
-                        spec: spec.into(),
-                        message: format!("'@{x}' is not a fraction in [0, 1)"),
-                        hint: "bpb:FILE@0.9 scores the last 10% of FILE (Kiln's validation split)".into(),
-                    })?;
-                    (f, from)
-                }
-                None => (file, 0.0),
-            };
-            let mut t = tasks::bpb::Bpb::new(data_root.join(file));
-            t.from = from;
-            Box::new(t)
-        }
-        "hellaswag" => Box::new(tasks::hellaswag::HellaSwag::new(data_root.join(tasks::hellaswag::DEFAULT_PATH), count(None)?)),
-        "squad" => Box::new(tasks::squad::Squad::new(data_root.join(tasks::squad::DEFAULT_PATH), count(Some(200))?)),
-        other => {
-            return Err(EvalError::Spec {
-                spec: spec.into(),
-                message: format!("unknown task '{other}'"),
-                hint: "tasks: bpb:FILE, hellaswag[:N], squad[:N]".into(),
-            })
-        }
-    })
+    }
+    Ok(())
 }
 
-/// Runs each task, measuring its energy separately, and returns
-/// `{task: {metric: value, ..., "n", "seconds", "joules", "joules_per_item", "energy_method", "notes", "samples"?}}`.
-/// `on_done` sees each task's name and entry as it finishes (for printing).
+/// One task's result as reports keep it: its metrics (null where not finite), how many items,
+/// and what scoring them cost.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TaskEntry {
+    #[serde(flatten)]
+    pub metrics: BTreeMap<String, Option<f64>>,
+    pub n: usize,
+    pub seconds: f64,
+    pub joules: f64,
+    pub joules_per_item: f64,
+    pub energy_method: String,
+    #[serde(default)]
+    pub notes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<serde_json::Value>,
+}
+
+/// Task entries by task name.
+pub type Evals = BTreeMap<String, TaskEntry>;
+
+/// Runs each task, measuring its energy separately. `on_done` sees each task's name and entry as
+/// it finishes (for printing).
 pub fn run_tasks(
     tasks: &[Box<dyn Task>],
     lm: &mut dyn Scorer,
     meters: &mut energy::Meters,
-    mut on_done: impl FnMut(&str, &serde_json::Value),
-) -> Result<serde_json::Value, EvalError> {
-    let mut all = serde_json::Map::new();
+    mut on_done: impl FnMut(&str, &TaskEntry),
+) -> Result<Evals, EvalError> {
+    let mut all = Evals::new();
     for t in tasks {
         let t0 = std::time::Instant::now();
         let (j0, _, _) = meters.read();
@@ -120,20 +108,20 @@ pub fn run_tasks(
         let r = r?;
         let (j1, _, _) = meters.read();
         let joules = j1 - j0;
-        let mut v = serde_json::to_value(&r.metrics).unwrap_or_default();
-        v["n"] = r.n.into();
-        v["seconds"] = t0.elapsed().as_secs_f64().into();
-        v["joules"] = joules.into();
-        v["joules_per_item"] = (joules / r.n.max(1) as f64).into();
-        v["energy_method"] = meters.method().as_str().into();
-        v["notes"] = serde_json::to_value(&r.notes).unwrap_or_default();
-        if !r.samples.is_empty() {
-            v["samples"] = serde_json::Value::Array(r.samples.clone());
-        }
-        on_done(&t.name(), &v);
-        all.insert(t.name(), v);
+        let entry = TaskEntry {
+            metrics: r.metrics.iter().map(|(k, v)| (k.clone(), Some(*v).filter(|v| v.is_finite()))).collect(),
+            n: r.n,
+            seconds: t0.elapsed().as_secs_f64(),
+            joules,
+            joules_per_item: joules / r.n.max(1) as f64,
+            energy_method: meters.method().as_str().into(),
+            notes: r.notes,
+            samples: r.samples,
+        };
+        on_done(&t.name(), &entry);
+        all.insert(t.name(), entry);
     }
-    Ok(serde_json::Value::Object(all))
+    Ok(all)
 }
 
 /// A scorer that ticks a progress bar on every batch it scores or generates.
@@ -159,55 +147,39 @@ impl Scorer for Ticking<'_> {
     }
 }
 
-/// The keys of a task entry that are not metrics.
-const BOOKKEEPING: [&str; 7] = ["n", "seconds", "joules", "joules_per_item", "energy_method", "notes", "samples"];
-
-/// A JSON number with `d` decimals, or `n/a`.
-pub fn fmt_num(v: &serde_json::Value, d: usize) -> String {
-    v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "n/a".into())
+/// A number with `d` decimals, or `n/a`.
+pub fn fmt_num(v: Option<f64>, d: usize) -> String {
+    v.filter(|x| x.is_finite()).map(|x| format!("{x:.d$}")).unwrap_or_else(|| "n/a".into())
 }
 
 /// One line for a task's result: its metrics, items, time and energy.
-pub fn summary_line(name: &str, v: &serde_json::Value) -> String {
-    let metrics: Vec<String> = v
-        .as_object()
-        .map(|o| o.iter().filter(|(k, _)| !BOOKKEEPING.contains(&k.as_str())).map(|(k, x)| format!("{k} {:.4}", x.as_f64().unwrap_or(f64::NAN))).collect())
-        .unwrap_or_default();
-    let notes: String = v["notes"].as_array().map(|a| a.iter().filter_map(|n| n.as_str()).map(|n| format!("; {n}")).collect()).unwrap_or_default();
-    format!(
-        "{name:<10} {}  ({} items, {:.1} s, {:.1} J {}{notes})",
-        metrics.join("  "),
-        v["n"],
-        v["seconds"].as_f64().unwrap_or(0.0),
-        v["joules"].as_f64().unwrap_or(0.0),
-        v["energy_method"].as_str().unwrap_or("?")
-    )
+pub fn summary_line(name: &str, v: &TaskEntry) -> String {
+    let metrics: Vec<String> = v.metrics.iter().map(|(k, x)| format!("{k} {:.4}", x.unwrap_or(f64::NAN))).collect();
+    let notes: String = v.notes.iter().map(|n| format!("; {n}")).collect();
+    format!("{name:<10} {}  ({} items, {:.1} s, {:.1} J {}{notes})", metrics.join("  "), v.n, v.seconds, v.joules, v.energy_method)
 }
 
 /// A Markdown section for task results: a table, then notes and samples.
-pub fn evals_markdown(ev: &serde_json::Map<String, serde_json::Value>) -> String {
+pub fn evals_markdown(ev: &Evals) -> String {
     let f = fmt_num;
     let mut md = String::from("\n## Evals\n\n| task | metrics | items | seconds | joules (per item) |\n|---|---|---|---|---|\n");
     for (name, v) in ev {
-        let m: Vec<String> = v
-            .as_object()
-            .map(|o| o.iter().filter(|(k, _)| !BOOKKEEPING.contains(&k.as_str())).map(|(k, x)| format!("{k} {}", f(x, 4))).collect())
-            .unwrap_or_default();
+        let m: Vec<String> = v.metrics.iter().map(|(k, x)| format!("{k} {}", f(*x, 4))).collect();
         md.push_str(&format!(
             "| {name} | {} | {} | {} | {} ({}, {}) |\n",
             m.join(", "),
-            v["n"],
-            f(&v["seconds"], 1),
-            f(&v["joules"], 1),
-            f(&v["joules_per_item"], 3),
-            v["energy_method"].as_str().unwrap_or("?")
+            v.n,
+            f(Some(v.seconds), 1),
+            f(Some(v.joules), 1),
+            f(Some(v.joules_per_item), 3),
+            v.energy_method
         ));
     }
     for (name, v) in ev {
-        for n in v["notes"].as_array().into_iter().flatten().filter_map(|n| n.as_str()) {
+        for n in &v.notes {
             md.push_str(&format!("\n- {name}: {n}"));
         }
-        for s in v["samples"].as_array().into_iter().flatten() {
+        for s in &v.samples {
             if let Some(p) = s["prompt"].as_str() {
                 md.push_str(&format!("\n\n```text\n{p}{}\n```", s["completion"].as_str().unwrap_or("")));
             } else {

@@ -16,8 +16,7 @@ fn hellaswag_logliks_match_transformers() {
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fix.join("hf_tiny_llama_hellaswag.json")).unwrap()).unwrap();
     // The items themselves come from the data root (the fixture holds only their hashes).
-    let Some(data) = std::env::var_os("KILN_DATA") else {
-        println!("SKIP: KILN_DATA is not set (point it at ../shared/data to run this test)");
+    let Some(data) = kiln_models::skip::data_root() else {
         return;
     };
     let path = Path::new(&data).join(hellaswag::DEFAULT_PATH);

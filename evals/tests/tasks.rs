@@ -102,8 +102,7 @@ fn hellaswag_scoring_on_a_hand_made_fixture() {
 
 #[test]
 fn hellaswag_real_file_parses() {
-    let Some(root) = std::env::var_os("KILN_DATA") else {
-        println!("SKIP: KILN_DATA is not set (point it at ../shared/data to run this test)");
+    let Some(root) = kiln_models::skip::data_root() else {
         return;
     };
     let items = hellaswag::load(&std::path::Path::new(&root).join(hellaswag::DEFAULT_PATH)).unwrap();

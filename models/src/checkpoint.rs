@@ -8,13 +8,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::json;
 
 use crate::llama::{Llama, LlamaConfig, WeightSource};
+use crate::params::{visit_named, VisitNamed};
 use crate::tokenizer::Tokenizer;
 use crate::ModelError;
 
@@ -25,25 +26,18 @@ pub const TOKENIZER: &str = "tokenizer.json";
 /// A host-side tensor: name, shape, f32 values (row-major).
 pub type HostTensor = (String, Vec<usize>, Vec<f32>);
 
-/// Walks the module, tracking the path of each parameter (its Hugging Face name).
+/// Collects every parameter as a host tensor, by name.
 struct Collect {
-    path: Vec<String>,
     out: Vec<HostTensor>,
     hf_layout: bool,
 }
 
-impl<B: Backend> ModuleVisitor<B> for Collect {
-    fn enter_module(&mut self, name: &str, _container: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _name: &str, _container: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let name = format!("{}.weight", self.path.join("."));
+impl<B: Backend> VisitNamed<B> for Collect {
+    fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<B, D>>) {
         let t = param.val();
         let shape = t.dims().to_vec();
         let values: Vec<f32> = t.into_data().convert::<f32>().to_vec().unwrap_or_default();
+        let name = name.to_string();
         self.out.push(if self.hf_layout { to_hf_layout(name, shape, values) } else { (name, shape, values) });
     }
 }
@@ -65,35 +59,29 @@ fn to_hf_layout(name: String, shape: Vec<usize>, values: Vec<f32>) -> HostTensor
 
 /// Every parameter of the model, by Hugging Face name, in Hugging Face layout.
 pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<HostTensor> {
-    let mut c = Collect { path: Vec::new(), out: Vec::new(), hf_layout: true };
-    model.visit::<Collect>(&mut c);
+    let mut c = Collect { out: Vec::new(), hf_layout: true };
+    visit_named(model, &mut c);
     c.out
 }
 
 /// Every parameter of the model, by Hugging Face name, in Burn's layout (`[in, out]`).
 pub fn burn_tensors<B: Backend>(model: &Llama<B>) -> Vec<HostTensor> {
-    let mut c = Collect { path: Vec::new(), out: Vec::new(), hf_layout: false };
-    model.visit::<Collect>(&mut c);
+    let mut c = Collect { out: Vec::new(), hf_layout: false };
+    visit_named(model, &mut c);
     c.out
 }
 
 /// Each parameter's Hugging Face name and element count, without copying weights.
 pub fn param_sizes<B: Backend>(model: &Llama<B>) -> HashMap<String, usize> {
-    struct Sizes(Vec<String>, HashMap<String, usize>);
-    impl<B: Backend> ModuleVisitor<B> for Sizes {
-        fn enter_module(&mut self, name: &str, _c: &str) {
-            self.0.push(name.to_string());
-        }
-        fn exit_module(&mut self, _n: &str, _c: &str) {
-            self.0.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.1.insert(format!("{}.weight", self.0.join(".")), param.shape().num_elements());
+    struct Sizes(HashMap<String, usize>);
+    impl<B: Backend> VisitNamed<B> for Sizes {
+        fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<B, D>>) {
+            self.0.insert(name.to_string(), param.shape().num_elements());
         }
     }
-    let mut s = Sizes(Vec::new(), HashMap::new());
-    model.visit::<Sizes>(&mut s);
-    s.1
+    let mut s = Sizes(HashMap::new());
+    visit_named(model, &mut s);
+    s.0
 }
 
 /// The dtype weights are stored in.
@@ -136,6 +124,15 @@ pub fn write_safetensors(path: &Path, tensors: &[HostTensor], extra: &[(&str, St
 
 /// [`write_safetensors`] in a chosen dtype.
 pub fn write_safetensors_as(path: &Path, tensors: &[HostTensor], dtype: StoreDtype, extra: &[(&str, String)]) -> Result<(), ModelError> {
+    // Nothing is ever saved from a diverged state: a NaN or an infinity names its tensor instead.
+    if let Some((name, _, v)) = tensors.iter().find(|t| t.2.iter().any(|x| !x.is_finite())) {
+        let bad = v.iter().filter(|x| !x.is_finite()).count();
+        return Err(ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("'{name}' has {bad} non-finite value(s) (NaN or infinity); nothing was written"),
+            hint: "the training diverged: lower optim.lr, raise optim.warmup_steps or set optim.grad_clip".into(),
+        });
+    }
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, v)| match dtype {
@@ -160,7 +157,7 @@ pub fn write_safetensors_as(path: &Path, tensors: &[HostTensor], dtype: StoreDty
 
 /// Reads every tensor of a safetensors file as f32. A truncated or corrupt file is an error.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>, ModelError> {
-    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    let bytes = crate::read_regular(path, u64::MAX)?;
     let corrupt = |m: String| ModelError::Checkpoint {
         path: path.to_path_buf(),
         message: m,
@@ -176,6 +173,9 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<
             Dtype::F16 => data.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
             other => return Err(corrupt(format!("tensor {name} has dtype {other:?}; expected F32, BF16 or F16"))),
         };
+        if let Some(bad) = values.iter().find(|x| !x.is_finite()) {
+            return Err(corrupt(format!("tensor {name} holds {bad} (weights must be finite numbers)")));
+        }
         out.insert(name, (view.shape().to_vec(), values));
     }
     Ok(out)
@@ -228,7 +228,7 @@ impl SafetensorsSource {
         if single.is_file() || !index.is_file() {
             return Self::open(&single);
         }
-        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let text = String::from_utf8(crate::read_regular(&index, 64 << 20)?).map_err(|e| ModelError::io(&index, e))?;
         let bad = |m: String| ModelError::Checkpoint { path: index.clone(), message: m, hint: "re-export the model".into() };
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let map = v["weight_map"].as_object().ok_or_else(|| bad("no weight_map".into()))?;
@@ -331,7 +331,7 @@ pub fn hf_config_json(cfg: &LlamaConfig) -> serde_json::Value {
 
 /// Parses a Hugging Face Llama `config.json`.
 pub fn read_config(path: &Path) -> Result<LlamaConfig, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let text = String::from_utf8(crate::read_regular(path, 16 << 20)?).map_err(|e| ModelError::io(path, e))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint {
         path: path.to_path_buf(),
         message: format!("not valid JSON: {e}"),
@@ -344,6 +344,56 @@ pub fn read_config(path: &Path) -> Result<LlamaConfig, ModelError> {
     };
     let int = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or_else(|| bad(format!("missing or non-integer '{k}'")));
     // What Kiln's decoder does not implement is refused, all of it listed, rather than loaded wrong.
+    let unsupported = unsupported(&v);
+    let rope = v.get("rope_parameters").filter(|x| !x.is_null());
+    if !unsupported.is_empty() {
+        return Err(ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("unsupported: {}", unsupported.join(", ")),
+            hint: "Kiln implements the Llama architecture: RMSNorm, SwiGLU (silu), plain RoPE, no biases".into(),
+        });
+    }
+    let heads = int("num_attention_heads")?;
+    // Optional fields: absent or null is the default; present with the wrong type is an error.
+    let given = |k: &str| v.get(k).filter(|x| !x.is_null());
+    let num = |k: &str, x: Option<&serde_json::Value>, default: f64| match x {
+        None => Ok(default),
+        Some(x) => x.as_f64().ok_or_else(|| bad(format!("'{k}' must be a number, got {x}"))),
+    };
+    // A token id, or the first of a list of them (Llama 3 lists several end-of-turn ids).
+    let tok = |k: &str| -> Result<Option<u32>, ModelError> {
+        let Some(x) = given(k) else { return Ok(None) };
+        let first = x.as_array().and_then(|a| a.first()).unwrap_or(x);
+        match first.as_u64().filter(|&i| i <= u32::MAX as u64) {
+            Some(i) => Ok(Some(i as u32)),
+            None => Err(bad(format!("'{k}' must be a token id (0 to {}), got {x}", u32::MAX))),
+        }
+    };
+    let tie = match given("tie_word_embeddings") {
+        None => false,
+        Some(x) => x.as_bool().ok_or_else(|| bad(format!("'tie_word_embeddings' must be true or false, got {x}")))?,
+    };
+    let cfg = LlamaConfig {
+        vocab_size: int("vocab_size")?,
+        hidden_size: int("hidden_size")?,
+        intermediate_size: int("intermediate_size")?,
+        num_hidden_layers: int("num_hidden_layers")?,
+        num_attention_heads: heads,
+        num_key_value_heads: v.get("num_key_value_heads").and_then(|x| x.as_u64()).map_or(heads, |x| x as usize),
+        max_position_embeddings: int("max_position_embeddings")?,
+        rope_theta: num("rope_theta", given("rope_theta").or_else(|| rope.and_then(|r| r.get("rope_theta"))), 10000.0)?,
+        rms_norm_eps: num("rms_norm_eps", given("rms_norm_eps"), 1e-6)?,
+        tie_word_embeddings: tie,
+        bos_token_id: tok("bos_token_id")?,
+        eos_token_id: tok("eos_token_id")?,
+        pad_token_id: tok("pad_token_id")?,
+    };
+    cfg.check().map_err(|e| bad(e.to_string()))?;
+    Ok(cfg)
+}
+
+/// What a `config.json` asks for that Kiln's decoder does not implement.
+fn unsupported(v: &serde_json::Value) -> Vec<String> {
     let mut unsupported = Vec::new();
     if let Some(t) = v.get("model_type").and_then(|x| x.as_str()) {
         if !["llama", "mistral", "qwen2"].contains(&t) || (t != "llama" && v.get("sliding_window").is_some_and(|x| !x.is_null())) {
@@ -380,36 +430,7 @@ pub fn read_config(path: &Path) -> Result<LlamaConfig, ModelError> {
     if v.get("model_type").and_then(|x| x.as_str()) == Some("qwen2") {
         unsupported.push("qwen2 attention biases".into());
     }
-    if !unsupported.is_empty() {
-        return Err(ModelError::Checkpoint {
-            path: path.to_path_buf(),
-            message: format!("unsupported: {}", unsupported.join(", ")),
-            hint: "Kiln implements the Llama architecture: RMSNorm, SwiGLU (silu), plain RoPE, no biases".into(),
-        });
-    }
-    let heads = int("num_attention_heads")?;
-    let tok = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as u32);
-    let cfg = LlamaConfig {
-        vocab_size: int("vocab_size")?,
-        hidden_size: int("hidden_size")?,
-        intermediate_size: int("intermediate_size")?,
-        num_hidden_layers: int("num_hidden_layers")?,
-        num_attention_heads: heads,
-        num_key_value_heads: v.get("num_key_value_heads").and_then(|x| x.as_u64()).map_or(heads, |x| x as usize),
-        max_position_embeddings: int("max_position_embeddings")?,
-        rope_theta: v
-            .get("rope_theta")
-            .or_else(|| rope.and_then(|r| r.get("rope_theta")))
-            .and_then(|x| x.as_f64())
-            .unwrap_or(10000.0),
-        rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
-        tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
-        bos_token_id: tok("bos_token_id"),
-        eos_token_id: tok("eos_token_id"),
-        pad_token_id: tok("pad_token_id"),
-    };
-    cfg.check().map_err(|e| bad(e.to_string()))?;
-    Ok(cfg)
+    unsupported
 }
 
 /// Writes `dir` as a Hugging Face model folder (weights, config, tokenizer), atomically:
@@ -455,11 +476,35 @@ pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<(), Model
 pub fn load_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Llama<B>, LlamaConfig, Tokenizer), ModelError> {
     let cfg = read_config(&dir.join(CONFIG))?;
     let tok = Tokenizer::load(&dir.join(TOKENIZER))?;
+    check_tokenizer(&tok, &cfg, dir)?;
     let mut src = SafetensorsSource::open_dir(dir)?;
+    // A tied model reads no head: one stored with other values would be dropped without a word.
+    let (head, embed) = (src.tensors.get("lm_head.weight"), src.tensors.get("model.embed_tokens.weight"));
+    if let (true, Some(h), Some(e)) = (cfg.tie_word_embeddings, head, embed) {
+        if h != e {
+            return Err(ModelError::Checkpoint {
+                path: dir.join(CONFIG),
+                message: "tie_word_embeddings is true, but the weights hold an lm_head.weight that differs from the embedding".into(),
+                hint: "set \"tie_word_embeddings\": false in config.json to use the stored head".into(),
+            });
+        }
+    }
     let model = Llama::build(&cfg, &mut src, device).map_err(|e| ModelError::Checkpoint {
         path: dir.join(WEIGHTS),
         message: e.to_string(),
         hint: "the weights do not match config.json".into(),
     })?;
     Ok((model, cfg, tok))
+}
+
+/// The tokenizer's ids must all be rows of the embedding: a larger tokenizer would index past it.
+pub fn check_tokenizer(tok: &Tokenizer, cfg: &LlamaConfig, dir: &Path) -> Result<(), ModelError> {
+    if tok.vocab_size() > cfg.vocab_size {
+        return Err(ModelError::Checkpoint {
+            path: dir.join(TOKENIZER),
+            message: format!("the tokenizer has {} tokens, more than the model's vocabulary of {}", tok.vocab_size(), cfg.vocab_size),
+            hint: "the tokenizer and config.json come from different models; copy the tokenizer that belongs to these weights".into(),
+        });
+    }
+    Ok(())
 }

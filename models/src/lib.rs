@@ -8,14 +8,23 @@ pub mod generate;
 pub mod init;
 pub mod llama;
 pub mod loss;
+pub mod params;
 pub mod presets;
 pub mod registry;
+pub mod skip;
 pub mod tokenizer;
 
 pub use llama::{Llama, LlamaConfig};
 pub use tokenizer::Tokenizer;
 
 use std::path::PathBuf;
+
+/// Registers Kiln's fused ops (attention.rs, loss.rs) for `Autodiff<B, C>` (and the loss's
+/// forward alone for `B`, used by evaluation), in `registry.rs`'s table.
+pub fn register_fused_ops<B: burn::tensor::backend::Backend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>() {
+    attention::register_autodiff::<B, C>();
+    loss::register_autodiff::<B, C>();
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -37,4 +46,17 @@ impl ModelError {
     pub fn io(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
         ModelError::Io { path: path.into(), message: message.to_string() }
     }
+}
+
+/// Reads a whole file that must be a regular file of at most `max` bytes: a FIFO, a device or a
+/// link to one (which would block, or never end) and an oversized file are errors naming it.
+pub fn read_regular(path: &std::path::Path, max: u64) -> Result<Vec<u8>, ModelError> {
+    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(ModelError::io(path, "not a regular file (a FIFO, a device or a folder); Kiln reads model files only from regular files"));
+    }
+    if meta.len() > max {
+        return Err(ModelError::io(path, format!("{} bytes, more than the {max} this file may have", meta.len())));
+    }
+    std::fs::read(path).map_err(|e| ModelError::io(path, e))
 }

@@ -19,6 +19,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 
+/// The longest context a config may declare (RoPE tables and attention are sized by it).
+pub const MAX_CONTEXT: usize = 1 << 20;
+/// The most parameters a config may declare: far above what Kiln trains, far below an overflow.
+pub const MAX_PARAMS: usize = 1 << 40;
+
 /// Model hyperparameters. Field names are those of Hugging Face's Llama `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
@@ -46,6 +51,9 @@ impl LlamaConfig {
     /// Checks the invariants the decoder relies on.
     pub fn check(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Config(m));
+        if self.num_attention_heads == 0 || self.hidden_size == 0 {
+            return bad(format!("hidden_size {} and num_attention_heads {} must be positive", self.hidden_size, self.num_attention_heads));
+        }
         if self.hidden_size % self.num_attention_heads != 0 {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
@@ -64,7 +72,33 @@ impl LlamaConfig {
         if self.vocab_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {
             return bad("vocab_size, num_hidden_layers and intermediate_size must be positive".into());
         }
-        Ok(())
+        if !(2..=MAX_CONTEXT).contains(&self.max_position_embeddings) {
+            return bad(format!("max_position_embeddings {} must be between 2 and {MAX_CONTEXT}", self.max_position_embeddings));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!("rope_theta {} must be a positive number", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            return bad(format!("rms_norm_eps {} must be a positive number below 1", self.rms_norm_eps));
+        }
+        match self.checked_params() {
+            Some(n) if n <= MAX_PARAMS => Ok(()),
+            _ => bad(format!(
+                "{} layers of width {} (SwiGLU {}, vocabulary {}) make more than {MAX_PARAMS} parameters",
+                self.num_hidden_layers, self.hidden_size, self.intermediate_size, self.vocab_size
+            )),
+        }
+    }
+
+    /// Trainable parameters, or `None` where the count overflows (a config that `check` refuses).
+    pub fn checked_params(&self) -> Option<usize> {
+        let (d, f, v, l) = (self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers);
+        let kv = self.num_key_value_heads.checked_mul(self.head_dim())?;
+        let layer = [d.checked_mul(d)?.checked_mul(2)?, d.checked_mul(kv)?.checked_mul(2)?, d.checked_mul(f)?.checked_mul(3)?, d.checked_mul(2)?];
+        let layer = layer.iter().try_fold(0usize, |a, &x| a.checked_add(x))?;
+        let embed = v.checked_mul(d)?;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed.checked_add(l.checked_mul(layer)?)?.checked_add(d)?.checked_add(head)
     }
 
     /// Trainable parameters.

@@ -29,10 +29,3 @@ pub fn registered<F: Copy + Send + Sync + 'static>() -> Option<F> {
     let t = table().lock().ok()?;
     t.get(&TypeId::of::<F>()).and_then(|f| f.downcast_ref::<F>()).copied()
 }
-
-/// Registers Kiln's fused ops (attention.rs, loss.rs) for `Autodiff<B, C>` (and the loss's
-/// forward alone for `B`, used by evaluation).
-pub fn register_fused_ops<B: burn::tensor::backend::Backend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>() {
-    crate::attention::register_autodiff::<B, C>();
-    crate::loss::register_autodiff::<B, C>();
-}

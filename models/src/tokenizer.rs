@@ -113,13 +113,17 @@ impl Tokenizer {
 
     /// Loads a `tokenizer.json`. A file that does not parse is an error naming the file.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-        let t = HfTokenizer::from_bytes(&bytes).map_err(|e| {
+        let bytes = crate::read_regular(path, 1 << 30)?;
+        let invalid = |e: &dyn std::fmt::Display| {
             ModelError::Tokenizer(format!(
                 "{}: not a valid tokenizer.json ({e}); hint: re-create it with `kiln tokenizer train` or copy it from the model it belongs to",
                 path.display()
             ))
-        })?;
+        };
+        // JSON first: `tokenizers` panics on some damaged files (a truncated decoder section).
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).map_err(|e| invalid(&e))?;
+        let parsed = std::panic::catch_unwind(|| HfTokenizer::from_bytes(&bytes)).map_err(|_| invalid(&"the tokenizers library could not read it"))?;
+        let t = parsed.map_err(|e| invalid(&e))?;
         Self::from_hf(t)
     }
 

@@ -104,8 +104,7 @@ fn truncated_checkpoint_is_a_clear_error() {
 
 #[test]
 fn gpt2_tokenizer_from_the_data_root() {
-    let Some(root) = std::env::var_os("KILN_DATA") else {
-        println!("SKIP: KILN_DATA is not set (point it at ../shared/data to run this test)");
+    let Some(root) = kiln_models::skip::data_root() else {
         return;
     };
     let dir = std::path::Path::new(&root).join("gpt2_tokenizer");

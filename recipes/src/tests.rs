@@ -85,11 +85,11 @@ fn round_trips_through_toml() {
     assert_eq!(r, again);
 }
 
-/// Every schema field (a `pub` field of a section struct in lib.rs) is in README's recipe reference.
+/// Every schema field (a `pub` field of a section struct in schema.rs) is in README's recipe reference.
 #[test]
 fn readme_documents_every_field() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let src = std::fs::read_to_string(root.join("src/lib.rs")).unwrap();
+    let src = std::fs::read_to_string(root.join("src/schema.rs")).unwrap();
     let readme = std::fs::read_to_string(root.join("../README.md")).unwrap();
     let sections = [
         ("Recipe", ""),
@@ -126,4 +126,35 @@ fn readme_documents_every_field() {
         prev_doc = t.starts_with("///");
     }
     assert!(checked >= 30, "only {checked} fields found");
+}
+
+/// Values that used to pass silently: each is refused, naming its key.
+#[test]
+fn out_of_range_values_name_their_key() {
+    for (text, key) in [
+        ("[model]\nnorm_eps = nan\n", "model.norm_eps"),
+        ("[model]\nrope_theta = inf\n", "model.rope_theta"),
+        ("[model]\nrope_theta = -1.0\n", "model.rope_theta"),
+        ("[model]\nnorm_eps = 0.0\n", "model.norm_eps"),
+        ("[model]\ncontext = 1\n", "model.context"),
+        ("[model]\nd_model = 9223372036854775807\n", "model.d_model"),
+        ("[optim]\neps = inf\n", "optim.eps"),
+        ("[optim]\nweight_decay = inf\n", "optim.weight_decay"),
+        ("[optim]\ngrad_clip = inf\n", "optim.grad_clip"),
+        ("[optim]\nlr = 9e18\nmin_lr = 0.0\n", "optim.lr"),
+        ("[train]\nbatch_size = 9223372036854775807\n", "train.batch_size"),
+        ("[train]\ngrad_accum = 9223372036854775807\n", "train.grad_accum"),
+        ("[train]\neval_batches = 9223372036854775807\n", "train.eval_batches"),
+        ("name = \"a\\nb\"\n", "name"),
+        ("name = \"a\\u0000b\"\n", "name"),
+        ("train = [1, 2]\n", "train"),
+        ("[train]\ndevice = \"cuda:+1\"\n", "train.device"),
+        ("[train]\nprecision = \"bf17\"\n", "train.precision"),
+        ("[energy]\nmeter = \"joulemeter\"\n", "energy.meter"),
+    ] {
+        let e = parse(text, &[]).err().unwrap_or_else(|| panic!("accepted: {text}"));
+        assert_eq!(e.key(), Some(key), "{text}: {e}");
+    }
+    let long = format!("name = \"{}\"\n", "x".repeat(4000));
+    assert_eq!(parse(&long, &[]).unwrap_err().key(), Some("name"));
 }

@@ -10,6 +10,8 @@ use kiln_models::checkpoint::{self, hf_config_json, read_config, write_atomicall
 use kiln_models::Tokenizer;
 use serde_json::{json, Value};
 
+use crate::report::Report;
+
 pub struct ExportOptions {
     pub dtype: StoreDtype,
     pub max_shard_bytes: usize,
@@ -31,7 +33,7 @@ pub fn export(model: &Path, run: Option<&Path>, out: &Path, o: &ExportOptions) -
     let cfg = read_config(&model.join(checkpoint::CONFIG))?;
     let tok = Tokenizer::load(&model.join(checkpoint::TOKENIZER))?;
     let tensors = SafetensorsSource::open_dir(model)?.into_tensors();
-    let report = run.and_then(|r| read_json(&r.join("report.json")));
+    let report = run.and_then(|r| crate::report::Report::load(r).ok());
     let manifest = run.and_then(|r| read_json(&r.join("manifest.json")));
     let plan = run.and_then(|r| std::fs::read_to_string(r.join("plan.toml")).ok());
     let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
@@ -76,7 +78,7 @@ fn chat_template(model: &Path, manifest: Option<&Value>) -> Option<String> {
     from(model).or_else(|| from(Path::new(manifest?["init"].as_str()?)))
 }
 
-fn model_card(name: &str, cfg: &kiln_models::LlamaConfig, o: &ExportOptions, rep: Option<&Value>, man: Option<&Value>, plan: Option<&str>) -> String {
+fn model_card(name: &str, cfg: &kiln_models::LlamaConfig, o: &ExportOptions, rep: Option<&Report>, man: Option<&Value>, plan: Option<&str>) -> String {
     let mut y = String::from("---\n");
     y += &format!("license: {}\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- kiln\n- llama\n", q(&o.license));
     let datasets: Vec<String> = man
@@ -90,21 +92,18 @@ fn model_card(name: &str, cfg: &kiln_models::LlamaConfig, o: &ExportOptions, rep
         }
     }
     if let Some(r) = rep {
-        let mut metrics = Vec::new();
-        for (k, label) in [("val_loss", "validation loss"), ("val_bpb", "validation bits per byte")] {
-            if let Some(v) = r["quality"][k].as_f64() {
-                metrics.push((k.to_string(), label.to_string(), v));
-            }
-        }
-        for (task, m) in r["evals"].as_object().into_iter().flatten() {
-            for (k, v) in m.as_object().into_iter().flatten() {
-                if ["acc", "acc_norm", "bpb", "perplexity", "em", "f1"].contains(&k.as_str()) {
-                    if let Some(v) = v.as_f64() {
-                        metrics.push((format!("{task}_{k}"), format!("{task} {k}"), v));
-                    }
+        let mut metrics = vec![
+            ("val_loss".to_string(), "validation loss".to_string(), r.quality.val_loss),
+            ("val_bpb".to_string(), "validation bits per byte".to_string(), r.quality.val_bpb),
+        ];
+        for (task, m) in &r.evals {
+            for (k, v) in &m.metrics {
+                if let (true, Some(v)) = (["acc", "acc_norm", "bpb", "perplexity", "em", "f1"].contains(&k.as_str()), v) {
+                    metrics.push((format!("{task}_{k}"), format!("{task} {k}"), *v));
                 }
             }
         }
+        metrics.retain(|m| m.2.is_finite());
         if !metrics.is_empty() {
             y += &format!("model-index:\n- name: {}\n  results:\n  - task:\n      type: text-generation\n      name: Text Generation\n", q(name));
             let ds = datasets.first().cloned().unwrap_or_else(|| "training data".into());
@@ -113,21 +112,14 @@ fn model_card(name: &str, cfg: &kiln_models::LlamaConfig, o: &ExportOptions, rep
                 y += &format!("    - type: {}\n      name: {}\n      value: {v}\n", q(&k), q(&label));
             }
         }
-        let e = &r["energy"];
-        if let (Some(g), Some(method)) = (e["gco2e"].as_f64(), e["method"].as_str()) {
-            let hw = format!(
-                "{} ({} backend, {} threads)",
-                man.and_then(|m| m["host"].as_str()).unwrap_or("unknown host"),
-                r["backend"].as_str().unwrap_or("?"),
-                r["threads"]
-            );
-            y += &format!(
-                "co2_eq_emissions:\n  emissions: {g}\n  source: {}\n  training_type: pre-training\n  hardware_used: {}\n",
-                q(&format!("Kiln energy meter ({method}, {}), {:.0} J at {} gCO2e/kWh", e["coverage"].as_str().unwrap_or("?"),
-                    e["joules"].as_f64().unwrap_or(0.0), e["grid_gco2_per_kwh"])),
-                q(&hw)
-            );
-        }
+        let e = &r.energy;
+        let hw = format!("{} ({} backend, {} threads)", man.and_then(|m| m["host"].as_str()).unwrap_or("unknown host"), r.backend, r.threads);
+        y += &format!(
+            "co2_eq_emissions:\n  emissions: {}\n  source: {}\n  training_type: pre-training\n  hardware_used: {}\n",
+            e.gco2e,
+            q(&format!("Kiln energy meter ({}, {}), {:.0} J at {} gCO2e/kWh", e.method, e.coverage, e.joules, e.grid_gco2_per_kwh)),
+            q(&hw)
+        );
     }
     y += "---\n\n";
     y += &format!("# {name}\n\nA Llama-style decoder trained with [Kiln](https://github.com/) (Rust, Burn). It loads in `transformers` as `LlamaForCausalLM`:\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained(\"{name}\")\ntokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n```\n\n");
@@ -137,24 +129,20 @@ fn model_card(name: &str, cfg: &kiln_models::LlamaConfig, o: &ExportOptions, rep
         cfg.intermediate_size, cfg.max_position_embeddings, cfg.vocab_size, o.dtype.torch_name()
     );
     if let Some(r) = rep {
+        let t = &r.throughput;
         y += &format!(
             "## Training\n\n{} steps, {} tokens, {:.0} s of wall time on {} ({} threads). Stopped by: {}.\n\n",
-            r["steps"], r["throughput"]["tokens"], r["throughput"]["wall_s"].as_f64().unwrap_or(0.0),
-            r["backend"].as_str().unwrap_or("?"), r["threads"], r["stop_reason"].as_str().unwrap_or("steps")
+            r.steps, t.tokens, t.wall_s, r.backend, r.threads, r.stop_reason
         );
-        y += &format!(
-            "## Scores\n\nValidation loss {:.4} nats/token, {:.4} bits per byte.\n\n",
-            r["quality"]["val_loss"].as_f64().unwrap_or(f64::NAN), r["quality"]["val_bpb"].as_f64().unwrap_or(f64::NAN)
-        );
-        if let Some(ev) = r["evals"].as_object().filter(|o| !o.is_empty()) {
-            y += &kiln_evals::evals_markdown(ev);
+        y += &format!("## Scores\n\nValidation loss {:.4} nats/token, {:.4} bits per byte.\n\n", r.quality.val_loss, r.quality.val_bpb);
+        if !r.evals.is_empty() {
+            y += &kiln_evals::evals_markdown(&r.evals);
             y += "\n";
         }
-        let e = &r["energy"];
+        let e = &r.energy;
         y += &format!(
             "## Energy\n\n{:.1} J ({:.6} kWh), {:.3e} J per token, {:.3} gCO2e. Method: **{}** ({}).\n\n",
-            e["joules"].as_f64().unwrap_or(0.0), e["kwh"].as_f64().unwrap_or(0.0), e["j_per_token"].as_f64().unwrap_or(0.0),
-            e["gco2e"].as_f64().unwrap_or(0.0), e["method"].as_str().unwrap_or("?"), e["coverage"].as_str().unwrap_or("?")
+            e.joules, e.kwh, e.j_per_token, e.gco2e, e.method, e.coverage
         );
     }
     if let Some(p) = plan {

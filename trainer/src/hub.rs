@@ -4,10 +4,41 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use hf_hub::{HFClient, HFRepositorySync, RepoType};
 
-use crate::data::sources::HfUri;
+/// A parsed `hf://` URI: `hf://[datasets/]<org>/<name>[@rev][/path]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfUri {
+    pub dataset: bool,
+    pub org: String,
+    pub name: String,
+    pub revision: Option<String>,
+    pub path: String,
+}
+
+impl HfUri {
+    pub fn parse(uri: &str) -> Result<Self> {
+        let rest = uri.strip_prefix("hf://").with_context(|| format!("'{uri}' does not start with hf://"))?;
+        let (dataset, rest) = match rest.strip_prefix("datasets/") {
+            Some(r) => (true, r),
+            None => (false, rest),
+        };
+        let mut parts = rest.splitn(3, '/');
+        let org = parts.next().unwrap_or_default();
+        let name_rev = parts.next().unwrap_or_default();
+        let path = parts.next().unwrap_or_default().to_string();
+        if org.is_empty() || name_rev.is_empty() {
+            bail!("'{uri}': expected hf://[datasets/]<org>/<name>[@rev][/path]");
+        }
+        let (name, revision) = match name_rev.split_once('@') {
+            Some((n, r)) => (n.to_string(), Some(r.to_string())),
+            None => (name_rev.to_string(), None),
+        };
+        Ok(Self { dataset, org: org.into(), name, revision, path })
+    }
+}
+
 
 fn offline() -> bool {
     matches!(std::env::var("HF_HUB_OFFLINE").as_deref(), Ok("1") | Ok("true") | Ok("TRUE") | Ok("yes"))
@@ -43,6 +74,44 @@ pub fn download(uri: &HfUri, cache: &Path) -> Result<PathBuf> {
                 format!("{what}: download failed\n  hint: check the name, HF_ENDPOINT, and HF_TOKEN for private repos")
             }
         })
+}
+
+/// Downloads a model, `hf://<org>/<name>[@rev]`: `config.json`, `tokenizer.json`,
+/// `tokenizer_config.json` when there is one, and `model.safetensors` (or the index and every
+/// shard it names). Returns the snapshot folder that holds them.
+pub fn download_model(spec: &str, cache: &Path) -> Result<PathBuf> {
+    use kiln_models::checkpoint::{INDEX, WEIGHTS};
+    let uri = HfUri::parse(spec)?;
+    if uri.dataset || !uri.path.is_empty() {
+        bail!("{spec}: expected a model, hf://<org>/<name>[@rev]");
+    }
+    let get = |f: &str| download(&HfUri { path: f.into(), ..uri.clone() }, cache);
+    get("config.json")?;
+    get("tokenizer.json")?;
+    // Optional: carries a chat template through fine-tuning and export.
+    if let Err(e) = get("tokenizer_config.json") {
+        tracing::debug!("{spec}: no tokenizer_config.json ({e:#})");
+    }
+    // One file, else the shards an index names (hf-hub puts them all in one snapshot folder).
+    let weights = match get(WEIGHTS) {
+        Ok(w) => w,
+        Err(single) => {
+            let index = get(INDEX).map_err(|_| single.context(format!("{spec}: neither {WEIGHTS} nor {INDEX} could be fetched")))?;
+            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)
+                .with_context(|| format!("{spec}: {INDEX} is not valid JSON"))?;
+            let shards: std::collections::BTreeSet<String> = v["weight_map"]
+                .as_object()
+                .with_context(|| format!("{spec}: {INDEX} has no weight_map"))?
+                .values()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect();
+            for shard in &shards {
+                get(shard)?;
+            }
+            index
+        }
+    };
+    weights.parent().map(Path::to_path_buf).context("no download folder")
 }
 
 fn fetch<T: RepoType>(repo: HFRepositorySync<T>, uri: &HfUri, offline: bool) -> hf_hub::HFResult<PathBuf> {

@@ -4,16 +4,28 @@
 //! moments by the parameter's Hugging Face name (so a checkpoint restores them to the right
 //! tensors in any process), decays matrices only (never norms or biases), and clips on the
 //! global gradient norm rather than per tensor.
+//!
+//! The update is written once, [`AdamWScalars::update`], for one element:
+//!
+//! ```text
+//! g' = g · scale                      (scale: the clip factor, clip_scale)
+//! m' = β1·m + (1 − β1)·g'             v' = β2·v + (1 − β2)·g'²
+//! p' = p − shrink·p − lr · (m'·k1) / (√(v'·k2) + ε)     k1, k2: bias corrections, shrink = lr·decay
+//! ```
+//!
+//! The CPU kernels' engine runs it over flat buffers; Burn's graph runs the same formula as
+//! tensor ops ([`AdamW::step`]), or, on the GPU backends, as one CubeCL kernel per parameter
+//! (`optim_cube.rs`), which a test checks against this function.
 
 use std::collections::HashMap;
 
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
 use kiln_models::checkpoint::HostTensor;
-use kiln_models::cpu_kernels::Layout;
+use kiln_models::params::{map_named, MapNamed};
 use kiln_recipes::OptimSection;
 
 /// Linear warmup from 0 to `lr`, then cosine decay to `min_lr` at `total` steps.
@@ -27,36 +39,71 @@ pub fn learning_rate(o: &OptimSection, step: usize, total: usize) -> f64 {
     o.min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (o.lr - o.min_lr)
 }
 
+/// The factor that clips a gradient of global norm `norm` to `clip` (1 when `clip` is 0 or the
+/// norm is within it).
+pub fn clip_scale(norm: f64, clip: f64) -> f64 {
+    if clip > 0.0 && norm > clip {
+        clip / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+/// The scalars of one AdamW update: learning rate, `lr · weight_decay` (0 for vectors), the
+/// betas, the bias corrections `1 / (1 − βᵗ)` and epsilon.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWScalars {
+    pub lr: f32,
+    pub shrink: f32,
+    pub b1: f32,
+    pub b2: f32,
+    pub k1: f32,
+    pub k2: f32,
+    pub eps: f32,
+}
+
+impl AdamWScalars {
+    /// Step `t` (counted from 1) at learning rate `lr`, for a parameter of rank `rank` (matrices
+    /// are decayed, vectors not).
+    pub fn new(c: &OptimSection, t: u64, lr: f64, rank: usize) -> Self {
+        let t = t as i32;
+        let decay = if rank >= 2 { c.weight_decay } else { 0.0 };
+        Self {
+            lr: lr as f32,
+            shrink: (lr * decay) as f32,
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            k1: (1.0 / (1.0 - c.beta1.powi(t))) as f32,
+            k2: (1.0 / (1.0 - c.beta2.powi(t))) as f32,
+            eps: c.eps as f32,
+        }
+    }
+
+    /// The update of one element with gradient `g` and clip factor `scale`.
+    #[inline(always)]
+    pub fn update(&self, p: &mut f32, g: f32, m: &mut f32, v: &mut f32, scale: f32) {
+        let g = g * scale;
+        *m = *m * self.b1 + g * (1.0 - self.b1);
+        *v = *v * self.b2 + g * g * (1.0 - self.b2);
+        let update = (*m * self.k1) / ((*v * self.k2).sqrt() + self.eps);
+        *p = *p - *p * self.shrink - update * self.lr;
+    }
+}
+
 /// The moments of one parameter, flattened.
 pub struct Moments<B: Backend> {
     pub m: Tensor<B, 1>,
     pub v: Tensor<B, 1>,
 }
 
+/// AdamW's configuration, step count, and (on Burn's graph) moments by parameter name. The CPU
+/// kernels' engine takes the moments into its flat buffers on its first step.
 pub struct AdamW<B: Backend> {
     pub cfg: OptimSection,
     /// Optimizer steps taken (for bias correction).
     pub t: u64,
-    /// Moments as Burn tensors, by parameter name (the Burn path).
+    /// Moments as Burn tensors, by parameter name.
     pub state: HashMap<String, Moments<B>>,
-    /// Moments in the CPU kernels' flat layout (the fused CPU path; see [`AdamW::step_flat`]).
-    /// When present, `state` is empty.
-    flat: Option<FlatMoments>,
-}
-
-struct FlatMoments {
-    layout: Layout,
-    m: Vec<f32>,
-    v: Vec<f32>,
-}
-
-/// The module path of the parameter being visited; its Hugging Face name is `name()`.
-pub(crate) struct PathStack(pub(crate) Vec<String>);
-
-impl PathStack {
-    pub(crate) fn name(&self) -> String {
-        format!("{}.weight", self.0.join("."))
-    }
 }
 
 /// Sums the squares of every gradient, on the device; or, with `collected` (for a backend's
@@ -96,21 +143,6 @@ pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, gra
     }
 }
 
-use burn::tensor::{DType, ElementConversion};
-
-/// The scalars of one AdamW update: learning rate, `lr · weight_decay` (0 for vectors), the
-/// betas, the bias corrections `1 / (1 − βᵗ)` and epsilon.
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWScalars {
-    pub lr: f32,
-    pub shrink: f32,
-    pub b1: f32,
-    pub b2: f32,
-    pub k1: f32,
-    pub k2: f32,
-    pub eps: f32,
-}
-
 /// A backend's AdamW update of one parameter as one op: `(p, g, m, v, clip scale [1])` ->
 /// `(p', m', v')`, all f32 and `[N]` but the scale. Registered per backend (`register`).
 pub type AdamWFn<B> = fn(Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, AdamWScalars) -> [Tensor<B, 1>; 3];
@@ -123,6 +155,7 @@ pub fn registered<B: Backend>() -> Option<AdamWFn<B>> {
     kiln_models::registry::registered::<AdamWFn<B>>()
 }
 
+/// One AdamW step over Burn's parameters, by name.
 struct Step<'a, B: AutodiffBackend> {
     opt: &'a mut AdamW<B::InnerBackend>,
     grads: &'a mut GradientsParams,
@@ -130,32 +163,20 @@ struct Step<'a, B: AutodiffBackend> {
     /// The clip factor, `[1]` on the device (`None`: no clipping; the one-kernel update then sets
     /// it to 1 on first use).
     scale: Option<Tensor<B::InnerBackend, 1>>,
-    path: PathStack,
     /// The backend's one-kernel update, where one is registered (optim_cube.rs).
     fused: Option<AdamWFn<B::InnerBackend>>,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for Step<'_, B> {
-    fn enter_module(&mut self, name: &str, _c: &str) {
-        self.path.0.push(name.to_string());
-    }
-    fn exit_module(&mut self, _name: &str, _c: &str) {
-        self.path.0.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+impl<B: AutodiffBackend> MapNamed<B> for Step<'_, B> {
+    fn map<const D: usize>(&mut self, name: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
             return param;
         };
-        let name = self.path.name();
-        let c = &self.opt.cfg;
-        let (b1, b2, eps) = (c.beta1, c.beta2, c.eps);
-        let decay = if D >= 2 { c.weight_decay } else { 0.0 };
-        let t = self.opt.t as i32;
-        let lr = self.lr;
+        let s = AdamWScalars::new(&self.opt.cfg, self.opt.t, self.lr, D);
         let shape = g.shape();
         let n = shape.num_elements();
         let device = g.device();
-        let st = self.opt.state.remove(&name).unwrap_or_else(|| Moments {
+        let st = self.opt.state.remove(name).unwrap_or_else(|| Moments {
             m: Tensor::zeros([n], &device),
             v: Tensor::zeros([n], &device),
         });
@@ -165,91 +186,32 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Step<'_, B> {
         let (p, m, v) = match self.fused.filter(|_| f32s) {
             // One kernel (optim_cube.rs).
             Some(update) => {
-                let s = AdamWScalars {
-                    lr: lr as f32,
-                    shrink: (lr * decay) as f32,
-                    b1: b1 as f32,
-                    b2: b2 as f32,
-                    k1: (1.0 / (1.0 - b1.powi(t))) as f32,
-                    k2: (1.0 / (1.0 - b2.powi(t))) as f32,
-                    eps: eps as f32,
-                };
                 // Without clipping, a factor of 1 (made once a step, kept in `scale`).
                 let scale = self.scale.get_or_insert_with(|| Tensor::ones([1], &device)).clone(); // [1]
                 let [p, m, v] = update(p.reshape([n]), g.reshape([n]), st.m, st.v, scale, s);
                 (p.reshape(shape), m, v)
             }
+            // The same formula as tensor ops.
             None => {
                 let g = match &self.scale {
-                    Some(s) => g.reshape([n]) * s.clone(), // [N] * [1]
+                    Some(c) => g.reshape([n]) * c.clone(), // [N] * [1]
                     None => g.reshape([n]),                // [N]
                 };
-                let m = st.m * b1 + g.clone() * (1.0 - b1);
-                let v = st.v * b2 + g.square() * (1.0 - b2);
-                let m_hat = m.clone() / (1.0 - b1.powi(t));
-                let v_hat = v.clone() / (1.0 - b2.powi(t));
-                let update = m_hat / (v_hat.sqrt() + eps); // [N]
-                let p = if decay > 0.0 { p.clone() - p * (lr * decay) } else { p };
-                (p - update.reshape(shape) * lr, m, v)
+                let m = st.m * s.b1 + g.clone() * (1.0 - s.b1);
+                let v = st.v * s.b2 + g.square() * (1.0 - s.b2);
+                let update = (m.clone() * s.k1) / ((v.clone() * s.k2).sqrt() + s.eps); // [N]
+                let p = if s.shrink > 0.0 { p.clone() - p * s.shrink } else { p };
+                (p - update.reshape(shape) * s.lr, m, v)
             }
         };
-        self.opt.state.insert(name, Moments { m, v });
+        self.opt.state.insert(name.to_string(), Moments { m, v });
         Param::from_mapped_value(id, Tensor::from_inner(p).require_grad(), mapper)
     }
 }
 
 impl<B: Backend> AdamW<B> {
     pub fn new(cfg: OptimSection) -> Self {
-        Self { cfg, t: 0, state: HashMap::new(), flat: None }
-    }
-
-    /// Clip and AdamW on host buffers in the CPU kernels' flat `layout`: `w` (weights, updated in
-    /// place) and `g` (gradients). The same update as [`AdamW::step`]; on first use the moments
-    /// move from `state` into flat buffers. Returns the gradient norm before clipping.
-    pub fn step_flat(&mut self, layout: &Layout, w: &mut [f32], g: &[f32], lr: f64) -> f64 {
-        let fm = self.flat.get_or_insert_with(|| {
-            let (mut m, mut v) = (vec![0.0f32; layout.len], vec![0.0f32; layout.len]);
-            for s in &layout.slots {
-                if let Some(st) = self.state.remove(&s.name) {
-                    let host = |t: &Tensor<B, 1>| t.to_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-                    layout.put(&mut m, s, &host(&st.m));
-                    layout.put(&mut v, s, &host(&st.v));
-                }
-            }
-            FlatMoments { layout: layout.clone(), m, v }
-        });
-        // Eight partial sums in f64, so that the loop vectorises and the order is fixed.
-        let mut acc = [0.0f64; 8];
-        let chunks = g.chunks_exact(8);
-        let tail: f64 = chunks.remainder().iter().map(|&x| x as f64 * x as f64).sum();
-        for ch in chunks {
-            for i in 0..8 {
-                acc[i] += ch[i] as f64 * ch[i] as f64;
-            }
-        }
-        let norm = (acc.iter().sum::<f64>() + tail).sqrt();
-        let c = &self.cfg;
-        let scale = if c.grad_clip > 0.0 && norm > c.grad_clip { (c.grad_clip / (norm + 1e-6)) as f32 } else { 1.0 };
-        self.t += 1;
-        let t = self.t as i32;
-        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let (k1, k2) = ((1.0 / (1.0 - c.beta1.powi(t))) as f32, (1.0 / (1.0 - c.beta2.powi(t))) as f32);
-        let lr32 = lr as f32;
-        for s in &layout.slots {
-            let shrink = if s.shape.len() >= 2 { (lr * c.weight_decay) as f32 } else { 0.0 };
-            for r in layout.rows(s) {
-                let (ws, gs) = (&mut w[r.clone()], &g[r.clone()]);
-                let (ms, vs) = (&mut fm.m[r.clone()], &mut fm.v[r]);
-                for (((p, &gi), m), v) in ws.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
-                    let gi = gi * scale;
-                    *m = *m * b1 + gi * (1.0 - b1);
-                    *v = *v * b2 + gi * gi * (1.0 - b2);
-                    let update = (*m * k1) / ((*v * k2).sqrt() + eps);
-                    *p = *p - *p * shrink - update * lr32;
-                }
-            }
-        }
-        norm
+        Self { cfg, t: 0, state: HashMap::new() }
     }
 
     /// Clips `grads` to the global norm `cfg.grad_clip` (when positive) and takes one step.
@@ -269,32 +231,20 @@ impl<B: Backend> AdamW<B> {
         let read = |t: Tensor<B, 1>| t.into_scalar().elem::<f64>();
         let early = crate::perf::step_sync().then(|| read(norm.clone()));
         let clip = self.cfg.grad_clip;
-        // clip / (norm + 1e-6) where norm > clip, else 1.
+        // clip_scale on the device: clip / (norm + 1e-6) where norm > clip, else 1.
         let scale = (clip > 0.0).then(|| {
             let s = (norm.clone() + 1e-6).recip() * clip;
             s.mask_fill(norm.clone().lower_equal_elem(clip), 1.0)
         });
         self.t += 1;
         let fused = if self.cfg.fused { registered::<B>() } else { None };
-        let mut s = Step::<A> { opt: self, grads: &mut grads, lr, scale, path: PathStack(Vec::new()), fused };
-        let model = model.map(&mut s);
+        let mut s = Step::<A> { opt: self, grads: &mut grads, lr, scale, fused };
+        let model = map_named(model, &mut s);
         (model, early.unwrap_or_else(|| read(norm)))
     }
 
     /// The moments as host tensors, `<name>.exp_avg` and `<name>.exp_avg_sq`, sorted by name.
     pub fn to_host(&self) -> Vec<HostTensor> {
-        if let Some(fm) = &self.flat {
-            let mut out = Vec::new();
-            let mut slots: Vec<_> = fm.layout.slots.iter().collect();
-            slots.sort_by(|a, b| a.name.cmp(&b.name));
-            for s in slots {
-                for (suffix, buf) in [("exp_avg", &fm.m), ("exp_avg_sq", &fm.v)] {
-                    let v = fm.layout.get(buf, s);
-                    out.push((format!("{}.{suffix}", s.name), vec![v.len()], v));
-                }
-            }
-            return out;
-        }
         let mut names: Vec<&String> = self.state.keys().collect();
         names.sort();
         let mut out = Vec::new();
@@ -308,6 +258,13 @@ impl<B: Backend> AdamW<B> {
         out
     }
 
+    /// Takes one parameter's moments out as host vectors (for the CPU kernels' flat buffers).
+    pub fn take_host(&mut self, name: &str) -> Option<(Vec<f32>, Vec<f32>)> {
+        let st = self.state.remove(name)?;
+        let host = |t: &Tensor<B, 1>| t.to_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+        Some((host(&st.m), host(&st.v)))
+    }
+
     /// Restores moments saved by [`AdamW::to_host`], checked against the model's parameters
     /// (`expected`: name -> element count): every moment must belong to a parameter of the same
     /// size, and every parameter must have both moments.
@@ -317,7 +274,6 @@ impl<B: Backend> AdamW<B> {
         expected: &HashMap<String, usize>,
         device: &B::Device,
     ) -> anyhow::Result<()> {
-        self.flat = None;
         let names: Vec<String> = tensors.keys().filter_map(|k| k.strip_suffix(".exp_avg").map(str::to_string)).collect();
         for n in names {
             let (_, m) = tensors.remove(&format!("{n}.exp_avg")).unwrap_or_default();
@@ -365,5 +321,23 @@ mod tests {
         assert!((learning_rate(&o, 150, 100) - 0.1).abs() < 1e-12);
         let no_warm = OptimSection { warmup_steps: 0, ..o };
         assert!((learning_rate(&no_warm, 0, 100) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn update_follows_the_formula() {
+        // First step, no decay, clip factor 0.5: m = 0.1·g', v = 0.01·g'², bias-corrected back to
+        // g' and g'², so the step is lr · g' / (|g'| + eps) = lr (sign of g).
+        let c = OptimSection { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.5, ..Default::default() };
+        let s = AdamWScalars::new(&c, 1, 0.01, 1);
+        assert_eq!(s.shrink, 0.0, "vectors are not decayed");
+        let (mut p, mut m, mut v) = (1.0f32, 0.0f32, 0.0f32);
+        s.update(&mut p, 4.0, &mut m, &mut v, 0.5);
+        assert!((m - 0.2).abs() < 1e-6 && (v - 0.04).abs() < 1e-6, "{m} {v}");
+        assert!((p - 0.99).abs() < 1e-6, "{p}");
+        let decayed = AdamWScalars::new(&c, 1, 0.01, 2);
+        assert!((decayed.shrink - 0.005).abs() < 1e-9);
+        assert_eq!(clip_scale(2.0, 1.0), 1.0 / (2.0 + 1e-6));
+        assert_eq!(clip_scale(0.5, 1.0), 1.0);
+        assert_eq!(clip_scale(5.0, 0.0), 1.0);
     }
 }

@@ -1,16 +1,10 @@
-//! Throughput accounting: FLOPs per token, model FLOP utilisation (MFU) against a small table
-//! of known devices, and peak memory (device memory on a GPU, resident set size on the CPU).
+//! Throughput accounting: model FLOP utilisation (MFU) against a small table of known devices
+//! (FLOPs per token are `LlamaConfig::flops_per_token`), and peak memory (device memory on a GPU,
+//! resident set size on the CPU).
 
-use kiln_models::LlamaConfig;
+use kiln_recipes::Precision;
 
 use crate::device::Device;
-
-/// Training FLOPs per token: 6·params (matmuls, forward and backward) + 12·layers·d_model·context
-/// (attention scores and values), the PaLM appendix's count, which `../shared/bench/torch_reference.py`
-/// prints as `flops_per_token`.
-pub fn flops_per_token(cfg: &LlamaConfig, context: usize) -> f64 {
-    6.0 * cfg.num_params() as f64 + 12.0 * (cfg.num_hidden_layers * cfg.hidden_size * context) as f64
-}
 
 /// Known GPUs, by a substring of the name the driver reports: (name, dense f32 FLOP/s, dense
 /// bf16/f16 tensor-core FLOP/s, board power in W). From the vendors' data sheets (no sparsity).
@@ -43,11 +37,11 @@ pub fn gpu_info(dev: &Device) -> Option<kiln_evals::energy::GpuInfo> {
     dev.gpu_name().map(|n| kiln_evals::energy::GpuInfo { name: n.to_string(), tdp_watts: board_watts(n) })
 }
 
-/// Peak FLOP/s for `precision` ("f32", "bf16-mixed", "f16-mixed") on a known GPU; `None` on the
-/// CPU or an unknown device (MFU is then reported as null, not guessed).
-pub fn peak_flops(gpu: Option<&str>, precision: &str) -> Option<f64> {
+/// Peak FLOP/s for `precision` on a known GPU; `None` on the CPU or an unknown device (MFU is
+/// then reported as null, not guessed).
+pub fn peak_flops(gpu: Option<&str>, precision: Precision) -> Option<f64> {
     let &(_, f32_peak, half_peak, _) = known_gpu(gpu?)?;
-    Some(if precision == "f32" { f32_peak } else { half_peak })
+    Some(if precision.is_half() { half_peak } else { f32_peak })
 }
 
 /// `KILN_STEP_SYNC=1`: read the loss after the forward pass and the gradient norm before the
@@ -67,6 +61,13 @@ pub fn mfu(flops_per_token: f64, tokens_per_s: f64, peak: Option<f64>) -> Option
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: u64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// This machine's memory in bytes (`MemTotal`), on Linux.
+pub fn machine_memory_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = s.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
 
@@ -107,16 +108,17 @@ mod tests {
         // bench-cpu: 869,760 parameters (torch_reference.py's count), 4 layers, d 128, context 64.
         let cfg = kiln_models::presets::preset("bench-cpu", 65).unwrap();
         assert_eq!(cfg.num_params(), 869_760);
-        assert_eq!(flops_per_token(&cfg, 64), 6.0 * 869_760.0 + 12.0 * 4.0 * 128.0 * 64.0);
+        assert_eq!(cfg.max_position_embeddings, 64);
+        assert_eq!(cfg.flops_per_token(), 6.0 * 869_760.0 + 12.0 * 4.0 * 128.0 * 64.0);
     }
 
     #[test]
     fn mfu_table() {
-        assert_eq!(peak_flops(Some("NVIDIA H100 80GB HBM3"), "bf16-mixed"), Some(989e12));
-        assert_eq!(peak_flops(Some("NVIDIA H100 PCIe"), "f32"), Some(51e12));
-        assert_eq!(peak_flops(Some("NVIDIA L4"), "f32"), Some(30.3e12));
-        assert_eq!(peak_flops(None, "f32"), None);
-        assert_eq!(peak_flops(Some("llvmpipe (LLVM 15.0.6, 256 bits)"), "f32"), None);
+        assert_eq!(peak_flops(Some("NVIDIA H100 80GB HBM3"), Precision::Bf16Mixed), Some(989e12));
+        assert_eq!(peak_flops(Some("NVIDIA H100 PCIe"), Precision::F32), Some(51e12));
+        assert_eq!(peak_flops(Some("NVIDIA L4"), Precision::F32), Some(30.3e12));
+        assert_eq!(peak_flops(None, Precision::F32), None);
+        assert_eq!(peak_flops(Some("llvmpipe (LLVM 15.0.6, 256 bits)"), Precision::F32), None);
         let m = mfu(1e9, 100_000.0, Some(989e12)).unwrap();
         assert!((m - 1e14 / 989e12).abs() < 1e-12);
         assert!(peak_rss_bytes().unwrap() > 1_000_000);

@@ -13,7 +13,7 @@ use kiln_recipes::OptimSection;
 use kiln_trainer::data::loader::Batch;
 use kiln_trainer::device::{self, Device};
 use kiln_trainer::optim::AdamW;
-use kiln_trainer::train_step::train_step;
+use kiln_trainer::engine::graph_step as train_step;
 
 fn batch(seed: i64) -> Batch {
     let (b, t) = (2, 16);
@@ -47,13 +47,11 @@ fn run<B: burn::tensor::backend::AutodiffBackend>(device: &B::Device, fused: boo
     (logits, losses)
 }
 
-/// True (and says so) when this machine has no wgpu adapter: the test then checks nothing.
+/// True (and says so) when this machine has no wgpu adapter: the test then checks nothing; with
+/// `KILN_REQUIRE=wgpu` it fails instead.
 fn no_adapter(what: &str) -> bool {
-    let none = device::wgpu_adapters().is_empty();
-    if none {
-        println!("SKIP: no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe); {what} not checked");
-    }
-    none
+    device::wgpu_adapters().is_empty()
+        && kiln_models::skip::skip("wgpu", &format!("no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe); {what} not checked"))
 }
 
 #[test]
@@ -63,7 +61,7 @@ fn flex_and_wgpu_agree_on_logits_and_training() {
     }
     let adapters = device::wgpu_adapters();
     println!("wgpu adapters: {:?}", adapters.iter().map(|a| format!("{} ({:?}{})", a.name, a.kind, if a.software { ", software" } else { "" })).collect::<Vec<_>>());
-    let Device::Wgpu { kind, index, name } = device::resolve("wgpu").unwrap() else { unreachable!() };
+    let Device::Wgpu { kind, index, name } = device::resolve(kiln_recipes::DeviceSpec::Wgpu(None)).unwrap() else { unreachable!() };
     println!("using {name}");
     let wd = Device::wgpu_device(kind, index);
     let (lf, sf) = run::<Autodiff<Flex>>(&burn::tensor::Device::<Flex>::default(), false);
@@ -80,7 +78,7 @@ fn flex_and_wgpu_agree_on_logits_and_training() {
 
     // train.fused_attention and train.fused_loss on wgpu: the backend's attention forward and
     // Kiln's backward; the cross-entropy op.
-    kiln_models::registry::register_fused_ops::<Wgpu, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>();
+    kiln_models::register_fused_ops::<Wgpu, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>();
     let (lwf, swf) = run::<Autodiff<Wgpu>>(&wd, true);
     println!("fused attention and loss on wgpu: losses {swf:?}");
     let relf = lf.iter().zip(&lwf).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / max_ref;
@@ -98,7 +96,7 @@ fn one_kernel_adamw_matches_the_tensor_ops_on_wgpu() {
     if no_adapter("the one-kernel AdamW") {
         return;
     }
-    let Device::Wgpu { kind, index, .. } = device::resolve("wgpu").unwrap() else { unreachable!() };
+    let Device::Wgpu { kind, index, .. } = device::resolve(kiln_recipes::DeviceSpec::Wgpu(None)).unwrap() else { unreachable!() };
     let wd = Device::wgpu_device(kind, index);
     kiln_trainer::optim_cube::register::<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>();
     assert!(kiln_trainer::optim::registered::<Wgpu>().is_some());
@@ -130,6 +128,33 @@ fn one_kernel_adamw_matches_the_tensor_ops_on_wgpu() {
             let scale = va.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
             let diff = va.iter().zip(vb).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(diff <= 1e-4 * scale, "{label} {na}: differ by {diff} (largest value {scale})");
+        }
+    }
+}
+
+/// The one-kernel AdamW (optim_cube.rs) computes the host formula, `AdamWScalars::update`, element
+/// for element: 1,000 values with a clip factor and weight decay, at step 3.
+#[test]
+fn one_kernel_adamw_is_the_host_formula() {
+    if no_adapter("the one-kernel AdamW against the host formula") {
+        return;
+    }
+    let Device::Wgpu { kind, index, .. } = device::resolve(kiln_recipes::DeviceSpec::Wgpu(None)).unwrap() else { unreachable!() };
+    let wd = Device::wgpu_device(kind, index);
+    kiln_trainer::optim_cube::register::<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>();
+    let update = kiln_trainer::optim::registered::<Wgpu>().unwrap();
+    let n = 1000;
+    let val = |k: usize, s: f32| (0..n).map(|i| (((i * k + 7) % 101) as f32 / 50.0 - 1.0) * s).collect::<Vec<f32>>();
+    let (p, g, m, v) = (val(3, 1.0), val(5, 2.0), val(7, 0.1), val(11, 0.01).iter().map(|x| x.abs()).collect::<Vec<_>>());
+    let c = OptimSection { weight_decay: 0.1, ..Default::default() };
+    let s = kiln_trainer::optim::AdamWScalars::new(&c, 3, 1e-3, 2);
+    let t = |x: &[f32]| Tensor::<Wgpu, 1>::from_data(TensorData::new(x.to_vec(), [x.len()]), &wd);
+    let [pk, mk, vk] = update(t(&p), t(&g), t(&m), t(&v), t(&[0.5]), s).map(|x| x.into_data().to_vec::<f32>().unwrap());
+    for i in 0..n {
+        let (mut ph, mut mh, mut vh) = (p[i], m[i], v[i]);
+        s.update(&mut ph, g[i], &mut mh, &mut vh, 0.5);
+        for (what, a, b) in [("p", ph, pk[i]), ("m", mh, mk[i]), ("v", vh, vk[i])] {
+            assert!((a - b).abs() <= 1e-6 * a.abs().max(1e-3), "{what}[{i}]: host {a} vs kernel {b}");
         }
     }
 }

@@ -279,8 +279,7 @@ fn concurrent_first_runs_share_the_token_cache() {
 /// Every shipped recipe resolves completely (preset, tokenizer, data) against the shared data.
 #[test]
 fn shipped_recipes_resolve_against_the_data_root() {
-    let Some(data) = std::env::var_os("KILN_DATA") else {
-        println!("SKIP: KILN_DATA is not set (point it at ../shared/data to run this test)");
+    let Some(data) = kiln_models::skip::data_root() else {
         return;
     };
     let cache = tempfile::tempdir().unwrap();
@@ -477,7 +476,7 @@ fn transformers_loads_a_kiln_export() {
     let py = match python_with_transformers() {
         Ok(p) => p,
         Err(why) => {
-            println!("skipping transformers_loads_a_kiln_export: {why}; `pip install torch transformers` to run it");
+            kiln_models::skip::skip("python", &format!("transformers_loads_a_kiln_export: {why}; `pip install torch transformers` to run it"));
             return;
         }
     };
@@ -526,8 +525,7 @@ fn fixture_model() -> PathBuf {
 
 #[test]
 fn shipped_finetune_recipe_lowers_the_loss_of_an_imported_model() {
-    let Some(data) = std::env::var_os("KILN_DATA") else {
-        println!("SKIP: KILN_DATA is not set (point it at ../shared/data to run this test)");
+    let Some(data) = kiln_models::skip::data_root() else {
         return;
     };
     let env = Env::new();

@@ -8,7 +8,7 @@ use kiln_models::Llama;
 use kiln_recipes::OptimSection;
 use kiln_trainer::data::loader::Batch;
 use kiln_trainer::optim::AdamW;
-use kiln_trainer::train_step::train_step;
+use kiln_trainer::engine::graph_step as train_step;
 
 type B = Autodiff<Flex>;
 
@@ -121,7 +121,7 @@ fn mixed_precision_tracks_f32() {
     // bf16 and f16 matmuls/attention with f32 master weights, on the CPU backend: the loss curve
     // follows f32's (the GPU check of the issue runs this over 200 steps on CUDA).
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-    kiln_models::registry::register_fused_ops::<burn::backend::Flex, NoCheckpointing>();
+    kiln_models::register_fused_ops::<burn::backend::Flex, NoCheckpointing>();
     let run_with = |dt: Option<burn::tensor::DType>, fused: bool| {
         let mut model = tiny();
         model.compute = dt;
@@ -156,12 +156,12 @@ fn mixed_precision_tracks_f32() {
 fn cpu_kernels_train_like_burn() {
     // Ten AdamW steps (clip active, weight decay on, two micro-batches) on both paths: the losses,
     // gradient norms, weights and optimizer state agree within float rounding.
-    use kiln_trainer::train_step::{train_step_synced, CpuKernels};
+    use kiln_trainer::engine::{Engine, EngineKind};
     let cfg = OptimSection { lr: 3e-3, warmup_steps: 0, grad_clip: 0.5, ..Default::default() };
     let model_cfg = preset("tiny", 24).unwrap();
-    let (mut burn, mut fused) = (tiny(), tiny());
-    let kern = CpuKernels::new(&fused, &model_cfg, 2);
-    let (mut ob, mut of) = (AdamW::new(cfg.clone()), AdamW::new(cfg));
+    let mut burn = tiny();
+    let mut ob = AdamW::new(cfg.clone());
+    let mut fused = Engine::new(EngineKind::CpuKernels, tiny(), AdamW::new(cfg), &model_cfg, 2);
     let mut b2 = batch();
     b2.mask[3] = 0.0;
     b2.inputs.reverse();
@@ -169,22 +169,21 @@ fn cpu_kernels_train_like_burn() {
     for step in 0..10 {
         let (m, a) = train_step(burn, &mut ob, &micro, 3e-3, &Default::default());
         burn = m;
-        let (m, b) = train_step_synced(fused, &mut of, &micro, 3e-3, &Default::default(), None, Some(&kern)).unwrap();
-        fused = m;
+        let b = fused.step(&micro, 3e-3, &Default::default(), None).unwrap();
         assert!((a.loss - b.loss).abs() < 1e-4 * a.loss, "step {step}: loss {} vs {}", a.loss, b.loss);
         assert!((a.grad_norm - b.grad_norm).abs() < 1e-3 * a.grad_norm, "step {step}: norm {} vs {}", a.grad_norm, b.grad_norm);
         assert_eq!(a.tokens, b.tokens);
     }
-    let (wb, wf) = (kiln_models::checkpoint::burn_tensors(&burn), kiln_models::checkpoint::burn_tensors(&fused));
+    let (wb, wf) = (kiln_models::checkpoint::burn_tensors(&burn), kiln_models::checkpoint::burn_tensors(fused.model()));
     for ((nb, _, vb), (nf, _, vf)) in wb.iter().zip(&wf) {
         assert_eq!(nb, nf);
         let diff = vb.iter().zip(vf).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(diff < 1e-4, "{nb}: weights differ by {diff}");
     }
     // The optimizer state is saved under the same names with the same sizes.
-    let (sb, sf) = (ob.to_host(), of.to_host());
+    let (sb, sf) = (ob.to_host(), fused.optimizer_state());
     assert_eq!(sb.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>(), sf.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>());
-    assert_eq!(of.t, 10);
+    assert_eq!(fused.optimizer_steps(), 10);
 }
 
 #[test]
@@ -193,7 +192,7 @@ fn fused_ops_train_like_burn() {
     // micro-batches (one with a masked token) give the decomposed ops' losses, gradient norms and
     // weights within float rounding, each op alone and both together.
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-    kiln_models::registry::register_fused_ops::<burn::backend::Flex, NoCheckpointing>();
+    kiln_models::register_fused_ops::<burn::backend::Flex, NoCheckpointing>();
     for (attn, loss) in [(true, false), (false, true), (true, true)] {
         fused_trains_like_burn(attn, loss);
     }

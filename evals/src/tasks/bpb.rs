@@ -57,6 +57,9 @@ pub fn sliding_nll(lm: &mut dyn Scorer, bos: u32, tokens: &[u32], stride: usize)
 }
 
 impl Task for Bpb {
+    fn files(&self) -> Vec<&std::path::Path> {
+        vec![self.path.as_path()]
+    }
     fn name(&self) -> String {
         "bpb".into()
     }

@@ -114,6 +114,9 @@ pub fn evaluate(lm: &mut dyn Scorer, items: &[Item]) -> Result<(f64, f64, Vec<(u
 }
 
 impl Task for HellaSwag {
+    fn files(&self) -> Vec<&std::path::Path> {
+        vec![self.path.as_path()]
+    }
     fn name(&self) -> String {
         "hellaswag".into()
     }

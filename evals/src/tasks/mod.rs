@@ -1,6 +1,81 @@
-//! One file per task.
+//! The task registry: one file per task, and [`TASKS`] with [`parse_task`], the one place task
+//! names are known (recipe validation, `kiln eval --task` and its help all come here).
+//! Adding a task is a file here, a row in [`TASKS`] and an arm in [`parse_task`].
 
 pub mod bpb;
 pub mod hellaswag;
 pub mod samples;
 pub mod squad;
+
+use crate::{EvalError, Task};
+
+/// A task's name, its spec syntax and what it measures.
+pub struct TaskInfo {
+    pub name: &'static str,
+    pub usage: &'static str,
+    pub about: &'static str,
+}
+
+/// Every task a recipe's `[eval]` or `kiln eval --task` may name.
+pub const TASKS: &[TaskInfo] = &[
+    TaskInfo { name: "bpb", usage: "bpb:FILE[@FROM]", about: "bits per UTF-8 byte of a text or JSONL file under the data root (@0.9: its last 10%)" },
+    TaskInfo { name: "hellaswag", usage: "hellaswag[:N|all]", about: "HellaSwag validation accuracy (acc, acc_norm) on the first N items" },
+    TaskInfo { name: "squad", usage: "squad[:N|all]", about: "SQuAD v1.1 closed-book exact match and F1 on the first N questions (default 200)" },
+];
+
+/// The specs, comma-separated: `bpb:FILE[@FROM], hellaswag[:N|all], squad[:N|all]`.
+pub fn usage() -> String {
+    TASKS.iter().map(|t| t.usage).collect::<Vec<_>>().join(", ")
+}
+
+/// Parses `name[:arg]`, as `kiln eval --task` and the recipe's `[eval]` take them:
+/// `bpb:FILE[@FROM]`, `hellaswag[:N]`, `squad[:N]`. Relative files are under `data_root`.
+pub fn parse_task(spec: &str, data_root: &std::path::Path) -> Result<Box<dyn Task>, EvalError> {
+    let (name, arg) = match spec.split_once(':') {
+        Some((n, a)) => (n, Some(a)),
+        None => (spec, None),
+    };
+    let count = |default: Option<usize>| -> Result<Option<usize>, EvalError> {
+        match arg {
+            None | Some("all") => Ok(default),
+            Some(a) => a.parse().map(Some).map_err(|_| EvalError::Spec {
+                spec: spec.into(),
+                message: format!("'{a}' is not a number of items"),
+                hint: format!("{name}:500 scores the first 500 items, {name}:all every one"),
+            }),
+        }
+    };
+    Ok(match name {
+        "bpb" => {
+            let file = arg.ok_or_else(|| EvalError::Spec {
+                spec: spec.into(),
+                message: "bpb needs a file".into(),
+                hint: "bpb:tinyshakespeare/input.txt (text or JSONL, under the data root)".into(),
+            })?;
+            let (file, from) = match file.rsplit_once('@') {
+                Some((f, x)) => {
+                    let from: f64 = x.parse().ok().filter(|v| (0.0..1.0).contains(v)).ok_or_else(|| EvalError::Spec {
+                        spec: spec.into(),
+                        message: format!("'@{x}' is not a fraction in [0, 1)"),
+                        hint: "bpb:FILE@0.9 scores the last 10% of FILE (Kiln's validation split)".into(),
+                    })?;
+                    (f, from)
+                }
+                None => (file, 0.0),
+            };
+            let mut t = bpb::Bpb::new(data_root.join(file));
+            t.from = from;
+            Box::new(t)
+        }
+        "hellaswag" => Box::new(hellaswag::HellaSwag::new(data_root.join(hellaswag::DEFAULT_PATH), count(None)?)),
+        "squad" => Box::new(squad::Squad::new(data_root.join(squad::DEFAULT_PATH), count(Some(200))?)),
+        other => {
+            return Err(EvalError::Spec {
+                spec: spec.into(),
+                message: format!("unknown task '{other}'"),
+                hint: format!("tasks: {}", usage()),
+            })
+        }
+    })
+}
+

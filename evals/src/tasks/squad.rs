@@ -72,6 +72,9 @@ impl Squad {
 }
 
 impl Task for Squad {
+    fn files(&self) -> Vec<&std::path::Path> {
+        vec![self.path.as_path()]
+    }
     fn name(&self) -> String {
         "squad".into()
     }

@@ -92,10 +92,7 @@ pub fn tokenizer_for(
         TokenizerKind::Byte => return Ok(Tokenizer::byte_level()?),
         TokenizerKind::File => {
             let rel = section.path.as_deref().unwrap_or_default();
-            let p = dirs.data_root.join(rel);
-            if !p.exists() {
-                bail!("tokenizer file not found: {} (tokenizer.path under the data root)", p.display());
-            }
+            let p = dirs.under_root(rel, "tokenizer.path")?;
             // GPT-2's original files: encoder.json with vocab.bpe beside it.
             if p.file_name().is_some_and(|n| n == "encoder.json") {
                 return Ok(Tokenizer::gpt2_from_files(&p, &p.with_file_name("vocab.bpe"))?);
@@ -179,12 +176,31 @@ pub fn token_stream(files: &[SourceFile], data: &DataSection, tok: &Tokenizer, d
     Ok(TokenStream { tokens, doc_starts, meta })
 }
 
+/// Writes the shards under a temporary name and renames them into the cache. A failed write
+/// (a full disk) removes its temporary folder and names it in the error.
 fn write_shards(dir: &Path, tokens: &[u32], doc_starts: &[u64], meta: &ShardMeta) -> Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating the token cache {}", parent.display()))?;
     let tmp = parent.join(format!(".{}.tmp-{}", meta.key, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
+    let written = fill_shards(&tmp, tokens, doc_starts, meta);
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e).with_context(|| format!("writing token shards to {} (KILN_CACHE)\n  hint: free space there, or point KILN_CACHE at a disk with room", tmp.display()));
+    }
+    match std::fs::rename(&tmp, dir) {
+        // Another process (a second data-parallel worker on this machine) moved its identical
+        // shards in first.
+        Err(_) if dir.exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(())
+        }
+        r => r.with_context(|| format!("moving shards into {}", dir.display())),
+    }
+}
+
+fn fill_shards(tmp: &Path, tokens: &[u32], doc_starts: &[u64], meta: &ShardMeta) -> Result<()> {
+    std::fs::create_dir_all(tmp)?;
     let mut w = std::io::BufWriter::new(std::fs::File::create(tmp.join("tokens.bin"))?);
     for &t in tokens {
         if meta.dtype == "u16" {
@@ -197,15 +213,7 @@ fn write_shards(dir: &Path, tokens: &[u32], doc_starts: &[u64], meta: &ShardMeta
     let docs: Vec<u8> = doc_starts.iter().flat_map(|d| d.to_le_bytes()).collect();
     std::fs::write(tmp.join("docs.bin"), docs)?;
     std::fs::write(tmp.join("meta.json"), serde_json::to_string_pretty(meta)?)?;
-    match std::fs::rename(&tmp, dir) {
-        // Another process (a second data-parallel worker on this machine) moved its identical
-        // shards in first.
-        Err(_) if dir.exists() => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Ok(())
-        }
-        r => r.with_context(|| format!("moving shards into {}", dir.display())),
-    }
+    Ok(())
 }
 
 fn read_shards(dir: &Path) -> Result<TokenStream> {

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
+use crate::hub::HfUri;
+
 /// Where Kiln reads data from and writes its caches.
 #[derive(Debug, Clone)]
 pub struct Dirs {
@@ -30,35 +32,25 @@ impl Dirs {
     }
 }
 
-/// A parsed `hf://` URI: `hf://[datasets/]<org>/<name>[@rev][/path]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HfUri {
-    pub dataset: bool,
-    pub org: String,
-    pub name: String,
-    pub revision: Option<String>,
-    pub path: String,
-}
-
-impl HfUri {
-    pub fn parse(uri: &str) -> Result<Self> {
-        let rest = uri.strip_prefix("hf://").with_context(|| format!("'{uri}' does not start with hf://"))?;
-        let (dataset, rest) = match rest.strip_prefix("datasets/") {
-            Some(r) => (true, r),
-            None => (false, rest),
-        };
-        let mut parts = rest.splitn(3, '/');
-        let org = parts.next().unwrap_or_default();
-        let name_rev = parts.next().unwrap_or_default();
-        let path = parts.next().unwrap_or_default().to_string();
-        if org.is_empty() || name_rev.is_empty() {
-            bail!("'{uri}': expected hf://[datasets/]<org>/<name>[@rev][/path]");
+impl Dirs {
+    /// `rel` under the data root, which is all a recipe may read there: an absolute path or a
+    /// `..` that leaves the root is an error (`key` names the recipe field). The file must be a
+    /// regular file (not a FIFO or a device, which would block or never end).
+    pub fn under_root(&self, rel: &str, key: &str) -> Result<PathBuf> {
+        use std::path::Component;
+        let escapes = Path::new(rel).components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
+        if rel.is_empty() || escapes {
+            bail!("{key}: '{rel}' is not a path under the data root\n  hint: recipes read local files only under the data root ({}); give a relative path without '..'", self.data_root.display());
         }
-        let (name, revision) = match name_rev.split_once('@') {
-            Some((n, r)) => (n.to_string(), Some(r.to_string())),
-            None => (name_rev.to_string(), None),
-        };
-        Ok(Self { dataset, org: org.into(), name, revision, path })
+        let p = self.data_root.join(rel);
+        if !std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
+            bail!(
+                "{key}: data file not found: {} ('{rel}' under data root {})\n  hint: point --data-root or KILN_DATA at the folder that holds it",
+                p.display(),
+                self.data_root.display()
+            );
+        }
+        Ok(p)
     }
 }
 
@@ -78,15 +70,7 @@ pub fn resolve(source: &str, pin: Option<&str>, dirs: &Dirs) -> Result<PathBuf> 
         }
         return crate::hub::download(&uri, &dirs.cache);
     }
-    let p = dirs.data_root.join(source);
-    if !p.is_file() {
-        bail!(
-            "data file not found: {} (source '{source}' under data root {})\n  hint: point --data-root or KILN_DATA at the folder that holds it",
-            p.display(),
-            dirs.data_root.display()
-        );
-    }
-    Ok(p)
+    dirs.under_root(source, "data.sources")
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {

@@ -1,0 +1,187 @@
+//! The decoder of `llama.rs`, forward and backward written out for the CPU (llm.c style).
+//!
+//! Burn 0.21 runs a training step on `flex` as some 600 small ops, each with its own layout copy
+//! and bookkeeping, on one core at a time (BENCHMARKS.md: a third of the time is matmul). This
+//! file computes the same model, loss and gradients in a handful of loops and large matmuls
+//! (the `gemm` crate, which `flex` uses too), with the batch split across threads: each thread
+//! runs the whole forward and backward on its own sequences and the gradients are summed at the
+//! end, in a fixed order, so a step is bit-reproducible for a given thread count.
+//!
+//! All parameters live in one flat `f32` buffer (gradients in another of the same layout).
+//! Linear weights are `[in, out]` as in `llama.rs`; q/k/v are packed side by side into one
+//! `[D, Q + 2·KV]` matrix and gate/up into one `[D, 2F]`, so each is one matmul.
+//!
+//! Shapes: N = rows (sequences × T) of one thread, T = context, D = hidden, H = heads,
+//! K = kv heads, Hd = head dim, Q = H·Hd, KV = K·Hd, F = SwiGLU hidden, V = vocabulary.
+//!
+//! Parity with the Burn model (logits, loss and every gradient) is tested in
+//! `models/tests/cpu_kernels.rs`.
+//!
+//! The parts: `layout.rs` (the flat buffer and its named slots), `pool.rs` (per-thread buffers),
+//! `model.rs` (forward, loss, backward), `ops.rs` (the primitives). This file splits a batch
+//! across threads and sums their gradients.
+
+use burn::tensor::backend::Backend;
+use rayon::prelude::*;
+
+use crate::llama::{Llama, LlamaConfig};
+
+mod layout;
+mod model;
+mod ops;
+mod pool;
+
+pub use layout::{rope_tables, Dims, Layout, Slot};
+use model::{forward, shard, Rope};
+use ops::add_into;
+use pool::Pool;
+
+/// One batch: `b` sequences of `t` tokens, row-major.
+pub struct BatchRef<'a> {
+    pub inputs: &'a [i64],
+    pub targets: &'a [i64],
+    pub mask: &'a [f32],
+    pub b: usize,
+    pub t: usize,
+}
+
+/// What [`Kernels::loss_and_grads`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Pass {
+    /// Mean masked cross-entropy (nats per token).
+    pub loss: f64,
+    /// Seconds the slowest thread spent in the forward pass and loss.
+    pub forward_s: f64,
+}
+
+/// The kernels for one model shape, with their RoPE tables, thread count and buffers.
+pub struct Kernels {
+    pub layout: Layout,
+    cos: Vec<f32>, // [max T, Hd]
+    sin: Vec<f32>, // [max T, Hd]
+    threads: usize,
+    pools: Vec<std::sync::Mutex<Pool>>,
+    /// Use the AVX-512 build of the elementwise loops where the CPU has it.
+    wide: bool,
+}
+
+impl Kernels {
+    /// `cos`/`sin` are the model's RoPE tables (see [`rope_tables`]).
+    pub fn new(dims: Dims, cos: Vec<f32>, sin: Vec<f32>, threads: usize) -> Self {
+        let threads = threads.max(1);
+        let pools = (0..threads).map(|_| Default::default()).collect();
+        Self { layout: Layout::new(dims), cos, sin, threads, pools, wide: true }
+    }
+
+    /// Kernels for `model` (its RoPE tables), with sizes from `cfg`.
+    pub fn for_model<B: Backend>(model: &Llama<B>, cfg: &LlamaConfig, threads: usize) -> Self {
+        let (cos, sin) = rope_tables(model);
+        Self::new(Dims::from_config(cfg), cos, sin, threads)
+    }
+
+    /// The same kernels with the elementwise loops in their baseline build only (a test checks
+    /// that both builds agree bit for bit).
+    pub fn baseline(mut self) -> Self {
+        self.wide = false;
+        self
+    }
+
+    /// Mean masked cross-entropy of `batch` and, when `grads` is given, its gradient with
+    /// respect to every parameter (written into `grads`, which has `layout.len` values). The
+    /// batch is split across the threads by sequence; shard gradients are summed in a fixed order.
+    pub fn loss_and_grads(&self, w: &[f32], batch: &BatchRef, grads: Option<&mut [f32]>) -> Pass {
+        let layout = &self.layout;
+        self.check(w, batch.inputs.iter().chain(batch.targets.iter()), batch.t);
+        let n_loss: f32 = batch.mask.iter().sum::<f32>().max(1.0);
+        let bounds = self.bounds(batch.b);
+        let shards = bounds.len();
+        let rope = Rope { cos: &self.cos, sin: &self.sin };
+        // Shard `i` writes its gradients into `out` (shard 0: the caller's buffer).
+        let run = |i: usize, out: Option<&mut [f32]>| {
+            let (s0, s1) = bounds[i];
+            let rows = s0 * batch.t..s1 * batch.t;
+            let part = BatchRef {
+                inputs: &batch.inputs[rows.clone()],
+                targets: &batch.targets[rows.clone()],
+                mask: &batch.mask[rows],
+                b: s1 - s0,
+                t: batch.t,
+            };
+            let mut pool = self.pool(i);
+            shard(layout, w, &rope, &part, n_loss, out, &mut pool, self.wide)
+        };
+        let Some(out) = grads else {
+            // Forward only.
+            let results: Vec<(f64, f64)> = (0..shards).into_par_iter().map(|i| run(i, None)).collect();
+            return pass(&results, n_loss);
+        };
+        assert_eq!(out.len(), layout.len);
+        let mut extra: Vec<Vec<f32>> = (1..shards).map(|i| self.pool(i).zeros(layout.len)).collect();
+        out.fill(0.0);
+        // Shards run on rayon's pool (long-lived threads, so gemm's per-thread packing buffers
+        // are reused); `collect` keeps shard order.
+        let outs: Vec<&mut [f32]> = std::iter::once(&mut *out).chain(extra.iter_mut().map(|g| g.as_mut_slice())).collect();
+        let results: Vec<(f64, f64)> = outs.into_par_iter().enumerate().map(|(i, g)| run(i, Some(g))).collect();
+        for (i, g) in extra.into_iter().enumerate() {
+            add_into(out, &g);
+            self.pool(i + 1).put([g]);
+        }
+        pass(&results, n_loss)
+    }
+
+    /// The invariants the kernels index by: weights of this layout, a context within the RoPE
+    /// tables, token ids within the vocabulary (the trainer's data guarantees all three).
+    fn check<'a>(&self, w: &[f32], tokens: impl Iterator<Item = &'a i64>, t: usize) {
+        assert_eq!(w.len(), self.layout.len);
+        assert!(t * self.layout.dims.head_dim <= self.cos.len(), "context {t} is longer than the RoPE tables");
+        let vocab = self.layout.dims.vocab;
+        for &tok in tokens {
+            assert!(tok >= 0 && (tok as usize) < vocab, "token id {tok} outside the vocabulary of {vocab}");
+        }
+    }
+
+    /// Thread `i`'s buffers.
+    fn pool(&self, i: usize) -> std::sync::MutexGuard<'_, Pool> {
+        self.pools[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sequence ranges, one per thread: as even as possible, the first taking the remainder.
+    fn bounds(&self, b: usize) -> Vec<(usize, usize)> {
+        let shards = self.threads.clamp(1, b.max(1));
+        let (q, r) = (b / shards, b % shards);
+        (0..shards)
+            .map(|i| {
+                let start = i * q + i.min(r);
+                (start, start + q + usize::from(i < r))
+            })
+            .collect()
+    }
+
+    /// Logits `[B·T, V]` of `b` sequences of `t` tokens (forward only: evaluation, tests).
+    pub fn logits(&self, w: &[f32], inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
+        self.check(w, inputs.iter(), t);
+        let rope = Rope { cos: &self.cos, sin: &self.sin };
+        let bounds = self.bounds(b);
+        let parts: Vec<Vec<f32>> = (0..bounds.len())
+            .into_par_iter()
+            .map(|i| {
+                let (s0, s1) = bounds[i];
+                let rows = s0 * t..s1 * t;
+                let (zeros, mask) = (vec![0i64; rows.len()], vec![0.0f32; rows.len()]);
+                let batch = BatchRef { inputs: &inputs[rows], targets: &zeros, mask: &mask, b: s1 - s0, t };
+                let mut pool = self.pool(i);
+                let mut acts = forward(&self.layout, w, &rope, &batch, &mut pool);
+                let out = std::mem::take(&mut acts.logits);
+                acts.recycle(&mut pool);
+                out
+            })
+            .collect();
+        parts.concat()
+    }
+}
+
+fn pass(results: &[(f64, f64)], n_loss: f32) -> Pass {
+    let loss: f64 = results.iter().map(|r| r.0).sum();
+    let forward_s = results.iter().fold(0.0f64, |m, r| m.max(r.1));
+    Pass { loss: loss / n_loss as f64, forward_s }
+}

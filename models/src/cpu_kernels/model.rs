@@ -1,0 +1,242 @@
+//! The model's maths on one thread's sequences: [`forward`] (activations kept for the backward
+//! pass), [`cross_entropy`] (the loss, and its gradient in place of the logits), and [`backward`]
+//! (every parameter's gradient), mirror images section by section, as llm.c's `gpt2_forward`
+//! and `gpt2_backward`.
+//!
+//! Shapes: N = rows (sequences × T) of one thread, T = context, D = hidden, H = heads,
+//! K = kv heads, Hd = head dim, Q = H·Hd, KV = K·Hd, F = SwiGLU hidden, V = vocabulary.
+
+use super::layout::Layout;
+use super::ops::*;
+use super::pool::Pool;
+use super::BatchRef;
+
+/// RoPE tables, `[T, Hd]` each (the half-split convention of `llama.rs`).
+pub(super) struct Rope<'a> {
+    pub(super) cos: &'a [f32],
+    pub(super) sin: &'a [f32],
+}
+
+/// What the backward pass needs from one layer's forward pass.
+struct LayerActs {
+    x: Vec<f32>,   // [N, D] layer input
+    r1: Vec<f32>,  // [N] 1 / rms of x
+    hn1: Vec<f32>, // [N, D] normed input
+    qkv: Vec<f32>, // [N, Q + 2KV] after RoPE
+    p: Vec<f32>,   // [B, H, T, T] attention probabilities
+    y: Vec<f32>,   // [N, Q] attention output
+    x2: Vec<f32>,  // [N, D] residual after attention
+    r2: Vec<f32>,  // [N]
+    hn2: Vec<f32>, // [N, D]
+    gu: Vec<f32>,  // [N, 2F] gate and up projections
+    sig: Vec<f32>, // [N, F] sigmoid(gate)
+    a: Vec<f32>,   // [N, F] silu(gate) * up
+}
+
+pub(super) struct Acts {
+    layers: Vec<LayerActs>,
+    xf: Vec<f32>,     // [N, D] final residual
+    rf: Vec<f32>,     // [N]
+    hf: Vec<f32>,     // [N, D] final normed
+    pub(super) logits: Vec<f32>, // [N, V]
+}
+
+impl Acts {
+    pub(super) fn recycle(self, pool: &mut Pool) {
+        for l in self.layers {
+            pool.put([l.x, l.r1, l.hn1, l.qkv, l.p, l.y, l.x2, l.r2, l.hn2, l.gu, l.sig, l.a]);
+        }
+        pool.put([self.xf, self.rf, self.hf, self.logits]);
+    }
+}
+
+/// The sizes both passes index by (the names of the shapes in the comments).
+struct Sizes {
+    d: usize,
+    f: usize,
+    hd: usize,
+    v: usize,
+    q: usize,
+    qkv: usize,
+    b: usize,
+    t: usize,
+    n: usize,
+    /// The attention scale, `1 / √Hd`.
+    scale: f32,
+}
+
+impl Sizes {
+    #[inline(always)]
+    fn of(layout: &Layout, batch: &BatchRef) -> Self {
+        let dm = &layout.dims;
+        let (b, t) = (batch.b, batch.t);
+        Self { d: dm.d, f: dm.ffn, hd: dm.head_dim, v: dm.vocab, q: dm.q(), qkv: dm.qkv(), b, t, n: b * t, scale: 1.0 / (dm.head_dim as f32).sqrt() }
+    }
+}
+
+#[inline(always)]
+pub(super) fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, pool: &mut Pool) -> Acts {
+    let dm = &layout.dims;
+    let Sizes { d, f, hd, v, q, qkv, b, t, n, scale } = Sizes::of(layout, batch);
+
+    // Embedding lookup: x[i] = E[token_i].
+    let mut x = pool.any(n * d); // [N, D]
+    for (i, &tok) in batch.inputs.iter().enumerate() {
+        let e = layout.embed + tok as usize * d;
+        x[i * d..(i + 1) * d].copy_from_slice(&w[e..e + d]);
+    }
+    let mut layers = Vec::with_capacity(dm.layers);
+    for at in &layout.layers {
+        let mut hn1 = pool.any(n * d);
+        let r1 = rms_norm(&x, &w[at.ln1..at.ln1 + d], dm.eps, d, &mut hn1, pool); // [N, D]
+        let mut qkv_b = pool.any(n * qkv);
+        mm(n, qkv, d, &mut qkv_b, qkv, false, 1.0, rm(&hn1, d), rm(&w[at.wqkv..], qkv)); // [N, Q+2KV]
+        rope_rows(&mut qkv_b, qkv, dm.heads + dm.kv_heads, hd, t, rope, false);
+        let mut p = pool.any(b * dm.heads * t * t);
+        let mut y = pool.any(n * q);
+        attention_forward(dm, &qkv_b, &mut p, &mut y, b, t, scale);
+        let mut x2 = pool.copy(&x);
+        mm(n, d, q, &mut x2, d, true, 1.0, rm(&y, q), rm(&w[at.wo..], d)); // [N, D] = x + y·Wo
+        let mut hn2 = pool.any(n * d);
+        let r2 = rms_norm(&x2, &w[at.ln2..at.ln2 + d], dm.eps, d, &mut hn2, pool);
+        let mut gu = pool.any(n * 2 * f);
+        mm(n, 2 * f, d, &mut gu, 2 * f, false, 1.0, rm(&hn2, d), rm(&w[at.wgu..], 2 * f)); // [N, 2F]
+        let mut sig = pool.any(n * f);
+        let mut a = pool.any(n * f);
+        for i in 0..n {
+            let (g, u) = gu[i * 2 * f..(i + 1) * 2 * f].split_at(f);
+            swiglu(g, u, &mut sig[i * f..(i + 1) * f], &mut a[i * f..(i + 1) * f]);
+        }
+        let mut x3 = pool.copy(&x2);
+        mm(n, d, f, &mut x3, d, true, 1.0, rm(&a, f), rm(&w[at.wd..], d)); // [N, D] = x2 + a·Wd
+        layers.push(LayerActs { x, r1, hn1, qkv: qkv_b, p, y, x2, r2, hn2, gu, sig, a });
+        x = x3;
+    }
+    let mut hf = pool.any(n * d);
+    let rf = rms_norm(&x, &w[layout.norm..layout.norm + d], dm.eps, d, &mut hf, pool);
+    let mut logits = pool.any(n * v);
+    match layout.head {
+        Some(h) => mm(n, v, d, &mut logits, v, false, 1.0, rm(&hf, d), rm(&w[h..], v)), // [N, V]
+        None => mm(n, v, d, &mut logits, v, false, 1.0, rm(&hf, d), rm(&w[layout.embed..], d).t()), // [N, V]
+    }
+    Acts { layers, xf: x, rf, hf, logits }
+}
+
+/// Forward, loss and (optionally) backward for one thread's sequences. Returns the sum of
+/// `mask · nll` over its rows and the seconds spent up to the loss; gradients are of the mean
+/// over all `n_loss` masked tokens.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut [f32]>, pool: &mut Pool, wide: bool) -> (f64, f64) {
+    // The elementwise loops, compiled again with AVX-512 where the CPU has it. Rust never fuses
+    // a multiply and an add on its own, and every reduction has a fixed order, so both versions
+    // give bit-identical results (tested).
+    #[cfg(target_arch = "x86_64")]
+    if wide && std::arch::is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn wide(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut [f32]>, pool: &mut Pool) -> (f64, f64) {
+            shard_impl(layout, w, rope, batch, n_loss, grads, pool)
+        }
+        // SAFETY: the CPU supports the features `wide` is compiled for (checked just above).
+        return unsafe { wide(layout, w, rope, batch, n_loss, grads, pool) };
+    }
+    shard_impl(layout, w, rope, batch, n_loss, grads, pool)
+}
+
+#[inline(always)]
+fn shard_impl(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut [f32]>, pool: &mut Pool) -> (f64, f64) {
+    let t0 = std::time::Instant::now();
+    let mut acts = forward(layout, w, rope, batch, pool);
+    let loss = cross_entropy(&mut acts.logits, batch, n_loss, layout.dims.vocab);
+    let forward_s = t0.elapsed().as_secs_f64();
+    if let Some(g) = grads {
+        backward(layout, w, rope, batch, &acts, g, pool);
+    }
+    acts.recycle(pool);
+    (loss, forward_s)
+}
+
+/// The summed `mask · nll` over the rows of `logits` (`[N, V]`), which it overwrites with
+/// d loss / d logits: `(softmax − onehot) · mask / n_loss`.
+#[inline(always)]
+fn cross_entropy(logits: &mut [f32], batch: &BatchRef, n_loss: f32, v: usize) -> f64 {
+    let mut loss = 0.0f64;
+    for i in 0..batch.b * batch.t {
+        let row = &mut logits[i * v..(i + 1) * v];
+        let m = batch.mask[i];
+        let mx = max(row);
+        let target = batch.targets[i] as usize;
+        let z = row[target] - mx;
+        row.iter_mut().for_each(|x| *x = exp(*x - mx));
+        let sum = sum(row);
+        if m != 0.0 {
+            loss += (m * (sum.ln() - z)) as f64; // -log softmax(target)
+        }
+        let k = m / (sum * n_loss);
+        for x in row.iter_mut() {
+            *x *= k;
+        }
+        row[target] -= m / n_loss;
+    }
+    loss
+}
+
+/// Every parameter's gradient into `g`, from the activations of [`forward`] whose logits
+/// [`cross_entropy`] has turned into d loss / d logits: [`forward`]'s sections in reverse.
+#[inline(always)]
+fn backward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, acts: &Acts, g: &mut [f32], pool: &mut Pool) {
+    let dm = &layout.dims;
+    let Sizes { d, f, hd, v, q, qkv, b, t, n, scale } = Sizes::of(layout, batch);
+    let dl = &acts.logits; // [N, V]
+
+    // Output head (or tied embedding) and the final norm.
+    let mut dh = pool.any(n * d); // [N, D]
+    match layout.head {
+        Some(h) => {
+            mm(d, v, n, &mut g[h..], v, true, 1.0, rm(&acts.hf, d).t(), rm(dl, v)); // dHead [D, V] += hf^T·dl
+            mm(n, d, v, &mut dh, d, false, 1.0, rm(dl, v), rm(&w[h..], v).t()); // [N, D] = dl·Head^T
+        }
+        None => {
+            mm(v, d, n, &mut g[layout.embed..], d, true, 1.0, rm(dl, v).t(), rm(&acts.hf, d)); // dE [V, D] += dl^T·hf
+            mm(n, d, v, &mut dh, d, false, 1.0, rm(dl, v), rm(&w[layout.embed..], d)); // [N, D] = dl·E
+        }
+    }
+    let mut dx = pool.zeros(n * d); // [N, D] gradient of the residual stream
+    rms_norm_backward(&dh, &acts.xf, &acts.rf, &w[layout.norm..layout.norm + d], d, &mut dx, &mut g[layout.norm..layout.norm + d]);
+
+    let mut da = pool.any(n * f);
+    let mut dgu = pool.any(n * 2 * f);
+    let mut dhn = pool.any(n * d);
+    let mut dy = pool.any(n * q);
+    let mut dqkv = pool.any(n * qkv);
+    let mut dp = pool.any(t * t);
+    for (at, la) in layout.layers.iter().zip(acts.layers.iter()).rev() {
+        // MLP: x3 = x2 + a·Wd, a = silu(g)·u, [g u] = hn2·Wgu, hn2 = norm(x2).
+        mm(f, d, n, &mut g[at.wd..], d, true, 1.0, rm(&la.a, f).t(), rm(&dx, d)); // dWd [F, D] += a^T·dx
+        mm(n, f, d, &mut da, f, false, 1.0, rm(&dx, d), rm(&w[at.wd..], d).t()); // da [N, F] = dx·Wd^T
+        for i in 0..n {
+            let (gg, uu) = la.gu[i * 2 * f..(i + 1) * 2 * f].split_at(f);
+            let (dg, du) = dgu[i * 2 * f..(i + 1) * 2 * f].split_at_mut(f);
+            swiglu_backward(gg, uu, &la.sig[i * f..(i + 1) * f], &da[i * f..(i + 1) * f], dg, du);
+        }
+        mm(d, 2 * f, n, &mut g[at.wgu..], 2 * f, true, 1.0, rm(&la.hn2, d).t(), rm(&dgu, 2 * f)); // dWgu [D, 2F]
+        mm(n, d, 2 * f, &mut dhn, d, false, 1.0, rm(&dgu, 2 * f), rm(&w[at.wgu..], 2 * f).t()); // dhn2 [N, D]
+        // dx now holds d/dx2 (the residual path); the norm adds its share.
+        rms_norm_backward(&dhn, &la.x2, &la.r2, &w[at.ln2..at.ln2 + d], d, &mut dx, &mut g[at.ln2..at.ln2 + d]);
+
+        // Attention: x2 = x + y·Wo.
+        mm(q, d, n, &mut g[at.wo..], d, true, 1.0, rm(&la.y, q).t(), rm(&dx, d)); // dWo [Q, D] += y^T·dx2
+        mm(n, q, d, &mut dy, q, false, 1.0, rm(&dx, d), rm(&w[at.wo..], d).t()); // dy [N, Q]
+        dqkv.iter_mut().for_each(|x| *x = 0.0);
+        attention_backward(dm, &la.qkv, &la.p, &dy, &mut dqkv, &mut dp, b, t, scale);
+        rope_rows(&mut dqkv, qkv, dm.heads + dm.kv_heads, hd, t, rope, true);
+        mm(d, qkv, n, &mut g[at.wqkv..], qkv, true, 1.0, rm(&la.hn1, d).t(), rm(&dqkv, qkv)); // dWqkv [D, Q+2KV]
+        mm(n, d, qkv, &mut dhn, d, false, 1.0, rm(&dqkv, qkv), rm(&w[at.wqkv..], qkv).t()); // dhn1 [N, D]
+        rms_norm_backward(&dhn, &la.x, &la.r1, &w[at.ln1..at.ln1 + d], d, &mut dx, &mut g[at.ln1..at.ln1 + d]);
+    }
+    // Embedding: dE[token_i] += dx[i].
+    for (i, &tok) in batch.inputs.iter().enumerate() {
+        let e = layout.embed + tok as usize * d;
+        add_into(&mut g[e..e + d], &dx[i * d..(i + 1) * d]);
+    }
+    pool.put([dh, dx, da, dgu, dhn, dy, dqkv, dp]);
+}

@@ -1,0 +1,66 @@
+//! One walk over a model's parameters with their Hugging Face names
+//! (`model.layers.0.self_attn.q_proj.weight`): Burn's visitor and mapper track the module path,
+//! and every reader and writer of named parameters (checkpoints, the CPU kernels' layout,
+//! AdamW, the kernels' write-back) goes through [`visit_named`] or [`map_named`].
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+/// Sees each float parameter with its Hugging Face name.
+pub trait VisitNamed<B: Backend> {
+    fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<B, D>>);
+}
+
+/// Replaces each float parameter, knowing its Hugging Face name.
+pub trait MapNamed<B: Backend> {
+    fn map<const D: usize>(&mut self, name: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>>;
+}
+
+/// Visits every float parameter of `module` with its name.
+pub fn visit_named<B: Backend, M: Module<B>, V: VisitNamed<B>>(module: &M, v: &mut V) {
+    module.visit(&mut Named { path: Vec::new(), inner: v });
+}
+
+/// Maps every float parameter of `module`, by name.
+pub fn map_named<B: Backend, M: Module<B>, V: MapNamed<B>>(module: M, v: &mut V) -> M {
+    module.map(&mut Named { path: Vec::new(), inner: v })
+}
+
+/// The module path as Burn walks it; the parameter's name is `path.weight`.
+struct Named<'a, V> {
+    path: Vec<String>,
+    inner: &'a mut V,
+}
+
+impl<V> Named<'_, V> {
+    fn name(&self) -> String {
+        format!("{}.weight", self.path.join("."))
+    }
+}
+
+impl<B: Backend, V: VisitNamed<B>> ModuleVisitor<B> for Named<'_, V> {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let name = self.name();
+        self.inner.visit(&name, param);
+    }
+}
+
+impl<B: Backend, V: MapNamed<B>> ModuleMapper<B> for Named<'_, V> {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let name = self.name();
+        self.inner.map(&name, param)
+    }
+}

@@ -1,0 +1,33 @@
+//! Tests that cannot run here say why, and fail instead when `KILN_REQUIRE` names their need.
+//!
+//! A test that needs a Vulkan adapter (`wgpu`), Python with torch (`python`) or the shared data
+//! sets (`data`) calls [`skip`] when the need is missing. Without `KILN_REQUIRE` it prints
+//! `SKIP: <reason>` and returns true (the test returns early); with `KILN_REQUIRE=wgpu,python,data`
+//! (what `.ci/run` sets) it panics with the same reason, so CI cannot lose a test silently.
+
+/// Whether `KILN_REQUIRE` (a comma-separated list) names `need`.
+pub fn required(need: &str) -> bool {
+    std::env::var("KILN_REQUIRE").is_ok_and(|v| v.split(',').any(|n| n.trim() == need))
+}
+
+/// Reports that a test cannot run for `reason` (a missing `need`): true to skip, or a panic when
+/// `KILN_REQUIRE` names `need`.
+pub fn skip(need: &str, reason: &str) -> bool {
+    if required(need) {
+        panic!("KILN_REQUIRE={need}, but this test cannot run: {reason}");
+    }
+    println!("SKIP: {reason}");
+    eprintln!("SKIP: {reason}");
+    true
+}
+
+/// The shared data root (`KILN_DATA`), or a skip that says how to set it (need `data`).
+pub fn data_root() -> Option<std::path::PathBuf> {
+    match std::env::var_os("KILN_DATA") {
+        Some(d) => Some(d.into()),
+        None => {
+            skip("data", "KILN_DATA is not set (point it at ../shared/data to run this test)");
+            None
+        }
+    }
+}

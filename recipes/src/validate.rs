@@ -1,0 +1,149 @@
+//! Ranges and invariants that need nothing outside the recipe, one function per section. Each
+//! failure is the key path and what is wrong with it; `Recipe::parse` adds the file and line.
+//! What needs other crates (the model preset, the tokenizer, the eval tasks' arguments) is
+//! checked when the trainer resolves its plan.
+
+use crate::schema::*;
+
+type Check = Result<(), (String, String)>;
+
+/// Learning rates above this are typing errors, not settings (they diverge in any model).
+const MAX_LR: f64 = 1e3;
+/// Steps in one run.
+const MAX_STEPS: usize = 1 << 40;
+/// Sizes and counts (batch, accumulation, widths, context): far above any real run, far below an
+/// overflow of the sizes computed from them. Whether a run fits the machine is the plan's check.
+const MAX_COUNT: usize = 1 << 24;
+
+fn err(key: &str, msg: impl Into<String>) -> Check {
+    Err((key.to_string(), msg.into()))
+}
+
+impl Recipe {
+    /// Checks every section. Returns the key path and what is wrong with it.
+    pub fn validate(&self) -> Check {
+        optim(&self.optim)?;
+        train(&self.train)?;
+        data(&self.data)?;
+        tokenizer(&self.tokenizer)?;
+        model(&self.model)?;
+        energy(&self.energy)?;
+        name(&self.name)
+    }
+}
+
+fn optim(o: &OptimSection) -> Check {
+    if !(o.lr.is_finite() && o.lr > 0.0 && o.lr <= MAX_LR) {
+        return err("optim.lr", format!("must be a positive number up to {MAX_LR}, got {}", o.lr));
+    }
+    if !(o.min_lr.is_finite() && o.min_lr >= 0.0 && o.min_lr <= o.lr) {
+        return err("optim.min_lr", format!("must be between 0 and optim.lr ({}), got {}", o.lr, o.min_lr));
+    }
+    for (k, b) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+        if !(0.0..1.0).contains(&b) {
+            return err(k, format!("must be in [0, 1), got {b}"));
+        }
+    }
+    if !(o.eps.is_finite() && o.eps > 0.0) {
+        return err("optim.eps", format!("must be a positive number, got {}", o.eps));
+    }
+    if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+        return err("optim.weight_decay", format!("must be a number >= 0, got {}", o.weight_decay));
+    }
+    if !(o.grad_clip.is_finite() && o.grad_clip >= 0.0) {
+        return err("optim.grad_clip", format!("must be a number >= 0 (0 disables clipping), got {}", o.grad_clip));
+    }
+    Ok(())
+}
+
+fn train(t: &TrainSection) -> Check {
+    for (k, v, max) in [
+        ("train.steps", t.steps, MAX_STEPS),
+        ("train.batch_size", t.batch_size, MAX_COUNT),
+        ("train.grad_accum", t.grad_accum, MAX_COUNT),
+        ("train.eval_batches", t.eval_batches, MAX_COUNT),
+    ] {
+        in_range(k, v, 1, max)?;
+    }
+    in_range("train.keep_checkpoints", t.keep_checkpoints, 1, 1000)
+        .map_err(|(k, m)| (k, format!("{m} (the last checkpoint is what resume uses)")))?;
+    for (k, v) in [("train.max_energy_j", t.max_energy_j), ("train.target_val_loss", t.target_val_loss)] {
+        if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            return err(k, "must be a positive number");
+        }
+    }
+    Ok(())
+}
+
+fn data(d: &DataSection) -> Check {
+    if !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
+        return err("data.val_fraction", format!("must be in (0, 1), got {}", d.val_fraction));
+    }
+    if d.sources.is_empty() {
+        return err("data.sources", "list at least one source");
+    }
+    let https = d.sources.iter().filter(|s| crate::is_download(s)).count();
+    if https != d.sha256.len() {
+        return err("data.sha256", format!("{https} https source(s) but {} sha256 pin(s): pin every download, in order", d.sha256.len()));
+    }
+    Ok(())
+}
+
+fn tokenizer(t: &TokenizerSection) -> Check {
+    if t.kind == TokenizerKind::Bpe && !(260..=1 << 20).contains(&t.vocab_size) {
+        return err("tokenizer.vocab_size", format!("must be between 260 and 1048576 for BPE, got {}", t.vocab_size));
+    }
+    if t.kind == TokenizerKind::File && t.path.is_none() {
+        return err("tokenizer.path", "kind = \"file\" needs path = \"<tokenizer.json>\"");
+    }
+    Ok(())
+}
+
+fn model(m: &ModelSection) -> Check {
+    for (k, v, min) in [
+        ("model.d_model", m.d_model, 1),
+        ("model.n_layers", m.n_layers, 1),
+        ("model.n_heads", m.n_heads, 1),
+        ("model.n_kv_heads", m.n_kv_heads, 1),
+        ("model.ffn_hidden", m.ffn_hidden, 1),
+        ("model.context", m.context, 2),
+    ] {
+        if let Some(v) = v {
+            in_range(k, v, min, MAX_COUNT)?;
+        }
+    }
+    if let Some(r) = m.rope_theta.filter(|r| !(r.is_finite() && *r > 0.0)) {
+        return err("model.rope_theta", format!("must be a positive number, got {r}"));
+    }
+    if let Some(e) = m.norm_eps.filter(|e| !(e.is_finite() && *e > 0.0 && *e < 1.0)) {
+        return err("model.norm_eps", format!("must be a positive number below 1, got {e}"));
+    }
+    Ok(())
+}
+
+fn name(n: &str) -> Check {
+    if n.is_empty() || n.len() > 200 || n.contains(['/', '\\']) || n.chars().any(char::is_control) || n.starts_with('.') {
+        return err("name", format!("must be 1 to 200 characters, without slashes or control characters and not starting with '.', got {n:?}"));
+    }
+    Ok(())
+}
+
+/// `v` within `min..=max`.
+fn in_range(key: &str, v: usize, min: usize, max: usize) -> Check {
+    if v < min {
+        return err(key, format!("must be at least {min}"));
+    }
+    if v > max {
+        return err(key, format!("must be at most {max}, got {v}"));
+    }
+    Ok(())
+}
+
+fn energy(e: &EnergySection) -> Check {
+    for (k, v) in [("energy.watts_per_core", e.watts_per_core), ("energy.idle_watts", e.idle_watts), ("energy.grid_gco2_per_kwh", e.grid_gco2_per_kwh)] {
+        if !(v.is_finite() && v >= 0.0) {
+            return err(k, format!("must be a number >= 0, got {v}"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! `kiln export`: a run's model or a model folder in the Hugging Face layout, with a model card.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use kiln_models::checkpoint::StoreDtype;
+use kiln_trainer::export::ExportOptions;
+
+/// Weights are sharded above this many MB by default (as `save_pretrained`'s 5 GB).
+pub const DEFAULT_SHARD_MB: usize = 5000;
+
+#[derive(clap::Args)]
+pub struct Args {
+    model: PathBuf,
+    /// Output folder (default: RUN_DIR/hf). Never overwritten.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Shard the weights above this many MB.
+    #[arg(long, default_value_t = DEFAULT_SHARD_MB)]
+    max_shard_mb: usize,
+    /// The licence for the model card (an SPDX id or "other").
+    #[arg(long, default_value = "other")]
+    license: String,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let out = a.out.unwrap_or_else(|| a.model.join("hf"));
+    let o = ExportOptions { dtype: store_dtype(&a.dtype)?, max_shard_bytes: a.max_shard_mb.max(1) * 1_000_000, license: a.license };
+    export_model(&a.model, &out, &o)
+}
+
+/// Exports a run (its final/ or newest checkpoint, with its report for the model card) or a
+/// model folder to `out` in the Hugging Face layout.
+pub fn export_model(model: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
+    let src = kiln_trainer::run_dir::model_dir(model)?;
+    let run = model.join("plan.toml").is_file().then_some(model);
+    kiln_trainer::export::export(&src, run, out, o)?;
+    println!("exported {} to {}", src.display(), out.display());
+    Ok(())
+}
+
+pub fn store_dtype(s: &str) -> Result<StoreDtype> {
+    match s {
+        "f32" => Ok(StoreDtype::F32),
+        "bf16" => Ok(StoreDtype::BF16),
+        other => bail!("--dtype {other}: expected f32 or bf16"),
+    }
+}

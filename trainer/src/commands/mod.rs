@@ -1,0 +1,73 @@
+//! One file per subcommand: its arguments (clap) and what it does. Shared here: the device and
+//! data-root flags, data-parallel flags, Ctrl-C handling.
+
+pub mod compare;
+pub mod eval;
+pub mod export;
+pub mod generate;
+pub mod publish;
+pub mod recipe;
+pub mod resume;
+pub mod run;
+pub mod tokenizer;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Result;
+use kiln_recipes::{DeviceSpec, Precision};
+use kiln_trainer::data::sources::Dirs;
+use kiln_trainer::device::{self, Device};
+use kiln_trainer::trainer::Outcome;
+
+#[derive(clap::Args, Clone)]
+pub struct Common {
+    /// Compute device: auto (CUDA, else a hardware wgpu adapter, else the CPU), cpu (flex), ndarray, wgpu[:N], cuda[:N].
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// Read-only data root (default: $KILN_DATA, else ./data).
+    #[arg(long)]
+    pub data_root: Option<PathBuf>,
+}
+
+/// Set by Ctrl-C or SIGTERM: the training loop checkpoints after the current step and stops.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+pub fn install_signal_handler() {
+    let r = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: writing a checkpoint after this step (press again to abort)");
+    });
+    if let Err(e) = r {
+        tracing::warn!("cannot install the Ctrl-C/SIGTERM handler: {e}");
+    }
+}
+
+/// `device::resolve`, and for a GPU, CubeCL's compiled-kernel and autotune caches under
+/// `$KILN_CACHE/cubecl` (see `device::configure_kernel_cache`).
+pub fn resolve_device(spec: DeviceSpec) -> Result<Device> {
+    let be = device::resolve(spec)?;
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    if let Some(root) = device::configure_kernel_cache(&be, &Dirs::from_env(None).cache) {
+        tracing::info!("GPU kernels: compiled and autotuned on first use (minutes on a new GPU), cached in {}", root.display());
+    }
+    Ok(be)
+}
+
+/// `resolve_device`, then the precision checked against it before anything is written.
+pub fn training_device(spec: DeviceSpec, precision: Precision) -> Result<Device> {
+    let be = resolve_device(spec)?;
+    kiln_trainer::with_backend!(be, B, d, { kiln_trainer::plan::check_precision::<B>(precision, &d, &be)? });
+    Ok(be)
+}
+
+/// An interrupted run exits with 130, as a shell expects after Ctrl-C.
+pub fn finish(o: Outcome) -> Result<()> {
+    match o {
+        Outcome::Finished => Ok(()),
+        Outcome::Stopped { .. } => std::process::exit(130),
+    }
+}

@@ -1,0 +1,220 @@
+//! The step by Kiln's fused CPU kernels (`kiln_models::cpu_kernels`): the same model, loss,
+//! gradients and AdamW update as Burn's graph, computed by hand-written kernels on flat host
+//! buffers. The flat AdamW moments live here; the Burn model is kept in step with the flat
+//! weights after every update (checkpoints and evaluation read it).
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::module::Param;
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use kiln_models::checkpoint::HostTensor;
+use kiln_models::cpu_kernels::{BatchRef, Kernels as Fused, Layout};
+use kiln_models::llama::param_id;
+use kiln_models::params::{map_named, MapNamed};
+use kiln_models::{Llama, LlamaConfig};
+
+use super::{loss_tokens, StepOutput, SyncHook};
+use crate::data::loader::Batch;
+use crate::optim::{clip_scale, AdamW, AdamWScalars};
+
+pub(super) struct Kernels {
+    kern: Fused,
+    /// Parameter name -> index into `kern.layout.slots`.
+    index: HashMap<String, usize>,
+    /// Flat weights, gradients and a second gradient buffer (accumulation), reused every step.
+    w: Vec<f32>,
+    total: Vec<f32>,
+    g: Vec<f32>,
+    /// AdamW's moments in the flat layout, taken from the optimizer on the first step.
+    moments: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+fn batch_ref(b: &Batch) -> BatchRef<'_> {
+    BatchRef { inputs: &b.inputs, targets: &b.targets, mask: &b.mask, b: b.batch, t: b.context }
+}
+
+impl Kernels {
+    pub(super) fn new<B: Backend>(model: &Llama<B>, cfg: &LlamaConfig, threads: usize) -> Self {
+        let kern = Fused::for_model(model, cfg, threads);
+        let index = kern.layout.slots.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        Self { kern, index, w: Vec::new(), total: Vec::new(), g: Vec::new(), moments: None }
+    }
+
+    /// Forward and backward over `micro` (gradients averaged), the optional data-parallel
+    /// `sync`, then global-norm clip and AdamW on the flat buffers.
+    #[rustfmt::skip]
+    pub(super) fn step<B: AutodiffBackend>(&mut self, model: Llama<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Batch], lr: f64, device: &B::Device, sync: Option<SyncHook>) -> Result<(Llama<B>, StepOutput)> {
+        let len = self.kern.layout.len;
+        self.w.resize(len, 0.0);
+        self.total.resize(len, 0.0);
+        let t0 = Instant::now();
+        self.kern.layout.weights_into(&model, &mut self.w)?;
+        let (mut loss, mut forward_s) = (0.0, 0.0);
+        for (i, b) in micro.iter().enumerate() {
+            let out = if i == 0 {
+                &mut self.total
+            } else {
+                self.g.resize(len, 0.0);
+                &mut self.g
+            };
+            let pass = self.kern.loss_and_grads(&self.w, &batch_ref(b), Some(out));
+            loss += pass.loss;
+            forward_s += pass.forward_s;
+            if i > 0 {
+                self.total.iter_mut().zip(self.g.iter()).for_each(|(a, b)| *a += b);
+            }
+        }
+        let k = micro.len() as f32;
+        if micro.len() > 1 {
+            self.total.iter_mut().for_each(|x| *x /= k);
+        }
+        loss /= k as f64;
+        let backward_s = t0.elapsed().as_secs_f64() - forward_s;
+        let t0 = Instant::now();
+        if let Some(sync) = sync {
+            let (grads, l) = sync(self.to_params::<B::InnerBackend>(device), loss)?;
+            loss = l;
+            self.from_params::<B::InnerBackend>(grads)?;
+        }
+        let grad_norm = self.adamw(opt, lr);
+        let model = map_named(model, &mut WriteWeights::<B> { layout: &self.kern.layout, index: &self.index, w: &self.w, device });
+        let optim_s = t0.elapsed().as_secs_f64();
+        Ok((model, StepOutput { loss, grad_norm, tokens: loss_tokens(micro), forward_s, backward_s, optim_s }))
+    }
+
+    /// Clip and AdamW ([`AdamWScalars::update`]) on the flat weights and gradients; on first use
+    /// the moments move from `opt` into flat buffers. Returns the gradient norm before clipping;
+    /// a non-finite norm leaves everything as it was.
+    fn adamw<I: Backend>(&mut self, opt: &mut AdamW<I>, lr: f64) -> f64 {
+        let layout = &self.kern.layout;
+        let (m, v) = self.moments.get_or_insert_with(|| {
+            let (mut m, mut v) = (vec![0.0f32; layout.len], vec![0.0f32; layout.len]);
+            for s in &layout.slots {
+                if let Some((hm, hv)) = opt.take_host(&s.name) {
+                    layout.put(&mut m, s, &hm);
+                    layout.put(&mut v, s, &hv);
+                }
+            }
+            (m, v)
+        });
+        let norm = global_norm(&self.total);
+        if !norm.is_finite() {
+            // The loop stops on it; the weights and moments stay as they were.
+            return norm;
+        }
+        let scale = clip_scale(norm, opt.cfg.grad_clip) as f32;
+        opt.t += 1;
+        for s in &layout.slots {
+            let a = AdamWScalars::new(&opt.cfg, opt.t, lr, s.shape.len());
+            for r in layout.rows(s) {
+                let (ws, gs) = (&mut self.w[r.clone()], &self.total[r.clone()]);
+                let (ms, vs) = (&mut m[r.clone()], &mut v[r]);
+                for (((p, &gi), m), v) in ws.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
+                    a.update(p, gi, m, v, scale);
+                }
+            }
+        }
+        norm
+    }
+
+    pub(super) fn has_moments(&self) -> bool {
+        self.moments.is_some()
+    }
+
+    /// The flat moments as `<name>.exp_avg` and `<name>.exp_avg_sq`, sorted by name.
+    pub(super) fn moments_to_host(&self) -> Vec<HostTensor> {
+        let Some((m, v)) = &self.moments else { return Vec::new() };
+        let layout = &self.kern.layout;
+        let mut slots: Vec<_> = layout.slots.iter().collect();
+        slots.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = Vec::new();
+        for s in slots {
+            for (suffix, buf) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                let x = layout.get(buf, s);
+                out.push((format!("{}.{suffix}", s.name), vec![x.len()], x));
+            }
+        }
+        out
+    }
+
+    /// Flat gradients as Burn gradients, keyed by parameter id.
+    fn to_params<I: Backend>(&self, device: &I::Device) -> GradientsParams {
+        let layout = &self.kern.layout;
+        let mut grads = GradientsParams::new();
+        for s in &layout.slots {
+            let data = TensorData::new(layout.get(&self.total, s), s.shape.clone());
+            let id = param_id(&s.name);
+            match s.shape.len() {
+                1 => grads.register(id, Tensor::<I, 1>::from_data(data, device)),
+                _ => grads.register(id, Tensor::<I, 2>::from_data(data, device)),
+            }
+        }
+        grads
+    }
+
+    fn from_params<I: Backend>(&mut self, mut grads: GradientsParams) -> Result<()> {
+        let layout = &self.kern.layout;
+        for s in &layout.slots {
+            let id = param_id(&s.name);
+            let data = match s.shape.len() {
+                1 => grads.remove::<I, 1>(id).map(|t| t.into_data()),
+                _ => grads.remove::<I, 2>(id).map(|t| t.into_data()),
+            };
+            let data = data.ok_or_else(|| anyhow::anyhow!("averaged gradients lack '{}'", s.name))?;
+            let values = data.convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("gradient of '{}': {e:?}", s.name))?;
+            layout.put(&mut self.total, s, &values);
+        }
+        Ok(())
+    }
+
+    /// Mean validation loss (nats per token) over fixed batches.
+    pub(super) fn eval_loss<B: Backend>(&self, model: &Llama<B>, batches: &[Batch]) -> Result<f64> {
+        let w = self.kern.layout.weights(model)?;
+        let (mut sum, mut n) = (0.0, 0.0);
+        for b in batches {
+            let weight: f64 = b.mask.iter().map(|&m| m as f64).sum();
+            sum += self.kern.loss_and_grads(&w, &batch_ref(b), None).loss * weight;
+            n += weight;
+        }
+        Ok(sum / f64::max(n, 1.0))
+    }
+}
+
+/// The L2 norm of `g`, in eight partial f64 sums (so that the loop vectorises and the order is
+/// fixed).
+fn global_norm(g: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = g.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&x| x as f64 * x as f64).sum();
+    for ch in chunks {
+        for i in 0..8 {
+            acc[i] += ch[i] as f64 * ch[i] as f64;
+        }
+    }
+    (acc.iter().sum::<f64>() + tail).sqrt()
+}
+
+/// Replaces every parameter's value with its values from the flat weights.
+struct WriteWeights<'a, B: AutodiffBackend> {
+    layout: &'a Layout,
+    index: &'a HashMap<String, usize>,
+    w: &'a [f32],
+    device: &'a B::Device,
+}
+
+impl<B: AutodiffBackend> MapNamed<B> for WriteWeights<'_, B> {
+    fn map<const D: usize>(&mut self, name: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let Some(&i) = self.index.get(name) else {
+            return param;
+        };
+        let s = &self.layout.slots[i];
+        let (id, tensor, mapper) = param.consume();
+        let data = TensorData::new(self.layout.get(self.w, s), tensor.shape());
+        let inner = Tensor::<B::InnerBackend, D>::from_data(data, self.device);
+        Param::from_mapped_value(id, Tensor::from_inner(inner).require_grad(), mapper)
+    }
+}

@@ -1,0 +1,188 @@
+//! The step engines: one model and its optimizer, trained a step at a time, either by Burn's
+//! autodiff graph (every backend) or by Kiln's fused CPU kernels (the CPU backends at f32). The
+//! training loop calls [`Engine::step`] and [`Engine::eval_loss`] and does not know which runs.
+//!
+//! Which engine serves a run is decided once, by [`EngineKind::choose`], from the device, the
+//! precision and `train.cpu_kernels`; the same choice serves training, validation and `kiln eval`
+//! ([`with_scorer`]).
+
+mod graph;
+mod kernels;
+
+use anyhow::Result;
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use kiln_models::checkpoint::HostTensor;
+use kiln_models::{Llama, LlamaConfig};
+use kiln_recipes::Precision;
+
+use crate::data::loader::Batch;
+use crate::device::Device;
+use crate::optim::AdamW;
+
+pub use graph::masked_cross_entropy;
+
+/// Which engine computes forward and backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// Burn's autodiff graph, op by op (the GPUs; the CPU in half precision or with
+    /// `train.cpu_kernels = false`).
+    Graph,
+    /// Kiln's fused CPU kernels (`kiln_models::cpu_kernels`).
+    CpuKernels,
+}
+
+impl EngineKind {
+    /// The kernels where they apply (a CPU backend, f32) and are wanted, else Burn's graph.
+    pub fn choose(device: &Device, precision: Precision, cpu_kernels: bool) -> Self {
+        let on_cpu = matches!(device, Device::Flex | Device::NdArray);
+        if cpu_kernels && on_cpu && precision == Precision::F32 {
+            EngineKind::CpuKernels
+        } else {
+            EngineKind::Graph
+        }
+    }
+}
+
+/// What one optimizer step did.
+pub struct StepOutput {
+    pub loss: f64,
+    pub grad_norm: f64,
+    /// Loss-bearing tokens in this step.
+    pub tokens: usize,
+    /// Seconds in the forward pass (with the loss), the backward pass, and clip + AdamW.
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optim_s: f64,
+}
+
+/// Averages a step's gradients and loss with other workers (data parallelism), between the
+/// backward passes and the update.
+pub type SyncHook<'a> = &'a mut dyn FnMut(GradientsParams, f64) -> Result<(GradientsParams, f64)>;
+
+enum Kind {
+    Graph,
+    Kernels(Box<kernels::Kernels>),
+}
+
+/// A model and its optimizer, trained by one engine.
+pub struct Engine<B: AutodiffBackend> {
+    /// `None` only inside a step (Burn's update consumes the model and returns the next).
+    model: Option<Llama<B>>,
+    opt: AdamW<B::InnerBackend>,
+    kind: Kind,
+}
+
+impl<B: AutodiffBackend> Engine<B> {
+    /// An engine of `kind` for `model` (sizes from `cfg`) and `opt` (fresh, or restored from a
+    /// checkpoint), the kernels on `threads` threads.
+    pub fn new(kind: EngineKind, model: Llama<B>, opt: AdamW<B::InnerBackend>, cfg: &LlamaConfig, threads: usize) -> Self {
+        let kind = match kind {
+            EngineKind::Graph => Kind::Graph,
+            EngineKind::CpuKernels => Kind::Kernels(Box::new(kernels::Kernels::new(&model, cfg, threads))),
+        };
+        Self { model: Some(model), opt, kind }
+    }
+
+    /// Burn's graph.
+    pub fn graph(model: Llama<B>, opt: AdamW<B::InnerBackend>) -> Self {
+        Self { model: Some(model), opt, kind: Kind::Graph }
+    }
+
+    pub fn kind(&self) -> EngineKind {
+        match self.kind {
+            Kind::Graph => EngineKind::Graph,
+            Kind::Kernels(_) => EngineKind::CpuKernels,
+        }
+    }
+
+    /// One optimizer step over `micro` (gradients averaged over the micro-batches), with the
+    /// gradients passed through `sync` before the clip and the update.
+    pub fn step(&mut self, micro: &[Batch], lr: f64, device: &B::Device, sync: Option<SyncHook>) -> Result<StepOutput> {
+        let model = self.model.take().ok_or_else(|| anyhow::anyhow!("the engine lost its model in an earlier failed step"))?;
+        let (model, out) = match &mut self.kind {
+            Kind::Graph => graph::step(model, &mut self.opt, micro, lr, device, sync)?,
+            Kind::Kernels(k) => k.step(model, &mut self.opt, micro, lr, device, sync)?,
+        };
+        self.model = Some(model);
+        Ok(out)
+    }
+
+    /// Mean validation loss (nats per token) over fixed batches, without autodiff.
+    pub fn eval_loss(&self, batches: &[Batch], device: &B::Device) -> f64 {
+        if let Kind::Kernels(k) = &self.kind {
+            match k.eval_loss(self.model(), batches) {
+                Ok(v) => return v,
+                Err(e) => tracing::warn!("validation through the CPU kernels failed ({e}); using Burn's forward pass"),
+            }
+        }
+        graph::eval_loss(self.model(), batches, device)
+    }
+
+    pub fn model(&self) -> &Llama<B> {
+        match &self.model {
+            Some(m) => m,
+            None => unreachable!("the model is only taken inside `step`"),
+        }
+    }
+
+    pub fn model_mut(&mut self) -> &mut Llama<B> {
+        match &mut self.model {
+            Some(m) => m,
+            None => unreachable!("the model is only taken inside `step`"),
+        }
+    }
+
+    pub fn into_model(self) -> Llama<B> {
+        match self.model {
+            Some(m) => m,
+            None => unreachable!("the model is only taken inside `step`"),
+        }
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn optimizer_steps(&self) -> u64 {
+        self.opt.t
+    }
+
+    /// The AdamW moments as host tensors (`<name>.exp_avg`, `<name>.exp_avg_sq`, sorted by name),
+    /// wherever the engine keeps them.
+    pub fn optimizer_state(&self) -> Vec<HostTensor> {
+        match &self.kind {
+            Kind::Kernels(k) if k.has_moments() => k.moments_to_host(),
+            _ => self.opt.to_host(),
+        }
+    }
+}
+
+/// One step on Burn's graph outside an [`Engine`], for tests and tools that hold the model and
+/// the optimizer themselves.
+pub fn graph_step<B: AutodiffBackend>(model: Llama<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Batch], lr: f64, device: &B::Device) -> (Llama<B>, StepOutput) {
+    match graph::step(model, opt, micro, lr, device, None) {
+        Ok(r) => r,
+        Err(_) => unreachable!("a step without a sync hook cannot fail"),
+    }
+}
+
+/// Loss-bearing tokens in a step's micro-batches.
+fn loss_tokens(micro: &[Batch]) -> usize {
+    micro.iter().map(|b| b.mask.iter().filter(|&&m| m > 0.0).count()).sum()
+}
+
+/// Runs `f` on a scorer for `lm`'s model: log-probabilities from the fused CPU kernels under
+/// [`EngineKind::CpuKernels`], else from Burn's forward pass.
+pub fn with_scorer<B: Backend, R>(
+    lm: kiln_evals::ModelScorer<'_, B>,
+    cfg: &LlamaConfig,
+    kind: EngineKind,
+    threads: usize,
+    f: impl FnOnce(&mut dyn kiln_evals::Scorer) -> Result<R>,
+) -> Result<R> {
+    match kind {
+        EngineKind::CpuKernels => f(&mut kiln_evals::KernelScorer::new(lm, cfg, threads)?),
+        EngineKind::Graph => {
+            let mut lm = lm;
+            f(&mut lm)
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! The plan: a recipe (with its `--set` overrides) and the command line, resolved once into
+//! typed values. The model's sizes come from the preset (or the `init` model), the vocabulary
+//! from the tokenizer, the eval tasks from the evals registry, the engine from the device and the
+//! precision. Everything after this reads the plan; nothing parses a recipe string again.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::DType;
+use kiln_models::{checkpoint, presets, LlamaConfig, Tokenizer};
+use kiln_recipes::{Precision, Recipe, Stage};
+
+use crate::data::shards::{resolve_sources, token_stream, tokenizer_for, SourceFile};
+use crate::data::sources::Dirs;
+use crate::device::Device;
+use crate::engine::EngineKind;
+
+/// The training data, tokenized and split.
+pub struct TrainData {
+    pub sources: Vec<SourceFile>,
+    pub train: Vec<u32>,
+    pub val: Vec<u32>,
+    /// UTF-8 bytes per token in the corpus (EOS excluded), for bits per byte.
+    pub bytes_per_token: f64,
+}
+
+/// Everything a run needs, resolved.
+pub struct Plan {
+    /// The recipe as resolved (overrides applied): the run's `plan.toml`.
+    pub recipe: Recipe,
+    pub model: LlamaConfig,
+    pub tok: Tokenizer,
+    pub data: TrainData,
+    /// The data root, for eval task files.
+    pub data_root: PathBuf,
+    /// The model folder the weights start from (`init`), if any.
+    pub init_dir: Option<PathBuf>,
+    /// The `[eval]` tasks (and the samples task when it lists prompts), parsed.
+    pub tasks: Vec<Box<dyn kiln_evals::Task>>,
+    pub device: Device,
+    pub precision: Precision,
+    pub engine: EngineKind,
+    /// CPU threads (the kernels' shards; `RAYON_NUM_THREADS`).
+    pub threads: usize,
+}
+
+impl Plan {
+    /// Resolves `recipe` for `device`: reads or downloads the data, builds the tokenizer (or takes
+    /// the `init` model's), tokenizes (or reuses the cached shards), splits train and validation,
+    /// and parses the eval tasks, all before any run directory exists.
+    pub fn resolve(recipe: Recipe, dirs: &Dirs, device: Device) -> Result<Plan> {
+        if recipe.stage != Stage::Pretrain {
+            bail!("stage = \"sft\" is not implemented yet in this version of Kiln\n  hint: use stage = \"pretrain\"");
+        }
+        let tasks = recipe_tasks(&recipe, &dirs.data_root)?;
+        // With `init`, the model's own config and tokenizer come with its weights.
+        let init_dir = match &recipe.init {
+            Some(init) => Some(crate::run_dir::model_dir(Path::new(init)).with_context(|| format!("init = \"{init}\""))?),
+            None => None,
+        };
+        let sources = resolve_sources(&recipe.data, dirs)?;
+        let (tok, model) = match &init_dir {
+            Some(dir) => {
+                let tok = Tokenizer::load(&dir.join(checkpoint::TOKENIZER))?;
+                let mut cfg = checkpoint::read_config(&dir.join(checkpoint::CONFIG))?;
+                checkpoint::check_tokenizer(&tok, &cfg, dir)?;
+                if let Some(ctx) = recipe.model.context {
+                    cfg.max_position_embeddings = ctx;
+                    cfg.check().map_err(|e| anyhow::anyhow!("model.context = {ctx}: {e}"))?;
+                }
+                tracing::info!("init: {} ({} parameters); [model] and [tokenizer] come from it (model.context may shorten the context)", dir.display(), cfg.num_params());
+                (tok, cfg)
+            }
+            None => {
+                let tok = tokenizer_for(&recipe.tokenizer, &sources, &recipe.data, dirs)?;
+                let cfg = model_config(&recipe, &tok)?;
+                (tok, cfg)
+            }
+        };
+        let data = split(&recipe, sources, &tok, dirs, model.max_position_embeddings)?;
+        let t = &recipe.train;
+        let engine = EngineKind::choose(&device, t.precision, t.cpu_kernels);
+        Ok(Plan { precision: t.precision, engine, model, tok, data, data_root: dirs.data_root.clone(), init_dir, tasks, device, threads: threads(), recipe })
+    }
+
+    /// What `kiln recipe check` and `kiln run` print: sizes, tokens and a memory estimate.
+    pub fn summary(&self) -> String {
+        let t = &self.recipe.train;
+        let c = &self.model;
+        let ctx = c.max_position_embeddings;
+        let per_step = t.batch_size as f64 * t.grad_accum as f64 * ctx as f64;
+        let (state, act) = self.memory_estimate();
+        let mib = |b: f64| b / 1048576.0;
+        format!(
+            "model: {} layers, d_model {}, {} heads ({} kv), SwiGLU {}, context {}, vocab {}\nparameters: {}\ntokens per step: {per_step} ({} x {} x {} accum)\ntotal tokens: {}\ndata: {} train tokens, {} validation tokens\nmemory estimate: {:.1} MiB (weights, grads and AdamW state {:.1} MiB; activations {:.1} MiB){}",
+            c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+            c.intermediate_size, ctx, c.vocab_size, c.num_params(), t.batch_size, ctx, t.grad_accum,
+            per_step * t.steps as f64, self.data.train.len(), self.data.val.len(),
+            mib(state + act), mib(state), mib(act),
+            self.check_memory().err().map(|e| format!("\nwarning: {e}")).unwrap_or_default()
+        )
+    }
+
+    /// Bytes of f32 weights, gradients and both AdamW moments, and of activations (~ 34·d floats
+    /// per token per layer, 5·heads·T more where Burn's decomposed attention keeps its
+    /// `[B, H, T, T]` tensors, and the logits). In f64: absurd sizes must not overflow.
+    pub fn memory_estimate(&self) -> (f64, f64) {
+        let (t, c) = (&self.recipe.train, &self.model);
+        let ctx = c.max_position_embeddings as f64;
+        let state = c.num_params() as f64 * 4.0 * 4.0;
+        let attn = if t.fused_attention { 0.0 } else { 5.0 * c.num_attention_heads as f64 * ctx };
+        let act_per_tok = (34.0 * c.hidden_size as f64 + attn) * c.num_hidden_layers as f64 + 2.0 * c.vocab_size as f64;
+        (state, t.batch_size as f64 * ctx * act_per_tok * 4.0)
+    }
+
+    /// Refuses a run whose memory estimate exceeds this machine's memory (on the CPU backends;
+    /// a GPU's own memory is only known once its backend starts).
+    pub fn check_memory(&self) -> Result<()> {
+        let (state, act) = self.memory_estimate();
+        let (need, have) = (state + act, crate::perf::machine_memory_bytes().unwrap_or(u64::MAX) as f64);
+        if self.device.gpu_name().is_none() && need > have {
+            bail!(
+                "the memory estimate, {:.1} GiB, exceeds this machine's {:.1} GiB\n  hint: lower train.batch_size, model.context or the model's size (train.grad_accum keeps the tokens per step)",
+                need / 1073741824.0,
+                have / 1073741824.0
+            );
+        }
+        Ok(())
+    }
+
+    /// The device and engine, as reports name them.
+    pub fn backend(&self) -> String {
+        match self.engine {
+            EngineKind::CpuKernels => format!("{} (fused CPU kernels)", self.device.describe()),
+            EngineKind::Graph => self.device.describe(),
+        }
+    }
+}
+
+/// Tokenizes the sources and splits off the last `val_fraction` of the tokens for validation.
+fn split(recipe: &Recipe, sources: Vec<SourceFile>, tok: &Tokenizer, dirs: &Dirs, ctx: usize) -> Result<TrainData> {
+    let stream = token_stream(&sources, &recipe.data, tok, dirs)?;
+    let n = stream.tokens.len();
+    let n_val = ((n as f64) * recipe.data.val_fraction).round() as usize;
+    if n_val < ctx + 1 || n - n_val < ctx + 1 {
+        bail!(
+            "data: {n} tokens is too little for context {ctx} with val_fraction {} (each split needs at least {} tokens)\n  hint: add data, lower model.context or change data.val_fraction",
+            recipe.data.val_fraction,
+            ctx + 1
+        );
+    }
+    let mut train = stream.tokens;
+    let val = train.split_off(n - n_val);
+    let text_tokens = (stream.meta.n_tokens - stream.meta.n_docs).max(1);
+    Ok(TrainData { sources, train, val, bytes_per_token: stream.meta.n_bytes as f64 / text_tokens as f64 })
+}
+
+/// The model configuration: the preset with the recipe's overrides and the tokenizer's vocabulary.
+pub fn model_config(recipe: &Recipe, tok: &Tokenizer) -> Result<LlamaConfig> {
+    let m = &recipe.model;
+    let mut c = presets::preset(&m.preset, tok.vocab_size()).with_context(|| {
+        format!("model.preset: unknown preset '{}'\n  hint: one of {}", m.preset, presets::NAMES.join(", "))
+    })?;
+    if let Some(v) = m.d_model { c.hidden_size = v; }
+    if let Some(v) = m.n_layers { c.num_hidden_layers = v; }
+    if let Some(v) = m.n_heads { c.num_attention_heads = v; }
+    if let Some(v) = m.n_kv_heads { c.num_key_value_heads = v; }
+    if m.n_heads.is_some() && m.n_kv_heads.is_none() { c.num_key_value_heads = c.num_attention_heads; }
+    if let Some(v) = m.ffn_hidden { c.intermediate_size = v; }
+    if let Some(v) = m.context { c.max_position_embeddings = v; }
+    if let Some(v) = m.rope_theta { c.rope_theta = v; }
+    if let Some(v) = m.norm_eps { c.rms_norm_eps = v; }
+    if let Some(v) = m.tie_embeddings { c.tie_word_embeddings = v; }
+    c.bos_token_id = Some(tok.bos_id);
+    c.eos_token_id = Some(tok.eos_id);
+    c.pad_token_id = Some(tok.pad_id);
+    c.check().map_err(|e| anyhow::anyhow!("[model]: {e}"))?;
+    Ok(c)
+}
+
+/// The recipe's `[eval]` tasks, parsed by the evals registry, plus the samples task when it
+/// lists prompts.
+fn recipe_tasks(r: &Recipe, data_root: &Path) -> Result<Vec<Box<dyn kiln_evals::Task>>> {
+    let mut v = Vec::new();
+    for (i, spec) in r.eval.tasks.iter().enumerate() {
+        let task = kiln_evals::parse_task(spec, data_root).with_context(|| format!("eval.tasks[{i}]"))?;
+        kiln_evals::check_files(task.as_ref()).with_context(|| format!("eval.tasks[{i}] = \"{spec}\""))?;
+        v.push(task);
+    }
+    if !r.eval.prompts.is_empty() {
+        let max_tokens = if r.eval.sample_tokens == 0 { 200 } else { r.eval.sample_tokens };
+        v.push(Box::new(kiln_evals::tasks::samples::Samples { prompts: r.eval.prompts.clone(), max_tokens }));
+    }
+    Ok(v)
+}
+
+/// CPU threads: `RAYON_NUM_THREADS`, else every core.
+pub fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+/// The compute type of a precision (`None`: f32).
+pub fn compute_dtype(p: Precision) -> Option<DType> {
+    match p {
+        Precision::Bf16Mixed => Some(DType::BF16),
+        Precision::F16Mixed => Some(DType::F16),
+        Precision::F32 => None,
+    }
+}
+
+/// Whether backend `B` can compute in `precision` on `device`, as the backend itself says
+/// (`Backend::supports_dtype`): ndarray has no half types, wgpu's shaders (WGSL) have no bf16 and
+/// have f16 only on adapters with the shader-f16 feature. Asked before training, so that an
+/// unsupported type is an error with a hint instead of a panic in a kernel compiler (on wgpu that
+/// panic is on the device thread and left the process hanging). `dev` is the device `device` is.
+pub fn check_precision<B: burn::tensor::backend::Backend>(precision: Precision, device: &B::Device, dev: &Device) -> Result<()> {
+    let Some(dt) = compute_dtype(precision) else { return Ok(()) };
+    if B::supports_dtype(device, dt) {
+        return Ok(());
+    }
+    let others: Vec<&str> = Precision::ALL
+        .into_iter()
+        .filter(|p| *p != precision && compute_dtype(*p).is_some_and(|d| B::supports_dtype(device, d)))
+        .map(Precision::as_str)
+        .chain(["f32"])
+        .collect();
+    bail!(
+        "train.precision = \"{precision}\": {} cannot compute in {dt:?}\n  hint: --set train.precision={} (supported on this device){}",
+        dev.describe(),
+        others.join(" or --set train.precision="),
+        match dev.backend() {
+            "ndarray" => "; on the CPU, --device cpu (flex) computes in both half types",
+            "wgpu" if dt == DType::BF16 => "; bf16-mixed needs CUDA or --device cpu",
+            _ => "",
+        }
+    )
+}
