@@ -17,7 +17,6 @@ pub fn skip(need: &str, reason: &str) -> bool {
         panic!("KILN_REQUIRE={need}, but this test cannot run: {reason}");
     }
     println!("SKIP: {reason}");
-    eprintln!("SKIP: {reason}");
     true
 }
 

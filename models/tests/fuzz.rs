@@ -42,7 +42,7 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
 
 /// One damage: `kind` picks the file, then a cut, a replaced byte, or (for the JSON files) a
 /// top-level field set to `value`.
-fn damage(files: &[(&str, Vec<u8>); 3], kind: u8, at: usize, byte: u8, value: serde_json::Value) -> (&'static str, Vec<u8>) {
+fn damage(files: &[(&'static str, Vec<u8>); 3], kind: u8, at: usize, byte: u8, value: serde_json::Value) -> (&'static str, Vec<u8>) {
     let (name, orig) = &files[kind as usize % 3];
     let mut b = orig.clone();
     let at = at % b.len();

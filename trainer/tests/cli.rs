@@ -252,6 +252,77 @@ fn bad_inputs_give_clear_errors() {
     assert!(!env.path("half").exists(), "a run directory was made for a run that cannot start");
 }
 
+/// Issue 13's hostile inputs: each stops with an error naming the key or file, before any run
+/// directory is made (so before any training step), and nothing panics or hangs.
+#[test]
+fn hostile_inputs_fail_before_training() {
+    let env = Env::new();
+    let ok = env.write("ok.toml", TINY);
+    let refuse = |sets: &[&str], needles: &[&str]| {
+        let mut args = vec!["run", ok.to_str().unwrap(), "--runs-dir", "hostile"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        assert_clean_error(&env.run(&args), needles);
+        assert!(!env.path("hostile").exists(), "{sets:?}: a run directory was made");
+    };
+    refuse(&["data.sources=[\"/etc/passwd\"]"], &["data.sources", "not a path under the data root"]);
+    refuse(&["data.sources=[\"../outside.txt\"]"], &["data.sources", "not a path under the data root"]);
+    refuse(&["eval.tasks=[\"bpb:nope.txt\"]"], &["eval.tasks[0]", "nope.txt", "not a readable file"]);
+    refuse(&["eval.tasks=[\"hellaswag:abc\"]"], &["eval.tasks[0]", "'abc' is not a number"]);
+    refuse(&["model.context=1"], &["model.context", "at least 2"]);
+    refuse(&["model.d_model=65536"], &["memory estimate", "exceeds this machine", "train.batch_size"]);
+    refuse(&["name=\"a\\nb\""], &["key 'name'"]);
+    refuse(&["train=[1, 2]"], &["train", "expected a section"]);
+    refuse(&["optim.lr=9e18"], &["optim.lr", "up to"]);
+    #[cfg(unix)]
+    {
+        assert!(Command::new("mkfifo").arg(env.path("data/fifo.json")).status().unwrap().success());
+        refuse(&["tokenizer.kind=\"file\"", "tokenizer.path=\"fifo.json\""], &["tokenizer.path", "not a regular file"]);
+    }
+    // A model folder whose config.json has no heads, or whose tokenizer outgrows its vocabulary.
+    let small = env.write("small.toml", &TINY.replace("steps = 400", "steps = 2"));
+    assert!(env.run(&["run", small.to_str().unwrap(), "--runs-dir", "r"]).status.success());
+    let model = only_run(&env.path("r")).join("final");
+    let cfg_text = std::fs::read_to_string(model.join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+    cfg["num_attention_heads"] = 0.into();
+    std::fs::write(model.join("config.json"), cfg.to_string()).unwrap();
+    refuse(&[&format!("init=\"{}\"", model.display())], &["config.json", "num_attention_heads"]);
+    assert_clean_error(&env.run(&["generate", model.to_str().unwrap(), "--max-tokens", "3"]), &["config.json", "num_attention_heads"]);
+    let mut cfg: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+    cfg["vocab_size"] = 5.into();
+    std::fs::write(model.join("config.json"), cfg.to_string()).unwrap();
+    assert_clean_error(&env.run(&["eval", model.to_str().unwrap(), "--task", "bpb:corpus.txt"]), &["tokenizer", "more than the model's vocabulary of 5"]);
+    let mut cfg: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+    cfg["bos_token_id"] = 1_000_000_000_000u64.into();
+    std::fs::write(model.join("config.json"), cfg.to_string()).unwrap();
+    assert_clean_error(&env.run(&["generate", model.to_str().unwrap()]), &["bos_token_id", "token id"]);
+}
+
+/// Twenty runs of one recipe started together get twenty run directories (the name is claimed
+/// with an atomic create_dir; a check-then-create let two runs share one, about once in 30 pairs),
+/// each with its own metrics and report.
+#[test]
+fn twenty_concurrent_starts_get_twenty_directories() {
+    let env = Env::new();
+    let r = env.write("c.toml", &TINY.replace("steps = 400", "steps = 1").replace("eval_every = 50", "eval_every = 0"));
+    // Tokenize once, so that the twenty start together instead of racing on the token cache.
+    assert!(env.run(&["recipe", "check", r.to_str().unwrap()]).status.success());
+    let children: Vec<_> = (0..20).map(|_| env.cmd(&["run", r.to_str().unwrap(), "--runs-dir", "many"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()).collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let dirs: Vec<PathBuf> = std::fs::read_dir(env.path("many")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(dirs.len(), 20, "{dirs:?}");
+    for d in &dirs {
+        let steps = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().filter(|l| !l.contains("\"kind\"")).count();
+        assert_eq!(steps, 1, "{}: metrics.jsonl holds {steps} step lines", d.display());
+        assert!(d.join("report.json").is_file(), "{}", d.display());
+    }
+}
+
 /// Several first runs at once (data-parallel workers on one machine) with an empty token cache:
 /// each tokenizes, and the ones that lose the race to move their shards into the cache use the
 /// winner's instead of failing ("Directory not empty" stopped a worker about once in 75 runs).
@@ -310,15 +381,23 @@ fn shipped_recipes_resolve_against_the_data_root() {
 #[test]
 fn nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint() {
     let env = Env::new();
-    // An absurd learning rate with no clipping overflows the weights within a few steps.
-    let r = env.write("nan.toml", &TINY.replace("[train]", "[optim]\nlr = 1e30\nmin_lr = 1e30\nwarmup_steps = 0\ngrad_clip = 0.0\n[train]").replace("checkpoint_every = 7", "checkpoint_every = 1"));
+    // The largest learning rate a recipe takes, with no clipping: within a few steps the gradient
+    // norm is NaN while the loss is still finite (issue 13's case).
+    let r = env.write("nan.toml", &TINY.replace("[train]", "[optim]\nlr = 1e3\nmin_lr = 1e3\nwarmup_steps = 0\ngrad_clip = 0.0\n[train]").replace("checkpoint_every = 7", "checkpoint_every = 1"));
     let o = env.run(&["run", r.to_str().unwrap(), "--runs-dir", "r"]);
     assert_clean_error(&o, &["loss is", "training stopped", "last good checkpoint", "optim.lr"]);
     let run = only_run(&env.path("r"));
     assert!(!run.join("final").exists());
     let e = stderr(&o);
     let last = run.join("checkpoints");
-    assert!(std::fs::read_dir(&last).unwrap().count() >= 1 || e.contains("none yet"), "{e}");
+    assert!(std::fs::read_dir(&last).unwrap().count() >= 1, "{e}");
+    // The checkpoint it names is truly good: resume loads it (weights and moments finite) and
+    // stops at the same step for the same reason.
+    let o2 = env.run(&["resume", run.to_str().unwrap()]);
+    let e2 = stderr(&o2);
+    assert!(e2.contains("resuming") && e2.contains("training stopped") && !e2.contains("non-finite"), "{e2}");
+    let step = |e: &str| e.split(" at step ").nth(1).and_then(|x| x.split(';').next()).map(str::to_string);
+    assert_eq!(step(&e), step(&e2), "{e}\n---\n{e2}");
 }
 
 #[test]

@@ -31,6 +31,9 @@ pub fn run(a: Args) -> Result<()> {
     let dir = kiln_trainer::run_dir::model_dir(&a.model)?;
     let dirs = Dirs::from_env(a.common.data_root);
     let tasks: Vec<Box<dyn kiln_evals::Task>> = a.tasks.iter().map(|t| kiln_evals::parse_task(t, &dirs.data_root)).collect::<Result<_, _>>()?;
+    for t in &tasks {
+        kiln_evals::check_files(t.as_ref())?;
+    }
     // The engine `kiln run` would choose at f32: on the CPU, log-probabilities from the fused
     // kernels (the same numbers as Burn's forward pass, faster).
     let engine = EngineKind::choose(&be, Precision::F32, true);

@@ -43,7 +43,10 @@ impl Dirs {
             bail!("{key}: '{rel}' is not a path under the data root\n  hint: recipes read local files only under the data root ({}); give a relative path without '..'", self.data_root.display());
         }
         let p = self.data_root.join(rel);
-        if !std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
+        if p.exists() && !std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
+            bail!("{key}: {} is not a regular file (a FIFO, a device or a folder)\n  hint: name a file", p.display());
+        }
+        if !p.is_file() {
             bail!(
                 "{key}: data file not found: {} ('{rel}' under data root {})\n  hint: point --data-root or KILN_DATA at the folder that holds it",
                 p.display(),
