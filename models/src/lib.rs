@@ -5,6 +5,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod cpu_kernels;
 pub mod generate;
+pub mod hf_config;
 pub mod init;
 pub mod llama;
 pub mod loss;
