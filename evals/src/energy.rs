@@ -174,6 +174,13 @@ impl EnergyMeter for Estimate {
     }
 }
 
+/// The memory of NVIDIA GPU `index` (NVML's numbering) in bytes; `None` where NVML cannot tell.
+pub fn nvml_total_memory(index: u32) -> Option<u64> {
+    let nvml = nvml_wrapper::Nvml::init().ok()?;
+    let info = nvml.device_by_index(index).ok()?.memory_info().ok()?;
+    Some(info.total)
+}
+
 /// NVIDIA GPUs through NVML (libnvidia-ml, loaded at run time: nothing is needed at build time).
 /// Uses each GPU's total-energy counter (Volta and later); on GPUs without it, integrates the
 /// power reading between reads (`polled`), and says so.

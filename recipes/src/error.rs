@@ -19,7 +19,7 @@ pub enum RecipeError {
     #[error("{}{}: key '{key}': {message}{}", file.display(), at_line(*line), hint_text(hint))]
     Key { file: PathBuf, key: String, line: Option<usize>, message: String, hint: Option<String> },
 
-    #[error("{}{}: key '{key}': {message}", file.display(), at_line(*line))]
+    #[error("{}{}: key '{key}': {message}\n  hint: README.md's recipe reference gives every key's meaning and range", file.display(), at_line(*line))]
     Invalid { file: PathBuf, key: String, line: Option<usize>, message: String },
 }
 

@@ -71,6 +71,18 @@ pub fn machine_memory_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The memory a run has room for: a CUDA GPU's (through NVML), the machine's on the CPU backends;
+/// `None` where it cannot be known before the backend starts (wgpu, or no NVML).
+pub fn memory_capacity(dev: &Device) -> Option<u64> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        Device::Cuda { index, .. } => kiln_evals::energy::nvml_total_memory(*index as u32),
+        Device::Flex | Device::NdArray => machine_memory_bytes(),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
 /// Device memory reserved by Burn's allocator on a GPU (it keeps its pages, so this is also
 /// the peak reserved, as `torch.cuda.max_memory_reserved` reports); `None` on the CPU.
 pub fn device_memory_bytes(dev: &Device) -> Option<u64> {

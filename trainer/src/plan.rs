@@ -113,14 +113,20 @@ impl Plan {
         (state, t.batch_size as f64 * ctx * act_per_tok * 4.0)
     }
 
-    /// Refuses a run whose memory estimate exceeds this machine's memory (on the CPU backends;
-    /// a GPU's own memory is only known once its backend starts).
+    /// Refuses a run whose memory estimate exceeds the memory it would run in: this machine's on
+    /// the CPU backends, a CUDA GPU's through NVML (a wgpu adapter's is not known before its
+    /// backend starts).
     pub fn check_memory(&self) -> Result<()> {
         let (state, act) = self.memory_estimate();
-        let (need, have) = (state + act, crate::perf::machine_memory_bytes().unwrap_or(u64::MAX) as f64);
-        if self.device.gpu_name().is_none() && need > have {
+        let Some(have) = crate::perf::memory_capacity(&self.device) else { return Ok(()) };
+        let (need, have) = (state + act, have as f64);
+        if need > have {
+            let whose = match self.device.gpu_name() {
+                Some(_) => format!("{}'s", self.device.describe()),
+                None => "this machine's".into(),
+            };
             bail!(
-                "the memory estimate, {:.1} GiB, exceeds this machine's {:.1} GiB\n  hint: lower train.batch_size, model.context or the model's size (train.grad_accum keeps the tokens per step)",
+                "the memory estimate, {:.1} GiB, exceeds {whose} {:.1} GiB\n  hint: lower train.batch_size, model.context or the model's size (train.grad_accum keeps the tokens per step)",
                 need / 1073741824.0,
                 have / 1073741824.0
             );
