@@ -92,12 +92,11 @@ impl Plan {
         let (state, act) = self.memory_estimate();
         let mib = |b: f64| b / 1048576.0;
         format!(
-            "model: {} layers, d_model {}, {} heads ({} kv), SwiGLU {}, context {}, vocab {}\nparameters: {}\ntokens per step: {per_step} ({} x {} x {} accum)\ntotal tokens: {}\ndata: {} train tokens, {} validation tokens\nmemory estimate: {:.1} MiB (weights, grads and AdamW state {:.1} MiB; activations {:.1} MiB){}",
+            "model: {} layers, d_model {}, {} heads ({} kv), SwiGLU {}, context {}, vocab {}\nparameters: {}\ntokens per step: {per_step} ({} x {} x {} accum)\ntotal tokens: {}\ndata: {} train tokens, {} validation tokens\nmemory estimate: {:.1} MiB (weights, grads and AdamW state {:.1} MiB; activations {:.1} MiB)",
             c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
             c.intermediate_size, ctx, c.vocab_size, c.num_params(), t.batch_size, ctx, t.grad_accum,
             per_step * t.steps as f64, self.data.train.len(), self.data.val.len(),
-            mib(state + act), mib(state), mib(act),
-            self.check_memory().err().map(|e| format!("\nwarning: {e}")).unwrap_or_default()
+            mib(state + act), mib(state), mib(act)
         )
     }
 

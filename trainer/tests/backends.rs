@@ -88,6 +88,13 @@ fn flex_and_wgpu_agree_on_logits_and_training() {
     }
 }
 
+/// The wgpu device of these tests, with the one-kernel AdamW registered for it.
+fn wgpu_with_fused_adamw() -> burn::backend::wgpu::WgpuDevice {
+    let Device::Wgpu { kind, index, .. } = device::resolve(kiln_recipes::DeviceSpec::Wgpu(None)).unwrap() else { unreachable!() };
+    kiln_trainer::optim_cube::register::<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>();
+    Device::wgpu_device(kind, index)
+}
+
 /// `optim.fused`: the one-kernel AdamW of optim_cube.rs against Burn's tensor ops, both on wgpu:
 /// ten steps with the clip active and weight decay on give the same losses, gradient norms,
 /// weights and moments within float rounding.
@@ -96,9 +103,7 @@ fn one_kernel_adamw_matches_the_tensor_ops_on_wgpu() {
     if no_adapter("the one-kernel AdamW") {
         return;
     }
-    let Device::Wgpu { kind, index, .. } = device::resolve(kiln_recipes::DeviceSpec::Wgpu(None)).unwrap() else { unreachable!() };
-    let wd = Device::wgpu_device(kind, index);
-    kiln_trainer::optim_cube::register::<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>();
+    let wd = wgpu_with_fused_adamw();
     assert!(kiln_trainer::optim::registered::<Wgpu>().is_some());
     let cfg = preset("tiny", 24).unwrap();
     let train = |fused: bool| {
@@ -139,9 +144,7 @@ fn one_kernel_adamw_is_the_host_formula() {
     if no_adapter("the one-kernel AdamW against the host formula") {
         return;
     }
-    let Device::Wgpu { kind, index, .. } = device::resolve(kiln_recipes::DeviceSpec::Wgpu(None)).unwrap() else { unreachable!() };
-    let wd = Device::wgpu_device(kind, index);
-    kiln_trainer::optim_cube::register::<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>();
+    let wd = wgpu_with_fused_adamw();
     let update = kiln_trainer::optim::registered::<Wgpu>().unwrap();
     let n = 1000;
     let val = |k: usize, s: f32| (0..n).map(|i| (((i * k + 7) % 101) as f32 / 50.0 - 1.0) * s).collect::<Vec<f32>>();

@@ -28,6 +28,9 @@ pub fn run(a: Args) -> Result<()> {
     let plan = Plan::resolve(r, &Dirs::from_env(common.data_root), device)?;
     println!("# resolved plan for {}\n{}", recipe.display(), plan.recipe.to_toml());
     println!("{}", plan.summary());
+    if let Err(e) = plan.check_memory() {
+        println!("warning: {e}");
+    }
     println!("engine: {}", plan.backend());
     println!("recipe OK");
     Ok(())

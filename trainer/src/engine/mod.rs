@@ -84,11 +84,6 @@ impl<B: AutodiffBackend> Engine<B> {
         Self { model: Some(model), opt, kind }
     }
 
-    /// Burn's graph.
-    pub fn graph(model: Llama<B>, opt: AdamW<B::InnerBackend>) -> Self {
-        Self { model: Some(model), opt, kind: Kind::Graph }
-    }
-
     pub fn kind(&self) -> EngineKind {
         match self.kind {
             Kind::Graph => EngineKind::Graph,
@@ -121,20 +116,6 @@ impl<B: AutodiffBackend> Engine<B> {
 
     pub fn model(&self) -> &Llama<B> {
         match &self.model {
-            Some(m) => m,
-            None => unreachable!("the model is only taken inside `step`"),
-        }
-    }
-
-    pub fn model_mut(&mut self) -> &mut Llama<B> {
-        match &mut self.model {
-            Some(m) => m,
-            None => unreachable!("the model is only taken inside `step`"),
-        }
-    }
-
-    pub fn into_model(self) -> Llama<B> {
-        match self.model {
             Some(m) => m,
             None => unreachable!("the model is only taken inside `step`"),
         }
