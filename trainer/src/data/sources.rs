@@ -30,9 +30,7 @@ impl Dirs {
         });
         Self { data_root, cache }
     }
-}
 
-impl Dirs {
     /// `rel` under the data root, which is all a recipe may read there: an absolute path or a
     /// `..` that leaves the root is an error (`key` names the recipe field). The file must be a
     /// regular file (not a FIFO or a device, which would block or never end).
