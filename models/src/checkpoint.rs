@@ -183,7 +183,7 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<
     Ok(out)
 }
 
-fn f16_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let sign = ((h >> 15) as u32) << 31;
     let exp = ((h >> 10) & 0x1f) as u32;
     let frac = (h & 0x3ff) as u32;
@@ -337,6 +337,36 @@ pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<(), Model
         return Err(e);
     }
     std::fs::rename(&tmp, dir).map_err(|e| io(dir, e))
+}
+
+/// Whether `path` names a GGUF file (by its extension).
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Loads a model: a Hugging Face-layout folder or a GGUF file.
+pub fn load<B: Backend>(path: &Path, device: &B::Device) -> Result<(Llama<B>, LlamaConfig, Tokenizer), ModelError> {
+    if is_gguf(path) {
+        crate::gguf::load(path, device)
+    } else {
+        load_dir(path, device)
+    }
+}
+
+/// A model's config and tokenizer, without its weights.
+pub fn read_meta(path: &Path) -> Result<(LlamaConfig, Tokenizer), ModelError> {
+    if is_gguf(path) {
+        return crate::gguf::read_meta(path);
+    }
+    let tok = Tokenizer::load(&path.join(TOKENIZER))?;
+    let cfg = read_config(&path.join(CONFIG))?;
+    check_tokenizer(&tok, &cfg, path)?;
+    Ok((cfg, tok))
+}
+
+/// A model's weights by Hugging Face name: a folder's safetensors or a GGUF file's tensors.
+pub fn weight_source(path: &Path) -> Result<Box<dyn WeightSource>, ModelError> {
+    Ok(if is_gguf(path) { Box::new(crate::gguf::GgufSource::new(crate::gguf::GgufFile::open(path)?)) } else { Box::new(SafetensorsSource::open_dir(path)?) })
 }
 
 /// Loads a Hugging Face-layout model folder.

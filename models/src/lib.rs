@@ -2,9 +2,11 @@
 //! Hugging Face-layout checkpoints, initialisation and generation.
 
 pub mod attention;
+pub mod chat;
 pub mod checkpoint;
 pub mod cpu_kernels;
 pub mod generate;
+pub mod gguf;
 pub mod hf_config;
 pub mod init;
 pub mod llama;

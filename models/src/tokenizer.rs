@@ -23,6 +23,8 @@ pub const BOS: &str = "<|bos|>";
 pub const EOS: &str = "<|eos|>";
 pub const PAD: &str = "<|pad|>";
 pub const UNK: &str = "<|unk|>";
+/// Beside `tokenizer.json`: special tokens and the chat template.
+pub const CONFIG_FILE: &str = "tokenizer_config.json";
 
 /// Names other tokenizers use for the same roles, looked up when a `tokenizer.json` is loaded.
 const EOS_NAMES: [&str; 4] = [EOS, "<|endoftext|>", "</s>", "<eos>"];
@@ -35,6 +37,9 @@ pub struct Tokenizer {
     pub bos_id: u32,
     pub eos_id: u32,
     pub pad_id: u32,
+    /// The model's Jinja chat template (`tokenizer_config.json`'s `chat_template`, or GGUF's
+    /// `tokenizer.chat_template`); `None` where the model has none (chat.rs then uses ChatML).
+    pub chat_template: Option<String>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -124,14 +129,64 @@ impl Tokenizer {
         serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).map_err(|e| invalid(&e))?;
         let parsed = std::panic::catch_unwind(|| HfTokenizer::from_bytes(&bytes)).map_err(|_| invalid(&"the tokenizers library could not read it"))?;
         let t = parsed.map_err(|e| invalid(&e))?;
-        Self::from_hf(t)
+        let mut tok = Self::from_hf(t)?;
+        let config = path.with_file_name(CONFIG_FILE);
+        if config.is_file() {
+            tok.apply_config(&config)?;
+        }
+        Ok(tok)
     }
 
-    /// Writes `tokenizer.json`.
+    /// Takes the special tokens and chat template of a `tokenizer_config.json`.
+    fn apply_config(&mut self, path: &Path) -> Result<(), ModelError> {
+        let bytes = crate::read_regular(path, 64 << 20)?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: not valid JSON ({e}); hint: fix or delete it (Kiln then uses tokenizer.json's own special tokens)", path.display())))?;
+        // A special token is a string or an AddedToken object with "content".
+        let token = |k: &str| v.get(k).and_then(|t| t.as_str().or_else(|| t.get("content").and_then(|c| c.as_str())));
+        let id = |k: &str| token(k).and_then(|t| self.inner.token_to_id(t));
+        if let Some(e) = id("eos_token") {
+            self.eos_id = e;
+        }
+        if let Some(b) = id("bos_token") {
+            self.bos_id = b;
+        }
+        self.pad_id = id("pad_token").unwrap_or(self.pad_id);
+        // A template is a string, or a list of {"name", "template"} (the "default" one is used).
+        self.chat_template = match v.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .or(list.first())
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        Ok(())
+    }
+
+    /// Writes `tokenizer.json`, and beside it `tokenizer_config.json` (the special tokens and the
+    /// chat template, as `transformers` reads them).
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
         self.inner
             .save(path, false)
-            .map_err(|e| ModelError::io(path, e))
+            .map_err(|e| ModelError::io(path, e))?;
+        let name = |id: u32| self.inner.id_to_token(id).map_or(serde_json::Value::Null, serde_json::Value::String);
+        let mut config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name(self.bos_id),
+            "eos_token": name(self.eos_id),
+            "pad_token": name(self.pad_id),
+            "add_bos_token": false,
+            "clean_up_tokenization_spaces": false,
+        });
+        if let Some(t) = &self.chat_template {
+            config["chat_template"] = t.clone().into();
+        }
+        let config_path = path.with_file_name(CONFIG_FILE);
+        let text = serde_json::to_string_pretty(&config).map_err(|e| ModelError::io(&config_path, e))?;
+        std::fs::write(&config_path, text).map_err(|e| ModelError::io(&config_path, e))
     }
 
     fn from_hf(mut inner: HfTokenizer) -> Result<Self, ModelError> {
@@ -142,7 +197,38 @@ impl Tokenizer {
         let eos_id = find(&inner, &EOS_NAMES).ok_or_else(|| tok_err("could not add an EOS token"))?;
         let bos_id = find(&inner, &BOS_NAMES).unwrap_or(eos_id);
         let pad_id = find(&inner, &PAD_NAMES).unwrap_or(eos_id);
-        Ok(Self { inner, bos_id, eos_id, pad_id })
+        Ok(Self { inner, bos_id, eos_id, pad_id, chat_template: None })
+    }
+
+    /// A tokenizer with explicit special-token ids (a GGUF file's); those not given are looked
+    /// up by name as for a loaded `tokenizer.json`.
+    pub fn from_parts(inner: HfTokenizer, bos: Option<u32>, eos: Option<u32>, pad: Option<u32>, chat_template: Option<String>) -> Result<Self, ModelError> {
+        let mut t = Self::from_hf(inner)?;
+        t.eos_id = eos.unwrap_or(t.eos_id);
+        t.bos_id = bos.unwrap_or(t.bos_id);
+        t.pad_id = pad.unwrap_or(t.eos_id);
+        t.chat_template = chat_template;
+        Ok(t)
+    }
+
+    /// Adds special tokens the vocabulary lacks (a chat template's markers). Returns how many
+    /// were new: the model's embedding must grow by as many rows.
+    pub fn add_special_tokens(&mut self, tokens: &[&str]) -> usize {
+        let new: Vec<&str> = tokens.iter().copied().filter(|t| self.inner.token_to_id(t).is_none()).collect();
+        self.inner.add_special_tokens(&specials(&new));
+        new.len()
+    }
+
+    /// The id of a token written out (`<|im_end|>`), special tokens included.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Token ids of `text` with each token's byte range in `text`. Special tokens written in the
+    /// text (`<|im_start|>`) become their ids, as `transformers` does.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), ModelError> {
+        let e = self.inner.encode(text, false).map_err(tok_err)?;
+        Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
     }
 
     /// Vocabulary size, added tokens included: the model's embedding rows.
