@@ -141,7 +141,7 @@ impl Scorer for Ticking<'_> {
         self.bar.inc(1);
         self.inner.logprobs(seqs)
     }
-    fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: Option<u32>) -> Vec<u32> {
+    fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: &[u32]) -> Vec<u32> {
         self.bar.inc(1);
         self.inner.greedy(prompt, max_tokens, stop)
     }

@@ -12,8 +12,8 @@ pub trait Scorer {
     fn context(&self) -> usize;
     /// For each sequence (at most `context + 1` tokens): `log p(t[i] | t[..i])` for `i` in `1..len`.
     fn logprobs(&mut self, seqs: &[Vec<u32>]) -> Vec<Vec<f64>>;
-    /// Greedy continuation of `prompt`, at most `max_tokens`, stopping after `stop`.
-    fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: Option<u32>) -> Vec<u32>;
+    /// Greedy continuation of `prompt`, at most `max_tokens`, stopping after any of `stop`.
+    fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: &[u32]) -> Vec<u32>;
 }
 
 /// A Kiln model as a [`Scorer`], on any backend (no autodiff needed).
@@ -53,8 +53,8 @@ impl<B: Backend> Scorer for ModelScorer<'_, B> {
             .map(|(r, s)| (1..s.len().min(t + 1)).map(|i| all[r * t + i - 1] as f64).collect())
             .collect()
     }
-    fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: Option<u32>) -> Vec<u32> {
-        let o = SampleOptions { max_tokens, temperature: 0.0, stop, ..Default::default() };
+    fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: &[u32]) -> Vec<u32> {
+        let o = SampleOptions { max_tokens, temperature: 0.0, stop: stop.to_vec(), ..Default::default() };
         generate(self.model, self.context, prompt, &o, &self.device)
     }
 }
@@ -118,7 +118,7 @@ impl<B: Backend> Scorer for KernelScorer<'_, B> {
             })
             .collect()
     }
-    fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: Option<u32>) -> Vec<u32> {
+    fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: &[u32]) -> Vec<u32> {
         self.inner.greedy(prompt, max_tokens, stop)
     }
 }

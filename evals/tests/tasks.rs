@@ -28,7 +28,7 @@ impl Scorer for Rule {
             })
             .collect()
     }
-    fn greedy(&mut self, _p: &[u32], _m: usize, _s: Option<u32>) -> Vec<u32> {
+    fn greedy(&mut self, _p: &[u32], _m: usize, _s: &[u32]) -> Vec<u32> {
         Vec::new()
     }
 }
@@ -122,4 +122,73 @@ fn task_specs() {
         let e = kiln_evals::parse_task(bad, root).err().unwrap().to_string();
         assert!(e.contains("hint"), "{e}");
     }
+}
+
+/// A chat model that replies with a fixed text (and the end-of-turn token, unless `ramble`),
+/// recording the prompts it was given.
+struct Replier {
+    tok: Tokenizer,
+    reply: fn(&str) -> String,
+    ramble: bool,
+    prompts: Vec<String>,
+}
+
+impl Scorer for Replier {
+    fn tokenizer(&self) -> &Tokenizer {
+        &self.tok
+    }
+    fn context(&self) -> usize {
+        4096
+    }
+    fn logprobs(&mut self, _: &[Vec<u32>]) -> Vec<Vec<f64>> {
+        Vec::new()
+    }
+    fn greedy(&mut self, p: &[u32], max: usize, stop: &[u32]) -> Vec<u32> {
+        let prompt = self.tok.decode_all(p).unwrap();
+        let mut out = self.tok.encode(&(self.reply)(&prompt)).unwrap();
+        if !self.ramble {
+            out.push(stop[0]);
+        }
+        self.prompts.push(prompt);
+        out.truncate(max);
+        out
+    }
+}
+
+fn chat_tok() -> Tokenizer {
+    let mut t = Tokenizer::byte_level().unwrap();
+    t.add_special_tokens(&kiln_models::chat::CHATML_TOKENS);
+    t
+}
+
+#[test]
+fn squad_rc_scores_replies_to_the_passage_and_question() {
+    let Some(data) = kiln_models::skip::data_root() else { return };
+    // The gold answer sits after "Question: " in no reply; answer "Denver Broncos" everywhere.
+    let task = kiln_evals::parse_task("squad-rc:10@0", &data).unwrap();
+    let mut lm = Replier { tok: chat_tok(), reply: |_| "Denver Broncos".into(), ramble: false, prompts: Vec::new() };
+    let r = task.run(&mut lm).unwrap();
+    assert_eq!(r.n, 10);
+    assert_eq!(r.metrics["format"], 1.0);
+    // The first question (index 0) of Super Bowl 50 is "Which NFL team represented the AFC at Super Bowl 50?".
+    assert!(r.metrics["em"] > 0.0 && r.metrics["em"] < 1.0, "{:?}", r.metrics);
+    let p = &lm.prompts[0];
+    assert!(p.starts_with("<|im_start|>user\nAnswer the question with a short phrase from the passage.\n\nPassage: Super Bowl 50 was"), "{p}");
+    assert!(p.ends_with("Question: Which NFL team represented the AFC at Super Bowl 50?<|im_end|>\n<|im_start|>assistant\n"), "{p}");
+    let mut rambler = Replier { tok: chat_tok(), reply: |_| "Denver Broncos".into(), ramble: true, prompts: Vec::new() };
+    assert_eq!(task.run(&mut rambler).unwrap().metrics["format"], 0.0);
+    let e = kiln_evals::parse_task("squad-rc:x@1", &data).err().unwrap().to_string();
+    assert!(e.contains("'x' is not a number"), "{e}");
+}
+
+#[test]
+fn gsm8k_matches_the_last_number() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("gsm8k")).unwrap();
+    let items = "{\"question\": \"2 + 3?\", \"answer\": \"2 + 3 = <<2+3=5>>5\\n#### 5\"}\n{\"question\": \"1,000 + 1?\", \"answer\": \"#### 1,001\"}\n";
+    std::fs::write(dir.path().join("gsm8k/test.jsonl"), items).unwrap();
+    let task = kiln_evals::parse_task("gsm8k:all", dir.path()).unwrap();
+    let mut lm = Replier { tok: chat_tok(), reply: |p| if p.contains("2 + 3") { "2 plus 3 makes 5.".into() } else { "It is 1,002.".into() }, ramble: false, prompts: Vec::new() };
+    let r = task.run(&mut lm).unwrap();
+    assert_eq!((r.n, r.metrics["em"], r.metrics["format"]), (2, 0.5, 1.0));
 }

@@ -33,7 +33,7 @@ fn main() {
     let inputs: Vec<i64> = (0..b * t).map(|i| ((i * 7) % 69) as i64).collect();
     let targets: Vec<i64> = (0..b * t).map(|i| ((i * 7 + 1) % 69) as i64).collect();
     let mask = vec![1.0f32; b * t];
-    let batch = BatchRef { inputs: &inputs, targets: &targets, mask: &mask, b, t };
+    let batch = BatchRef { inputs: &inputs, targets: &targets, mask: &mask, b, t, starts: None };
     let kern = Kernels::new(dims, cos, sin, threads);
     let kern = if baseline { kern.baseline() } else { kern };
     let mut g = vec![0.0f32; len];

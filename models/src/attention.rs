@@ -24,11 +24,12 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
+use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor};
 use burn::tensor::{Bool, Tensor, TensorPrimitive};
 
-/// Causal attention over `q, k, v: [B, H, T, Hd]` (keys and values already repeated to H heads).
-pub type AttentionFn<B> = fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>;
+/// Causal attention over `q, k, v: [B, H, T, Hd]` (keys and values already repeated to H heads),
+/// or with `hide: [B, H, T, T]` (packed rows), attention where `hide` is false.
+pub type AttentionFn<B> = fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4, Bool>>) -> Tensor<B, 4>;
 
 /// Makes `f` the fused attention of backend `B` (idempotent).
 pub fn register<B: Backend>(f: AttentionFn<B>) {
@@ -50,19 +51,21 @@ pub fn causal_attention<B: Backend, C: CheckpointStrategy>(
     q: Tensor<Autodiff<B, C>, 4>, // [B, H, T, Hd]
     k: Tensor<Autodiff<B, C>, 4>, // [B, H, T, Hd]
     v: Tensor<Autodiff<B, C>, 4>, // [B, H, T, Hd]
+    hide: Option<Tensor<Autodiff<B, C>, 4, Bool>>, // [B, H, T, T], packed rows
 ) -> Tensor<Autodiff<B, C>, 4> {
     #[derive(Debug)]
     struct CausalAttention;
 
     impl<B: Backend> Backward<B, 3> for CausalAttention {
-        // q, k, v and the output, on the inner backend.
-        type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+        // q, k, v, the output and the mask, on the inner backend.
+        type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, Option<BoolTensor<B>>);
 
         fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-            let (q, k, v, o) = ops.state;
+            let (q, k, v, o, hide) = ops.state;
             let d_o = grads.consume::<B>(&ops.node);
             let t = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
-            let (dq, dk, dv) = attention_backward(t(q), t(k), t(v), t(o), t(d_o));
+            let hide = hide.map(Tensor::<B, 4, Bool>::from_primitive);
+            let (dq, dk, dv) = attention_backward(t(q), t(k), t(v), t(o), t(d_o), hide);
             let [nq, nk, nv] = ops.parents;
             for (node, g) in [(nq, dq), (nk, dk), (nv, dv)] {
                 if let Some(node) = node {
@@ -72,14 +75,15 @@ pub fn causal_attention<B: Backend, C: CheckpointStrategy>(
         }
     }
 
-    let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+    let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: hide.is_none() };
     let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
+    let hide: Option<BoolTensor<B>> = hide.map(|h| h.into_primitive());
     let out = match CausalAttention.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let o = B::attention(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), None, None, opts);
-            prep.finish((q.primitive, k.primitive, v.primitive, o.clone()), o)
+            let o = B::attention(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), hide.clone(), None, opts);
+            prep.finish((q.primitive, k.primitive, v.primitive, o.clone(), hide), o)
         }
-        OpsKind::UnTracked(prep) => prep.finish(B::attention(q.primitive, k.primitive, v.primitive, None, None, opts)),
+        OpsKind::UnTracked(prep) => prep.finish(B::attention(q.primitive, k.primitive, v.primitive, hide, None, opts)),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
@@ -91,13 +95,14 @@ pub fn attention_backward<B: Backend>(
     v: Tensor<B, 4>,   // [B, H, T, Hd]
     o: Tensor<B, 4>,   // [B, H, T, Hd], the forward's output
     d_o: Tensor<B, 4>, // [B, H, T, Hd]
+    hide: Option<Tensor<B, 4, Bool>>, // [B, H, T, T]; None: causal
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     let [b, h, t, hd] = q.dims();
     let scale = 1.0 / (hd as f64).sqrt();
     // tril_mask marks the positions above the diagonal (key after query): the ones to hide.
-    let future = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &q.device()).unsqueeze::<4>().expand([b, h, t, t]);
+    let hide = hide.unwrap_or_else(|| Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &q.device()).unsqueeze::<4>().expand([b, h, t, t]));
     let s = q.clone().matmul(k.clone().swap_dims(2, 3)) * scale; // [B, H, T, T]
-    let p = softmax(s.mask_fill(future, f32::NEG_INFINITY), 3); // [B, H, T, T]
+    let p = softmax(s.mask_fill(hide, f32::NEG_INFINITY), 3); // [B, H, T, T]
     let dv = p.clone().swap_dims(2, 3).matmul(d_o.clone()); // [B, H, T, Hd]
     let dp = d_o.clone().matmul(v.swap_dims(2, 3)); // [B, H, T, T]
     let d = (d_o * o).sum_dim(3); // [B, H, T, 1]

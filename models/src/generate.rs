@@ -18,13 +18,13 @@ pub struct SampleOptions {
     /// Keep the smallest set of tokens whose probability reaches p; 1.0 disables.
     pub top_p: f32,
     pub seed: u64,
-    /// Stop when this token is sampled.
-    pub stop: Option<u32>,
+    /// Stop when one of these tokens is sampled (it is returned, as the last token).
+    pub stop: Vec<u32>,
 }
 
 impl Default for SampleOptions {
     fn default() -> Self {
-        Self { max_tokens: 200, temperature: 0.8, top_k: 0, top_p: 1.0, seed: 0, stop: None }
+        Self { max_tokens: 200, temperature: 0.8, top_k: 0, top_p: 1.0, seed: 0, stop: Vec::new() }
     }
 }
 
@@ -72,6 +72,12 @@ pub fn sample(logits: &[f32], o: &SampleOptions, rng: &mut impl Rng) -> u32 {
 
 /// Continues `prompt` by up to `o.max_tokens` tokens. Returns only the new tokens.
 pub fn generate<B: Backend>(model: &Llama<B>, context: usize, prompt: &[u32], o: &SampleOptions, device: &B::Device) -> Vec<u32> {
+    generate_streaming(model, context, prompt, o, device, &mut |_| true)
+}
+
+/// [`generate`], handing each new token to `on_token` as it is chosen; `on_token` returning
+/// false stops generation (an interrupted chat reply).
+pub fn generate_streaming<B: Backend>(model: &Llama<B>, context: usize, prompt: &[u32], o: &SampleOptions, device: &B::Device, on_token: &mut dyn FnMut(u32) -> bool) -> Vec<u32> {
     let mut rng = ChaCha8Rng::seed_from_u64(o.seed);
     let n_layers = model.model.layers.len();
     let mut all: Vec<u32> = prompt.to_vec();
@@ -97,7 +103,7 @@ pub fn generate<B: Backend>(model: &Llama<B>, context: usize, prompt: &[u32], o:
         let next = sample(&row, o, &mut rng);
         out.push(next);
         all.push(next);
-        if Some(next) == o.stop {
+        if !on_token(next) || o.stop.contains(&next) {
             break;
         }
         pending = vec![next];

@@ -14,7 +14,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{attention, embedding};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
@@ -277,17 +277,36 @@ impl<B: Backend> Llama<B> {
         self.forward_cached(tokens, None)
     }
 
+    /// Logits for packed rows: several examples a row, each attending only to itself, its RoPE
+    /// positions counted from its own start (see [`Packed`]). `[B, T]` -> `[B, T, V]`.
+    pub fn forward_packed(&self, tokens: Tensor<B, 2, Int>, packed: &Packed<B>) -> Tensor<B, 3> {
+        let [b, t] = tokens.dims();
+        let hd = self.cos.dims()[1];
+        let idx = packed.positions.clone().reshape([b * t]); // [B·T]
+        let cos = self.cos.clone().select(0, idx.clone()).reshape([b, 1, t, hd]); // [B, 1, T, Hd]
+        let sin = self.sin.clone().select(0, idx).reshape([b, 1, t, hd]); // [B, 1, T, Hd]
+        let hide = packed.hide.clone().expand([b, self.n_heads, t, t]); // [B, H, T, T]
+        self.decode(tokens, &cos, &sin, None, Some(&hide))
+    }
+
     /// Forward pass with an optional KV cache (generation). With a cache, `tokens` are the new
     /// positions only, and the cache grows by `T`.
-    pub fn forward_cached(&self, tokens: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn forward_cached(&self, tokens: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let [_b, t] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
-        let cos = self.cos.clone().narrow(0, start, t); // [T, Hd]
-        let sin = self.sin.clone().narrow(0, start, t); // [T, Hd]
+        let cos = self.cos.clone().narrow(0, start, t).unsqueeze::<4>(); // [1, 1, T, Hd]
+        let sin = self.sin.clone().narrow(0, start, t).unsqueeze::<4>(); // [1, 1, T, Hd]
+        self.decode(tokens, &cos, &sin, cache, None)
+    }
+
+    /// The decoder stack and head, with RoPE tables already picked for each position, and for
+    /// packed rows the positions each query must not see (`hide`, `[B, H, T, T]`).
+    fn decode(&self, tokens: Tensor<B, 2, Int>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>, mut cache: Option<&mut KvCache<B>>, hide: Option<&Tensor<B, 4, Bool>>) -> Tensor<B, 3> {
+        let t = tokens.dims()[1];
         let mut x = embedding(self.model.embed_tokens.val(), tokens); // [B, T, D]
         for (i, layer) in self.model.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = self.layer(layer, x, &cos, &sin, kv);
+            x = self.layer(layer, x, cos, sin, kv, hide);
         }
         if let Some(c) = cache {
             c.pos += t;
@@ -303,9 +322,10 @@ impl<B: Backend> Llama<B> {
         &self,
         l: &Layer<B>,
         x: Tensor<B, 3>, // [B, T, D]
-        cos: &Tensor<B, 2>,
-        sin: &Tensor<B, 2>,
+        cos: &Tensor<B, 4>, // [B or 1, 1, T, Hd]
+        sin: &Tensor<B, 4>, // [B or 1, 1, T, Hd]
         kv: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+        hide: Option<&Tensor<B, 4, Bool>>, // [B, H, T, T]
     ) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let (h, k) = (self.n_heads, self.n_kv_heads);
@@ -335,11 +355,13 @@ impl<B: Backend> Llama<B> {
         };
         let kk = repeat_kv(kk, h / k); // [B, H, S, Hd]
         let v = repeat_kv(v, h / k); // [B, H, S, Hd]
+        // A packed batch's mask holds the causal triangle too.
+        let causal = causal && hide.is_none();
         let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
-        let fused = (self.fused_attention && causal && t == kk.dims()[2]).then(crate::attention::registered::<B>).flatten();
+        let fused = (self.fused_attention && (causal || hide.is_some()) && t == kk.dims()[2]).then(crate::attention::registered::<B>).flatten();
         let attend = |q, k, v| match fused {
-            Some(f) => f(q, k, v),
-            None => attention(q, k, v, None, None, opts),
+            Some(f) => f(q, k, v, hide.cloned()),
+            None => attention(q, k, v, hide.cloned(), None, opts),
         };
         let y = match self.compute {
             None => attend(q, kk, v), // [B, H, T, Hd]
@@ -395,13 +417,39 @@ fn rope_tables<B: Backend>(max_t: usize, hd: usize, theta: f64, device: &B::Devi
     )
 }
 
-/// `x * cos + rotate_half(x) * sin`, with `rotate_half([a, b]) = [-b, a]` on the head dim.
-fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+/// `x * cos + rotate_half(x) * sin`, with `rotate_half([a, b]) = [-b, a]` on the head dim;
+/// `cos` and `sin` broadcast over the heads (and over the batch when they are `[1, 1, T, Hd]`).
+fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
     let hd = x.dims()[3];
     let a = x.clone().narrow(3, 0, hd / 2); // [B, H, T, Hd/2]
     let b = x.clone().narrow(3, hd / 2, hd / 2); // [B, H, T, Hd/2]
     let rot = Tensor::cat(vec![b.neg(), a], 3); // [B, H, T, Hd]
-    x * cos.clone().unsqueeze::<4>() + rot * sin.clone().unsqueeze::<4>()
+    x * cos.clone() + rot * sin.clone()
+}
+
+/// Packed rows for [`Llama::forward_packed`]: each position's RoPE position and, per row, the
+/// block-diagonal causal mask (`true` where a query must not see a key).
+pub struct Packed<B: Backend> {
+    pub positions: Tensor<B, 2, Int>, // [B, T]
+    pub hide: Tensor<B, 4, Bool>,     // [B, 1, T, T]
+}
+
+impl<B: Backend> Packed<B> {
+    /// From `starts` (`[B·T]`): where each position's example begins in its row.
+    pub fn from_starts(starts: &[u32], b: usize, t: usize, device: &B::Device) -> Self {
+        let positions: Vec<i64> = starts.iter().enumerate().map(|(p, &s)| (p % t) as i64 - s as i64).collect();
+        let mut hide = vec![true; b * t * t];
+        for r in 0..b {
+            for i in 0..t {
+                let first = starts[r * t + i] as usize;
+                hide[(r * t + i) * t + first..(r * t + i) * t + i + 1].iter_mut().for_each(|h| *h = false);
+            }
+        }
+        Self {
+            positions: Tensor::from_data(TensorData::new(positions, [b, t]), device),
+            hide: Tensor::from_data(TensorData::new(hide, [b, 1, t, t]), device),
+        }
+    }
 }
 
 /// `[B, K, T, Hd]` -> `[B, K*n, T, Hd]`, each kv head repeated for its `n` query heads

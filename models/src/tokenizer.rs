@@ -246,6 +246,11 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(tok_err)
     }
 
+    /// Text of `ids` with special tokens written out (`<|im_start|>`), as the model sees them.
+    pub fn decode_all(&self, ids: &[u32]) -> Result<String, ModelError> {
+        self.inner.decode(ids, false).map_err(tok_err)
+    }
+
     /// The text of a token id (special tokens included).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)

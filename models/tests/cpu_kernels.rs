@@ -82,7 +82,7 @@ fn check_model(cfg: LlamaConfig, threads: usize, b: usize, t: usize, fused: bool
     let e = max_rel(&k_logits, &burn_logits);
     assert!(e < 1e-5, "logits differ by {e}");
     let mut g = vec![0.0f32; layout.len];
-    let batch = BatchRef { inputs: &inputs, targets: &targets, mask: &mask, b, t };
+    let batch = BatchRef { inputs: &inputs, targets: &targets, mask: &mask, b, t, starts: None };
     let k_loss = kern.loss_and_grads(&w, &batch, Some(&mut g)).loss;
     assert!((k_loss - burn_loss).abs() < 1e-5 * burn_loss.abs(), "loss {k_loss} vs {burn_loss}");
 
@@ -153,7 +153,7 @@ fn thread_count_changes_nothing_but_rounding() {
     let inputs: Vec<i64> = (0..b * t).map(|i| ((i * 11) % 37) as i64).collect();
     let targets: Vec<i64> = (0..b * t).map(|i| ((i * 13 + 2) % 37) as i64).collect();
     let mask = vec![1.0f32; b * t];
-    let batch = BatchRef { inputs: &inputs, targets: &targets, mask: &mask, b, t };
+    let batch = BatchRef { inputs: &inputs, targets: &targets, mask: &mask, b, t, starts: None };
     let run = |k: &Kernels| {
         let mut g = vec![0.0f32; k.layout.len];
         let l = k.loss_and_grads(&w, &batch, Some(&mut g)).loss;

@@ -47,8 +47,8 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
 
 fn greedy_reply(model: &Llama<Flex>, tok: &Tokenizer, chat: &ChatTemplate, user: &str) -> String {
     let ids = chat.prompt_ids(tok, &[Message::new("user", user)]).unwrap();
-    let o = kiln_models::generate::SampleOptions { max_tokens: 40, temperature: 0.0, stop: None, ..Default::default() };
     let stops = stop_ids(tok);
+    let o = kiln_models::generate::SampleOptions { max_tokens: 40, temperature: 0.0, stop: stops.clone(), ..Default::default() };
     let mut out = kiln_models::generate::generate(model, 2048, &ids, &o, &Default::default());
     if let Some(i) = out.iter().position(|t| stops.contains(t)) {
         out.truncate(i);

@@ -13,9 +13,10 @@ pub struct Recipe {
     pub name: String,
     /// `"pretrain"` (next-token loss on every token) or `"sft"` (loss on the response only).
     pub stage: Stage,
-    /// Weights to start from: `"runs/<dir>"`, a checkpoint folder, or `"hf://org/model"`; their
-    /// config and tokenizer replace `[model]` and `[tokenizer]`. Empty means a fresh random
-    /// initialisation.
+    /// Weights to start from: `"runs/<dir>"`, a checkpoint folder, a `.gguf` file (llama.cpp's
+    /// format; Llama architecture), or `"hf://org/model"`; a relative path not found here is looked
+    /// for under the data root. Their config, tokenizer and chat template replace `[model]` and
+    /// `[tokenizer]`. Empty means a fresh random initialisation (pretraining only).
     pub init: Option<String>,
     pub model: ModelSection,
     pub tokenizer: TokenizerSection,
@@ -131,12 +132,49 @@ pub struct DataSection {
     pub sources: Vec<String>,
     /// sha256 pins for `https://` sources, in the same order as the https sources.
     pub sha256: Vec<String>,
-    /// `"auto"` (by extension: `.jsonl` is JSONL, anything else plain text), `"text"`, `"jsonl"`.
+    /// The records' shape. Pretraining: `"auto"` (by extension: `.jsonl` is JSONL, anything else
+    /// plain text), `"text"`, `"jsonl"` (the text in `text_field`). `stage = "sft"`: `"auto"`
+    /// (told by each file's first record), `"chat"` (`{"messages": [{"role", "content"}]}`),
+    /// `"sharegpt"` (`{"conversations": [{"from", "value"}]}`), `"alpaca"` (`instruction`,
+    /// `input`, `output`), `"prompt_completion"` (`prompt`, `completion`), or `"fields"` (any
+    /// record, through `user_template` and `assistant_template`). SFT files are JSONL, a JSON
+    /// array (`.json`) or Parquet (`.parquet`, Hugging Face datasets' format).
     pub format: DataFormat,
     /// The JSONL field that holds a document's text.
     pub text_field: String,
-    /// Fraction of tokens, taken from the end, held out for validation.
+    /// Fraction held out for validation, from the end: of the tokens (pretraining) or of the
+    /// examples (SFT).
     pub val_fraction: f64,
+    /// SFT: the chat template. `"model"` (the model's own, or ChatML where it has none),
+    /// `"chatml"`, or a `.jinja` file relative to the data root.
+    pub chat_template: String,
+    /// SFT: which tokens carry loss: `"assistant"` (every assistant turn, its end-of-turn token
+    /// included), `"last_assistant"`, or `"all"`.
+    pub train_on: TrainOn,
+    /// SFT: examples longer than the context are `"drop"`ped or `"truncate"`d (their end cut
+    /// off); the count is reported either way.
+    pub overlong: Overlong,
+    /// SFT: pack several examples into each row (best-fit decreasing), attention kept inside
+    /// each example and positions restarting at each; `false` gives each example a row of its
+    /// own, padded to the longest in the batch.
+    pub packing: bool,
+    /// SFT: a system message put first in every conversation that has none (empty: none).
+    pub system: String,
+    /// SFT, `format = "fields"`: the user turn, a Jinja template over the record's fields
+    /// (`"{{ question }}"`; with `join`, the joined record is `join`).
+    pub user_template: String,
+    /// SFT, `format = "fields"`: the assistant turn, a Jinja template (`"{{ answers[0] }}"`).
+    pub assistant_template: String,
+    /// SFT: a JSONL file (relative to the data root) whose records are looked up by `join_key`
+    /// and given to the templates as `join` (SQuAD's paragraphs for its questions).
+    pub join: Option<String>,
+    /// SFT: the field shared by the records and the `join` file.
+    pub join_key: String,
+    /// SFT: keep only the records of some groups: `group_by` names a field, and `groups =
+    /// [from, to]` keeps groups `from..to` by order of first appearance (SQuAD's articles).
+    pub group_by: Option<String>,
+    /// SFT: the half-open range of groups `group_by` keeps.
+    pub groups: Option<[usize; 2]>,
 }
 
 impl Default for DataSection {
@@ -147,6 +185,17 @@ impl Default for DataSection {
             format: DataFormat::Auto,
             text_field: "text".into(),
             val_fraction: 0.1,
+            chat_template: "model".into(),
+            train_on: TrainOn::Assistant,
+            overlong: Overlong::Drop,
+            packing: true,
+            system: String::new(),
+            user_template: String::new(),
+            assistant_template: String::new(),
+            join: None,
+            join_key: "id".into(),
+            group_by: None,
+            groups: None,
         }
     }
 }
@@ -157,6 +206,27 @@ pub enum DataFormat {
     Auto,
     Text,
     Jsonl,
+    Chat,
+    Sharegpt,
+    Alpaca,
+    #[serde(rename = "prompt_completion")]
+    PromptCompletion,
+    Fields,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOn {
+    Assistant,
+    LastAssistant,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlong {
+    Drop,
+    Truncate,
 }
 
 /// `[optim]`: AdamW and the learning-rate schedule (linear warmup, then cosine decay).

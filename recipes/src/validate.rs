@@ -25,6 +25,7 @@ impl Recipe {
         optim(&self.optim)?;
         train(&self.train)?;
         data(&self.data)?;
+        sft(self.stage, &self.data)?;
         tokenizer(&self.tokenizer)?;
         model(&self.model)?;
         energy(&self.energy)?;
@@ -85,6 +86,33 @@ fn data(d: &DataSection) -> Check {
     let https = d.sources.iter().filter(|s| crate::is_download(s)).count();
     if https != d.sha256.len() {
         return err("data.sha256", format!("{https} https source(s) but {} sha256 pin(s): pin every download, in order", d.sha256.len()));
+    }
+    Ok(())
+}
+
+/// The SFT-only keys: formats that need a stage, templates that need a format.
+fn sft(stage: Stage, d: &DataSection) -> Check {
+    let chat_formats = [DataFormat::Chat, DataFormat::Sharegpt, DataFormat::Alpaca, DataFormat::PromptCompletion, DataFormat::Fields];
+    if stage == Stage::Pretrain && chat_formats.contains(&d.format) {
+        return err("data.format", format!("{:?} is a chat format, for stage = \"sft\"; pretraining reads \"text\" or \"jsonl\"", d.format).to_lowercase());
+    }
+    if stage == Stage::Sft && matches!(d.format, DataFormat::Text | DataFormat::Jsonl) {
+        return err("data.format", "stage = \"sft\" reads conversations: \"auto\", \"chat\", \"sharegpt\", \"alpaca\", \"prompt_completion\" or \"fields\" (plain text is continued pretraining: stage = \"pretrain\" with init)");
+    }
+    let fields = d.format == DataFormat::Fields;
+    if fields && (d.user_template.is_empty() || d.assistant_template.is_empty()) {
+        return err("data.user_template", "format = \"fields\" needs user_template and assistant_template (Jinja over the record's fields, e.g. \"{{ question }}\")");
+    }
+    if !fields && !(d.user_template.is_empty() && d.assistant_template.is_empty()) {
+        return err("data.user_template", "user_template and assistant_template apply to format = \"fields\" only");
+    }
+    if d.group_by.is_some() != d.groups.is_some() {
+        return err("data.groups", "group_by and groups go together: group_by = \"title\", groups = [0, 38]");
+    }
+    if let Some([a, b]) = d.groups {
+        if a >= b {
+            return err("data.groups", format!("[{a}, {b}] is empty: the range is [from, to) with from < to"));
+        }
     }
     Ok(())
 }

@@ -38,7 +38,7 @@ fn value() -> impl Strategy<Value = String> {
 fn base() -> impl Strategy<Value = String> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut texts = vec![String::new()];
-    for sub in ["pretrain", "finetune"] {
+    for sub in ["pretrain", "finetune", "sft"] {
         for e in std::fs::read_dir(dir.join(sub)).unwrap().flatten() {
             texts.push(std::fs::read_to_string(e.path()).unwrap());
         }

@@ -47,7 +47,7 @@ pub fn export(model: &Path, run: Option<&Path>, out: &Path, o: &ExportOptions) -
         std::fs::write(tmp.join("config.json"), js(&c)).map_err(|e| io(tmp, e))?;
         let gen = json!({
             "_from_model_config": true,
-            "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+            "bos_token_id": tok.bos_id, "eos_token_id": eos_ids(&tok), "pad_token_id": tok.pad_id,
             "do_sample": true, "temperature": 0.8,
         });
         std::fs::write(tmp.join("generation_config.json"), js(&gen)).map_err(|e| io(tmp, e))?;
@@ -60,7 +60,7 @@ pub fn export(model: &Path, run: Option<&Path>, out: &Path, o: &ExportOptions) -
             "clean_up_tokenization_spaces": false,
         });
         let mut tc = tc;
-        if let Some(t) = chat_template(model, manifest.as_ref()) {
+        if let Some(t) = tok.chat_template.clone().or_else(|| chat_template(model, manifest.as_ref())) {
             tc["chat_template"] = t.into();
         }
         std::fs::write(tmp.join("tokenizer_config.json"), js(&tc)).map_err(|e| io(tmp, e))?;
@@ -68,6 +68,17 @@ pub fn export(model: &Path, run: Option<&Path>, out: &Path, o: &ExportOptions) -
         std::fs::write(tmp.join("README.md"), card).map_err(|e| io(tmp, e))
     })
     .with_context(|| format!("exporting to {}", out.display()))
+}
+
+/// `generation_config.json`'s EOS: the tokenizer's, or with a chat template's end-of-turn token
+/// too, the list of them (what `generate` stops at).
+fn eos_ids(tok: &Tokenizer) -> Value {
+    let ids = kiln_models::chat::stop_ids(tok);
+    if tok.chat_template.is_some() && ids.len() > 1 {
+        json!(ids)
+    } else {
+        json!(tok.eos_id)
+    }
 }
 
 /// The chat template an instruction-tuned model came with: from the model folder's own

@@ -31,6 +31,14 @@ enum Command {
     },
     /// Generate text from a run (its final/ model, else its newest checkpoint), a model folder, or hf://org/model.
     Generate(commands::generate::Args),
+    /// Chat with a run, a model folder, a .gguf file or hf://org/model: multi-turn on a
+    /// terminal, or one reply with --prompt.
+    Chat(commands::chat::Args),
+    /// Data tools: preview what training will see.
+    Data {
+        #[command(subcommand)]
+        command: commands::data::Args,
+    },
     /// Evaluate a run (its final/ model, else its newest checkpoint), a model folder, or hf://org/model.
     Eval(commands::eval::Args),
     /// Compare runs: a Markdown table and an SVG of validation loss against training energy,
@@ -77,6 +85,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Resume(a) => commands::resume::run(a),
         Command::Recipe { command } => commands::recipe::run(command),
         Command::Generate(a) => commands::generate::run(a),
+        Command::Chat(a) => commands::chat::run(a),
+        Command::Data { command } => commands::data::run(command),
         Command::Eval(a) => commands::eval::run(a),
         Command::Compare(a) => commands::compare::run(a),
         Command::Export(a) => commands::export::run(a),

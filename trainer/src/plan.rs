@@ -10,6 +10,7 @@ use burn::tensor::DType;
 use kiln_models::{checkpoint, presets, LlamaConfig, Tokenizer};
 use kiln_recipes::{Precision, Recipe, Stage};
 
+use crate::data::sft::{self, SftData};
 use crate::data::shards::{resolve_sources, token_stream, tokenizer_for, SourceFile};
 use crate::data::sources::Dirs;
 use crate::device::Device;
@@ -18,10 +19,25 @@ use crate::engine::EngineKind;
 /// The training data, tokenized and split.
 pub struct TrainData {
     pub sources: Vec<SourceFile>,
-    pub train: Vec<u32>,
-    pub val: Vec<u32>,
+    pub corpus: Corpus,
     /// UTF-8 bytes per token in the corpus (EOS excluded), for bits per byte.
     pub bytes_per_token: f64,
+}
+
+/// Pretraining's token stream, or SFT's examples.
+pub enum Corpus {
+    Tokens { train: Vec<u32>, val: Vec<u32> },
+    Examples(SftData),
+}
+
+impl TrainData {
+    /// Training and validation tokens.
+    pub fn sizes(&self) -> (usize, usize) {
+        match &self.corpus {
+            Corpus::Tokens { train, val } => (train.len(), val.len()),
+            Corpus::Examples(d) => (d.train.iter().map(|e| e.ids.len()).sum(), d.val.iter().map(|e| e.ids.len()).sum()),
+        }
+    }
 }
 
 /// Everything a run needs, resolved.
@@ -35,6 +51,8 @@ pub struct Plan {
     pub data_root: PathBuf,
     /// The model folder the weights start from (`init`), if any.
     pub init_dir: Option<PathBuf>,
+    /// The `init` model's vocabulary; the plan's is larger where SFT added special tokens.
+    pub init_vocab: usize,
     /// The `[eval]` tasks (and the samples task when it lists prompts), parsed.
     pub tasks: Vec<Box<dyn kiln_evals::Task>>,
     pub device: Device,
@@ -49,21 +67,25 @@ impl Plan {
     /// the `init` model's), tokenizes (or reuses the cached shards), splits train and validation,
     /// and parses the eval tasks, all before any run directory exists.
     pub fn resolve(recipe: Recipe, dirs: &Dirs, device: Device) -> Result<Plan> {
-        if recipe.stage != Stage::Pretrain {
-            bail!("stage = \"sft\" is not implemented yet in this version of Kiln\n  hint: use stage = \"pretrain\"");
+        if recipe.stage == Stage::Sft && recipe.init.is_none() {
+            bail!("stage = \"sft\" fine-tunes a model: set init\n  hint: init = \"runs/<dir>\", a Hugging Face folder, \"hf://org/model\" or a .gguf file");
         }
         let tasks = recipe_tasks(&recipe, &dirs.data_root)?;
         // With `init`, the model's own config and tokenizer come with its weights.
         let init_dir = match &recipe.init {
-            Some(init) => Some(crate::run_dir::model_dir(Path::new(init)).with_context(|| format!("init = \"{init}\""))?),
+            Some(init) => {
+                // A relative path that is not here may be under the data root (a shipped model file).
+                let p = Path::new(init);
+                let under_root = dirs.data_root.join(p);
+                let p = if !init.starts_with("hf://") && p.is_relative() && !p.exists() && under_root.exists() { under_root.as_path() } else { p };
+                Some(crate::run_dir::model_dir(p).with_context(|| format!("init = \"{init}\""))?)
+            }
             None => None,
         };
         let sources = resolve_sources(&recipe.data, dirs)?;
-        let (tok, model) = match &init_dir {
+        let (mut tok, mut model) = match &init_dir {
             Some(dir) => {
-                let tok = Tokenizer::load(&dir.join(checkpoint::TOKENIZER))?;
-                let mut cfg = checkpoint::read_config(&dir.join(checkpoint::CONFIG))?;
-                checkpoint::check_tokenizer(&tok, &cfg, dir)?;
+                let (mut cfg, tok) = checkpoint::read_meta(dir)?;
                 if let Some(ctx) = recipe.model.context {
                     cfg.max_position_embeddings = ctx;
                     cfg.check().map_err(|e| anyhow::anyhow!("model.context = {ctx}: {e}"))?;
@@ -77,10 +99,22 @@ impl Plan {
                 (tok, cfg)
             }
         };
-        let data = split(&recipe, sources, &tok, dirs, model.max_position_embeddings)?;
+        let init_vocab = model.vocab_size;
+        let data = match recipe.stage {
+            Stage::Pretrain => split(&recipe, sources, &tok, dirs, model.max_position_embeddings)?,
+            Stage::Sft => {
+                let (data, added) = sft_data(&recipe, sources, &mut tok, dirs, model.max_position_embeddings)?;
+                // New special tokens (the template's markers) become new embedding rows.
+                model.vocab_size = model.vocab_size.max(tok.vocab_size());
+                if added > 0 {
+                    tracing::info!("added {added} special token(s) for the chat template; the embedding grows to {} rows", model.vocab_size);
+                }
+                data
+            }
+        };
         let t = &recipe.train;
         let engine = EngineKind::choose(&device, t.precision, t.cpu_kernels);
-        Ok(Plan { precision: t.precision, engine, model, tok, data, data_root: dirs.data_root.clone(), init_dir, tasks, device, threads: threads(), recipe })
+        Ok(Plan { precision: t.precision, engine, model, tok, data, data_root: dirs.data_root.clone(), init_dir, init_vocab, tasks, device, threads: threads(), recipe })
     }
 
     /// What `kiln recipe check` and `kiln run` print: sizes, tokens and a memory estimate.
@@ -95,8 +129,20 @@ impl Plan {
             "model: {} layers, d_model {}, {} heads ({} kv), SwiGLU {}, context {}, vocab {}\nparameters: {}\ntokens per step: {per_step} ({} x {} x {} accum)\ntotal tokens: {}\ndata: {} train tokens, {} validation tokens\nmemory estimate: {:.1} MiB (weights, grads and AdamW state {:.1} MiB; activations {:.1} MiB)",
             c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
             c.intermediate_size, ctx, c.vocab_size, c.num_params(), t.batch_size, ctx, t.grad_accum,
-            per_step * t.steps as f64, self.data.train.len(), self.data.val.len(),
+            per_step * t.steps as f64, self.data.sizes().0, self.data.sizes().1,
             mib(state + act), mib(state), mib(act)
+        ) + &self.sft_summary()
+    }
+
+    /// SFT: what became of the records (dropped, truncated) and the share of loss tokens.
+    fn sft_summary(&self) -> String {
+        let Corpus::Examples(d) = &self.data.corpus else { return String::new() };
+        let s = &d.stats;
+        format!(
+            "\nsft: {} records -> {} examples ({} train, {} validation); {} dropped as longer than the context, {} truncated ({} tokens cut), {} with no loss tokens dropped; {} tokens, {} carry loss ({:.1}%)\nsft batches: {} training rows ({}); {:.1}% of batch positions are padding",
+            s.records, s.examples, d.train.len(), d.val.len(), s.dropped_overlong, s.truncated, s.truncated_tokens, s.dropped_no_loss,
+            s.tokens, s.loss_tokens, 100.0 * s.loss_tokens as f64 / s.tokens.max(1) as f64,
+            s.rows, if self.recipe.data.packing { "examples packed, best-fit decreasing" } else { "one example a row" }, 100.0 * s.padding_share
         )
     }
 
@@ -157,7 +203,30 @@ fn split(recipe: &Recipe, sources: Vec<SourceFile>, tok: &Tokenizer, dirs: &Dirs
     let mut train = stream.tokens;
     let val = train.split_off(n - n_val);
     let text_tokens = (stream.meta.n_tokens - stream.meta.n_docs).max(1);
-    Ok(TrainData { sources, train, val, bytes_per_token: stream.meta.n_bytes as f64 / text_tokens as f64 })
+    Ok(TrainData { sources, corpus: Corpus::Tokens { train, val }, bytes_per_token: stream.meta.n_bytes as f64 / text_tokens as f64 })
+}
+
+/// SFT's examples: conversations from the sources, rendered by the chat template (whose missing
+/// special tokens are added to `tok`; returns how many), with their loss masks.
+fn sft_data(recipe: &Recipe, sources: Vec<SourceFile>, tok: &mut Tokenizer, dirs: &Dirs, ctx: usize) -> Result<(TrainData, usize)> {
+    let data = &recipe.data;
+    let mut chat = sft::chat_template(data, tok, dirs)?;
+    let mut added = 0;
+    if chat.source == kiln_models::chat::CHATML {
+        added = tok.add_special_tokens(&kiln_models::chat::CHATML_TOKENS);
+        chat = kiln_models::chat::ChatTemplate::new(tok, Some(kiln_models::chat::CHATML))?;
+    }
+    // The template trained with is the one the model is exported and chatted with.
+    tok.chat_template = Some(chat.source.clone());
+    let files: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
+    let convs = sft::conversations(data, &files, dirs)?;
+    let mut d = sft::examples(&convs, &chat, tok, data, ctx)?;
+    let t = &recipe.train;
+    let loader = sft::ExampleLoader::new(d.train.clone(), data.packing, ctx, t.batch_size, t.seed, tok.pad_id, Default::default());
+    (d.stats.rows, d.stats.padding_share) = (loader.rows(), loader.padding_share());
+    let bytes: usize = convs.iter().flatten().map(|m| m.content.len()).sum();
+    let bytes_per_token = bytes as f64 / d.stats.tokens.max(1) as f64;
+    Ok((TrainData { sources, corpus: Corpus::Examples(d), bytes_per_token }, added))
 }
 
 /// The model configuration: the preset with the recipe's overrides and the tokenizer's vocabulary.

@@ -232,7 +232,7 @@ pub fn model_dir(p: &Path) -> Result<PathBuf> {
     if s.starts_with("hf://") {
         return crate::hub::download_model(&s, &Dirs::from_env(None).cache);
     }
-    if p.join("config.json").is_file() {
+    if p.join("config.json").is_file() || (kiln_models::checkpoint::is_gguf(p) && p.is_file()) {
         return Ok(p.to_path_buf());
     }
     if p.join("final").join("config.json").is_file() {
@@ -241,7 +241,7 @@ pub fn model_dir(p: &Path) -> Result<PathBuf> {
     if let Some((_, ck)) = latest_checkpoint(p) {
         return Ok(ck);
     }
-    bail!("{}: no model here (expected final/, checkpoints/step-*/ or a folder with config.json)", p.display())
+    bail!("{}: no model here (expected final/, checkpoints/step-*/, a folder with config.json or a .gguf file)", p.display())
 }
 
 /// Reads a run directory's plan.

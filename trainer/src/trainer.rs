@@ -10,16 +10,17 @@ use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use kiln_models::checkpoint::{self, read_safetensors};
-use kiln_models::init::RandomInit;
+use kiln_models::init::{GrowVocab, RandomInit};
 use kiln_models::Llama;
 use serde::Serialize;
 
 use crate::accounting::{EnergyLedger, Speed};
-use crate::data::loader::{validation_batches, Batch, Loader};
+use crate::data::loader::{validation_batches, Batch, Batches, Loader};
+use crate::data::sft::ExampleLoader;
 use crate::dist::{Dist, DistOptions};
 use crate::engine::{Engine, EngineKind, StepOutput};
 use crate::optim::{learning_rate, AdamW};
-use crate::plan::{compute_dtype, Plan};
+use crate::plan::{compute_dtype, Corpus, Plan};
 use crate::progress::Progress;
 use crate::report::{self, Reached, Report};
 use crate::run_dir::{RunDir, TrainState, CHECKPOINT_FORMAT};
@@ -55,7 +56,7 @@ pub struct Trainer<'a, B: AutodiffBackend> {
     device: B::Device,
     engine: Engine<B>,
     state: TrainState,
-    loader: Loader,
+    loader: Batches,
     val: Vec<Batch>,
     metrics: crate::run_dir::Metrics,
     energy: EnergyLedger,
@@ -108,7 +109,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
     /// A fresh run: random weights (or the `init` model's), fresh AdamW.
     pub fn start(plan: &'a Plan, run: &'a RunDir, dist: Option<&DistOptions>, device: &B::Device) -> Result<Self> {
         let model = match &plan.init_dir {
-            Some(dir) => Llama::<B>::build(&plan.model, &mut checkpoint::SafetensorsSource::open_dir(dir)?, device)?,
+            Some(dir) => Llama::<B>::build(&plan.model, &mut GrowVocab { inner: checkpoint::weight_source(dir)?, from: plan.init_vocab }, device)?,
             None => Llama::<B>::build(&plan.model, &mut RandomInit::new(plan.recipe.train.seed, plan.model.num_hidden_layers), device)?,
         };
         Self::new(plan, run, model, AdamW::new(plan.recipe.optim.clone()), TrainState::fresh(), dist, device)
@@ -141,8 +142,17 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
     fn new(plan: &'a Plan, run: &'a RunDir, mut model: Llama<B>, opt: AdamW<B::InnerBackend>, state: TrainState, dist: Option<&DistOptions>, device: &B::Device) -> Result<Self> {
         let t = &plan.recipe.train;
         let context = plan.model.max_position_embeddings;
-        let loader = Loader::new(plan.data.train.clone(), context, t.batch_size, t.seed, state.loader);
-        let val = validation_batches(&plan.data.val, context, t.batch_size, t.eval_batches);
+        let (loader, val) = match &plan.data.corpus {
+            Corpus::Tokens { train, val } => {
+                (Batches::Windows(Loader::new(train.clone(), context, t.batch_size, t.seed, state.loader)), validation_batches(val, context, t.batch_size, t.eval_batches))
+            }
+            Corpus::Examples(d) => {
+                let pad = plan.tok.pad_id;
+                let packed = plan.recipe.data.packing;
+                let val = ExampleLoader::new(d.val.clone(), packed, context, t.batch_size, t.seed, pad, Default::default()).in_order(t.eval_batches);
+                (Batches::Examples(ExampleLoader::new(d.train.clone(), packed, context, t.batch_size, t.seed, pad, state.loader)), val)
+            }
+        };
         let metrics = run.metrics()?;
         let progress = Progress::new(t.steps, state.step, t.log_every, plan.device.gpu_name().is_some());
         let energy = EnergyLedger::open(&plan.recipe.energy, &plan.device, &state)?;
@@ -203,7 +213,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         self.state.step = step;
         self.state.tokens += out.tokens as u64;
         self.state.train_s += dt;
-        self.state.loader = self.loader.pos;
+        self.state.loader = self.loader.pos();
         self.state.optimizer_steps = self.engine.optimizer_steps();
         self.state.joules = self.energy.training_joules();
         self.state.energy_method = self.energy.method.clone();

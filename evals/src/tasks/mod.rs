@@ -3,9 +3,12 @@
 //! Adding a task is a file here, a row in [`TASKS`] and an arm in [`parse_task`].
 
 pub mod bpb;
+pub mod chat;
+pub mod gsm8k;
 pub mod hellaswag;
 pub mod samples;
 pub mod squad;
+pub mod squad_rc;
 
 use crate::{EvalError, Task};
 
@@ -21,6 +24,8 @@ pub const TASKS: &[TaskInfo] = &[
     TaskInfo { name: "bpb", usage: "bpb:FILE[@FROM]", about: "bits per UTF-8 byte of a text or JSONL file under the data root (@0.9: its last 10%)" },
     TaskInfo { name: "hellaswag", usage: "hellaswag[:N|all]", about: "HellaSwag validation accuracy (acc, acc_norm) on the first N items" },
     TaskInfo { name: "squad", usage: "squad[:N|all]", about: "SQuAD v1.1 closed-book exact match and F1 on the first N questions (default 200)" },
+    TaskInfo { name: "squad-rc", usage: "squad-rc[:N|all[@ARTICLE]]", about: "SQuAD v1.1 reading comprehension, chat-formatted, passage given: EM, F1 and format on N questions (default 200) spread over the articles from ARTICLE on (default 0)" },
+    TaskInfo { name: "gsm8k", usage: "gsm8k[:N]", about: "GSM8K test, chat-formatted, greedy: exact match of the reply's last number, and format, on the first N problems (default 100)" },
 ];
 
 /// The specs, comma-separated: `bpb:FILE[@FROM], hellaswag[:N|all], squad[:N|all]`.
@@ -37,7 +42,8 @@ pub fn parse_task(spec: &str, data_root: &std::path::Path) -> Result<Box<dyn Tas
     };
     let count = |default: Option<usize>| -> Result<Option<usize>, EvalError> {
         match arg {
-            None | Some("all") => Ok(default),
+            None => Ok(default),
+            Some("all") => Ok(None),
             Some(a) => a.parse().map(Some).map_err(|_| EvalError::Spec {
                 spec: spec.into(),
                 message: format!("'{a}' is not a number of items"),
@@ -69,6 +75,21 @@ pub fn parse_task(spec: &str, data_root: &std::path::Path) -> Result<Box<dyn Tas
         }
         "hellaswag" => Box::new(hellaswag::HellaSwag::new(data_root.join(hellaswag::DEFAULT_PATH), count(None)?)),
         "squad" => Box::new(squad::Squad::new(data_root.join(squad::DEFAULT_PATH), count(Some(200))?)),
+        "squad-rc" => {
+            let (n, from) = match arg.map(|a| a.split_once('@').unwrap_or((a, "0"))) {
+                None => (None, "0"),
+                Some((n, f)) => ((!n.is_empty()).then_some(n), f),
+            };
+            let bad = |what: &str| EvalError::Spec { spec: spec.into(), message: format!("'{what}' is not a number"), hint: "squad-rc:200@38 scores 200 questions of articles 38 and after".into() };
+            let n = match n {
+                Some("all") => usize::MAX,
+                Some(x) => x.parse().map_err(|_| bad(x))?,
+                None => 200,
+            };
+            let from_article = from.parse().map_err(|_| bad(from))?;
+            Box::new(squad_rc::SquadRc { qa: data_root.join(squad_rc::QA), paragraphs: data_root.join(squad_rc::PARAGRAPHS), n, from_article, max_answer_tokens: 32 })
+        }
+        "gsm8k" => Box::new(gsm8k::Gsm8k { path: data_root.join(gsm8k::DEFAULT_PATH), n: count(Some(100))?.unwrap_or(usize::MAX), max_tokens: 320 }),
         other => {
             return Err(EvalError::Spec {
                 spec: spec.into(),

@@ -19,7 +19,7 @@ impl Task for Samples {
             let mut ids = vec![tok.bos_id];
             ids.extend(tok.encode(p).map_err(|e| EvalError::Data(e.to_string()))?);
             let eos = tok.eos_id;
-            let out = lm.greedy(&ids, self.max_tokens, Some(eos));
+            let out = lm.greedy(&ids, self.max_tokens, &[eos]);
             let text = lm.tokenizer().decode(&out).map_err(|e| EvalError::Data(e.to_string()))?;
             r.samples.push(serde_json::json!({"prompt": p, "completion": text}));
         }

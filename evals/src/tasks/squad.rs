@@ -97,7 +97,7 @@ impl Task for Squad {
             let mut prompt = vec![tok.bos_id];
             prompt.extend(tok.encode(&format!("Question: {q}\nAnswer:")).map_err(|e| EvalError::Data(e.to_string()))?);
             let eos = tok.eos_id;
-            let out = lm.greedy(&prompt, self.max_answer_tokens, Some(eos));
+            let out = lm.greedy(&prompt, self.max_answer_tokens, &[eos]);
             let answer = lm.tokenizer().decode(&out).map_err(|e| EvalError::Data(e.to_string()))?;
             let answer = answer.lines().next().unwrap_or("").trim().to_string();
             let (e1, f1) = score(&answer, &golds);

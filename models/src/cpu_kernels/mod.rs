@@ -36,13 +36,17 @@ use model::{forward, shard, Rope};
 use ops::add_into;
 use pool::Pool;
 
-/// One batch: `b` sequences of `t` tokens, row-major.
+/// One batch: `b` rows of `t` tokens, row-major.
 pub struct BatchRef<'a> {
     pub inputs: &'a [i64],
     pub targets: &'a [i64],
     pub mask: &'a [f32],
     pub b: usize,
     pub t: usize,
+    /// Packed rows: for each position, where its example begins in the row (`[B·T]`). Attention
+    /// then sees only keys from there on, and RoPE counts positions from there. `None`: each row
+    /// is one sequence.
+    pub starts: Option<&'a [u32]>,
 }
 
 /// What [`Kernels::loss_and_grads`] measured.
@@ -92,6 +96,9 @@ impl Kernels {
     pub fn loss_and_grads(&self, w: &[f32], batch: &BatchRef, grads: Option<&mut [f32]>) -> Pass {
         let layout = &self.layout;
         self.check(w, batch.inputs.iter().chain(batch.targets.iter()), batch.t);
+        if let Some(s) = batch.starts {
+            assert!(s.len() == batch.inputs.len() && s.iter().enumerate().all(|(p, &st)| st as usize <= p % batch.t), "starts must give, for each position, an earlier position of its row");
+        }
         let n_loss: f32 = batch.mask.iter().sum::<f32>().max(1.0);
         let bounds = self.bounds(batch.b);
         let shards = bounds.len();
@@ -103,9 +110,10 @@ impl Kernels {
             let part = BatchRef {
                 inputs: &batch.inputs[rows.clone()],
                 targets: &batch.targets[rows.clone()],
-                mask: &batch.mask[rows],
+                mask: &batch.mask[rows.clone()],
                 b: s1 - s0,
                 t: batch.t,
+                starts: batch.starts.map(|s| &s[rows]),
             };
             let mut pool = self.pool(i);
             shard(layout, w, &rope, &part, n_loss, out, &mut pool, self.wide)
@@ -168,7 +176,7 @@ impl Kernels {
                 let (s0, s1) = bounds[i];
                 let rows = s0 * t..s1 * t;
                 let (zeros, mask) = (vec![0i64; rows.len()], vec![0.0f32; rows.len()]);
-                let batch = BatchRef { inputs: &inputs[rows], targets: &zeros, mask: &mask, b: s1 - s0, t };
+                let batch = BatchRef { inputs: &inputs[rows], targets: &zeros, mask: &mask, b: s1 - s0, t, starts: None };
                 let mut pool = self.pool(i);
                 let mut acts = forward(&self.layout, w, &rope, &batch, &mut pool);
                 let out = std::mem::take(&mut acts.logits);

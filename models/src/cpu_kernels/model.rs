@@ -91,10 +91,10 @@ pub(super) fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef,
         let r1 = rms_norm(&x, &w[at.ln1..at.ln1 + d], dm.eps, d, &mut hn1, pool); // [N, D]
         let mut qkv_b = pool.any(n * qkv);
         mm(n, qkv, d, &mut qkv_b, qkv, false, 1.0, rm(&hn1, d), rm(&w[at.wqkv..], qkv)); // [N, Q+2KV]
-        rope_rows(&mut qkv_b, qkv, dm.heads + dm.kv_heads, hd, t, rope, false);
+        rope_rows(&mut qkv_b, qkv, dm.heads + dm.kv_heads, hd, t, batch.starts, rope, false);
         let mut p = pool.any(b * dm.heads * t * t);
         let mut y = pool.any(n * q);
-        attention_forward(dm, &qkv_b, &mut p, &mut y, b, t, scale);
+        attention_forward(dm, &qkv_b, &mut p, &mut y, b, t, batch.starts, scale);
         let mut x2 = pool.copy(&x);
         mm(n, d, q, &mut x2, d, true, 1.0, rm(&y, q), rm(&w[at.wo..], d)); // [N, D] = x + y·Wo
         let mut hn2 = pool.any(n * d);
@@ -228,7 +228,7 @@ fn backward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, acts: &Ac
         mm(n, q, d, &mut dy, q, false, 1.0, rm(&dx, d), rm(&w[at.wo..], d).t()); // dy [N, Q]
         dqkv.iter_mut().for_each(|x| *x = 0.0);
         attention_backward(dm, &la.qkv, &la.p, &dy, &mut dqkv, &mut dp, b, t, scale);
-        rope_rows(&mut dqkv, qkv, dm.heads + dm.kv_heads, hd, t, rope, true);
+        rope_rows(&mut dqkv, qkv, dm.heads + dm.kv_heads, hd, t, batch.starts, rope, true);
         mm(d, qkv, n, &mut g[at.wqkv..], qkv, true, 1.0, rm(&la.hn1, d).t(), rm(&dqkv, qkv)); // dWqkv [D, Q+2KV]
         mm(n, d, qkv, &mut dhn, d, false, 1.0, rm(&dqkv, qkv), rm(&w[at.wqkv..], qkv).t()); // dhn1 [N, D]
         rms_norm_backward(&dhn, &la.x, &la.r1, &w[at.ln1..at.ln1 + d], d, &mut dx, &mut g[at.ln1..at.ln1 + d]);

@@ -11,7 +11,11 @@ use super::pool::Pool;
 /// Causal attention for every sequence and head: `P = softmax(Q·K^T·scale)`, `Y = P·V`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(super) fn attention_forward(dm: &Dims, qkv: &[f32], p: &mut [f32], y: &mut [f32], b: usize, t: usize, scale: f32) {
+///
+/// With `starts` (packed rows), query `i` sees keys `starts[i]..=i` only: the probabilities of
+/// earlier keys are 0, so the backward pass, which multiplies by them, needs no mask of its own.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_forward(dm: &Dims, qkv: &[f32], p: &mut [f32], y: &mut [f32], b: usize, t: usize, starts: Option<&[u32]>, scale: f32) {
     let (hd, q, ld) = (dm.head_dim, dm.q(), dm.qkv());
     for at in heads(dm, b, t) {
         let (qs, ks, vs) = (&qkv[at.q..], &qkv[at.k..], &qkv[at.v..]); // [T, Hd] each, row stride Q+2KV
@@ -21,12 +25,15 @@ pub(super) fn attention_forward(dm: &Dims, qkv: &[f32], p: &mut [f32], y: &mut [
             mm(r1 - r0, r1, hd, &mut ps[r0 * t..], t, false, scale, rm(&qs[r0 * ld..], ld), rm(ks, ld).t());
         }
         for i in 0..t {
+            let first = starts.map_or(0, |s| s[at.s * t + i] as usize);
             let row = &mut ps[i * t..(i + 1) * t];
             let (seen, future) = row.split_at_mut(i + 1);
+            let (other, seen) = seen.split_at_mut(first);
             let mx = max(seen);
             seen.iter_mut().for_each(|x| *x = exp(*x - mx));
             let inv = 1.0 / sum(seen);
             seen.iter_mut().for_each(|x| *x *= inv);
+            other.iter_mut().for_each(|x| *x = 0.0);
             future.iter_mut().for_each(|x| *x = 0.0);
         }
         for (r0, r1) in causal_blocks(t) {
@@ -97,13 +104,15 @@ pub(super) fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// Rotates the first `heads` head-sized column blocks of every row (q then k heads) by the
-/// position's angle (row `i` is position `i % t`); `inverse` rotates back (the backward pass).
+/// position's angle (row `i` is position `i % t`, counted from `starts[i]` in a packed row);
+/// `inverse` rotates back (the backward pass).
 #[inline(always)]
-pub(super) fn rope_rows(x: &mut [f32], ld: usize, heads: usize, hd: usize, t: usize, rope: &Rope, inverse: bool) {
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rope_rows(x: &mut [f32], ld: usize, heads: usize, hd: usize, t: usize, starts: Option<&[u32]>, rope: &Rope, inverse: bool) {
     let half = hd / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
     for (i, row) in x.chunks_exact_mut(ld).enumerate() {
-        let pos = i % t;
+        let pos = i % t - starts.map_or(0, |s| s[i] as usize);
         let cos = &rope.cos[pos * hd..pos * hd + half];
         let sin = &rope.sin[pos * hd..pos * hd + half];
         for h in 0..heads {

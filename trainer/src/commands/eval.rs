@@ -40,7 +40,7 @@ pub fn run(a: Args) -> Result<()> {
     let threads = kiln_trainer::plan::threads();
     let results = kiln_trainer::with_backend!(be, B, device, {
         type I = <B as AutodiffBackend>::InnerBackend;
-        let (m, cfg, tok) = kiln_models::checkpoint::load_dir::<I>(&dir, &device)?;
+        let (m, cfg, tok) = kiln_models::checkpoint::load::<I>(&dir, &device)?;
         let lm = kiln_evals::ModelScorer::<I> { model: &m, tok: &tok, context: cfg.max_position_embeddings, device };
         with_scorer(lm, &cfg, engine, threads, |lm| run_evals(&tasks, lm, &be))?
     });

@@ -36,10 +36,10 @@ pub fn run(a: Args) -> Result<()> {
     let be = resolve_device(a.device.unwrap_or(DeviceSpec::Auto))?;
     let dir = kiln_trainer::run_dir::model_dir(&a.model)?;
     kiln_trainer::with_backend!(be, B, device, {
-        let (m, cfg, tok) = kiln_models::checkpoint::load_dir::<<B as AutodiffBackend>::InnerBackend>(&dir, &device)?;
+        let (m, cfg, tok) = kiln_models::checkpoint::load::<<B as AutodiffBackend>::InnerBackend>(&dir, &device)?;
         let mut ids = vec![tok.bos_id];
         ids.extend(tok.encode(&a.prompt)?);
-        let o = SampleOptions { max_tokens: a.max_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed, stop: Some(tok.eos_id) };
+        let o = SampleOptions { max_tokens: a.max_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed, stop: vec![tok.eos_id] };
         let out = generate(&m, cfg.max_position_embeddings, &ids, &o, &device);
         println!("{}{}", a.prompt, tok.decode(&out)?);
     });

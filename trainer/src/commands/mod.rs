@@ -1,7 +1,9 @@
 //! One file per subcommand: its arguments (clap) and what it does. Shared here: the device and
 //! data-root flags, data-parallel flags, Ctrl-C handling.
 
+pub mod chat;
 pub mod compare;
+pub mod data;
 pub mod eval;
 pub mod export;
 pub mod generate;

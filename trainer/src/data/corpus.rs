@@ -13,6 +13,8 @@ pub fn read_documents(path: &Path, format: DataFormat, text_field: &str) -> Resu
         DataFormat::Jsonl => true,
         DataFormat::Text => false,
         DataFormat::Auto => path.extension().is_some_and(|e| e == "jsonl"),
+        // The chat formats are SFT's (data/conversations.rs); the recipe refuses them here.
+        _ => true,
     };
     if !jsonl {
         return Ok(vec![text]);

@@ -21,12 +21,39 @@ pub struct Batch {
     pub mask: Vec<f32>,
     pub batch: usize,
     pub context: usize,
+    /// Input tokens that are not padding (the throughput counts these).
+    pub tokens: usize,
+    /// Packed rows (SFT): for each position, where its example begins in the row; attention
+    /// stays inside the example and RoPE positions restart there. `None`: one sequence a row.
+    pub starts: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct LoaderPos {
     pub epoch: u64,
     pub index: u64,
+}
+
+/// The training batches: windows of the token stream (pretraining) or padded examples (SFT).
+pub enum Batches {
+    Windows(Loader),
+    Examples(super::sft::ExampleLoader),
+}
+
+impl Batches {
+    pub fn next_batch(&mut self) -> Batch {
+        match self {
+            Batches::Windows(l) => l.next_batch(),
+            Batches::Examples(l) => l.next_batch(),
+        }
+    }
+
+    pub fn pos(&self) -> LoaderPos {
+        match self {
+            Batches::Windows(l) => l.pos,
+            Batches::Examples(l) => l.pos,
+        }
+    }
 }
 
 pub struct Loader {
@@ -76,7 +103,7 @@ impl Loader {
             targets.extend(w[1..].iter().map(|&x| x as i64));
             self.pos.index += 1;
         }
-        Batch { inputs, targets, mask: vec![1.0; b * t], batch: b, context: t }
+        Batch { inputs, targets, mask: vec![1.0; b * t], batch: b, context: t, tokens: b * t, starts: None }
     }
 }
 
@@ -95,7 +122,7 @@ pub fn validation_batches(tokens: &[u32], context: usize, batch: usize, n: usize
             inputs.extend(w[..context].iter().map(|&x| x as i64));
             targets.extend(w[1..].iter().map(|&x| x as i64));
         }
-        out.push(Batch { inputs, targets, mask: vec![1.0; batch * context], batch, context });
+        out.push(Batch { inputs, targets, mask: vec![1.0; batch * context], batch, context, tokens: batch * context, starts: None });
     }
     out
 }

@@ -8,9 +8,10 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use kiln_models::llama::Packed;
 use kiln_models::Llama;
 
-use super::{loss_tokens, StepOutput, SyncHook};
+use super::{real_tokens, StepOutput, SyncHook};
 use crate::data::loader::Batch;
 use crate::optim::AdamW;
 
@@ -22,7 +23,10 @@ pub fn masked_cross_entropy<B: Backend>(model: &Llama<B>, batch: &Batch, device:
     let n: f32 = batch.mask.iter().sum::<f32>().max(1.0);
     let w: Vec<f32> = batch.mask.iter().map(|m| m / n).collect();
     let w = Tensor::<B, 2>::from_data(TensorData::new(w, [b * t, 1]), device); // [B*T, 1]: mask / n
-    let logits = model.forward(x); // [B, T, V]
+    let logits = match &batch.starts {
+        Some(starts) => model.forward_packed(x, &Packed::from_starts(starts, b, t, device)), // [B, T, V]
+        None => model.forward(x), // [B, T, V]
+    };
     let v = logits.dims()[2];
     kiln_models::loss::cross_entropy(logits.reshape([b * t, v]), y, w, model.fused_loss) // [1]
 }
@@ -36,7 +40,7 @@ pub(super) fn step<B: AutodiffBackend>(
     device: &B::Device,
     sync: Option<SyncHook>,
 ) -> Result<(Llama<B>, StepOutput)> {
-    let tokens = loss_tokens(micro);
+    let tokens = real_tokens(micro);
     let k = micro.len() as f64;
     let mut acc = GradientsAccumulator::<Llama<B>>::new();
     // The loss stays on the device until the step is queued (see `perf::step_sync`); data

@@ -17,7 +17,7 @@ use kiln_models::llama::param_id;
 use kiln_models::params::{map_named, MapNamed};
 use kiln_models::{Llama, LlamaConfig};
 
-use super::{loss_tokens, StepOutput, SyncHook};
+use super::{real_tokens, StepOutput, SyncHook};
 use crate::data::loader::Batch;
 use crate::optim::{clip_scale, AdamW, AdamWScalars};
 
@@ -34,7 +34,7 @@ pub(super) struct Kernels {
 }
 
 fn batch_ref(b: &Batch) -> BatchRef<'_> {
-    BatchRef { inputs: &b.inputs, targets: &b.targets, mask: &b.mask, b: b.batch, t: b.context }
+    BatchRef { inputs: &b.inputs, targets: &b.targets, mask: &b.mask, b: b.batch, t: b.context, starts: b.starts.as_deref() }
 }
 
 impl Kernels {
@@ -83,7 +83,7 @@ impl Kernels {
         let grad_norm = self.adamw(opt, lr);
         let model = map_named(model, &mut WriteWeights::<B> { layout: &self.kern.layout, index: &self.index, w: &self.w, device });
         let optim_s = t0.elapsed().as_secs_f64();
-        Ok((model, StepOutput { loss, grad_norm, tokens: loss_tokens(micro), forward_s, backward_s, optim_s }))
+        Ok((model, StepOutput { loss, grad_norm, tokens: real_tokens(micro), forward_s, backward_s, optim_s }))
     }
 
     /// Clip and AdamW ([`AdamWScalars::update`]) on the flat weights and gradients; on first use

@@ -48,7 +48,7 @@ impl EngineKind {
 pub struct StepOutput {
     pub loss: f64,
     pub grad_norm: f64,
-    /// Loss-bearing tokens in this step.
+    /// Input tokens in this step, padding left out.
     pub tokens: usize,
     /// Seconds in the forward pass (with the loss), the backward pass, and clip + AdamW.
     pub forward_s: f64,
@@ -145,9 +145,9 @@ pub fn graph_step<B: AutodiffBackend>(model: Llama<B>, opt: &mut AdamW<B::InnerB
     }
 }
 
-/// Loss-bearing tokens in a step's micro-batches.
-fn loss_tokens(micro: &[Batch]) -> usize {
-    micro.iter().map(|b| b.mask.iter().filter(|&&m| m > 0.0).count()).sum()
+/// The step's input tokens, padding left out.
+fn real_tokens(micro: &[Batch]) -> usize {
+    micro.iter().map(|b| b.tokens).sum()
 }
 
 /// Runs `f` on a scorer for `lm`'s model: log-probabilities from the fused CPU kernels under
