@@ -178,7 +178,7 @@ impl Kernels {
                 let (zeros, mask) = (vec![0i64; rows.len()], vec![0.0f32; rows.len()]);
                 let batch = BatchRef { inputs: &inputs[rows], targets: &zeros, mask: &mask, b: s1 - s0, t, starts: None };
                 let mut pool = self.pool(i);
-                let mut acts = forward(&self.layout, w, &rope, &batch, &mut pool);
+                let mut acts = forward(&self.layout, w, &rope, &batch, &mut pool, true);
                 let out = std::mem::take(&mut acts.logits);
                 acts.recycle(&mut pool);
                 out

@@ -38,7 +38,11 @@ pub(super) struct Acts {
     xf: Vec<f32>,     // [N, D] final residual
     rf: Vec<f32>,     // [N]
     hf: Vec<f32>,     // [N, D] final normed
-    pub(super) logits: Vec<f32>, // [N, V]
+    /// The rows the head ran on, where not all: those whose target carries loss (SFT, where
+    /// the prompt's rows carry none and the head is a fifth of the model's FLOPs).
+    rows: Option<Vec<usize>>,
+    hsel: Vec<f32>,   // [M, D] those rows of hf
+    pub(super) logits: Vec<f32>, // [M, V] (M = N without `rows`)
 }
 
 impl Acts {
@@ -46,7 +50,7 @@ impl Acts {
         for l in self.layers {
             pool.put([l.x, l.r1, l.hn1, l.qkv, l.p, l.y, l.x2, l.r2, l.hn2, l.gu, l.sig, l.a]);
         }
-        pool.put([self.xf, self.rf, self.hf, self.logits]);
+        pool.put([self.xf, self.rf, self.hf, self.hsel, self.logits]);
     }
 }
 
@@ -75,7 +79,9 @@ impl Sizes {
 }
 
 #[inline(always)]
-pub(super) fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, pool: &mut Pool) -> Acts {
+/// With `all_logits` false, the head runs only on the rows whose target carries loss (all of
+/// them when pretraining).
+pub(super) fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, pool: &mut Pool, all_logits: bool) -> Acts {
     let dm = &layout.dims;
     let Sizes { d, f, hd, v, q, qkv, b, t, n, scale } = Sizes::of(layout, batch);
 
@@ -114,12 +120,25 @@ pub(super) fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef,
     }
     let mut hf = pool.any(n * d);
     let rf = rms_norm(&x, &w[layout.norm..layout.norm + d], dm.eps, d, &mut hf, pool);
-    let mut logits = pool.any(n * v);
-    match layout.head {
-        Some(h) => mm(n, v, d, &mut logits, v, false, 1.0, rm(&hf, d), rm(&w[h..], v)), // [N, V]
-        None => mm(n, v, d, &mut logits, v, false, 1.0, rm(&hf, d), rm(&w[layout.embed..], d).t()), // [N, V]
+    let rows: Option<Vec<usize>> = (!all_logits && batch.mask.contains(&0.0)).then(|| (0..n).filter(|&i| batch.mask[i] != 0.0).collect());
+    let mut hsel = pool.any(rows.as_ref().map_or(0, |r| r.len() * d));
+    if let Some(r) = &rows {
+        for (j, &i) in r.iter().enumerate() {
+            hsel[j * d..(j + 1) * d].copy_from_slice(&hf[i * d..(i + 1) * d]); // [M, D]
+        }
     }
-    Acts { layers, xf: x, rf, hf, logits }
+    let (m, h_in) = match &rows {
+        Some(r) => (r.len(), &hsel),
+        None => (n, &hf),
+    };
+    let mut logits = pool.any(m * v);
+    if m > 0 {
+        match layout.head {
+            Some(h) => mm(m, v, d, &mut logits, v, false, 1.0, rm(h_in, d), rm(&w[h..], v)), // [M, V]
+            None => mm(m, v, d, &mut logits, v, false, 1.0, rm(h_in, d), rm(&w[layout.embed..], d).t()), // [M, V]
+        }
+    }
+    Acts { layers, xf: x, rf, hf, rows, hsel, logits }
 }
 
 /// Forward, loss and (optionally) backward for one thread's sequences. Returns the sum of
@@ -145,8 +164,8 @@ pub(super) fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n
 #[inline(always)]
 fn shard_impl(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut [f32]>, pool: &mut Pool) -> (f64, f64) {
     let t0 = std::time::Instant::now();
-    let mut acts = forward(layout, w, rope, batch, pool);
-    let loss = cross_entropy(&mut acts.logits, batch, n_loss, layout.dims.vocab);
+    let mut acts = forward(layout, w, rope, batch, pool, false);
+    let loss = cross_entropy(&mut acts.logits, acts.rows.as_deref(), batch, n_loss, layout.dims.vocab);
     let forward_s = t0.elapsed().as_secs_f64();
     if let Some(g) = grads {
         backward(layout, w, rope, batch, &acts, g, pool);
@@ -155,13 +174,13 @@ fn shard_impl(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss:
     (loss, forward_s)
 }
 
-/// The summed `mask · nll` over the rows of `logits` (`[N, V]`), which it overwrites with
-/// d loss / d logits: `(softmax − onehot) · mask / n_loss`.
+/// The summed `mask · nll` over the rows of `logits` (`[M, V]`: batch rows `rows`, or all),
+/// which it overwrites with d loss / d logits: `(softmax − onehot) · mask / n_loss`.
 #[inline(always)]
-fn cross_entropy(logits: &mut [f32], batch: &BatchRef, n_loss: f32, v: usize) -> f64 {
+fn cross_entropy(logits: &mut [f32], rows: Option<&[usize]>, batch: &BatchRef, n_loss: f32, v: usize) -> f64 {
     let mut loss = 0.0f64;
-    for i in 0..batch.b * batch.t {
-        let row = &mut logits[i * v..(i + 1) * v];
+    for (j, row) in logits.chunks_exact_mut(v).enumerate() {
+        let i = rows.map_or(j, |r| r[j]);
         let m = batch.mask[i];
         let mx = max(row);
         let target = batch.targets[i] as usize;
@@ -186,20 +205,38 @@ fn cross_entropy(logits: &mut [f32], batch: &BatchRef, n_loss: f32, v: usize) ->
 fn backward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, acts: &Acts, g: &mut [f32], pool: &mut Pool) {
     let dm = &layout.dims;
     let Sizes { d, f, hd, v, q, qkv, b, t, n, scale } = Sizes::of(layout, batch);
-    let dl = &acts.logits; // [N, V]
+    let dl = &acts.logits; // [M, V]
 
-    // Output head (or tied embedding) and the final norm.
-    let mut dh = pool.any(n * d); // [N, D]
-    match layout.head {
-        Some(h) => {
-            mm(d, v, n, &mut g[h..], v, true, 1.0, rm(&acts.hf, d).t(), rm(dl, v)); // dHead [D, V] += hf^T·dl
-            mm(n, d, v, &mut dh, d, false, 1.0, rm(dl, v), rm(&w[h..], v).t()); // [N, D] = dl·Head^T
-        }
-        None => {
-            mm(v, d, n, &mut g[layout.embed..], d, true, 1.0, rm(dl, v).t(), rm(&acts.hf, d)); // dE [V, D] += dl^T·hf
-            mm(n, d, v, &mut dh, d, false, 1.0, rm(dl, v), rm(&w[layout.embed..], d)); // [N, D] = dl·E
+    // Output head (or tied embedding) and the final norm; with `rows`, the head's input and
+    // output are those rows only, and the others get no gradient from it.
+    let (m, h_in) = match &acts.rows {
+        Some(r) => (r.len(), &acts.hsel),
+        None => (n, &acts.hf),
+    };
+    let mut dsel = pool.any(m * d); // [M, D]
+    if m > 0 {
+        match layout.head {
+            Some(h) => {
+                mm(d, v, m, &mut g[h..], v, true, 1.0, rm(h_in, d).t(), rm(dl, v)); // dHead [D, V] += h^T·dl
+                mm(m, d, v, &mut dsel, d, false, 1.0, rm(dl, v), rm(&w[h..], v).t()); // [M, D] = dl·Head^T
+            }
+            None => {
+                mm(v, d, m, &mut g[layout.embed..], d, true, 1.0, rm(dl, v).t(), rm(h_in, d)); // dE [V, D] += dl^T·h
+                mm(m, d, v, &mut dsel, d, false, 1.0, rm(dl, v), rm(&w[layout.embed..], d)); // [M, D] = dl·E
+            }
         }
     }
+    let dh = match &acts.rows {
+        None => dsel,
+        Some(r) => {
+            let mut dh = pool.zeros(n * d); // [N, D]
+            for (j, &i) in r.iter().enumerate() {
+                dh[i * d..(i + 1) * d].copy_from_slice(&dsel[j * d..(j + 1) * d]);
+            }
+            pool.put([dsel]);
+            dh
+        }
+    };
     let mut dx = pool.zeros(n * d); // [N, D] gradient of the residual stream
     rms_norm_backward(&dh, &acts.xf, &acts.rf, &w[layout.norm..layout.norm + d], d, &mut dx, &mut g[layout.norm..layout.norm + d]);
 
