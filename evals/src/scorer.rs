@@ -3,7 +3,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use kiln_models::cpu_kernels::Kernels;
-use kiln_models::generate::{generate, SampleOptions};
+use kiln_models::generate::{generate, generate_batch, SampleOptions};
 use kiln_models::{Llama, LlamaConfig, ModelError, Tokenizer};
 
 pub trait Scorer {
@@ -14,7 +14,14 @@ pub trait Scorer {
     fn logprobs(&mut self, seqs: &[Vec<u32>]) -> Vec<Vec<f64>>;
     /// Greedy continuation of `prompt`, at most `max_tokens`, stopping after any of `stop`.
     fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: &[u32]) -> Vec<u32>;
+    /// [`Scorer::greedy`] for many prompts, batched where the scorer can batch.
+    fn greedy_batch(&mut self, prompts: &[Vec<u32>], max_tokens: usize, stop: &[u32]) -> Vec<Vec<u32>> {
+        prompts.iter().map(|p| self.greedy(p, max_tokens, stop)).collect()
+    }
 }
+
+/// How many sequences [`KernelScorer`] generates at once.
+pub const GENERATION_BATCH: usize = 16;
 
 /// A Kiln model as a [`Scorer`], on any backend (no autodiff needed).
 pub struct ModelScorer<'a, B: Backend> {
@@ -73,9 +80,9 @@ fn padded(seqs: &[Vec<u32>], context: usize) -> (Vec<i64>, usize, usize) {
     (ids, b, t)
 }
 
-/// A [`ModelScorer`] whose log-probabilities come from the fused CPU kernels
-/// (`kiln_models::cpu_kernels`): for the CPU backends at f32. Generation still goes through the
-/// Burn model and its KV cache.
+/// A [`ModelScorer`] whose log-probabilities and generations come from the fused CPU kernels
+/// (`kiln_models::cpu_kernels`): for the CPU backends at f32. Generation is batched,
+/// [`GENERATION_BATCH`] sequences at a time.
 pub struct KernelScorer<'a, B: Backend> {
     pub inner: ModelScorer<'a, B>,
     kern: Kernels,
@@ -119,6 +126,10 @@ impl<B: Backend> Scorer for KernelScorer<'_, B> {
             .collect()
     }
     fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: &[u32]) -> Vec<u32> {
-        self.inner.greedy(prompt, max_tokens, stop)
+        self.greedy_batch(&[prompt.to_vec()], max_tokens, stop).pop().unwrap_or_default()
+    }
+    fn greedy_batch(&mut self, prompts: &[Vec<u32>], max_tokens: usize, stop: &[u32]) -> Vec<Vec<u32>> {
+        let o = SampleOptions { max_tokens, temperature: 0.0, stop: stop.to_vec(), ..Default::default() };
+        generate_batch(&self.kern, &self.w, self.inner.context, prompts, &o, GENERATION_BATCH, &mut |_, _| true)
     }
 }

@@ -1,11 +1,15 @@
 //! Text generation with a KV cache, and sampling: temperature, top-k, top-p.
 //! `temperature = 0` is greedy. Randomness comes from Kiln's seeded RNG, never the backend's.
+//!
+//! Two engines: [`generate`] runs Burn's model (any backend, one sequence), and
+//! [`generate_batch`] the fused CPU kernels (many sequences at once, continuously batched).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::cpu_kernels::{Kernels, KvRow};
 use crate::llama::{KvCache, Llama};
 
 #[derive(Debug, Clone)]
@@ -109,6 +113,111 @@ pub fn generate_streaming<B: Backend>(model: &Llama<B>, context: usize, prompt: 
         pending = vec![next];
     }
     out
+}
+
+/// Continues every prompt on the CPU kernels (`w`: the weights in `k`'s layout), up to
+/// `max_batch` sequences at a time. Each step runs the newly admitted prompts and one token of
+/// every running sequence through the model together; a finished sequence's place goes to the
+/// next prompt (continuous batching). `on_token(prompt index, token)` sees every token as it is
+/// chosen; returning false ends that sequence. Prompt `i` samples with seed `o.seed + i`, so a
+/// batch of one is [`generate`]'s sequence. Returns the new tokens of each prompt, in order.
+///
+/// A sequence that fills `context` restarts its cache on its last half-context of tokens, as
+/// [`generate`] does.
+pub fn generate_batch(k: &Kernels, w: &[f32], context: usize, prompts: &[Vec<u32>], o: &SampleOptions, max_batch: usize, on_token: &mut dyn FnMut(usize, u32) -> bool) -> Vec<Vec<u32>> {
+    struct Running {
+        prompt: usize,
+        all: Vec<u32>,
+        pending: Vec<u32>,
+        rng: ChaCha8Rng,
+    }
+    let max_batch = max_batch.max(1);
+    let mut outs: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut caches: Vec<KvRow> = vec![KvRow::default(); max_batch.min(prompts.len())];
+    let mut slots: Vec<Option<Running>> = (0..caches.len()).map(|_| None).collect();
+    let mut queue = (0..prompts.len()).filter(|&i| o.max_tokens > 0 && !prompts[i].is_empty());
+    loop {
+        for (slot, cache) in slots.iter_mut().zip(caches.iter_mut()) {
+            if slot.is_none() {
+                if let Some(i) = queue.next() {
+                    cache.clear();
+                    let pending = tail(&prompts[i], context).to_vec();
+                    *slot = Some(Running { prompt: i, all: prompts[i].clone(), pending, rng: ChaCha8Rng::seed_from_u64(o.seed.wrapping_add(i as u64)) });
+                }
+            }
+        }
+        for (slot, cache) in slots.iter_mut().zip(caches.iter_mut()) {
+            if let Some(r) = slot {
+                if cache.len() + r.pending.len() > context {
+                    // The window is full: start a fresh cache on the last half-context of tokens.
+                    cache.clear();
+                    r.pending = tail(&r.all, context / 2).to_vec();
+                }
+            }
+        }
+        let feed: Vec<(usize, &[u32])> = slots.iter().enumerate().filter_map(|(s, r)| r.as_ref().map(|r| (s, r.pending.as_slice()))).collect();
+        if feed.is_empty() {
+            break;
+        }
+        let logits = k.decode(w, &mut caches, &feed); // [R, V]
+        let order: Vec<usize> = feed.iter().map(|e| e.0).collect();
+        let v = logits.len() / order.len();
+        for (e, s) in order.into_iter().enumerate() {
+            let Some(r) = slots[s].as_mut() else { continue };
+            let next = sample(&logits[e * v..(e + 1) * v], o, &mut r.rng);
+            let out = &mut outs[r.prompt];
+            out.push(next);
+            r.all.push(next);
+            let go_on = on_token(r.prompt, next);
+            if !go_on || o.stop.contains(&next) || out.len() >= o.max_tokens {
+                slots[s] = None;
+            } else {
+                r.pending = vec![next];
+            }
+        }
+    }
+    outs
+}
+
+/// A model ready to generate: on the fused CPU kernels (batched) where they were asked for,
+/// else on Burn's model (any backend, one sequence at a time).
+pub struct Generator<'a, B: Backend> {
+    model: &'a Llama<B>,
+    device: B::Device,
+    context: usize,
+    kernels: Option<(Kernels, Vec<f32>)>,
+}
+
+impl<'a, B: Backend> Generator<'a, B> {
+    /// Generation on Burn's model.
+    pub fn burn(model: &'a Llama<B>, context: usize, device: &B::Device) -> Self {
+        Self { model, device: device.clone(), context, kernels: None }
+    }
+    /// Generation on the CPU kernels, with the weights copied into their layout.
+    pub fn kernels(model: &'a Llama<B>, cfg: &crate::LlamaConfig, threads: usize, device: &B::Device) -> Result<Self, crate::ModelError> {
+        let k = Kernels::for_model(model, cfg, threads);
+        let w = k.layout.weights(model)?;
+        Ok(Self { model, device: device.clone(), context: cfg.max_position_embeddings, kernels: Some((k, w)) })
+    }
+    /// Whether this runs on the CPU kernels.
+    pub fn batched(&self) -> bool {
+        self.kernels.is_some()
+    }
+    /// The new tokens of each prompt (see [`generate_batch`]; on Burn's model, one prompt after
+    /// the other, prompt `i` with seed `o.seed + i` as there).
+    pub fn run(&self, prompts: &[Vec<u32>], o: &SampleOptions, max_batch: usize, on_token: &mut dyn FnMut(usize, u32) -> bool) -> Vec<Vec<u32>> {
+        match &self.kernels {
+            Some((k, w)) => generate_batch(k, w, self.context, prompts, o, max_batch, on_token),
+            None => prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let oi = SampleOptions { seed: o.seed.wrapping_add(i as u64), ..o.clone() };
+                    generate_streaming(self.model, self.context, p, &oi, &self.device, &mut |t| on_token(i, t))
+                })
+                .collect(),
+        }
+    }
 }
 
 fn tail(v: &[u32], n: usize) -> &[u32] {

@@ -174,6 +174,20 @@ fn thread_count_changes_nothing_but_rounding() {
     assert_eq!(k3.loss_and_grads(&w, &batch, None).loss.to_bits(), l3.to_bits());
     assert_eq!(l3.to_bits(), l3b.to_bits());
     assert_eq!(g3, g3b);
+    // Accumulation: a second batch's gradient added in place is the sum of the two.
+    let targets2: Vec<i64> = targets.iter().map(|&x| (x + 5) % 37).collect();
+    let batch2 = BatchRef { targets: &targets2, ..batch };
+    let (_, g2) = run_on(&k3, &w, &batch2);
+    let mut acc = g3.clone();
+    k3.add_loss_grads(&w, &batch2, &mut acc);
+    let sum: Vec<f32> = g3.iter().zip(&g2).map(|(a, b)| a + b).collect();
+    assert!(max_rel(&acc, &sum) < 1e-5);
+}
+
+fn run_on(k: &Kernels, w: &[f32], batch: &BatchRef) -> (f64, Vec<f32>) {
+    let mut g = vec![0.0f32; k.layout.len];
+    let l = k.loss_and_grads(w, batch, Some(&mut g)).loss;
+    (l, g)
 }
 
 /// Burn's model with the fused attention op (forward by the backend's attention, backward by

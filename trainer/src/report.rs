@@ -25,6 +25,9 @@ pub struct Report {
     pub backend: String,
     pub threads: usize,
     pub workers: usize,
+    /// Instruction tuning: what became of the records (absent when pretraining).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sft: Option<crate::data::sft::SftStats>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -182,6 +185,16 @@ impl Report {
             jp = f(e.j_per_param, 6),
             co2 = f(e.gco2e, 3),
         );
+        if let Some(d) = &self.sft {
+            md.push_str(&format!(
+                concat!(
+                    "\n## Instruction data\n\n",
+                    "| records | examples | dropped (too long) | truncated | dropped (no loss) | tokens | loss tokens | rows | padding |\n|---|---|---|---|---|---|---|---|---|\n",
+                    "| {} | {} | {} | {} ({} tokens) | {} | {} | {} | {} | {}% |\n",
+                ),
+                d.records, d.examples, d.dropped_overlong, d.truncated, d.truncated_tokens, d.dropped_no_loss, d.tokens, d.loss_tokens, d.rows, f(100.0 * d.padding_share, 1)
+            ));
+        }
         if e.method == "estimate" {
             md.push_str("\nThe energy is an **estimate** (process CPU time x watts per busy core): no hardware counter was readable.\n");
         }

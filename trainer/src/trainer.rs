@@ -336,6 +336,10 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             backend: plan.backend(),
             threads: plan.threads,
             workers: self.dist.as_ref().map_or(1, |(d, _)| d.nodes),
+            sft: match &plan.data.corpus {
+                crate::plan::Corpus::Examples(d) => Some(d.stats.clone()),
+                crate::plan::Corpus::Tokens { .. } => None,
+            },
         }
     }
 }

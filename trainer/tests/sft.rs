@@ -90,6 +90,13 @@ fn chat_recipe_trains_on_both_engines_and_chats() {
         let out = String::from_utf8_lossy(&o.stdout).to_string() + &err(&o);
         assert!(out.contains("sft: 80 records -> 80 examples (72 train, 8 validation)"), "{out}");
         assert!(out.contains("examples packed, best-fit decreasing"), "{out}");
+        // The data's fate is in the report.
+        let rep: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+        let sft = &rep["sft"];
+        assert_eq!((sft["records"].as_u64(), sft["examples"].as_u64(), sft["dropped_overlong"].as_u64()), (Some(80), Some(80), Some(0)), "{sft}");
+        assert!(sft["loss_tokens"].as_u64().unwrap() > 0 && sft["loss_tokens"].as_u64() < sft["tokens"].as_u64(), "{sft}");
+        assert!((0.0..0.5).contains(&sft["padding_share"].as_f64().unwrap()), "{sft}");
+        assert!(std::fs::read_to_string(run.join("report.md")).unwrap().contains("## Instruction data"));
     }
     // The same first step (same batch, same weights) on both engines: masks and padding agree.
     assert!((firsts[0] - firsts[1]).abs() < 1e-4 * firsts[0], "first losses differ: {firsts:?}");
@@ -113,6 +120,25 @@ fn chat_recipe_trains_on_both_engines_and_chats() {
     let o = kiln(dir, &["chat", run.to_str().unwrap(), "--prompt", "What is 2 plus 3?", "--max-tokens", "16", "--device", "cpu"]);
     assert!(o.status.success(), "{}", err(&o));
     assert!(!String::from_utf8_lossy(&o.stdout).contains("<|im_end|>"));
+
+    // The interactive loop: two turns (a blank line between them), a reset, a turn, then /exit.
+    use std::io::Write;
+    let mut child = Command::new(KILN)
+        .args(["chat", run.to_str().unwrap(), "--max-tokens", "12", "--device", "cpu", "--system", "Be brief."])
+        .env("KILN_CACHE", dir.join("cache"))
+        .env("RAYON_NUM_THREADS", "2")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"What is 2 plus 3?\n\nWhat is 4 plus 4?\n/reset\nWhat is 1 plus 1?\n/exit\nnever read\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", err(&o));
+    let (out, e) = (String::from_utf8_lossy(&o.stdout).to_string(), err(&o));
+    assert!(out.lines().count() >= 3, "three replies: {out:?}");
+    assert_eq!(e.matches("> ").count(), 6, "a prompt before each line read (the blank one included): {e}");
+    assert!(e.contains("(conversation reset)") && e.contains("/reset starts over"), "{e}");
 }
 
 #[test]
@@ -148,4 +174,104 @@ fn bad_sft_input_stops_before_training() {
     std::fs::write(&no_init, "stage = \"sft\"\n[data]\nsources = [\"chat.jsonl\"]\n").unwrap();
     let e = err(&kiln(dir, &["run", no_init.to_str().unwrap()]));
     assert!(e.contains("set init"), "{e}");
+}
+
+/// Python with `transformers`, or the reason there is none.
+fn python_with_transformers() -> Result<String, String> {
+    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
+    match Command::new(&py).args(["-c", "import transformers"]).output() {
+        Ok(o) if o.status.success() => Ok(py),
+        Ok(o) => Err(format!("{py} lacks transformers ({})", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""))),
+        Err(e) => Err(format!("no {py}: {e}")),
+    }
+}
+
+/// transformers' `apply_chat_template` on an exported folder: for each conversation, the text
+/// without and with the generation prompt, and the ids of the latter.
+fn hf_renderings(py: &str, folder: &Path, chats: &serde_json::Value, scratch: &Path) -> serde_json::Value {
+    let file = scratch.join("chats.json");
+    std::fs::write(&file, chats.to_string()).unwrap();
+    let code = "import json, sys\nfrom transformers import AutoTokenizer\nt = AutoTokenizer.from_pretrained(sys.argv[1])\nout = []\nfor c in json.load(open(sys.argv[2])):\n    r = [t.apply_chat_template(c, tokenize=False, add_generation_prompt=g) for g in (False, True)]\n    out.append(r + [t(r[1], add_special_tokens=False).input_ids])\nprint(json.dumps(out))\n";
+    let o = Command::new(py).args(["-c", code, folder.to_str().unwrap(), file.to_str().unwrap()]).env("HF_HUB_OFFLINE", "1").env("TRANSFORMERS_VERBOSITY", "error").output().unwrap();
+    assert!(o.status.success(), "{}", err(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Kiln's rendering of `chats` with the template and tokenizer an export carries, against
+/// transformers' on the same folder; and the export's EOS ids include the end-of-turn token.
+fn check_export_template(py: &str, folder: &Path, scratch: &Path) {
+    use kiln_models::chat::{ChatTemplate, Message};
+    let m = |r: &str, c: &str| serde_json::json!({"role": r, "content": c});
+    let chats = serde_json::json!([
+        [m("system", "You answer in one word."), m("user", "Capital of France?"), m("assistant", "Paris."), m("user", "And of Italy?"), m("assistant", "Rome.")],
+        [m("user", "Hi there"), m("assistant", "Hello! How can I help?"), m("user", "Tell me a joke about cats, with emoji 🐈.")],
+        [m("user", "One question only")],
+    ]);
+    let hf = hf_renderings(py, folder, &chats, scratch);
+    let tok = kiln_models::Tokenizer::load(&folder.join("tokenizer.json")).unwrap();
+    let chat = ChatTemplate::new(&tok, None).unwrap();
+    for (i, c) in chats.as_array().unwrap().iter().enumerate() {
+        let msgs: Vec<Message> = c.as_array().unwrap().iter().map(|x| Message::new(x["role"].as_str().unwrap(), x["content"].as_str().unwrap())).collect();
+        for (j, gen) in [false, true].into_iter().enumerate() {
+            assert_eq!(chat.render(&msgs, gen).unwrap(), hf[i][j].as_str().unwrap(), "{}: conversation {i}, generation prompt {gen}", folder.display());
+        }
+        let ids: Vec<u32> = serde_json::from_value(hf[i][2].clone()).unwrap();
+        assert_eq!(chat.prompt_ids(&tok, &msgs).unwrap(), ids, "{}: conversation {i}: ids", folder.display());
+    }
+    let gc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("generation_config.json")).unwrap()).unwrap();
+    let im_end = tok.token_to_id("<|im_end|>").unwrap();
+    assert!(gc["eos_token_id"].as_array().is_some_and(|a| a.contains(&serde_json::json!(im_end))), "{gc}");
+}
+
+#[test]
+fn exported_chat_templates_render_as_transformers_does() {
+    let py = match python_with_transformers() {
+        Ok(p) => p,
+        Err(why) => {
+            kiln_models::skip::skip("python", &format!("exported_chat_templates_render_as_transformers_does: {why}; `pip install transformers` to run it"));
+            return;
+        }
+    };
+    // A Kiln SFT run whose base had no template (ChatML added), exported.
+    let d = data_dir();
+    let dir = d.path();
+    let r = recipe(dir, "chat", "chat.jsonl", "");
+    let o = kiln(dir, &["run", &r, "--runs-dir", "k", "--set", "train.steps=2", "--set", "train.eval_every=0"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let run = only_run(&dir.join("k"));
+    let o = kiln(dir, &["export", run.to_str().unwrap(), "--out", "chatml"]);
+    assert!(o.status.success(), "{}", err(&o));
+    check_export_template(&py, &dir.join("chatml"), dir);
+    // SmolLM2's own template (from the GGUF metadata; it adds a default system message), exported.
+    let Some(root) = kiln_models::skip::data_root() else { return };
+    let gguf = root.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let o = kiln(dir, &["export", gguf.to_str().unwrap(), "--out", "smol", "--dtype", "bf16"]);
+    assert!(o.status.success(), "{}", err(&o));
+    check_export_template(&py, &dir.join("smol"), dir);
+}
+
+#[test]
+fn overlong_examples_are_dropped_or_truncated_and_counted() {
+    let d = data_dir();
+    let dir = d.path();
+    // Every fourth reply is 200 characters: past a context of 96 byte-level tokens.
+    let mut lines = String::new();
+    for i in 0..40 {
+        let reply = if i % 4 == 0 { "long ".repeat(40) } else { format!("{i}.") };
+        let m = serde_json::json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": format!("Count to {i}?")}, {"role": "assistant", "content": reply}]});
+        lines += &format!("{m}\n");
+    }
+    std::fs::write(dir.join("data/long.jsonl"), lines).unwrap();
+    for (how, examples, dropped, truncated) in [("drop", 30, 10, 0), ("truncate", 40, 0, 10)] {
+        let r = recipe(dir, how, "long.jsonl", &format!("overlong = \"{how}\"\n[model]\ncontext = 96"));
+        let o = kiln(dir, &["run", &r, "--runs-dir", how, "--set", "train.steps=1", "--set", "train.eval_every=0"]);
+        assert!(o.status.success(), "{}", err(&o));
+        let rep: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(only_run(&dir.join(how)).join("report.json")).unwrap()).unwrap();
+        let s = &rep["sft"];
+        assert_eq!((s["examples"].as_u64(), s["dropped_overlong"].as_u64(), s["truncated"].as_u64()), (Some(examples), Some(dropped), Some(truncated)), "{how}: {s}");
+        assert_eq!(s["truncated_tokens"].as_u64().unwrap() > 0, how == "truncate", "{how}: {s}");
+        // The plan says so before training.
+        let out = String::from_utf8_lossy(&o.stdout).to_string() + &err(&o);
+        assert!(out.contains(&format!("{dropped} dropped as longer than the context, {truncated} truncated")), "{how}: {out}");
+    }
 }

@@ -6,19 +6,23 @@ use kiln_models::chat::{stop_ids, ChatTemplate, Message};
 
 use crate::{EvalError, Scorer};
 
-/// A greedy reply to `messages`, and whether it ended with an end-of-turn token within
-/// `max_tokens`.
-pub fn reply(lm: &mut dyn Scorer, chat: &ChatTemplate, messages: &[Message], max_tokens: usize) -> Result<(String, bool), EvalError> {
+/// A greedy reply to each conversation (generated as one batch), and whether it ended with an
+/// end-of-turn token within `max_tokens`.
+pub fn replies(lm: &mut dyn Scorer, chat: &ChatTemplate, conversations: &[Vec<Message>], max_tokens: usize) -> Result<Vec<(String, bool)>, EvalError> {
     let tok = lm.tokenizer();
-    let prompt = chat.prompt_ids(tok, messages).map_err(|e| EvalError::Data(e.to_string()))?;
+    let prompts = conversations.iter().map(|m| chat.prompt_ids(tok, m)).collect::<Result<Vec<_>, _>>().map_err(|e| EvalError::Data(e.to_string()))?;
     let stops = stop_ids(tok);
-    let mut out = lm.greedy(&prompt, max_tokens, &stops);
-    let ended = out.last().is_some_and(|t| stops.contains(t));
-    if ended {
-        out.pop();
-    }
-    let text = lm.tokenizer().decode(&out).map_err(|e| EvalError::Data(e.to_string()))?;
-    Ok((text.trim().to_string(), ended))
+    let outs = lm.greedy_batch(&prompts, max_tokens, &stops);
+    outs.into_iter()
+        .map(|mut out| {
+            let ended = out.last().is_some_and(|t| stops.contains(t));
+            if ended {
+                out.pop();
+            }
+            let text = lm.tokenizer().decode(&out).map_err(|e| EvalError::Data(e.to_string()))?;
+            Ok((text.trim().to_string(), ended))
+        })
+        .collect()
 }
 
 /// The model's chat template, or ChatML.

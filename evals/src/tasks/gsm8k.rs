@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use kiln_models::chat::Message;
 
-use super::chat::{read_jsonl, reply, template};
+use super::chat::{read_jsonl, replies, template};
 use crate::{EvalError, Scorer, Task, TaskResult};
 
 pub const DEFAULT_PATH: &str = "gsm8k/test.jsonl";
@@ -56,11 +56,16 @@ impl Task for Gsm8k {
         let chat = template(lm)?;
         let (mut right, mut ended, mut r) = (0usize, 0usize, TaskResult::default());
         let items = &items[..self.n.min(items.len())];
+        let mut qs = Vec::with_capacity(items.len());
         for (i, it) in items.iter().enumerate() {
             let q = it["question"].as_str().ok_or_else(|| EvalError::Data(format!("{}:{}: no 'question'", self.path.display(), i + 1)))?;
             let gold = it["answer"].as_str().and_then(|a| a.rsplit("####").next()).map(|g| g.trim().replace(',', "")).unwrap_or_default();
-            let (answer, done) = reply(lm, &chat, &[Message::new("user", q)], self.max_tokens)?;
-            let ok = last_number(&answer).is_some_and(|p| same_number(&p, &gold));
+            qs.push((q, gold));
+        }
+        let conversations: Vec<Vec<Message>> = qs.iter().map(|(q, _)| vec![Message::new("user", q)]).collect();
+        let answers = replies(lm, &chat, &conversations, self.max_tokens)?;
+        for ((q, gold), (answer, done)) in qs.iter().zip(answers) {
+            let ok = last_number(&answer).is_some_and(|p| same_number(&p, gold));
             right += ok as usize;
             ended += done as usize;
             if r.samples.len() < 3 {

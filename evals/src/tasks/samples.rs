@@ -14,12 +14,16 @@ impl Task for Samples {
     }
     fn run(&self, lm: &mut dyn Scorer) -> Result<TaskResult, EvalError> {
         let mut r = TaskResult { n: self.prompts.len(), ..Default::default() };
+        let tok = lm.tokenizer();
+        let mut prompts = Vec::with_capacity(self.prompts.len());
         for p in &self.prompts {
-            let tok = lm.tokenizer();
             let mut ids = vec![tok.bos_id];
             ids.extend(tok.encode(p).map_err(|e| EvalError::Data(e.to_string()))?);
-            let eos = tok.eos_id;
-            let out = lm.greedy(&ids, self.max_tokens, &[eos]);
+            prompts.push(ids);
+        }
+        let eos = tok.eos_id;
+        let outs = lm.greedy_batch(&prompts, self.max_tokens, &[eos]);
+        for (p, out) in self.prompts.iter().zip(outs) {
             let text = lm.tokenizer().decode(&out).map_err(|e| EvalError::Data(e.to_string()))?;
             r.samples.push(serde_json::json!({"prompt": p, "completion": text}));
         }

@@ -80,15 +80,14 @@ impl Task for Squad {
     }
     fn run(&self, lm: &mut dyn Scorer) -> Result<TaskResult, EvalError> {
         let text = std::fs::read_to_string(&self.path).map_err(|e| EvalError::Data(format!("{}: {e}", self.path.display())))?;
-        let (mut em, mut f, mut n) = (0.0, 0.0, 0usize);
-        let mut r = TaskResult::default();
+        let mut items = Vec::new();
         for (i, line) in text.lines().enumerate() {
-            if self.limit.is_some_and(|l| n >= l) {
+            if self.limit.is_some_and(|l| items.len() >= l) {
                 break;
             }
             let at = || format!("{}:{}", self.path.display(), i + 1);
             let v: serde_json::Value = serde_json::from_str(line).map_err(|e| EvalError::Data(format!("{}: {e}", at())))?;
-            let q = v["question"].as_str().ok_or_else(|| EvalError::Data(format!("{}: no 'question'", at())))?;
+            let q = v["question"].as_str().ok_or_else(|| EvalError::Data(format!("{}: no 'question'", at())))?.to_string();
             let golds: Vec<String> = v["answers"]
                 .as_array()
                 .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
@@ -96,17 +95,22 @@ impl Task for Squad {
             let tok = lm.tokenizer();
             let mut prompt = vec![tok.bos_id];
             prompt.extend(tok.encode(&format!("Question: {q}\nAnswer:")).map_err(|e| EvalError::Data(e.to_string()))?);
-            let eos = tok.eos_id;
-            let out = lm.greedy(&prompt, self.max_answer_tokens, &[eos]);
+            items.push((q, golds, prompt));
+        }
+        let prompts: Vec<Vec<u32>> = items.iter().map(|it| it.2.clone()).collect();
+        let eos = lm.tokenizer().eos_id;
+        let outs = lm.greedy_batch(&prompts, self.max_answer_tokens, &[eos]);
+        let (mut em, mut f, n) = (0.0, 0.0, items.len());
+        let mut r = TaskResult::default();
+        for ((q, golds, _), out) in items.iter().zip(outs) {
             let answer = lm.tokenizer().decode(&out).map_err(|e| EvalError::Data(e.to_string()))?;
             let answer = answer.lines().next().unwrap_or("").trim().to_string();
-            let (e1, f1) = score(&answer, &golds);
+            let (e1, f1) = score(&answer, golds);
             em += e1;
             f += f1;
             if r.samples.len() < 5 {
                 r.samples.push(serde_json::json!({"question": q, "answer": answer, "gold": golds}));
             }
-            n += 1;
         }
         r.n = n;
         r.metrics.insert("em".into(), em / n.max(1) as f64);

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use kiln_models::chat::Message;
 
-use super::chat::{read_jsonl, reply, spread, template};
+use super::chat::{read_jsonl, replies, spread, template};
 use super::squad::score;
 use crate::{EvalError, Scorer, Task, TaskResult};
 
@@ -64,14 +64,19 @@ impl Task for SquadRc {
         let chat = template(lm)?;
         let (mut em, mut f1, mut ended, mut r) = (0.0, 0.0, 0usize, TaskResult::default());
         let picked = spread(held.len(), self.n);
+        let mut items = Vec::with_capacity(picked.len());
         for &i in &picked {
             let q = held[i];
             let question = q["question"].as_str().unwrap_or("");
             let doc = q["doc_id"].as_str().unwrap_or("");
             let passage = paras.get(doc).ok_or_else(|| EvalError::Data(format!("{}: no paragraph '{doc}'", self.paragraphs.display())))?;
             let golds: Vec<String> = q["answers"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default();
-            let (answer, done) = reply(lm, &chat, &[Message::new("user", &user_turn(passage, question))], self.max_answer_tokens)?;
-            let (e, f) = score(&answer, &golds);
+            items.push((question, vec![Message::new("user", &user_turn(passage, question))], golds));
+        }
+        let conversations: Vec<Vec<Message>> = items.iter().map(|it| it.1.clone()).collect();
+        let answers = replies(lm, &chat, &conversations, self.max_answer_tokens)?;
+        for ((question, _, golds), (answer, done)) in items.iter().zip(answers) {
+            let (e, f) = score(&answer, golds);
             em += e;
             f1 += f;
             ended += done as usize;

@@ -18,19 +18,21 @@
 //! `models/tests/cpu_kernels.rs`.
 //!
 //! The parts: `layout.rs` (the flat buffer and its named slots), `pool.rs` (per-thread buffers),
-//! `model.rs` (forward, loss, backward), `ops.rs` (the primitives). This file splits a batch
-//! across threads and sums their gradients.
+//! `model.rs` (forward, loss, backward), `ops.rs` (the primitives), `decode.rs` (inference with a
+//! KV cache, for generation). This file splits a batch across threads and sums their gradients.
 
 use burn::tensor::backend::Backend;
 use rayon::prelude::*;
 
 use crate::llama::{Llama, LlamaConfig};
 
+mod decode;
 mod layout;
 mod model;
 mod ops;
 mod pool;
 
+pub use decode::KvRow;
 pub use layout::{rope_tables, Dims, Layout, Slot};
 use model::{forward, shard, Rope};
 use ops::add_into;
@@ -94,6 +96,16 @@ impl Kernels {
     /// respect to every parameter (written into `grads`, which has `layout.len` values). The
     /// batch is split across the threads by sequence; shard gradients are summed in a fixed order.
     pub fn loss_and_grads(&self, w: &[f32], batch: &BatchRef, grads: Option<&mut [f32]>) -> Pass {
+        self.pass(w, batch, grads, false)
+    }
+
+    /// [`Kernels::loss_and_grads`], adding the gradient to what `grads` holds (gradient
+    /// accumulation without a second full-size buffer).
+    pub fn add_loss_grads(&self, w: &[f32], batch: &BatchRef, grads: &mut [f32]) -> Pass {
+        self.pass(w, batch, Some(grads), true)
+    }
+
+    fn pass(&self, w: &[f32], batch: &BatchRef, grads: Option<&mut [f32]>, accumulate: bool) -> Pass {
         let layout = &self.layout;
         self.check(w, batch.inputs.iter().chain(batch.targets.iter()), batch.t);
         if let Some(s) = batch.starts {
@@ -125,7 +137,9 @@ impl Kernels {
         };
         assert_eq!(out.len(), layout.len);
         let mut extra: Vec<Vec<f32>> = (1..shards).map(|i| self.pool(i).zeros(layout.len)).collect();
-        out.fill(0.0);
+        if !accumulate {
+            out.fill(0.0);
+        }
         // Shards run on rayon's pool (long-lived threads, so gemm's per-thread packing buffers
         // are reused); `collect` keeps shard order.
         let outs: Vec<&mut [f32]> = std::iter::once(&mut *out).chain(extra.iter_mut().map(|g| g.as_mut_slice())).collect();

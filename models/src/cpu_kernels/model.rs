@@ -17,20 +17,18 @@ pub(super) struct Rope<'a> {
     pub(super) sin: &'a [f32],
 }
 
-/// What the backward pass needs from one layer's forward pass.
+/// What the backward pass keeps from one layer's forward pass. What is cheap to compute again
+/// is not kept: the normed inputs (from x and 1/rms), sigmoid(gate) and silu(gate)·up (from the
+/// projections), and the attention probabilities (`[B, H, T, T]`, from q and k). The backward
+/// pass recomputes them with the same operations, so the gradients are the same, bit for bit.
 struct LayerActs {
     x: Vec<f32>,   // [N, D] layer input
     r1: Vec<f32>,  // [N] 1 / rms of x
-    hn1: Vec<f32>, // [N, D] normed input
     qkv: Vec<f32>, // [N, Q + 2KV] after RoPE
-    p: Vec<f32>,   // [B, H, T, T] attention probabilities
     y: Vec<f32>,   // [N, Q] attention output
     x2: Vec<f32>,  // [N, D] residual after attention
     r2: Vec<f32>,  // [N]
-    hn2: Vec<f32>, // [N, D]
     gu: Vec<f32>,  // [N, 2F] gate and up projections
-    sig: Vec<f32>, // [N, F] sigmoid(gate)
-    a: Vec<f32>,   // [N, F] silu(gate) * up
 }
 
 pub(super) struct Acts {
@@ -48,7 +46,7 @@ pub(super) struct Acts {
 impl Acts {
     pub(super) fn recycle(self, pool: &mut Pool) {
         for l in self.layers {
-            pool.put([l.x, l.r1, l.hn1, l.qkv, l.p, l.y, l.x2, l.r2, l.hn2, l.gu, l.sig, l.a]);
+            pool.put([l.x, l.r1, l.qkv, l.y, l.x2, l.r2, l.gu]);
         }
         pool.put([self.xf, self.rf, self.hf, self.hsel, self.logits]);
     }
@@ -92,32 +90,28 @@ pub(super) fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef,
         x[i * d..(i + 1) * d].copy_from_slice(&w[e..e + d]);
     }
     let mut layers = Vec::with_capacity(dm.layers);
+    // Scratch, not kept: the normed inputs, the attention probabilities of one head, the SwiGLU.
+    let (mut hn, mut p) = (pool.any(n * d), pool.any(t * t)); // [N, D], [T, T]
+    let (mut sig, mut a) = (pool.any(n * f), pool.any(n * f)); // [N, F] each
     for at in &layout.layers {
-        let mut hn1 = pool.any(n * d);
-        let r1 = rms_norm(&x, &w[at.ln1..at.ln1 + d], dm.eps, d, &mut hn1, pool); // [N, D]
+        let r1 = rms_norm(&x, &w[at.ln1..at.ln1 + d], dm.eps, d, &mut hn, pool); // [N, D]
         let mut qkv_b = pool.any(n * qkv);
-        mm(n, qkv, d, &mut qkv_b, qkv, false, 1.0, rm(&hn1, d), rm(&w[at.wqkv..], qkv)); // [N, Q+2KV]
+        mm(n, qkv, d, &mut qkv_b, qkv, false, 1.0, rm(&hn, d), rm(&w[at.wqkv..], qkv)); // [N, Q+2KV]
         rope_rows(&mut qkv_b, qkv, dm.heads + dm.kv_heads, hd, t, batch.starts, rope, false);
-        let mut p = pool.any(b * dm.heads * t * t);
         let mut y = pool.any(n * q);
         attention_forward(dm, &qkv_b, &mut p, &mut y, b, t, batch.starts, scale);
         let mut x2 = pool.copy(&x);
         mm(n, d, q, &mut x2, d, true, 1.0, rm(&y, q), rm(&w[at.wo..], d)); // [N, D] = x + y·Wo
-        let mut hn2 = pool.any(n * d);
-        let r2 = rms_norm(&x2, &w[at.ln2..at.ln2 + d], dm.eps, d, &mut hn2, pool);
+        let r2 = rms_norm(&x2, &w[at.ln2..at.ln2 + d], dm.eps, d, &mut hn, pool);
         let mut gu = pool.any(n * 2 * f);
-        mm(n, 2 * f, d, &mut gu, 2 * f, false, 1.0, rm(&hn2, d), rm(&w[at.wgu..], 2 * f)); // [N, 2F]
-        let mut sig = pool.any(n * f);
-        let mut a = pool.any(n * f);
-        for i in 0..n {
-            let (g, u) = gu[i * 2 * f..(i + 1) * 2 * f].split_at(f);
-            swiglu(g, u, &mut sig[i * f..(i + 1) * f], &mut a[i * f..(i + 1) * f]);
-        }
+        mm(n, 2 * f, d, &mut gu, 2 * f, false, 1.0, rm(&hn, d), rm(&w[at.wgu..], 2 * f)); // [N, 2F]
+        swiglu_rows(&gu, f, &mut sig, &mut a);
         let mut x3 = pool.copy(&x2);
         mm(n, d, f, &mut x3, d, true, 1.0, rm(&a, f), rm(&w[at.wd..], d)); // [N, D] = x2 + a·Wd
-        layers.push(LayerActs { x, r1, hn1, qkv: qkv_b, p, y, x2, r2, hn2, gu, sig, a });
+        layers.push(LayerActs { x, r1, qkv: qkv_b, y, x2, r2, gu });
         x = x3;
     }
+    pool.put([hn, p, sig, a]);
     let mut hf = pool.any(n * d);
     let rf = rms_norm(&x, &w[layout.norm..layout.norm + d], dm.eps, d, &mut hf, pool);
     let rows: Option<Vec<usize>> = (!all_logits && batch.mask.contains(&0.0)).then(|| (0..n).filter(|&i| batch.mask[i] != 0.0).collect());
@@ -245,17 +239,21 @@ fn backward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, acts: &Ac
     let mut dhn = pool.any(n * d);
     let mut dy = pool.any(n * q);
     let mut dqkv = pool.any(n * qkv);
-    let mut dp = pool.any(t * t);
+    let (mut p, mut dp) = (pool.any(t * t), pool.any(t * t));
+    // Recomputed per layer: the normed inputs, sigmoid(gate) and silu(gate)·up.
+    let (mut hn, mut sig, mut a) = (pool.any(n * d), pool.any(n * f), pool.any(n * f));
     for (at, la) in layout.layers.iter().zip(acts.layers.iter()).rev() {
         // MLP: x3 = x2 + a·Wd, a = silu(g)·u, [g u] = hn2·Wgu, hn2 = norm(x2).
-        mm(f, d, n, &mut g[at.wd..], d, true, 1.0, rm(&la.a, f).t(), rm(&dx, d)); // dWd [F, D] += a^T·dx
+        swiglu_rows(&la.gu, f, &mut sig, &mut a);
+        mm(f, d, n, &mut g[at.wd..], d, true, 1.0, rm(&a, f).t(), rm(&dx, d)); // dWd [F, D] += a^T·dx
         mm(n, f, d, &mut da, f, false, 1.0, rm(&dx, d), rm(&w[at.wd..], d).t()); // da [N, F] = dx·Wd^T
         for i in 0..n {
             let (gg, uu) = la.gu[i * 2 * f..(i + 1) * 2 * f].split_at(f);
             let (dg, du) = dgu[i * 2 * f..(i + 1) * 2 * f].split_at_mut(f);
-            swiglu_backward(gg, uu, &la.sig[i * f..(i + 1) * f], &da[i * f..(i + 1) * f], dg, du);
+            swiglu_backward(gg, uu, &sig[i * f..(i + 1) * f], &da[i * f..(i + 1) * f], dg, du);
         }
-        mm(d, 2 * f, n, &mut g[at.wgu..], 2 * f, true, 1.0, rm(&la.hn2, d).t(), rm(&dgu, 2 * f)); // dWgu [D, 2F]
+        rms_apply(&la.x2, &la.r2, &w[at.ln2..at.ln2 + d], d, &mut hn); // hn2
+        mm(d, 2 * f, n, &mut g[at.wgu..], 2 * f, true, 1.0, rm(&hn, d).t(), rm(&dgu, 2 * f)); // dWgu [D, 2F]
         mm(n, d, 2 * f, &mut dhn, d, false, 1.0, rm(&dgu, 2 * f), rm(&w[at.wgu..], 2 * f).t()); // dhn2 [N, D]
         // dx now holds d/dx2 (the residual path); the norm adds its share.
         rms_norm_backward(&dhn, &la.x2, &la.r2, &w[at.ln2..at.ln2 + d], d, &mut dx, &mut g[at.ln2..at.ln2 + d]);
@@ -264,12 +262,14 @@ fn backward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, acts: &Ac
         mm(q, d, n, &mut g[at.wo..], d, true, 1.0, rm(&la.y, q).t(), rm(&dx, d)); // dWo [Q, D] += y^T·dx2
         mm(n, q, d, &mut dy, q, false, 1.0, rm(&dx, d), rm(&w[at.wo..], d).t()); // dy [N, Q]
         dqkv.iter_mut().for_each(|x| *x = 0.0);
-        attention_backward(dm, &la.qkv, &la.p, &dy, &mut dqkv, &mut dp, b, t, scale);
+        attention_backward(dm, &la.qkv, &dy, &mut dqkv, &mut p, &mut dp, b, t, batch.starts, scale);
         rope_rows(&mut dqkv, qkv, dm.heads + dm.kv_heads, hd, t, batch.starts, rope, true);
-        mm(d, qkv, n, &mut g[at.wqkv..], qkv, true, 1.0, rm(&la.hn1, d).t(), rm(&dqkv, qkv)); // dWqkv [D, Q+2KV]
+        rms_apply(&la.x, &la.r1, &w[at.ln1..at.ln1 + d], d, &mut hn); // hn1
+        mm(d, qkv, n, &mut g[at.wqkv..], qkv, true, 1.0, rm(&hn, d).t(), rm(&dqkv, qkv)); // dWqkv [D, Q+2KV]
         mm(n, d, qkv, &mut dhn, d, false, 1.0, rm(&dqkv, qkv), rm(&w[at.wqkv..], qkv).t()); // dhn1 [N, D]
         rms_norm_backward(&dhn, &la.x, &la.r1, &w[at.ln1..at.ln1 + d], d, &mut dx, &mut g[at.ln1..at.ln1 + d]);
     }
+    pool.put([p, hn, sig, a]);
     // Embedding: dE[token_i] += dx[i].
     for (i, &tok) in batch.inputs.iter().enumerate() {
         let e = layout.embed + tok as usize * d;

@@ -9,49 +9,58 @@ use super::model::Rope;
 use super::pool::Pool;
 
 /// Causal attention for every sequence and head: `P = softmax(Q·K^T·scale)`, `Y = P·V`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
 ///
 /// With `starts` (packed rows), query `i` sees keys `starts[i]..=i` only: the probabilities of
 /// earlier keys are 0, so the backward pass, which multiplies by them, needs no mask of its own.
+/// `p` is `[T, T]` scratch: the probabilities are not kept, [`attention_backward`] computes them
+/// again (the same operations, so the same values), which saves `[B, H, T, T]` floats per layer
+/// for a few percent more arithmetic.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 pub(super) fn attention_forward(dm: &Dims, qkv: &[f32], p: &mut [f32], y: &mut [f32], b: usize, t: usize, starts: Option<&[u32]>, scale: f32) {
     let (hd, q, ld) = (dm.head_dim, dm.q(), dm.qkv());
     for at in heads(dm, b, t) {
-        let (qs, ks, vs) = (&qkv[at.q..], &qkv[at.k..], &qkv[at.v..]); // [T, Hd] each, row stride Q+2KV
-        let ps = &mut p[at.p..][..t * t]; // [T, T]
-        for (r0, r1) in causal_blocks(t) {
-            // Scores of query rows r0..r1 against the keys they may see, 0..r1.
-            mm(r1 - r0, r1, hd, &mut ps[r0 * t..], t, false, scale, rm(&qs[r0 * ld..], ld), rm(ks, ld).t());
-        }
-        for i in 0..t {
-            let first = starts.map_or(0, |s| s[at.s * t + i] as usize);
-            let row = &mut ps[i * t..(i + 1) * t];
-            let (seen, future) = row.split_at_mut(i + 1);
-            let (other, seen) = seen.split_at_mut(first);
-            let mx = max(seen);
-            seen.iter_mut().for_each(|x| *x = exp(*x - mx));
-            let inv = 1.0 / sum(seen);
-            seen.iter_mut().for_each(|x| *x *= inv);
-            other.iter_mut().for_each(|x| *x = 0.0);
-            future.iter_mut().for_each(|x| *x = 0.0);
-        }
+        let ps = &mut p[..t * t]; // [T, T]
+        probs(hd, ld, &qkv[at.q..], &qkv[at.k..], ps, t, starts.map(|s| &s[at.s * t..(at.s + 1) * t]), scale);
+        let vs = &qkv[at.v..];
         for (r0, r1) in causal_blocks(t) {
             mm(r1 - r0, hd, r1, &mut y[(at.s * t + r0) * q + at.h * hd..], q, false, 1.0, rm(&ps[r0 * t..], t), rm(vs, ld)); // Y = P·V
         }
     }
 }
 
+/// One head's causal attention probabilities, `[T, T]` into `ps`, from its q and k columns
+/// (`[T, Hd]` each, row stride `ld`); with `starts` (this sequence's), query `i` sees keys
+/// `starts[i]..=i`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn probs(hd: usize, ld: usize, qs: &[f32], ks: &[f32], ps: &mut [f32], t: usize, starts: Option<&[u32]>, scale: f32) {
+    for (r0, r1) in causal_blocks(t) {
+        // Scores of query rows r0..r1 against the keys they may see, 0..r1.
+        mm(r1 - r0, r1, hd, &mut ps[r0 * t..], t, false, scale, rm(&qs[r0 * ld..], ld), rm(ks, ld).t());
+    }
+    for i in 0..t {
+        let first = starts.map_or(0, |s| s[i] as usize);
+        let row = &mut ps[i * t..(i + 1) * t];
+        let (seen, future) = row.split_at_mut(i + 1);
+        let (other, seen) = seen.split_at_mut(first);
+        let mx = max(seen);
+        seen.iter_mut().for_each(|x| *x = exp(*x - mx));
+        let inv = 1.0 / sum(seen);
+        seen.iter_mut().for_each(|x| *x *= inv);
+        other.iter_mut().for_each(|x| *x = 0.0);
+        future.iter_mut().for_each(|x| *x = 0.0);
+    }
+}
+
 /// One (sequence, head) of causal attention: where its q, k and v columns start in the packed
-/// `[N, Q + 2KV]` matrix (k and v are those of the kv head its query head shares), and where its
-/// `[T, T]` probabilities start.
+/// `[N, Q + 2KV]` matrix (k and v are those of the kv head its query head shares).
 struct HeadAt {
     s: usize,
     h: usize,
     q: usize,
     k: usize,
     v: usize,
-    p: usize,
 }
 
 /// Every (sequence, head) of a batch of `b` sequences of `t` tokens.
@@ -62,20 +71,22 @@ fn heads(dm: &Dims, b: usize, t: usize) -> impl Iterator<Item = HeadAt> {
     (0..b).flat_map(move |s| {
         (0..heads).map(move |h| {
             let (rows, kh) = (s * t * ld, h / group);
-            HeadAt { s, h, q: rows + h * hd, k: rows + q + kh * hd, v: rows + q + kv + kh * hd, p: (s * heads + h) * t * t }
+            HeadAt { s, h, q: rows + h * hd, k: rows + q + kh * hd, v: rows + q + kv + kh * hd }
         })
     })
 }
 
 /// Gradients of [`attention_forward`] with respect to q, k and v, into `dqkv` (zeroed by the
-/// caller; k and v accumulate over the query heads that share them). `dp` is `[T, T]` scratch.
+/// caller; k and v accumulate over the query heads that share them). `p` and `dp` are `[T, T]`
+/// scratch; each head's probabilities are computed again into `p`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(super) fn attention_backward(dm: &Dims, qkv: &[f32], p: &[f32], dy: &[f32], dqkv: &mut [f32], dp: &mut [f32], b: usize, t: usize, scale: f32) {
+pub(super) fn attention_backward(dm: &Dims, qkv: &[f32], dy: &[f32], dqkv: &mut [f32], p: &mut [f32], dp: &mut [f32], b: usize, t: usize, starts: Option<&[u32]>, scale: f32) {
     let (hd, q, ld) = (dm.head_dim, dm.q(), dm.qkv());
     for at in heads(dm, b, t) {
         let (qs, ks, vs) = (&qkv[at.q..], &qkv[at.k..], &qkv[at.v..]);
-        let ps = &p[at.p..][..t * t];
+        probs(hd, ld, qs, ks, &mut p[..t * t], t, starts.map(|s| &s[at.s * t..(at.s + 1) * t]), scale);
+        let ps = &p[..t * t];
         let dys = &dy[at.s * t * q + at.h * hd..]; // [T, Hd], row stride Q
         for (r0, r1) in causal_blocks(t) {
             let (m, drow) = (r1 - r0, &dys[r0 * q..]);
@@ -109,19 +120,25 @@ pub(super) fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rope_rows(x: &mut [f32], ld: usize, heads: usize, hd: usize, t: usize, starts: Option<&[u32]>, rope: &Rope, inverse: bool) {
-    let half = hd / 2;
-    let sign = if inverse { -1.0 } else { 1.0 };
     for (i, row) in x.chunks_exact_mut(ld).enumerate() {
         let pos = i % t - starts.map_or(0, |s| s[i] as usize);
-        let cos = &rope.cos[pos * hd..pos * hd + half];
-        let sin = &rope.sin[pos * hd..pos * hd + half];
-        for h in 0..heads {
-            let (a, b) = row[h * hd..(h + 1) * hd].split_at_mut(half);
-            for j in 0..half {
-                let (x1, x2, c, s) = (a[j], b[j], cos[j], sign * sin[j]);
-                a[j] = x1 * c - x2 * s;
-                b[j] = x2 * c + x1 * s;
-            }
+        rope_row(row, heads, hd, pos, rope, inverse);
+    }
+}
+
+/// [`rope_rows`] for one row at position `pos`.
+#[inline(always)]
+pub(super) fn rope_row(row: &mut [f32], heads: usize, hd: usize, pos: usize, rope: &Rope, inverse: bool) {
+    let half = hd / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    let cos = &rope.cos[pos * hd..pos * hd + half];
+    let sin = &rope.sin[pos * hd..pos * hd + half];
+    for h in 0..heads {
+        let (a, b) = row[h * hd..(h + 1) * hd].split_at_mut(half);
+        for j in 0..half {
+            let (x1, x2, c, s) = (a[j], b[j], cos[j], sign * sin[j]);
+            a[j] = x1 * c - x2 * s;
+            b[j] = x2 * c + x1 * s;
         }
     }
 }
@@ -130,14 +147,22 @@ pub(super) fn rope_rows(x: &mut [f32], ld: usize, heads: usize, hd: usize, t: us
 #[inline(always)]
 pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32, d: usize, out: &mut [f32], pool: &mut Pool) -> Vec<f32> {
     let mut r = pool.any(x.len() / d);
-    for ((xr, or), ri) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(r.iter_mut()) {
-        let inv = 1.0 / (dot(xr, xr) / d as f32 + eps).sqrt();
+    for (xr, ri) in x.chunks_exact(d).zip(r.iter_mut()) {
+        *ri = 1.0 / (dot(xr, xr) / d as f32 + eps).sqrt();
+    }
+    rms_apply(x, &r, w, d, out);
+    r
+}
+
+/// `out = x · r · w` per row of `d`, with `r` the `1 / rms` per row [`rms_norm`] returned: its
+/// output again, bit for bit (the backward pass recomputes normed inputs instead of keeping them).
+#[inline(always)]
+pub(super) fn rms_apply(x: &[f32], r: &[f32], w: &[f32], d: usize, out: &mut [f32]) {
+    for ((xr, or), &inv) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(r) {
         for ((o, &xv), &wv) in or.iter_mut().zip(xr).zip(w) {
             *o = xv * inv * wv;
         }
-        *ri = inv;
     }
-    r
 }
 
 /// Backward of [`rms_norm`]: adds d/dx into `dx` and d/dw into `dw`.
@@ -165,6 +190,15 @@ pub(super) fn swiglu(g: &[f32], u: &[f32], sig: &mut [f32], a: &mut [f32]) {
     for (((&gv, &uv), s), av) in g.iter().zip(u).zip(sig.iter_mut()).zip(a.iter_mut()) {
         *s = 1.0 / (1.0 + exp(-gv));
         *av = gv * *s * uv;
+    }
+}
+
+/// [`swiglu`] on every row of `gu` (`[N, 2F]`: gate then up) into `sig` and `a` (`[N, F]`).
+#[inline(always)]
+pub(super) fn swiglu_rows(gu: &[f32], f: usize, sig: &mut [f32], a: &mut [f32]) {
+    for ((row, s), av) in gu.chunks_exact(2 * f).zip(sig.chunks_exact_mut(f)).zip(a.chunks_exact_mut(f)) {
+        let (g, u) = row.split_at(f);
+        swiglu(g, u, s, av);
     }
 }
 
@@ -268,6 +302,13 @@ impl View<'_> {
 /// `dst[m, n] (row stride ld) = (acc ? dst : 0) + scale · a[m, k] · b[k, n]`, single-threaded.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn mm(m: usize, n: usize, k: usize, dst: &mut [f32], ld: usize, acc: bool, scale: f32, a: View, b: View) {
+    mm_on(1, m, n, k, dst, ld, acc, scale, a, b)
+}
+
+/// [`mm`] on up to `threads` of rayon's threads (gemm splits the work; inference, where one
+/// matmul has the whole batch).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn mm_on(threads: usize, m: usize, n: usize, k: usize, dst: &mut [f32], ld: usize, acc: bool, scale: f32, a: View, b: View) {
     if m == 0 || n == 0 {
         return;
     }
@@ -304,7 +345,7 @@ pub(super) fn mm(m: usize, n: usize, k: usize, dst: &mut [f32], ld: usize, acc: 
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
         );
     }
 }

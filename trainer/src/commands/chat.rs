@@ -7,11 +7,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use kiln_models::chat::{stop_ids, ChatTemplate, Message};
-use kiln_models::generate::{generate_streaming, SampleOptions};
-use kiln_models::{Llama, Tokenizer};
-use kiln_recipes::DeviceSpec;
+use kiln_models::generate::{Generator, SampleOptions};
+use kiln_models::Tokenizer;
+use kiln_recipes::{DeviceSpec, Precision};
+use kiln_trainer::engine::{generator, EngineKind};
 
-use super::resolve_device;
+use super::{resolve_device, Sampling};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -32,26 +33,18 @@ pub struct Args {
     /// 0 means greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
-    /// Keep the k most likely tokens (0: all).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Nucleus sampling threshold (1: off).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: Sampling,
     /// Compute device: auto, cpu, ndarray, wgpu[:N], cuda[:N].
     #[arg(long)]
     device: Option<DeviceSpec>,
 }
 
 struct Session<'a, B: Backend> {
-    model: &'a Llama<B>,
+    gen: Generator<'a, B>,
     tok: &'a Tokenizer,
     chat: ChatTemplate,
-    context: usize,
     options: SampleOptions,
-    device: B::Device,
 }
 
 impl<B: Backend> Session<'_, B> {
@@ -62,7 +55,7 @@ impl<B: Backend> Session<'_, B> {
         let mut ids: Vec<u32> = Vec::new();
         let mut shown = 0;
         let mut failed = None;
-        generate_streaming(self.model, self.context, &prompt, &self.options, &self.device, &mut |t| {
+        self.gen.run(&[prompt], &self.options, 1, &mut |_, t| {
             if stops.contains(&t) {
                 return false;
             }
@@ -89,6 +82,7 @@ impl<B: Backend> Session<'_, B> {
 
 pub fn run(a: Args) -> Result<()> {
     let be = resolve_device(a.device.unwrap_or(DeviceSpec::Auto))?;
+    let engine = EngineKind::choose(&be, Precision::F32, true);
     let dir = kiln_trainer::run_dir::model_dir(&a.model)?;
     kiln_trainer::with_backend!(be, B, device, {
         type I = <B as AutodiffBackend>::InnerBackend;
@@ -99,8 +93,9 @@ pub fn run(a: Args) -> Result<()> {
             Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("--template {f}: cannot read it\n  hint: \"chatml\" or a .jinja file"))?),
         };
         let chat = ChatTemplate::new(&tok, source.as_deref())?;
-        let options = SampleOptions { max_tokens: a.max_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed, stop: stop_ids(&tok) };
-        let mut s = Session::<I> { model: &m, tok: &tok, chat, context: cfg.max_position_embeddings, options, device: device.clone() };
+        let options = SampleOptions { max_tokens: a.max_tokens, temperature: a.temperature, top_k: a.sampling.top_k, top_p: a.sampling.top_p, seed: a.sampling.seed, stop: stop_ids(&tok) };
+        let gen = generator(&m, &cfg, engine, kiln_trainer::plan::threads(), &device)?;
+        let mut s = Session::<I> { gen, tok: &tok, chat, options };
         let opening: Vec<Message> = a.system.iter().map(|t| Message::new("system", t)).collect();
         let mut stdout = std::io::stdout();
         if let Some(p) = &a.prompt {

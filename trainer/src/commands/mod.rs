@@ -32,6 +32,20 @@ pub struct Common {
     pub data_root: Option<PathBuf>,
 }
 
+/// Sampling flags shared by `kiln generate` and `kiln chat` (their temperature and length
+/// defaults differ, so those stay with each command).
+#[derive(clap::Args, Clone)]
+pub struct Sampling {
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
 /// Set by Ctrl-C or SIGTERM: the training loop checkpoints after the current step and stops.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 

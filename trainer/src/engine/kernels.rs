@@ -25,10 +25,9 @@ pub(super) struct Kernels {
     kern: Fused,
     /// Parameter name -> index into `kern.layout.slots`.
     index: HashMap<String, usize>,
-    /// Flat weights, gradients and a second gradient buffer (accumulation), reused every step.
+    /// Flat weights and gradients (micro-batches accumulate into them), reused every step.
     w: Vec<f32>,
     total: Vec<f32>,
-    g: Vec<f32>,
     /// AdamW's moments in the flat layout, taken from the optimizer on the first step.
     moments: Option<(Vec<f32>, Vec<f32>)>,
 }
@@ -41,7 +40,7 @@ impl Kernels {
     pub(super) fn new<B: Backend>(model: &Llama<B>, cfg: &LlamaConfig, threads: usize) -> Self {
         let kern = Fused::for_model(model, cfg, threads);
         let index = kern.layout.slots.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-        Self { kern, index, w: Vec::new(), total: Vec::new(), g: Vec::new(), moments: None }
+        Self { kern, index, w: Vec::new(), total: Vec::new(), moments: None }
     }
 
     /// Forward and backward over `micro` (gradients averaged), the optional data-parallel
@@ -55,18 +54,13 @@ impl Kernels {
         self.kern.layout.weights_into(&model, &mut self.w)?;
         let (mut loss, mut forward_s) = (0.0, 0.0);
         for (i, b) in micro.iter().enumerate() {
-            let out = if i == 0 {
-                &mut self.total
+            let pass = if i == 0 {
+                self.kern.loss_and_grads(&self.w, &batch_ref(b), Some(&mut self.total))
             } else {
-                self.g.resize(len, 0.0);
-                &mut self.g
+                self.kern.add_loss_grads(&self.w, &batch_ref(b), &mut self.total)
             };
-            let pass = self.kern.loss_and_grads(&self.w, &batch_ref(b), Some(out));
             loss += pass.loss;
             forward_s += pass.forward_s;
-            if i > 0 {
-                self.total.iter_mut().zip(self.g.iter()).for_each(|(a, b)| *a += b);
-            }
         }
         let k = micro.len() as f32;
         if micro.len() > 1 {

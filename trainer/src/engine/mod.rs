@@ -167,3 +167,12 @@ pub fn with_scorer<B: Backend, R>(
         }
     }
 }
+
+/// A generator for `model`: batched on the fused CPU kernels under [`EngineKind::CpuKernels`],
+/// else on Burn's model.
+pub fn generator<'a, B: Backend>(model: &'a Llama<B>, cfg: &LlamaConfig, kind: EngineKind, threads: usize, device: &B::Device) -> Result<kiln_models::generate::Generator<'a, B>> {
+    Ok(match kind {
+        EngineKind::CpuKernels => kiln_models::generate::Generator::kernels(model, cfg, threads, device)?,
+        EngineKind::Graph => kiln_models::generate::Generator::burn(model, cfg.max_position_embeddings, device),
+    })
+}
