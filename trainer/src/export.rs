@@ -27,12 +27,15 @@ fn read_json(p: &Path) -> Option<Value> {
     serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
 }
 
-/// Writes `out` from the model folder `model` (a run's final/ or a checkpoint). `run` is the run
-/// directory, when there is one, for the model card. `out` must not exist.
+/// Writes `out` from the model folder `model` (a run's final/ or a checkpoint) or a GGUF file
+/// (de-quantized to f32). `run` is the run directory, when there is one, for the model card.
+/// `out` must not exist.
 pub fn export(model: &Path, run: Option<&Path>, out: &Path, o: &ExportOptions) -> Result<()> {
-    let cfg = read_config(&model.join(checkpoint::CONFIG))?;
-    let tok = Tokenizer::load(&model.join(checkpoint::TOKENIZER))?;
-    let tensors = SafetensorsSource::open_dir(model)?.into_tensors();
+    let (cfg, tok, tensors) = if checkpoint::is_gguf(model) {
+        kiln_models::gguf::hf_tensors(model)?
+    } else {
+        (read_config(&model.join(checkpoint::CONFIG))?, Tokenizer::load(&model.join(checkpoint::TOKENIZER))?, SafetensorsSource::open_dir(model)?.into_tensors())
+    };
     let report = run.and_then(|r| crate::report::Report::load(r).ok());
     let manifest = run.and_then(|r| read_json(&r.join("manifest.json")));
     let plan = run.and_then(|r| std::fs::read_to_string(r.join("plan.toml")).ok());

@@ -47,6 +47,46 @@ pub fn load<B: Backend>(path: &Path, device: &B::Device) -> Result<(Llama<B>, Ll
     Ok((model, cfg, tok))
 }
 
+/// The file's weights de-quantized to f32 under their Hugging Face names, in Hugging Face's
+/// layout (`[out, in]`, Q/K rows un-permuted), with its config and tokenizer: for export, without
+/// building a model on a backend.
+pub fn hf_tensors(path: &Path) -> Result<(LlamaConfig, Tokenizer, Vec<crate::checkpoint::HostTensor>), ModelError> {
+    let file = GgufFile::open(path)?;
+    let (cfg, tok) = (config(&file)?, tokenizer(&file)?);
+    let (v, d, f, hd) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+    let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+    let mut want: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![v, d])];
+    for i in 0..cfg.num_hidden_layers {
+        let p = |s: &str| format!("model.layers.{i}.{s}.weight");
+        want.extend([
+            (p("input_layernorm"), vec![d]),
+            (p("self_attn.q_proj"), vec![q, d]),
+            (p("self_attn.k_proj"), vec![kv, d]),
+            (p("self_attn.v_proj"), vec![kv, d]),
+            (p("self_attn.o_proj"), vec![d, q]),
+            (p("post_attention_layernorm"), vec![d]),
+            (p("mlp.gate_proj"), vec![f, d]),
+            (p("mlp.up_proj"), vec![f, d]),
+            (p("mlp.down_proj"), vec![d, f]),
+        ]);
+    }
+    want.push(("model.norm.weight".into(), vec![d]));
+    if !cfg.tie_word_embeddings {
+        want.push(("lm_head.weight".into(), vec![v, d]));
+    }
+    let mut src = GgufSource::new(file);
+    let mut out = Vec::with_capacity(want.len());
+    for (name, shape) in want {
+        let values = src.get(&name, &shape).map_err(|e| checkpoint_err(path, e.to_string(), "the tensors do not match the llama.* metadata"))?;
+        out.push((name, shape, values));
+    }
+    let unused = src.unused();
+    if !unused.is_empty() {
+        return Err(checkpoint_err(path, format!("tensors Kiln's Llama has no place for: {}", unused.join(", ")), "Kiln imports plain Llama-architecture models (no biases, no RoPE frequency factors)"));
+    }
+    Ok((cfg, tok, out))
+}
+
 /// The config and tokenizer alone (no weights de-quantized), for planning a run.
 pub fn read_meta(path: &Path) -> Result<(LlamaConfig, Tokenizer), ModelError> {
     let file = GgufFile::open(path)?;

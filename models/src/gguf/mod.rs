@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use crate::ModelError;
 
-pub use llama::{load, read_meta, GgufSource};
+pub use llama::{hf_tensors, load, read_meta, GgufSource};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;

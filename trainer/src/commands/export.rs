@@ -12,7 +12,7 @@ pub const DEFAULT_SHARD_MB: usize = 5000;
 #[derive(clap::Args)]
 pub struct Args {
     model: PathBuf,
-    /// Output folder (default: RUN_DIR/hf). Never overwritten.
+    /// Output folder (default: RUN_DIR/hf, or NAME-hf beside a NAME.gguf). Never overwritten.
     #[arg(long)]
     out: Option<PathBuf>,
     /// f32 or bf16.
@@ -27,7 +27,14 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let out = a.out.unwrap_or_else(|| a.model.join("hf"));
+    let out = a.out.unwrap_or_else(|| {
+        if kiln_models::checkpoint::is_gguf(&a.model) {
+            // x.gguf -> x-hf beside it.
+            a.model.with_file_name(format!("{}-hf", a.model.file_stem().unwrap_or_default().to_string_lossy()))
+        } else {
+            a.model.join("hf")
+        }
+    });
     let o = ExportOptions { dtype: store_dtype(&a.dtype)?, max_shard_bytes: a.max_shard_mb.max(1) * 1_000_000, license: a.license };
     export_model(&a.model, &out, &o)
 }
