@@ -145,6 +145,10 @@ impl Scorer for Ticking<'_> {
         self.bar.inc(1);
         self.inner.greedy(prompt, max_tokens, stop)
     }
+    fn greedy_batch(&mut self, prompts: &[Vec<u32>], max_tokens: usize, stop: &[u32]) -> Vec<Vec<u32>> {
+        self.bar.inc(prompts.len() as u64);
+        self.inner.greedy_batch(prompts, max_tokens, stop)
+    }
 }
 
 /// A number with `d` decimals, or `n/a`.

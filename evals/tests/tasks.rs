@@ -131,6 +131,8 @@ struct Replier {
     reply: fn(&str) -> String,
     ramble: bool,
     prompts: Vec<String>,
+    /// The size of each `greedy_batch` call.
+    batches: Vec<usize>,
 }
 
 impl Scorer for Replier {
@@ -153,6 +155,26 @@ impl Scorer for Replier {
         out.truncate(max);
         out
     }
+    fn greedy_batch(&mut self, prompts: &[Vec<u32>], max: usize, stop: &[u32]) -> Vec<Vec<u32>> {
+        self.batches.push(prompts.len());
+        prompts.iter().map(|p| self.greedy(p, max, stop)).collect()
+    }
+}
+
+#[test]
+fn generating_tasks_hand_the_scorer_one_batch() {
+    // GSM8K from a file of 5 questions, through run_tasks (and its progress wrapper): one batch of
+    // 5 prompts reaches the scorer, so a batching scorer can generate them together.
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("gsm8k")).unwrap();
+    let lines: String = (0..5).map(|i| format!("{}\n", serde_json::json!({"question": format!("What is {i} plus 1?"), "answer": format!("It is {}.\n#### {}", i + 1, i + 1)}))).collect();
+    std::fs::write(d.path().join("gsm8k/test.jsonl"), lines).unwrap();
+    let task = kiln_evals::parse_task("gsm8k:5", d.path()).unwrap();
+    let mut lm = Replier { tok: chat_tok(), reply: |p| if p.contains("What is 2 plus") { "3".into() } else { "7".into() }, ramble: false, prompts: Vec::new(), batches: Vec::new() };
+    let mut meters = kiln_evals::energy::Meters::new(vec![Box::new(kiln_evals::energy::Estimate::new(10.0, 0.0))]);
+    let evals = kiln_evals::run_tasks(&[task], &mut lm, &mut meters, |_, _| {}).unwrap();
+    assert_eq!(lm.batches, vec![5]);
+    assert_eq!(evals["gsm8k"].metrics["em"], Some(0.2), "{:?}", evals["gsm8k"].metrics);
 }
 
 fn chat_tok() -> Tokenizer {
@@ -166,7 +188,7 @@ fn squad_rc_scores_replies_to_the_passage_and_question() {
     let Some(data) = kiln_models::skip::data_root() else { return };
     // The gold answer sits after "Question: " in no reply; answer "Denver Broncos" everywhere.
     let task = kiln_evals::parse_task("squad-rc:10@0", &data).unwrap();
-    let mut lm = Replier { tok: chat_tok(), reply: |_| "Denver Broncos".into(), ramble: false, prompts: Vec::new() };
+    let mut lm = Replier { tok: chat_tok(), reply: |_| "Denver Broncos".into(), ramble: false, prompts: Vec::new(), batches: Vec::new() };
     let r = task.run(&mut lm).unwrap();
     assert_eq!(r.n, 10);
     assert_eq!(r.metrics["format"], 1.0);
@@ -175,7 +197,7 @@ fn squad_rc_scores_replies_to_the_passage_and_question() {
     let p = &lm.prompts[0];
     assert!(p.starts_with("<|im_start|>user\nAnswer the question with a short phrase from the passage.\n\nPassage: Super Bowl 50 was"), "{p}");
     assert!(p.ends_with("Question: Which NFL team represented the AFC at Super Bowl 50?<|im_end|>\n<|im_start|>assistant\n"), "{p}");
-    let mut rambler = Replier { tok: chat_tok(), reply: |_| "Denver Broncos".into(), ramble: true, prompts: Vec::new() };
+    let mut rambler = Replier { tok: chat_tok(), reply: |_| "Denver Broncos".into(), ramble: true, prompts: Vec::new(), batches: Vec::new() };
     assert_eq!(task.run(&mut rambler).unwrap().metrics["format"], 0.0);
     let e = kiln_evals::parse_task("squad-rc:x@1", &data).err().unwrap().to_string();
     assert!(e.contains("'x' is not a number"), "{e}");
@@ -188,7 +210,7 @@ fn gsm8k_matches_the_last_number() {
     let items = "{\"question\": \"2 + 3?\", \"answer\": \"2 + 3 = <<2+3=5>>5\\n#### 5\"}\n{\"question\": \"1,000 + 1?\", \"answer\": \"#### 1,001\"}\n";
     std::fs::write(dir.path().join("gsm8k/test.jsonl"), items).unwrap();
     let task = kiln_evals::parse_task("gsm8k:all", dir.path()).unwrap();
-    let mut lm = Replier { tok: chat_tok(), reply: |p| if p.contains("2 + 3") { "2 plus 3 makes 5.".into() } else { "It is 1,002.".into() }, ramble: false, prompts: Vec::new() };
+    let mut lm = Replier { tok: chat_tok(), reply: |p| if p.contains("2 + 3") { "2 plus 3 makes 5.".into() } else { "It is 1,002.".into() }, ramble: false, prompts: Vec::new(), batches: Vec::new() };
     let r = task.run(&mut lm).unwrap();
     assert_eq!((r.n, r.metrics["em"], r.metrics["format"]), (2, 0.5, 1.0));
 }
