@@ -7,27 +7,12 @@ use burn::backend::Flex;
 use kiln_models::cpu_kernels::{Kernels, KvRow};
 use kiln_models::generate::{generate, generate_batch, SampleOptions};
 use kiln_models::init::RandomInit;
-use kiln_models::{Llama, LlamaConfig};
+use kiln_models::Llama;
+
+mod common;
+use common::{max_rel, tiny_config as config};
 
 type B = Flex;
-
-fn config(tied: bool, context: usize) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 37,
-        hidden_size: 32,
-        intermediate_size: 48,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: context,
-        rope_theta: 10000.0,
-        rms_norm_eps: 1e-5,
-        tie_word_embeddings: tied,
-        bos_token_id: None,
-        eos_token_id: None,
-        pad_token_id: None,
-    }
-}
 
 fn setup(tied: bool, context: usize, threads: usize) -> (Llama<B>, Kernels, Vec<f32>) {
     let cfg = config(tied, context);
@@ -35,12 +20,6 @@ fn setup(tied: bool, context: usize, threads: usize) -> (Llama<B>, Kernels, Vec<
     let kern = Kernels::for_model(&model, &cfg, threads);
     let w = kern.layout.weights(&model).unwrap();
     (model, kern, w)
-}
-
-fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-12);
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 #[test]
