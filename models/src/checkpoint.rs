@@ -2,8 +2,11 @@
 //! layouts of `LlamaForCausalLM`, metadata `format = pt`), `config.json` and `tokenizer.json`.
 //!
 //! This is the one writer of model folders: the run's `final/`, every training checkpoint's
-//! weights, and `kiln export` all go through [`save_dir`]. A folder is written under a temporary
-//! name and renamed into place, and an existing folder is never overwritten.
+//! weights, and `kiln export` all go through [`save_dir`] (or [`save_weights_dir`], from
+//! weights that are not in a Burn model). Weights are written one tensor at a time
+//! ([`write_safetensors_streamed`]), so writing never holds a second copy of the model. A
+//! folder is written under a temporary name and renamed into place, and an existing folder is
+//! never overwritten.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +31,64 @@ pub const TOKENIZER: &str = "tokenizer.json";
 /// A host-side tensor: name, shape, f32 values (row-major).
 pub type HostTensor = (String, Vec<usize>, Vec<f32>);
 
+/// Tensors to write, each produced when its turn comes ([`write_safetensors_streamed`]), so that
+/// writing a model or an optimizer's state holds one tensor's copy at a time, not the whole
+/// model's twice over.
+pub struct TensorList<'a> {
+    /// Names and shapes, in the order they are written.
+    pub specs: Vec<(String, Vec<usize>)>,
+    /// The values of `specs[i]`, row-major.
+    pub values: Box<dyn Fn(usize) -> Vec<f32> + 'a>,
+}
+
+impl<'a> TensorList<'a> {
+    /// A list over tensors already in memory.
+    pub fn from_host(tensors: Vec<HostTensor>) -> TensorList<'static> {
+        let specs = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
+        TensorList { specs, values: Box::new(move |i| tensors[i].2.clone()) }
+    }
+
+    /// A model's parameters, by Hugging Face name, in Burn's layout (`[in, out]`); each is read
+    /// from the backend when written.
+    pub fn model<B: Backend>(model: &'a Llama<B>) -> Self {
+        struct Specs(Vec<(String, Vec<usize>)>);
+        impl<B: Backend> VisitNamed<B> for Specs {
+            fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<B, D>>) {
+                self.0.push((name.to_string(), param.shape().to_vec()));
+            }
+        }
+        /// The values of the `want`-th parameter.
+        struct Nth {
+            want: usize,
+            seen: usize,
+            out: Vec<f32>,
+        }
+        impl<B: Backend> VisitNamed<B> for Nth {
+            fn visit<const D: usize>(&mut self, _: &str, param: &Param<Tensor<B, D>>) {
+                if self.seen == self.want {
+                    self.out = param.val().into_data().convert::<f32>().to_vec().unwrap_or_default();
+                }
+                self.seen += 1;
+            }
+        }
+        let mut specs = Specs(Vec::new());
+        visit_named(model, &mut specs);
+        let values = move |want| {
+            let mut nth = Nth { want, seen: 0, out: Vec::new() };
+            visit_named(model, &mut nth);
+            nth.out
+        };
+        Self { specs: specs.0, values: Box::new(values) }
+    }
+
+    /// The same tensors in Hugging Face layout (linear weights `[out, in]`).
+    pub fn hf_layout(self) -> Self {
+        let specs = self.specs.iter().map(|(n, s)| (n.clone(), hf_shape(n, s))).collect();
+        let (names, inner) = (self.specs, self.values);
+        Self { specs, values: Box::new(move |i| to_hf_layout(names[i].0.clone(), names[i].1.clone(), inner(i)).2) }
+    }
+}
+
 /// Collects every parameter as a host tensor, by name.
 struct Collect {
     out: Vec<HostTensor>,
@@ -41,6 +102,14 @@ impl<B: Backend> VisitNamed<B> for Collect {
         let values: Vec<f32> = t.into_data().convert::<f32>().to_vec().unwrap_or_default();
         let name = name.to_string();
         self.out.push(if self.hf_layout { to_hf_layout(name, shape, values) } else { (name, shape, values) });
+    }
+}
+
+/// The Hugging Face shape of a parameter of Burn shape `shape` (see [`to_hf_layout`]).
+fn hf_shape(name: &str, shape: &[usize]) -> Vec<usize> {
+    match shape {
+        [r, c] if name != "model.embed_tokens.weight" => vec![*c, *r],
+        _ => shape.to_vec(),
     }
 }
 
@@ -155,6 +224,52 @@ pub fn write_safetensors_as(path: &Path, tensors: &[HostTensor], dtype: StoreDty
     let mut meta: HashMap<String, String> = extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
     meta.insert("format".into(), "pt".into());
     safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| ModelError::io(path, e))
+}
+
+/// Writes `tensors` as an f32 safetensors file (metadata `format = pt` plus `extra`), one
+/// tensor at a time. A tensor with a NaN or an infinity stops the write with an error naming
+/// it (callers write into a temporary folder, so nothing half-written is kept).
+pub fn write_safetensors_streamed(path: &Path, tensors: &TensorList, extra: &[(&str, String)]) -> Result<(), ModelError> {
+    use std::io::Write;
+    let io = |e: std::io::Error| ModelError::io(path, e);
+    let mut header = serde_json::Map::new();
+    let mut meta: serde_json::Map<String, serde_json::Value> = extra.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    meta.insert("format".into(), json!("pt"));
+    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    let mut at = 0usize;
+    for (name, shape) in &tensors.specs {
+        let bytes = shape.iter().product::<usize>() * 4;
+        header.insert(name.clone(), json!({ "dtype": "F32", "shape": shape, "data_offsets": [at, at + bytes] }));
+        at += bytes;
+    }
+    let mut text = serde_json::to_string(&header).map_err(|e| ModelError::io(path, e.to_string()))?;
+    // The data begins 8-byte aligned, as the safetensors crate writes it.
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let file = std::fs::File::create(path).map_err(io)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(text.as_bytes()).map_err(io)?;
+    for (i, (name, shape)) in tensors.specs.iter().enumerate() {
+        let values = (tensors.values)(i);
+        if values.len() != shape.iter().product::<usize>() {
+            return Err(ModelError::io(path, format!("tensor {name}: {} values for shape {shape:?}", values.len())));
+        }
+        let bad = values.iter().filter(|x| !x.is_finite()).count();
+        if bad > 0 {
+            return Err(ModelError::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("'{name}' has {bad} non-finite value(s) (NaN or infinity); the file is incomplete and is not kept"),
+                hint: "the training diverged: lower optim.lr, raise optim.warmup_steps or set optim.grad_clip".into(),
+            });
+        }
+        for chunk in values.chunks(1 << 14) {
+            let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+            out.write_all(&bytes).map_err(io)?;
+        }
+    }
+    out.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)
 }
 
 /// Reads every tensor of a safetensors file as f32. A truncated or corrupt file is an error.
@@ -307,9 +422,19 @@ pub fn save_dir<B: Backend>(dir: &Path, model: &Llama<B>, cfg: &LlamaConfig, tok
     write_atomically(dir, |tmp| write_model_files(tmp, model, cfg, tok))
 }
 
+/// [`save_dir`] from parameters in Burn's layout and names, one tensor at a time.
+pub fn save_weights_dir(dir: &Path, weights: TensorList, cfg: &LlamaConfig, tok: &Tokenizer) -> Result<(), ModelError> {
+    write_atomically(dir, |tmp| write_weight_files(tmp, weights, cfg, tok))
+}
+
 /// Writes `model.safetensors`, `config.json` and `tokenizer.json` into an existing folder.
 pub fn write_model_files<B: Backend>(dir: &Path, model: &Llama<B>, cfg: &LlamaConfig, tok: &Tokenizer) -> Result<(), ModelError> {
-    write_safetensors(&dir.join(WEIGHTS), &hf_tensors(model), &[])?;
+    write_weight_files(dir, TensorList::model(model), cfg, tok)
+}
+
+/// [`write_model_files`] from parameters in Burn's layout and names, one tensor at a time.
+pub fn write_weight_files(dir: &Path, weights: TensorList, cfg: &LlamaConfig, tok: &Tokenizer) -> Result<(), ModelError> {
+    write_safetensors_streamed(&dir.join(WEIGHTS), &weights.hf_layout(), &[])?;
     let cfg_json = serde_json::to_string_pretty(&hf_config_json(cfg)).map_err(|e| ModelError::Config(e.to_string()))?;
     std::fs::write(dir.join(CONFIG), cfg_json).map_err(|e| ModelError::io(dir.join(CONFIG), e))?;
     tok.save(&dir.join(TOKENIZER))

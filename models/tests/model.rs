@@ -135,3 +135,32 @@ fn unsupported_configs_are_refused_with_a_list() {
     let e = load_dir::<B>(&out, &Default::default()).unwrap_err().to_string();
     assert!(e.contains("rope_scaling") && e.contains("yarn") && e.contains("gelu") && e.contains("attention_bias"), "{e}");
 }
+
+/// The streamed safetensors writer (checkpoints, `final/`) writes what the safetensors crate
+/// reads back, in Hugging Face layout, equal to the eager writer's tensors; a non-finite value
+/// stops it with an error naming the tensor.
+#[test]
+fn streamed_safetensors_read_back_equal() {
+    use kiln_models::checkpoint::{hf_tensors, read_safetensors, write_safetensors_streamed, TensorList};
+    let (model, _, _) = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    write_safetensors_streamed(&path, &TensorList::model(&model).hf_layout(), &[("kiln", "1".into())]).unwrap();
+    let back = read_safetensors(&path).unwrap();
+    let eager = hf_tensors(&model);
+    assert_eq!(back.len(), eager.len());
+    for (name, shape, values) in &eager {
+        let (s, v) = &back[name];
+        assert_eq!((s, v), (shape, values), "{name}");
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert_eq!(header % 8, 0);
+    let meta: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header]).unwrap();
+    assert_eq!(meta["__metadata__"]["format"], "pt");
+    assert_eq!(meta["__metadata__"]["kiln"], "1");
+
+    let bad = TensorList::from_host(vec![("a".into(), vec![2], vec![1.0, 2.0]), ("b".into(), vec![3], vec![0.0, f32::NAN, 1.0])]);
+    let e = write_safetensors_streamed(&dir.path().join("bad.safetensors"), &bad, &[]).unwrap_err().to_string();
+    assert!(e.contains("'b'") && e.contains("non-finite"), "{e}");
+}

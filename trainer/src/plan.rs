@@ -147,14 +147,19 @@ impl Plan {
     }
 
     /// Bytes of f32 weights, gradients and both AdamW moments, and of activations (~ 34·d floats
-    /// per token per layer, 5·heads·T more where Burn's decomposed attention keeps its
+    /// per token per layer, d under gradient checkpointing, 5·heads·T more where Burn's decomposed attention keeps its
     /// `[B, H, T, T]` tensors, and the logits). In f64: absurd sizes must not overflow.
     pub fn memory_estimate(&self) -> (f64, f64) {
         let (t, c) = (&self.recipe.train, &self.model);
         let ctx = c.max_position_embeddings as f64;
         let state = c.num_params() as f64 * 4.0 * 4.0;
         let attn = if t.fused_attention { 0.0 } else { 5.0 * c.num_attention_heads as f64 * ctx };
-        let act_per_tok = (34.0 * c.hidden_size as f64 + attn) * c.num_hidden_layers as f64 + 2.0 * c.vocab_size as f64;
+        let (d, layers) = (c.hidden_size as f64, c.num_hidden_layers as f64);
+        let per_layer = 34.0 * d + attn;
+        // Gradient checkpointing in the kernels keeps each layer's input, and one layer's values
+        // at a time.
+        let stack = if t.gradient_checkpointing && self.engine == EngineKind::CpuKernels { d * layers + per_layer } else { per_layer * layers };
+        let act_per_tok = stack + 2.0 * c.vocab_size as f64;
         (state, t.batch_size as f64 * ctx * act_per_tok * 4.0)
     }
 

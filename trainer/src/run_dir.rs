@@ -17,9 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::Backend;
-use kiln_models::checkpoint::{self, write_atomically, write_safetensors, HostTensor};
-use kiln_models::Llama;
+use kiln_models::checkpoint::{self, write_atomically, TensorList};
 use kiln_recipes::{Recipe, Source};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -119,14 +117,14 @@ impl RunDir {
 
     /// Writes `checkpoints/step-NNNNNNN` (model, optimizer moments, state) and keeps the newest
     /// `keep`. A checkpoint that exists already is kept as it is.
-    pub fn save_checkpoint<B: Backend>(&self, model: &Llama<B>, plan: &Plan, optimizer: &[HostTensor], state: &TrainState, keep: usize) -> Result<PathBuf> {
+    pub fn save_checkpoint(&self, weights: TensorList, plan: &Plan, optimizer: &TensorList, state: &TrainState, keep: usize) -> Result<PathBuf> {
         let dir = self.checkpoint_dir(state.step);
         if dir.exists() {
             return Ok(dir);
         }
         write_atomically(&dir, |tmp| {
-            checkpoint::write_model_files(tmp, model, &plan.model, &plan.tok)?;
-            write_safetensors(&tmp.join("optimizer.safetensors"), optimizer, &[])?;
+            checkpoint::write_weight_files(tmp, weights, &plan.model, &plan.tok)?;
+            checkpoint::write_safetensors_streamed(&tmp.join("optimizer.safetensors"), optimizer, &[])?;
             let s = serde_json::to_string_pretty(state).map_err(|e| kiln_models::ModelError::io(tmp, e))?;
             std::fs::write(tmp.join("state.json"), s).map_err(|e| kiln_models::ModelError::io(tmp.join("state.json"), e))
         })

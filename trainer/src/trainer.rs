@@ -165,7 +165,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             None => None,
         };
         configure(&mut model, plan);
-        let engine = Engine::new(plan.engine, model, opt, &plan.model, plan.threads);
+        let engine = Engine::new(plan.engine, model, opt, &plan.model, plan.threads, plan.recipe.train.gradient_checkpointing);
         let speed = Speed::new(plan.model.flops_per_token(), crate::perf::peak_flops(plan.device.gpu_name(), plan.precision));
         let wall0 = state.wall_s;
         Ok(Self { plan, run, device: device.clone(), engine, state, loader, val, metrics, energy, speed, progress, dist, stop: Stop::Steps, reached: None, last_val: None, started: Instant::now(), wall0 })
@@ -261,8 +261,9 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
 
     /// The recipe's eval tasks mid-run (`eval.every`); their joules are not training's.
     fn tasks_during_training(&mut self, step: usize) -> Result<()> {
-        let (plan, engine, device) = (self.plan, &self.engine, &self.device);
-        let evals = self.energy.excluding(|meters| run_tasks(plan, engine.model(), meters, device, engine.kind()))?;
+        let (plan, kind, device) = (self.plan, self.engine.kind(), &self.device);
+        let model = self.engine.model();
+        let evals = self.energy.excluding(|meters| run_tasks(plan, model, meters, device, kind))?;
         self.metrics.log(&TasksLine { step, kind: "tasks", joules: self.state.joules, tokens: self.state.tokens, evals })
     }
 
@@ -272,7 +273,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             return Ok(None);
         }
         let keep = self.plan.recipe.train.keep_checkpoints;
-        Ok(Some(self.run.save_checkpoint(self.engine.model(), self.plan, &self.engine.optimizer_state(), &self.state, keep)?))
+        Ok(Some(self.run.save_checkpoint(self.engine.weights(), self.plan, &self.engine.optimizer_tensors(), &self.state, keep)?))
     }
 
     /// Ctrl-C: a checkpoint after the current step, and how to resume.
@@ -306,12 +307,16 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         };
         let final_dir = self.run.path.join("final");
         if !final_dir.exists() {
-            checkpoint::save_dir(&final_dir, self.engine.model(), &self.plan.model, &self.plan.tok)?;
+            checkpoint::save_weights_dir(&final_dir, self.engine.weights(), &self.plan.model, &self.plan.tok)?;
         }
+        // Training is over (its last checkpoint is written): the gradients and AdamW moments go
+        // before the eval tasks need memory of their own.
+        self.engine.finish_training();
         let evals = if self.plan.tasks.is_empty() {
             Default::default()
         } else {
-            run_tasks(self.plan, self.engine.model(), &mut self.energy.meters, &self.device, self.engine.kind())?
+            let kind = self.engine.kind();
+            run_tasks(self.plan, self.engine.model(), &mut self.energy.meters, &self.device, kind)?
         };
         let report = self.report(report::Quality { val_loss, val_bpb }, evals);
         report.write(&self.run.path, &self.plan.recipe.name, &self.plan.model)?;
@@ -366,6 +371,11 @@ fn configure<B: AutodiffBackend>(model: &mut Llama<B>, plan: &Plan) {
     }
     if !graph {
         tracing::info!("forward and backward by Kiln's fused CPU kernels on {} threads (train.cpu_kernels)", plan.threads);
+        if t.gradient_checkpointing {
+            tracing::info!("gradient checkpointing (train.gradient_checkpointing): each layer's forward runs again in the backward pass");
+        }
+    } else if t.gradient_checkpointing {
+        tracing::warn!("train.gradient_checkpointing applies to the fused CPU kernels only; Burn's graph keeps its activations");
     }
 }
 

@@ -161,7 +161,7 @@ fn cpu_kernels_train_like_burn() {
     let model_cfg = preset("tiny", 24).unwrap();
     let mut burn = tiny();
     let mut ob = AdamW::new(cfg.clone());
-    let mut fused = Engine::new(EngineKind::CpuKernels, tiny(), AdamW::new(cfg), &model_cfg, 2);
+    let mut fused = Engine::new(EngineKind::CpuKernels, tiny(), AdamW::new(cfg), &model_cfg, 2, false);
     let mut b2 = batch();
     b2.mask[3] = 0.0;
     b2.inputs.reverse();
@@ -184,6 +184,40 @@ fn cpu_kernels_train_like_burn() {
     let (sb, sf) = (ob.to_host(), fused.optimizer_state());
     assert_eq!(sb.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>(), sf.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>());
     assert_eq!(fused.optimizer_steps(), 10);
+}
+
+#[test]
+fn gradient_checkpointing_and_the_emptied_model_change_no_bit() {
+    // The kernels engine with and without gradient checkpointing: the same losses, norms and
+    // weights, bit for bit. Its Burn model is emptied after the first step and filled on request
+    // (between steps here, which must change nothing either); the weights written for a
+    // checkpoint equal the filled model's.
+    use kiln_trainer::engine::{Engine, EngineKind};
+    let cfg = OptimSection { lr: 3e-3, warmup_steps: 0, grad_clip: 0.5, ..Default::default() };
+    let model_cfg = preset("tiny", 24).unwrap();
+    let engine = |on| Engine::<B>::new(EngineKind::CpuKernels, tiny(), AdamW::new(cfg.clone()), &model_cfg, 2, on);
+    let (mut plain, mut ckpt) = (engine(false), engine(true));
+    let mut b2 = batch();
+    b2.mask[3] = 0.0;
+    let micro = [batch(), b2];
+    for step in 0..6 {
+        let a = plain.step(&micro, 3e-3, &Default::default(), None).unwrap();
+        let b = ckpt.step(&micro, 3e-3, &Default::default(), None).unwrap();
+        assert_eq!((a.loss.to_bits(), a.grad_norm.to_bits()), (b.loss.to_bits(), b.grad_norm.to_bits()), "step {step}");
+        if step == 2 {
+            let _ = ckpt.model();
+        }
+    }
+    let filled = kiln_models::checkpoint::burn_tensors(ckpt.model());
+    assert_eq!(filled, kiln_models::checkpoint::burn_tensors(plain.model()));
+    let list = ckpt.weights();
+    assert_eq!(list.specs.len(), filled.len());
+    for (i, (name, shape)) in list.specs.iter().enumerate() {
+        let Some((_, s, v)) = filled.iter().find(|t| &t.0 == name) else { panic!("{name} is not a parameter") };
+        assert_eq!((shape, &(list.values)(i)), (s, v), "{name}");
+    }
+    let moments = ckpt.optimizer_tensors();
+    assert_eq!(moments.specs.len(), 2 * filled.len());
 }
 
 #[test]

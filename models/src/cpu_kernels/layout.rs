@@ -132,6 +132,17 @@ impl Layout {
         Self { dims, embed, layers, norm, head, len, slots }
     }
 
+    /// The flat buffer cut where the backward pass finishes gradients, in its order of
+    /// addresses: the embedding, each layer, then the final norm with the head (contiguous,
+    /// covering the whole buffer).
+    pub(super) fn regions(&self) -> Vec<std::ops::Range<usize>> {
+        let mut cuts = vec![self.embed];
+        cuts.extend(self.layers.iter().map(|at| at.ln1));
+        cuts.push(self.norm);
+        cuts.push(self.len);
+        cuts.windows(2).map(|c| c[0]..c[1]).collect()
+    }
+
     /// Copies a parameter's values (row-major, its Burn shape) into the flat buffer.
     pub fn put(&self, flat: &mut [f32], s: &Slot, values: &[f32]) {
         let (rows, cols) = rows_cols(&s.shape);

@@ -6,7 +6,8 @@
 //! Shapes: N = rows (sequences × T) of one thread, T = context, D = hidden, H = heads,
 //! K = kv heads, Hd = head dim, Q = H·Hd, KV = K·Hd, F = SwiGLU hidden, V = vocabulary.
 
-use super::layout::Layout;
+use super::layout::{LayerAt, Layout};
+use super::sink::Grads;
 use super::ops::*;
 use super::pool::Pool;
 use super::BatchRef;
@@ -17,18 +18,43 @@ pub(super) struct Rope<'a> {
     pub(super) sin: &'a [f32],
 }
 
-/// What the backward pass keeps from one layer's forward pass. What is cheap to compute again
-/// is not kept: the normed inputs (from x and 1/rms), sigmoid(gate) and silu(gate)·up (from the
-/// projections), and the attention probabilities (`[B, H, T, T]`, from q and k). The backward
-/// pass recomputes them with the same operations, so the gradients are the same, bit for bit.
-struct LayerActs {
-    x: Vec<f32>,   // [N, D] layer input
+/// What the backward pass reads from one layer's forward pass, besides its input. What is cheap
+/// to compute again is not kept: the normed inputs (from x and 1/rms), sigmoid(gate) and
+/// silu(gate)·up (from the projections), and the attention probabilities (`[B, H, T, T]`, from q
+/// and k). The backward pass recomputes them with the same operations, so the gradients are the
+/// same, bit for bit.
+struct Saved {
     r1: Vec<f32>,  // [N] 1 / rms of x
     qkv: Vec<f32>, // [N, Q + 2KV] after RoPE
     y: Vec<f32>,   // [N, Q] attention output
     x2: Vec<f32>,  // [N, D] residual after attention
     r2: Vec<f32>,  // [N]
     gu: Vec<f32>,  // [N, 2F] gate and up projections
+}
+
+impl Saved {
+    fn recycle(self, pool: &mut Pool) {
+        pool.put([self.r1, self.qkv, self.y, self.x2, self.r2, self.gu]);
+    }
+}
+
+struct LayerActs {
+    x: Vec<f32>, // [N, D] layer input
+    /// `None` under gradient checkpointing: the backward pass runs the layer again from `x`.
+    saved: Option<Saved>,
+}
+
+/// What [`forward`] keeps for a backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Keep {
+    /// Every layer's [`Saved`] values: the fastest backward.
+    All,
+    /// Each layer's input only (gradient checkpointing): the backward pass runs each layer's
+    /// forward again (without its down projection), about a fifth more work, for some 12
+    /// times less activation memory.
+    Inputs,
+    /// Nothing: forward only (logits, validation).
+    Nothing,
 }
 
 pub(super) struct Acts {
@@ -46,13 +72,35 @@ pub(super) struct Acts {
 impl Acts {
     pub(super) fn recycle(self, pool: &mut Pool) {
         for l in self.layers {
-            pool.put([l.x, l.r1, l.qkv, l.y, l.x2, l.r2, l.gu]);
+            pool.put([l.x]);
+            if let Some(s) = l.saved {
+                s.recycle(pool);
+            }
         }
         pool.put([self.xf, self.rf, self.hf, self.hsel, self.logits]);
     }
 }
 
+/// Per-layer scratch of both passes, not kept: the normed inputs, one head's attention
+/// probabilities, sigmoid(gate) and the SwiGLU output.
+struct Scratch {
+    hn: Vec<f32>,  // [N, D]
+    p: Vec<f32>,   // [T, T]
+    sig: Vec<f32>, // [N, F]
+    a: Vec<f32>,   // [N, F]
+}
+
+impl Scratch {
+    fn new(pool: &mut Pool, s: &Sizes) -> Self {
+        Self { hn: pool.any(s.n * s.d), p: pool.any(s.t * s.t), sig: pool.any(s.n * s.f), a: pool.any(s.n * s.f) }
+    }
+    fn recycle(self, pool: &mut Pool) {
+        pool.put([self.hn, self.p, self.sig, self.a]);
+    }
+}
+
 /// The sizes both passes index by (the names of the shapes in the comments).
+#[derive(Clone, Copy)]
 struct Sizes {
     d: usize,
     f: usize,
@@ -79,9 +127,10 @@ impl Sizes {
 #[inline(always)]
 /// With `all_logits` false, the head runs only on the rows whose target carries loss (all of
 /// them when pretraining).
-pub(super) fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, pool: &mut Pool, all_logits: bool) -> Acts {
+pub(super) fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, pool: &mut Pool, all_logits: bool, keep: Keep) -> Acts {
     let dm = &layout.dims;
-    let Sizes { d, f, hd, v, q, qkv, b, t, n, scale } = Sizes::of(layout, batch);
+    let sz = Sizes::of(layout, batch);
+    let Sizes { d, v, n, .. } = sz;
 
     // Embedding lookup: x[i] = E[token_i].
     let mut x = pool.any(n * d); // [N, D]
@@ -90,28 +139,24 @@ pub(super) fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef,
         x[i * d..(i + 1) * d].copy_from_slice(&w[e..e + d]);
     }
     let mut layers = Vec::with_capacity(dm.layers);
-    // Scratch, not kept: the normed inputs, the attention probabilities of one head, the SwiGLU.
-    let (mut hn, mut p) = (pool.any(n * d), pool.any(t * t)); // [N, D], [T, T]
-    let (mut sig, mut a) = (pool.any(n * f), pool.any(n * f)); // [N, F] each
+    let mut sc = Scratch::new(pool, &sz);
     for at in &layout.layers {
-        let r1 = rms_norm(&x, &w[at.ln1..at.ln1 + d], dm.eps, d, &mut hn, pool); // [N, D]
-        let mut qkv_b = pool.any(n * qkv);
-        mm(n, qkv, d, &mut qkv_b, qkv, false, 1.0, rm(&hn, d), rm(&w[at.wqkv..], qkv)); // [N, Q+2KV]
-        rope_rows(&mut qkv_b, qkv, dm.heads + dm.kv_heads, hd, t, batch.starts, rope, false);
-        let mut y = pool.any(n * q);
-        attention_forward(dm, &qkv_b, &mut p, &mut y, b, t, batch.starts, scale);
-        let mut x2 = pool.copy(&x);
-        mm(n, d, q, &mut x2, d, true, 1.0, rm(&y, q), rm(&w[at.wo..], d)); // [N, D] = x + y·Wo
-        let r2 = rms_norm(&x2, &w[at.ln2..at.ln2 + d], dm.eps, d, &mut hn, pool);
-        let mut gu = pool.any(n * 2 * f);
-        mm(n, 2 * f, d, &mut gu, 2 * f, false, 1.0, rm(&hn, d), rm(&w[at.wgu..], 2 * f)); // [N, 2F]
-        swiglu_rows(&gu, f, &mut sig, &mut a);
-        let mut x3 = pool.copy(&x2);
-        mm(n, d, f, &mut x3, d, true, 1.0, rm(&a, f), rm(&w[at.wd..], d)); // [N, D] = x2 + a·Wd
-        layers.push(LayerActs { x, r1, qkv: qkv_b, y, x2, r2, gu });
+        let (saved, x3) = layer(layout, at, w, rope, batch, &x, &mut sc, pool, true);
+        let Some(x3) = x3 else { unreachable!("`next` asks for x3") };
+        match keep {
+            Keep::All => layers.push(LayerActs { x, saved: Some(saved) }),
+            Keep::Inputs => {
+                saved.recycle(pool);
+                layers.push(LayerActs { x, saved: None });
+            }
+            Keep::Nothing => {
+                saved.recycle(pool);
+                pool.put([x]);
+            }
+        }
         x = x3;
     }
-    pool.put([hn, p, sig, a]);
+    sc.recycle(pool);
     let mut hf = pool.any(n * d);
     let rf = rms_norm(&x, &w[layout.norm..layout.norm + d], dm.eps, d, &mut hf, pool);
     let rows: Option<Vec<usize>> = (!all_logits && batch.mask.contains(&0.0)).then(|| (0..n).filter(|&i| batch.mask[i] != 0.0).collect());
@@ -135,34 +180,65 @@ pub(super) fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef,
     Acts { layers, xf: x, rf, hf, rows, hsel, logits }
 }
 
+/// One decoder layer's forward pass: its input `x` `[N, D]` to the values the backward pass
+/// reads, and, with `next`, the next residual `x3` `[N, D]` (a recomputation for the backward
+/// pass needs no `x3`, which saves the down projection, a quarter of the layer's matmuls).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn layer(layout: &Layout, at: &LayerAt, w: &[f32], rope: &Rope, batch: &BatchRef, x: &[f32], sc: &mut Scratch, pool: &mut Pool, next: bool) -> (Saved, Option<Vec<f32>>) {
+    let dm = &layout.dims;
+    let Sizes { d, f, hd, q, qkv, b, t, n, scale, .. } = Sizes::of(layout, batch);
+    let Scratch { hn, p, sig, a } = sc;
+    let r1 = rms_norm(x, &w[at.ln1..at.ln1 + d], dm.eps, d, hn, pool); // [N, D]
+    let mut qkv_b = pool.any(n * qkv);
+    mm(n, qkv, d, &mut qkv_b, qkv, false, 1.0, rm(hn, d), rm(&w[at.wqkv..], qkv)); // [N, Q+2KV]
+    rope_rows(&mut qkv_b, qkv, dm.heads + dm.kv_heads, hd, t, batch.starts, rope, false);
+    let mut y = pool.any(n * q);
+    attention_forward(dm, &qkv_b, p, &mut y, b, t, batch.starts, scale);
+    let mut x2 = pool.copy(x);
+    mm(n, d, q, &mut x2, d, true, 1.0, rm(&y, q), rm(&w[at.wo..], d)); // [N, D] = x + y·Wo
+    let r2 = rms_norm(&x2, &w[at.ln2..at.ln2 + d], dm.eps, d, hn, pool);
+    let mut gu = pool.any(n * 2 * f);
+    mm(n, 2 * f, d, &mut gu, 2 * f, false, 1.0, rm(hn, d), rm(&w[at.wgu..], 2 * f)); // [N, 2F]
+    let x3 = next.then(|| {
+        swiglu_rows(&gu, f, sig, a);
+        let mut x3 = pool.copy(&x2);
+        mm(n, d, f, &mut x3, d, true, 1.0, rm(a, f), rm(&w[at.wd..], d)); // [N, D] = x2 + a·Wd
+        x3
+    });
+    (Saved { r1, qkv: qkv_b, y, x2, r2, gu }, x3)
+}
+
 /// Forward, loss and (optionally) backward for one thread's sequences. Returns the sum of
 /// `mask · nll` over its rows and the seconds spent up to the loss; gradients are of the mean
 /// over all `n_loss` masked tokens.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut [f32]>, pool: &mut Pool, wide: bool) -> (f64, f64) {
+pub(super) fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool, wide: bool) -> (f64, f64) {
     // The elementwise loops, compiled again with AVX-512 where the CPU has it. Rust never fuses
     // a multiply and an add on its own, and every reduction has a fixed order, so both versions
     // give bit-identical results (tested).
     #[cfg(target_arch = "x86_64")]
     if wide && std::arch::is_x86_feature_detected!("avx512f") {
         #[target_feature(enable = "avx512f,avx2,fma")]
-        unsafe fn wide(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut [f32]>, pool: &mut Pool) -> (f64, f64) {
-            shard_impl(layout, w, rope, batch, n_loss, grads, pool)
+        unsafe fn wide(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool) -> (f64, f64) {
+            shard_impl(layout, w, rope, batch, n_loss, grads, keep, pool)
         }
         // SAFETY: the CPU supports the features `wide` is compiled for (checked just above).
-        return unsafe { wide(layout, w, rope, batch, n_loss, grads, pool) };
+        return unsafe { wide(layout, w, rope, batch, n_loss, grads, keep, pool) };
     }
-    shard_impl(layout, w, rope, batch, n_loss, grads, pool)
+    shard_impl(layout, w, rope, batch, n_loss, grads, keep, pool)
 }
 
 #[inline(always)]
-fn shard_impl(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<&mut [f32]>, pool: &mut Pool) -> (f64, f64) {
+#[allow(clippy::too_many_arguments)]
+fn shard_impl(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool) -> (f64, f64) {
     let t0 = std::time::Instant::now();
-    let mut acts = forward(layout, w, rope, batch, pool, false);
+    let keep = if grads.is_some() { keep } else { Keep::Nothing };
+    let mut acts = forward(layout, w, rope, batch, pool, false, keep);
     let loss = cross_entropy(&mut acts.logits, acts.rows.as_deref(), batch, n_loss, layout.dims.vocab);
     let forward_s = t0.elapsed().as_secs_f64();
-    if let Some(g) = grads {
-        backward(layout, w, rope, batch, &acts, g, pool);
+    if let Some(mut g) = grads {
+        backward(layout, w, rope, batch, &acts, &mut g, pool);
     }
     acts.recycle(pool);
     (loss, forward_s)
@@ -194,12 +270,16 @@ fn cross_entropy(logits: &mut [f32], rows: Option<&[usize]>, batch: &BatchRef, n
 }
 
 /// Every parameter's gradient into `g`, from the activations of [`forward`] whose logits
-/// [`cross_entropy`] has turned into d loss / d logits: [`forward`]'s sections in reverse.
+/// [`cross_entropy`] has turned into d loss / d logits: [`forward`]'s sections in reverse. Each
+/// region of `g` (the norm with the head, each layer, the embedding) is committed when done.
 #[inline(always)]
-fn backward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, acts: &Acts, g: &mut [f32], pool: &mut Pool) {
+fn backward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, acts: &Acts, g: &mut Grads, pool: &mut Pool) {
     let dm = &layout.dims;
-    let Sizes { d, f, hd, v, q, qkv, b, t, n, scale } = Sizes::of(layout, batch);
+    let sz = Sizes::of(layout, batch);
+    let Sizes { d, f, hd, v, q, qkv, b, t, n, scale } = sz;
     let dl = &acts.logits; // [M, V]
+    let (embed, tail) = (0, layout.layers.len() + 1); // regions: embedding, layers 1..=L, norm + head
+    let e0 = layout.embed - g.start(embed);
 
     // Output head (or tied embedding) and the final norm; with `rows`, the head's input and
     // output are those rows only, and the others get no gradient from it.
@@ -211,11 +291,13 @@ fn backward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, acts: &Ac
     if m > 0 {
         match layout.head {
             Some(h) => {
-                mm(d, v, m, &mut g[h..], v, true, 1.0, rm(h_in, d).t(), rm(dl, v)); // dHead [D, V] += h^T·dl
+                let mut gt = g.open(tail, pool);
+                mm(d, v, m, &mut gt[h - layout.norm..], v, true, 1.0, rm(h_in, d).t(), rm(dl, v)); // dHead [D, V] += h^T·dl
                 mm(m, d, v, &mut dsel, d, false, 1.0, rm(dl, v), rm(&w[h..], v).t()); // [M, D] = dl·Head^T
             }
             None => {
-                mm(v, d, m, &mut g[layout.embed..], d, true, 1.0, rm(dl, v).t(), rm(h_in, d)); // dE [V, D] += dl^T·h
+                let mut ge = g.open(embed, pool);
+                mm(v, d, m, &mut ge[e0..], d, true, 1.0, rm(dl, v).t(), rm(h_in, d)); // dE [V, D] += dl^T·h
                 mm(m, d, v, &mut dsel, d, false, 1.0, rm(dl, v), rm(&w[layout.embed..], d)); // [M, D] = dl·E
             }
         }
@@ -232,48 +314,69 @@ fn backward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, acts: &Ac
         }
     };
     let mut dx = pool.zeros(n * d); // [N, D] gradient of the residual stream
-    rms_norm_backward(&dh, &acts.xf, &acts.rf, &w[layout.norm..layout.norm + d], d, &mut dx, &mut g[layout.norm..layout.norm + d]);
+    {
+        let mut gt = g.open(tail, pool);
+        rms_norm_backward(&dh, &acts.xf, &acts.rf, &w[layout.norm..layout.norm + d], d, &mut dx, &mut gt[..d]);
+    }
+    g.commit(tail, pool);
 
     let mut da = pool.any(n * f);
     let mut dgu = pool.any(n * 2 * f);
     let mut dhn = pool.any(n * d);
     let mut dy = pool.any(n * q);
     let mut dqkv = pool.any(n * qkv);
-    let (mut p, mut dp) = (pool.any(t * t), pool.any(t * t));
-    // Recomputed per layer: the normed inputs, sigmoid(gate) and silu(gate)·up.
-    let (mut hn, mut sig, mut a) = (pool.any(n * d), pool.any(n * f), pool.any(n * f));
-    for (at, la) in layout.layers.iter().zip(acts.layers.iter()).rev() {
+    let mut dp = pool.any(t * t);
+    // Recomputed per layer: the normed inputs, sigmoid(gate) and silu(gate)·up (and, under
+    // gradient checkpointing, the whole layer).
+    let mut sc = Scratch::new(pool, &sz);
+    for (l, (at, la)) in layout.layers.iter().zip(acts.layers.iter()).enumerate().rev() {
+        let recomputed = la.saved.is_none().then(|| {
+            layer(layout, at, w, rope, batch, &la.x, &mut sc, pool, false).0
+        });
+        let Some(sv) = la.saved.as_ref().or(recomputed.as_ref()) else { unreachable!("a layer's values are kept or recomputed") };
+        let Scratch { hn, p, sig, a } = &mut sc;
+        let mut gl = g.open(l + 1, pool);
+        let o = at.ln1; // the region's start
         // MLP: x3 = x2 + a·Wd, a = silu(g)·u, [g u] = hn2·Wgu, hn2 = norm(x2).
-        swiglu_rows(&la.gu, f, &mut sig, &mut a);
-        mm(f, d, n, &mut g[at.wd..], d, true, 1.0, rm(&a, f).t(), rm(&dx, d)); // dWd [F, D] += a^T·dx
+        swiglu_rows(&sv.gu, f, sig, a);
+        mm(f, d, n, &mut gl[at.wd - o..], d, true, 1.0, rm(a, f).t(), rm(&dx, d)); // dWd [F, D] += a^T·dx
         mm(n, f, d, &mut da, f, false, 1.0, rm(&dx, d), rm(&w[at.wd..], d).t()); // da [N, F] = dx·Wd^T
         for i in 0..n {
-            let (gg, uu) = la.gu[i * 2 * f..(i + 1) * 2 * f].split_at(f);
+            let (gg, uu) = sv.gu[i * 2 * f..(i + 1) * 2 * f].split_at(f);
             let (dg, du) = dgu[i * 2 * f..(i + 1) * 2 * f].split_at_mut(f);
             swiglu_backward(gg, uu, &sig[i * f..(i + 1) * f], &da[i * f..(i + 1) * f], dg, du);
         }
-        rms_apply(&la.x2, &la.r2, &w[at.ln2..at.ln2 + d], d, &mut hn); // hn2
-        mm(d, 2 * f, n, &mut g[at.wgu..], 2 * f, true, 1.0, rm(&hn, d).t(), rm(&dgu, 2 * f)); // dWgu [D, 2F]
+        rms_apply(&sv.x2, &sv.r2, &w[at.ln2..at.ln2 + d], d, hn); // hn2
+        mm(d, 2 * f, n, &mut gl[at.wgu - o..], 2 * f, true, 1.0, rm(hn, d).t(), rm(&dgu, 2 * f)); // dWgu [D, 2F]
         mm(n, d, 2 * f, &mut dhn, d, false, 1.0, rm(&dgu, 2 * f), rm(&w[at.wgu..], 2 * f).t()); // dhn2 [N, D]
         // dx now holds d/dx2 (the residual path); the norm adds its share.
-        rms_norm_backward(&dhn, &la.x2, &la.r2, &w[at.ln2..at.ln2 + d], d, &mut dx, &mut g[at.ln2..at.ln2 + d]);
+        rms_norm_backward(&dhn, &sv.x2, &sv.r2, &w[at.ln2..at.ln2 + d], d, &mut dx, &mut gl[at.ln2 - o..at.ln2 - o + d]);
 
         // Attention: x2 = x + y·Wo.
-        mm(q, d, n, &mut g[at.wo..], d, true, 1.0, rm(&la.y, q).t(), rm(&dx, d)); // dWo [Q, D] += y^T·dx2
+        mm(q, d, n, &mut gl[at.wo - o..], d, true, 1.0, rm(&sv.y, q).t(), rm(&dx, d)); // dWo [Q, D] += y^T·dx2
         mm(n, q, d, &mut dy, q, false, 1.0, rm(&dx, d), rm(&w[at.wo..], d).t()); // dy [N, Q]
         dqkv.iter_mut().for_each(|x| *x = 0.0);
-        attention_backward(dm, &la.qkv, &dy, &mut dqkv, &mut p, &mut dp, b, t, batch.starts, scale);
+        attention_backward(dm, &sv.qkv, &dy, &mut dqkv, p, &mut dp, b, t, batch.starts, scale);
         rope_rows(&mut dqkv, qkv, dm.heads + dm.kv_heads, hd, t, batch.starts, rope, true);
-        rms_apply(&la.x, &la.r1, &w[at.ln1..at.ln1 + d], d, &mut hn); // hn1
-        mm(d, qkv, n, &mut g[at.wqkv..], qkv, true, 1.0, rm(&hn, d).t(), rm(&dqkv, qkv)); // dWqkv [D, Q+2KV]
+        rms_apply(&la.x, &sv.r1, &w[at.ln1..at.ln1 + d], d, hn); // hn1
+        mm(d, qkv, n, &mut gl[at.wqkv - o..], qkv, true, 1.0, rm(hn, d).t(), rm(&dqkv, qkv)); // dWqkv [D, Q+2KV]
         mm(n, d, qkv, &mut dhn, d, false, 1.0, rm(&dqkv, qkv), rm(&w[at.wqkv..], qkv).t()); // dhn1 [N, D]
-        rms_norm_backward(&dhn, &la.x, &la.r1, &w[at.ln1..at.ln1 + d], d, &mut dx, &mut g[at.ln1..at.ln1 + d]);
+        rms_norm_backward(&dhn, &la.x, &sv.r1, &w[at.ln1..at.ln1 + d], d, &mut dx, &mut gl[..d]);
+        drop(gl);
+        g.commit(l + 1, pool);
+        if let Some(r) = recomputed {
+            r.recycle(pool);
+        }
     }
-    pool.put([p, hn, sig, a]);
+    sc.recycle(pool);
     // Embedding: dE[token_i] += dx[i].
-    for (i, &tok) in batch.inputs.iter().enumerate() {
-        let e = layout.embed + tok as usize * d;
-        add_into(&mut g[e..e + d], &dx[i * d..(i + 1) * d]);
+    {
+        let mut ge = g.open(embed, pool);
+        for (i, &tok) in batch.inputs.iter().enumerate() {
+            let e = e0 + tok as usize * d;
+            add_into(&mut ge[e..e + d], &dx[i * d..(i + 1) * d]);
+        }
     }
+    g.commit(embed, pool);
     pool.put([dh, dx, da, dgu, dhn, dy, dqkv, dp]);
 }

@@ -1,7 +1,9 @@
 //! The step by Kiln's fused CPU kernels (`kiln_models::cpu_kernels`): the same model, loss,
 //! gradients and AdamW update as Burn's graph, computed by hand-written kernels on flat host
-//! buffers. The flat AdamW moments live here; the Burn model is kept in step with the flat
-//! weights after every update (checkpoints and evaluation read it).
+//! buffers. From the first step on, the flat weights and AdamW moments live here and nowhere
+//! else: the Burn model's parameters are emptied ("hollow"), so that the model is not held
+//! twice, and are filled from the flat weights when someone asks for the model (evaluation
+//! tasks). Checkpoints are written from the flat buffers, one tensor at a time.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -11,7 +13,8 @@ use burn::module::Param;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use kiln_models::checkpoint::HostTensor;
+use burn::tensor::Shape;
+use kiln_models::checkpoint::{HostTensor, TensorList};
 use kiln_models::cpu_kernels::{BatchRef, Kernels as Fused, Layout};
 use kiln_models::llama::param_id;
 use kiln_models::params::{map_named, MapNamed};
@@ -25,9 +28,13 @@ pub(super) struct Kernels {
     kern: Fused,
     /// Parameter name -> index into `kern.layout.slots`.
     index: HashMap<String, usize>,
-    /// Flat weights and gradients (micro-batches accumulate into them), reused every step.
+    /// Flat weights (the model's, once `loaded`) and gradients (micro-batches accumulate into
+    /// them), reused every step.
     w: Vec<f32>,
     total: Vec<f32>,
+    loaded: bool,
+    /// The Burn model's parameters are placeholders; `w` holds the weights.
+    hollow: bool,
     /// AdamW's moments in the flat layout, taken from the optimizer on the first step.
     moments: Option<(Vec<f32>, Vec<f32>)>,
 }
@@ -37,10 +44,10 @@ fn batch_ref(b: &Batch) -> BatchRef<'_> {
 }
 
 impl Kernels {
-    pub(super) fn new<B: Backend>(model: &Llama<B>, cfg: &LlamaConfig, threads: usize) -> Self {
-        let kern = Fused::for_model(model, cfg, threads);
+    pub(super) fn new<B: Backend>(model: &Llama<B>, cfg: &LlamaConfig, threads: usize, checkpointing: bool) -> Self {
+        let kern = Fused::for_model(model, cfg, threads).checkpointing(checkpointing);
         let index = kern.layout.slots.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-        Self { kern, index, w: Vec::new(), total: Vec::new(), moments: None }
+        Self { kern, index, w: Vec::new(), total: Vec::new(), loaded: false, hollow: false, moments: None }
     }
 
     /// Forward and backward over `micro` (gradients averaged), the optional data-parallel
@@ -48,10 +55,14 @@ impl Kernels {
     #[rustfmt::skip]
     pub(super) fn step<B: AutodiffBackend>(&mut self, model: Llama<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Batch], lr: f64, device: &B::Device, sync: Option<SyncHook>) -> Result<(Llama<B>, StepOutput)> {
         let len = self.kern.layout.len;
-        self.w.resize(len, 0.0);
-        self.total.resize(len, 0.0);
         let t0 = Instant::now();
-        self.kern.layout.weights_into(&model, &mut self.w)?;
+        if !self.loaded {
+            self.w.resize(len, 0.0);
+            self.kern.layout.weights_into(&model, &mut self.w)?;
+            self.loaded = true;
+        }
+        let model = self.hollow(model, device);
+        self.total.resize(len, 0.0);
         let (mut loss, mut forward_s) = (0.0, 0.0);
         for (i, b) in micro.iter().enumerate() {
             let pass = if i == 0 {
@@ -75,7 +86,6 @@ impl Kernels {
             self.from_params::<B::InnerBackend>(grads)?;
         }
         let grad_norm = self.adamw(opt, lr);
-        let model = map_named(model, &mut WriteWeights::<B> { layout: &self.kern.layout, index: &self.index, w: &self.w, device });
         let optim_s = t0.elapsed().as_secs_f64();
         Ok((model, StepOutput { loss, grad_norm, tokens: real_tokens(micro), forward_s, backward_s, optim_s }))
     }
@@ -115,24 +125,69 @@ impl Kernels {
         norm
     }
 
+    /// Empties the Burn model's parameters (the flat weights hold them).
+    fn hollow<B: AutodiffBackend>(&mut self, model: Llama<B>, device: &B::Device) -> Llama<B> {
+        if self.hollow {
+            return model;
+        }
+        self.hollow = true;
+        let model = map_named(model, &mut Hollow::<B> { index: &self.index, device });
+        // The emptied tensors' memory goes back to the system: left in glibc's free lists it
+        // would stay resident, since the step's buffers come from the worker threads' arenas.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free memory to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        model
+    }
+
+    /// The model with its parameters filled from the flat weights, if they were emptied.
+    pub(super) fn fill<B: AutodiffBackend>(&mut self, model: Llama<B>, device: &B::Device) -> Llama<B> {
+        if !self.hollow {
+            return model;
+        }
+        self.hollow = false;
+        map_named(model, &mut WriteWeights::<B> { layout: &self.kern.layout, index: &self.index, w: &self.w, device })
+    }
+
+    /// The weights by name in Burn's layout, read from the flat buffer as they are written;
+    /// `None` before the first step (the Burn model holds them).
+    pub(super) fn weights(&self) -> Option<TensorList<'_>> {
+        if !self.loaded {
+            return None;
+        }
+        let layout = &self.kern.layout;
+        let specs = layout.slots.iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
+        Some(TensorList { specs, values: Box::new(move |i| layout.get(&self.w, &layout.slots[i])) })
+    }
+
+    /// The flat moments as `<name>.exp_avg` and `<name>.exp_avg_sq`, sorted by name, read as
+    /// they are written.
+    pub(super) fn moments(&self) -> TensorList<'_> {
+        let Some((m, v)) = &self.moments else { return TensorList::from_host(Vec::new()) };
+        let layout = &self.kern.layout;
+        let mut slots: Vec<_> = layout.slots.iter().collect();
+        slots.sort_by(|a, b| a.name.cmp(&b.name));
+        let specs = slots.iter().flat_map(|s| ["exp_avg", "exp_avg_sq"].map(|k| (format!("{}.{k}", s.name), vec![s.shape.iter().product::<usize>()]))).collect();
+        TensorList { specs, values: Box::new(move |i| layout.get(if i % 2 == 0 { m } else { v }, slots[i / 2])) }
+    }
+
+    /// Frees the gradients, the moments and the kernels' activation buffers.
+    pub(super) fn finish_training(&mut self) {
+        self.total = Vec::new();
+        self.moments = None;
+        self.kern.free_buffers();
+    }
+
     pub(super) fn has_moments(&self) -> bool {
         self.moments.is_some()
     }
 
-    /// The flat moments as `<name>.exp_avg` and `<name>.exp_avg_sq`, sorted by name.
+    /// [`Kernels::moments`] in memory.
     pub(super) fn moments_to_host(&self) -> Vec<HostTensor> {
-        let Some((m, v)) = &self.moments else { return Vec::new() };
-        let layout = &self.kern.layout;
-        let mut slots: Vec<_> = layout.slots.iter().collect();
-        slots.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut out = Vec::new();
-        for s in slots {
-            for (suffix, buf) in [("exp_avg", m), ("exp_avg_sq", v)] {
-                let x = layout.get(buf, s);
-                out.push((format!("{}.{suffix}", s.name), vec![x.len()], x));
-            }
-        }
-        out
+        let list = self.moments();
+        list.specs.iter().enumerate().map(|(i, (n, s))| (n.clone(), s.clone(), (list.values)(i))).collect()
     }
 
     /// Flat gradients as Burn gradients, keyed by parameter id.
@@ -167,11 +222,18 @@ impl Kernels {
 
     /// Mean validation loss (nats per token) over fixed batches.
     pub(super) fn eval_loss<B: Backend>(&self, model: &Llama<B>, batches: &[Batch]) -> Result<f64> {
-        let w = self.kern.layout.weights(model)?;
+        let copy;
+        let w = match self.loaded {
+            true => &self.w,
+            false => {
+                copy = self.kern.layout.weights(model)?;
+                &copy
+            }
+        };
         let (mut sum, mut n) = (0.0, 0.0);
         for b in batches {
             let weight: f64 = b.mask.iter().map(|&m| m as f64).sum();
-            sum += self.kern.loss_and_grads(&w, &batch_ref(b), None).loss * weight;
+            sum += self.kern.loss_and_grads(w, &batch_ref(b), None).loss * weight;
             n += weight;
         }
         Ok(sum / f64::max(n, 1.0))
@@ -207,8 +269,27 @@ impl<B: AutodiffBackend> MapNamed<B> for WriteWeights<'_, B> {
         };
         let s = &self.layout.slots[i];
         let (id, tensor, mapper) = param.consume();
-        let data = TensorData::new(self.layout.get(self.w, s), tensor.shape());
+        drop(tensor);
+        let data = TensorData::new(self.layout.get(self.w, s), s.shape.clone());
         let inner = Tensor::<B::InnerBackend, D>::from_data(data, self.device);
+        Param::from_mapped_value(id, Tensor::from_inner(inner).require_grad(), mapper)
+    }
+}
+
+/// Replaces every parameter the flat layout holds with a one-value placeholder.
+struct Hollow<'a, B: AutodiffBackend> {
+    index: &'a HashMap<String, usize>,
+    device: &'a B::Device,
+}
+
+impl<B: AutodiffBackend> MapNamed<B> for Hollow<'_, B> {
+    fn map<const D: usize>(&mut self, name: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if !self.index.contains_key(name) {
+            return param;
+        }
+        let (id, tensor, mapper) = param.consume();
+        drop(tensor);
+        let inner = Tensor::<B::InnerBackend, D>::zeros(Shape::new([1; D]), self.device);
         Param::from_mapped_value(id, Tensor::from_inner(inner).require_grad(), mapper)
     }
 }

@@ -12,7 +12,7 @@ mod kernels;
 use anyhow::Result;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use kiln_models::checkpoint::HostTensor;
+use kiln_models::checkpoint::{HostTensor, TensorList};
 use kiln_models::{Llama, LlamaConfig};
 use kiln_recipes::Precision;
 
@@ -71,17 +71,19 @@ pub struct Engine<B: AutodiffBackend> {
     model: Option<Llama<B>>,
     opt: AdamW<B::InnerBackend>,
     kind: Kind,
+    /// The device of the last step (the kernels fill their emptied Burn model on it).
+    device: Option<B::Device>,
 }
 
 impl<B: AutodiffBackend> Engine<B> {
     /// An engine of `kind` for `model` (sizes from `cfg`) and `opt` (fresh, or restored from a
-    /// checkpoint), the kernels on `threads` threads.
-    pub fn new(kind: EngineKind, model: Llama<B>, opt: AdamW<B::InnerBackend>, cfg: &LlamaConfig, threads: usize) -> Self {
+    /// checkpoint), the kernels on `threads` threads, with gradient checkpointing or not.
+    pub fn new(kind: EngineKind, model: Llama<B>, opt: AdamW<B::InnerBackend>, cfg: &LlamaConfig, threads: usize, checkpointing: bool) -> Self {
         let kind = match kind {
             EngineKind::Graph => Kind::Graph,
-            EngineKind::CpuKernels => Kind::Kernels(Box::new(kernels::Kernels::new(&model, cfg, threads))),
+            EngineKind::CpuKernels => Kind::Kernels(Box::new(kernels::Kernels::new(&model, cfg, threads, checkpointing))),
         };
-        Self { model: Some(model), opt, kind }
+        Self { model: Some(model), opt, kind, device: None }
     }
 
     pub fn kind(&self) -> EngineKind {
@@ -95,6 +97,7 @@ impl<B: AutodiffBackend> Engine<B> {
     /// gradients passed through `sync` before the clip and the update.
     pub fn step(&mut self, micro: &[Batch], lr: f64, device: &B::Device, sync: Option<SyncHook>) -> Result<StepOutput> {
         let model = self.model.take().ok_or_else(|| anyhow::anyhow!("the engine lost its model in an earlier failed step"))?;
+        self.device = Some(device.clone());
         let (model, out) = match &mut self.kind {
             Kind::Graph => graph::step(model, &mut self.opt, micro, lr, device, sync)?,
             Kind::Kernels(k) => k.step(model, &mut self.opt, micro, lr, device, sync)?,
@@ -105,19 +108,45 @@ impl<B: AutodiffBackend> Engine<B> {
 
     /// Mean validation loss (nats per token) over fixed batches, without autodiff.
     pub fn eval_loss(&self, batches: &[Batch], device: &B::Device) -> f64 {
+        let model = self.model_ref();
         if let Kind::Kernels(k) = &self.kind {
-            match k.eval_loss(self.model(), batches) {
+            match k.eval_loss(model, batches) {
                 Ok(v) => return v,
                 Err(e) => tracing::warn!("validation through the CPU kernels failed ({e}); using Burn's forward pass"),
             }
         }
-        graph::eval_loss(self.model(), batches, device)
+        graph::eval_loss(model, batches, device)
     }
 
-    pub fn model(&self) -> &Llama<B> {
+    /// The model with its current weights (the kernels fill the parameters they had emptied;
+    /// the next step empties them again).
+    pub fn model(&mut self) -> &Llama<B> {
+        if let (Kind::Kernels(k), Some(m), Some(device)) = (&mut self.kind, self.model.take(), &self.device) {
+            self.model = Some(k.fill(m, device));
+        }
+        self.model_ref()
+    }
+
+    fn model_ref(&self) -> &Llama<B> {
         match &self.model {
             Some(m) => m,
-            None => unreachable!("the model is only taken inside `step`"),
+            None => unreachable!("the model is only taken inside `step` and `model`"),
+        }
+    }
+
+    /// The weights by name in Burn's layout, each read when it is written (checkpoints).
+    pub fn weights(&self) -> TensorList<'_> {
+        match &self.kind {
+            Kind::Kernels(k) => k.weights().unwrap_or_else(|| TensorList::model(self.model_ref())),
+            Kind::Graph => TensorList::model(self.model_ref()),
+        }
+    }
+
+    /// Frees what only training needs (the kernels' gradients, AdamW moments and activation
+    /// buffers), after the last checkpoint; the model stays.
+    pub fn finish_training(&mut self) {
+        if let Kind::Kernels(k) = &mut self.kind {
+            k.finish_training();
         }
     }
 
@@ -132,6 +161,14 @@ impl<B: AutodiffBackend> Engine<B> {
         match &self.kind {
             Kind::Kernels(k) if k.has_moments() => k.moments_to_host(),
             _ => self.opt.to_host(),
+        }
+    }
+
+    /// [`Engine::optimizer_state`], each tensor read when it is written (checkpoints).
+    pub fn optimizer_tensors(&self) -> TensorList<'_> {
+        match &self.kind {
+            Kind::Kernels(k) if k.has_moments() => k.moments(),
+            _ => TensorList::from_host(self.opt.to_host()),
         }
     }
 }
