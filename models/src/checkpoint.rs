@@ -469,8 +469,12 @@ pub fn is_gguf(path: &Path) -> bool {
     path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
-/// Loads a model: a Hugging Face-layout folder or a GGUF file.
+/// Loads a model: a Hugging Face-layout folder, a GGUF file, or a LoRA adapter folder (merged
+/// into the base model it names, see `lora.rs`).
 pub fn load<B: Backend>(path: &Path, device: &B::Device) -> Result<(Llama<B>, LlamaConfig, Tokenizer), ModelError> {
+    if crate::lora::is_adapter_dir(path) {
+        return crate::lora::load(path, device);
+    }
     if is_gguf(path) {
         crate::gguf::load(path, device)
     } else {
@@ -480,6 +484,10 @@ pub fn load<B: Backend>(path: &Path, device: &B::Device) -> Result<(Llama<B>, Ll
 
 /// A model's config and tokenizer, without its weights.
 pub fn read_meta(path: &Path) -> Result<(LlamaConfig, Tokenizer), ModelError> {
+    if crate::lora::is_adapter_dir(path) {
+        let adapter = crate::lora::Adapter::read_dir(path)?;
+        return read_meta(&crate::lora::base_of(path, &adapter)?);
+    }
     if is_gguf(path) {
         return crate::gguf::read_meta(path);
     }
@@ -489,8 +497,12 @@ pub fn read_meta(path: &Path) -> Result<(LlamaConfig, Tokenizer), ModelError> {
     Ok((cfg, tok))
 }
 
-/// A model's weights by Hugging Face name: a folder's safetensors or a GGUF file's tensors.
+/// A model's weights by Hugging Face name: a folder's safetensors, a GGUF file's tensors, or an
+/// adapter folder's base with the adapter merged in.
 pub fn weight_source(path: &Path) -> Result<Box<dyn WeightSource>, ModelError> {
+    if crate::lora::is_adapter_dir(path) {
+        return Ok(Box::new(crate::lora::merged_source(path)?.0));
+    }
     Ok(if is_gguf(path) { Box::new(crate::gguf::GgufSource::new(crate::gguf::GgufFile::open(path)?)) } else { Box::new(SafetensorsSource::open_dir(path)?) })
 }
 

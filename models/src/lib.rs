@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod hf_config;
 pub mod init;
 pub mod llama;
+pub mod lora;
 pub mod loss;
 pub mod params;
 pub mod presets;

@@ -30,3 +30,14 @@ pub fn data_root() -> Option<std::path::PathBuf> {
         }
     }
 }
+
+/// The Python to run (`KILN_PYTHON`, else `python3`) if it imports every module of `modules`
+/// (comma-separated, as in `import torch, transformers`), else why not.
+pub fn python_with(modules: &str) -> Result<String, String> {
+    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
+    match std::process::Command::new(&py).args(["-c", &format!("import {modules}")]).output() {
+        Ok(o) if o.status.success() => Ok(py),
+        Ok(o) => Err(format!("{py} cannot import {modules} ({})", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""))),
+        Err(e) => Err(format!("no {py}: {e}")),
+    }
+}

@@ -87,14 +87,9 @@ fn smollm2_q4_1_matches_the_transformers_fixture() {
     assert_eq!(greedy_reply(&model, &tok, &chat, PROMPT), "The capital of France is Paris.");
 }
 
-/// Python with torch, transformers, gguf and accelerate, or why not.
+/// Python with torch, transformers, gguf, accelerate, or why not.
 fn python_with_gguf() -> Result<String, String> {
-    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
-    match Command::new(&py).args(["-c", "import torch, transformers, gguf, accelerate"]).output() {
-        Ok(o) if o.status.success() => Ok(py),
-        Ok(o) => Err(format!("{py} lacks torch, transformers, gguf or accelerate ({})", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""))),
-        Err(e) => Err(format!("no {py}: {e}")),
-    }
+    kiln_models::skip::python_with("torch, transformers, gguf, accelerate")
 }
 
 #[test]

@@ -27,14 +27,18 @@ fn read_json(p: &Path) -> Option<Value> {
     serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
 }
 
-/// Writes `out` from the model folder `model` (a run's final/ or a checkpoint) or a GGUF file
-/// (de-quantized to f32). `run` is the run directory, when there is one, for the model card.
+/// Writes `out` from the model folder `model` (a run's final/ or a checkpoint), a GGUF file
+/// (de-quantized to f32), or a LoRA adapter folder (merged into its base). `run` is the run directory, when there is one, for the model card.
 /// `out` must not exist.
 pub fn export(model: &Path, run: Option<&Path>, out: &Path, o: &ExportOptions) -> Result<()> {
-    let (cfg, tok, tensors) = if checkpoint::is_gguf(model) {
-        kiln_models::gguf::hf_tensors(model)?
+    let (cfg, tok, tensors, files) = if kiln_models::lora::is_adapter_dir(model) {
+        // A LoRA adapter: its base with the adapter merged in.
+        kiln_models::lora::merged_hf_tensors(model)?
+    } else if checkpoint::is_gguf(model) {
+        let (c, t, ts) = kiln_models::gguf::hf_tensors(model)?;
+        (c, t, ts, model.to_path_buf())
     } else {
-        (read_config(&model.join(checkpoint::CONFIG))?, Tokenizer::load(&model.join(checkpoint::TOKENIZER))?, SafetensorsSource::open_dir(model)?.into_tensors())
+        (read_config(&model.join(checkpoint::CONFIG))?, Tokenizer::load(&model.join(checkpoint::TOKENIZER))?, SafetensorsSource::open_dir(model)?.into_tensors(), model.to_path_buf())
     };
     let report = run.and_then(|r| crate::report::Report::load(r).ok());
     let manifest = run.and_then(|r| read_json(&r.join("manifest.json")));
@@ -63,7 +67,7 @@ pub fn export(model: &Path, run: Option<&Path>, out: &Path, o: &ExportOptions) -
             "clean_up_tokenization_spaces": false,
         });
         let mut tc = tc;
-        if let Some(t) = tok.chat_template.clone().or_else(|| chat_template(model, manifest.as_ref())) {
+        if let Some(t) = tok.chat_template.clone().or_else(|| chat_template(&files, manifest.as_ref())) {
             tc["chat_template"] = t.into();
         }
         std::fs::write(tmp.join("tokenizer_config.json"), js(&tc)).map_err(|e| io(tmp, e))?;

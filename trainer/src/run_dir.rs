@@ -223,14 +223,14 @@ pub fn latest_checkpoint(run: &Path) -> Option<(usize, PathBuf)> {
     checkpoints(run).into_iter().rev().find(|(_, p)| p.join("state.json").is_file())
 }
 
-/// A run directory's final/ model, else its newest checkpoint; a model folder itself; or
-/// `hf://org/model`, downloaded.
+/// A run directory's final/ model, else its newest checkpoint; a model folder, a .gguf file or
+/// a LoRA adapter folder itself; or `hf://org/model`, downloaded.
 pub fn model_dir(p: &Path) -> Result<PathBuf> {
     let s = p.to_string_lossy();
     if s.starts_with("hf://") {
         return crate::hub::download_model(&s, &Dirs::from_env(None).cache);
     }
-    if p.join("config.json").is_file() || (kiln_models::checkpoint::is_gguf(p) && p.is_file()) {
+    if p.join("config.json").is_file() || (kiln_models::checkpoint::is_gguf(p) && p.is_file()) || kiln_models::lora::is_adapter_dir(p) {
         return Ok(p.to_path_buf());
     }
     if p.join("final").join("config.json").is_file() {
@@ -239,7 +239,7 @@ pub fn model_dir(p: &Path) -> Result<PathBuf> {
     if let Some((_, ck)) = latest_checkpoint(p) {
         return Ok(ck);
     }
-    bail!("{}: no model here (expected final/, checkpoints/step-*/, a folder with config.json or a .gguf file)", p.display())
+    bail!("{}: no model here (expected final/, checkpoints/step-*/, a folder with config.json or adapter_config.json, or a .gguf file)", p.display())
 }
 
 /// Reads a run directory's plan.

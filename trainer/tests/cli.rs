@@ -538,14 +538,9 @@ fn init_continues_from_a_trained_model() {
     assert_clean_error(&env.run(&["run", env.write("c.toml", "init = \"nowhere/at/all\"\n").to_str().unwrap()]), &["init = \"nowhere/at/all\"", "no model here"]);
 }
 
-/// Python with `transformers` and `torch`, or the reason there is none.
+/// Python with torch, transformers, or why not.
 fn python_with_transformers() -> Result<String, String> {
-    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
-    match Command::new(&py).args(["-c", "import torch, transformers"]).output() {
-        Ok(o) if o.status.success() => Ok(py),
-        Ok(o) => Err(format!("{py} lacks torch or transformers ({})", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""))),
-        Err(e) => Err(format!("no {py}: {e}")),
-    }
+    kiln_models::skip::python_with("torch, transformers")
 }
 
 #[test]

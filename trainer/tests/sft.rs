@@ -176,14 +176,9 @@ fn bad_sft_input_stops_before_training() {
     assert!(e.contains("set init"), "{e}");
 }
 
-/// Python with `transformers`, or the reason there is none.
+/// Python with transformers, or why not.
 fn python_with_transformers() -> Result<String, String> {
-    let py = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
-    match Command::new(&py).args(["-c", "import transformers"]).output() {
-        Ok(o) if o.status.success() => Ok(py),
-        Ok(o) => Err(format!("{py} lacks transformers ({})", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""))),
-        Err(e) => Err(format!("no {py}: {e}")),
-    }
+    kiln_models::skip::python_with("transformers")
 }
 
 /// transformers' `apply_chat_template` on an exported folder: for each conversation, the text

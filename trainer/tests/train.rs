@@ -218,6 +218,14 @@ fn gradient_checkpointing_and_the_emptied_model_change_no_bit() {
     }
     let moments = ckpt.optimizer_tensors();
     assert_eq!(moments.specs.len(), 2 * filled.len());
+    // Asking for the model before any step, and on Burn's graph, hands it over as it is.
+    let mut fresh = engine(true);
+    let before = kiln_models::checkpoint::burn_tensors(fresh.model());
+    assert_eq!(before, kiln_models::checkpoint::burn_tensors(&tiny()));
+    let mut graph = Engine::<B>::new(EngineKind::Graph, tiny(), AdamW::new(cfg.clone()), &model_cfg, 2, false);
+    let _ = graph.model();
+    graph.step(&micro, 3e-3, &Default::default(), None).unwrap();
+    assert_eq!(kiln_models::checkpoint::burn_tensors(graph.model()).len(), filled.len());
 }
 
 #[test]

@@ -113,10 +113,11 @@ impl<'a> Grads<'_, 'a> {
     pub(super) fn commit(&mut self, r: usize, pool: &mut Pool) {
         let (m, cv) = &self.sink.regions[r];
         let mut g = lock(m);
-        while g.turn != self.shard && !g.failed {
+        while g.turn != self.shard {
+            // A shard below panicked: stop waiting (its panic is the one to report).
+            assert!(!g.failed, "another thread's backward pass failed");
             g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
-        assert!(!g.failed, "another thread's backward pass failed");
         if let Some(s) = self.scratch[r].take() {
             add_into(&mut *g.buf, &s);
             pool.put([s]);

@@ -24,11 +24,25 @@ pub struct Args {
     /// The licence for the model card (an SPDX id or "other").
     #[arg(long, default_value = "other")]
     license: String,
+    /// MODEL is a LoRA adapter folder: write its base model with the adapter merged in
+    /// (default output NAME-merged beside it).
+    #[arg(long)]
+    merge: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let adapter = kiln_models::lora::is_adapter_dir(&a.model);
+    if adapter && !a.merge {
+        bail!("{} is a LoRA adapter folder, already in PEFT's format\n  hint: `kiln export {} --merge` writes its base model with the adapter merged in", a.model.display(), a.model.display());
+    }
+    if a.merge && !adapter {
+        bail!("--merge: {} is not a LoRA adapter folder (no adapter_config.json)", a.model.display());
+    }
     let out = a.out.unwrap_or_else(|| {
-        if kiln_models::checkpoint::is_gguf(&a.model) {
+        if adapter {
+            let name = a.model.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "adapter".into());
+            a.model.with_file_name(format!("{name}-merged"))
+        } else if kiln_models::checkpoint::is_gguf(&a.model) {
             // x.gguf -> x-hf beside it.
             a.model.with_file_name(format!("{}-hf", a.model.file_stem().unwrap_or_default().to_string_lossy()))
         } else {

@@ -121,8 +121,10 @@ impl<B: AutodiffBackend> Engine<B> {
     /// The model with its current weights (the kernels fill the parameters they had emptied;
     /// the next step empties them again).
     pub fn model(&mut self) -> &Llama<B> {
-        if let (Kind::Kernels(k), Some(m), Some(device)) = (&mut self.kind, self.model.take(), &self.device) {
-            self.model = Some(k.fill(m, device));
+        if let (Kind::Kernels(k), Some(device)) = (&mut self.kind, &self.device) {
+            if let Some(m) = self.model.take() {
+                self.model = Some(k.fill(m, device));
+            }
         }
         self.model_ref()
     }
