@@ -18,7 +18,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::json;
 
 use crate::llama::{Llama, LlamaConfig, WeightSource};
-use crate::params::{visit_named, VisitNamed};
+use crate::params::{visit_base, VisitNamed};
 use crate::tokenizer::Tokenizer;
 use crate::ModelError;
 
@@ -48,8 +48,8 @@ impl<'a> TensorList<'a> {
         TensorList { specs, values: Box::new(move |i| tensors[i].2.clone()) }
     }
 
-    /// A model's parameters, by Hugging Face name, in Burn's layout (`[in, out]`); each is read
-    /// from the backend when written.
+    /// A model's parameters (the base's, without adapters), by Hugging Face name, in Burn's
+    /// layout (`[in, out]`); each is read from the backend when written.
     pub fn model<B: Backend>(model: &'a Llama<B>) -> Self {
         struct Specs(Vec<(String, Vec<usize>)>);
         impl<B: Backend> VisitNamed<B> for Specs {
@@ -72,10 +72,10 @@ impl<'a> TensorList<'a> {
             }
         }
         let mut specs = Specs(Vec::new());
-        visit_named(model, &mut specs);
+        visit_base(model, &mut specs);
         let values = move |want| {
             let mut nth = Nth { want, seen: 0, out: Vec::new() };
-            visit_named(model, &mut nth);
+            visit_base(model, &mut nth);
             nth.out
         };
         Self { specs: specs.0, values: Box::new(values) }
@@ -128,21 +128,21 @@ fn to_hf_layout(name: String, shape: Vec<usize>, values: Vec<f32>) -> HostTensor
     (name, vec![c, r], t)
 }
 
-/// Every parameter of the model, by Hugging Face name, in Hugging Face layout.
+/// Every parameter of the base model (adapters aside), by Hugging Face name, in Hugging Face layout.
 pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Vec<HostTensor> {
     let mut c = Collect { out: Vec::new(), hf_layout: true };
-    visit_named(model, &mut c);
+    visit_base(model, &mut c);
     c.out
 }
 
-/// Every parameter of the model, by Hugging Face name, in Burn's layout (`[in, out]`).
+/// Every parameter of the base model (adapters aside), by Hugging Face name, in Burn's layout (`[in, out]`).
 pub fn burn_tensors<B: Backend>(model: &Llama<B>) -> Vec<HostTensor> {
     let mut c = Collect { out: Vec::new(), hf_layout: false };
-    visit_named(model, &mut c);
+    visit_base(model, &mut c);
     c.out
 }
 
-/// Each parameter's Hugging Face name and element count, without copying weights.
+/// Each base parameter's Hugging Face name and element count (adapters aside), without copying weights.
 pub fn param_sizes<B: Backend>(model: &Llama<B>) -> HashMap<String, usize> {
     struct Sizes(HashMap<String, usize>);
     impl<B: Backend> VisitNamed<B> for Sizes {
@@ -151,7 +151,7 @@ pub fn param_sizes<B: Backend>(model: &Llama<B>) -> HashMap<String, usize> {
         }
     }
     let mut s = Sizes(HashMap::new());
-    visit_named(model, &mut s);
+    visit_base(model, &mut s);
     s.0
 }
 

@@ -27,6 +27,22 @@ pub fn map_named<B: Backend, M: Module<B>, V: MapNamed<B>>(module: M, v: &mut V)
     module.map(&mut Named { path: Vec::new(), inner: v })
 }
 
+/// Visits the base model's parameters only: LoRA adapters' (`lora_params.rs`) are skipped.
+/// Checkpoints of the model, its export and the kernels' layout see the base through this.
+pub fn visit_base<B: Backend, M: Module<B>, V: VisitNamed<B>>(module: &M, v: &mut V) {
+    visit_named(module, &mut Base(v));
+}
+
+struct Base<'a, V>(&'a mut V);
+
+impl<B: Backend, V: VisitNamed<B>> VisitNamed<B> for Base<'_, V> {
+    fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<B, D>>) {
+        if !crate::lora_params::is_adapter(name) {
+            self.0.visit(name, param);
+        }
+    }
+}
+
 /// The module path as Burn walks it; the parameter's name is `path.weight`.
 struct Named<'a, V> {
     path: Vec<String>,

@@ -79,6 +79,11 @@ fn check_model(cfg: LlamaConfig, threads: usize, b: usize, t: usize, fused: bool
 
 /// The Burn gradient of the parameter called `name`.
 fn find_grad(model: &Llama<B>, grads: &<B as burn::tensor::backend::AutodiffBackend>::Gradients, name: &str) -> Vec<f32> {
+    try_grad(model, grads, name).unwrap_or_else(|| panic!("no gradient for {name}"))
+}
+
+/// The Burn gradient of the parameter called `name`, if it has one.
+fn try_grad(model: &Llama<B>, grads: &<B as burn::tensor::backend::AutodiffBackend>::Gradients, name: &str) -> Option<Vec<f32>> {
     use burn::module::{ModuleVisitor, Param};
     struct Find<'a> {
         path: Vec<String>,
@@ -101,7 +106,7 @@ fn find_grad(model: &Llama<B>, grads: &<B as burn::tensor::backend::AutodiffBack
     }
     let mut f = Find { path: Vec::new(), name, grads, out: None };
     burn::module::Module::visit(model, &mut f);
-    f.out.unwrap_or_else(|| panic!("no gradient for {name}"))
+    f.out
 }
 
 #[test]
@@ -211,3 +216,126 @@ fn gradient_checkpointing_changes_no_bit() {
         }
     }
 }
+
+/// A model frozen on Burn's side (no gradients for the base) with a LoRA adapter of rank 4 on
+/// `targets`, `B` drawn at random (a fresh adapter's `B = 0` would hide half the maths).
+fn lora_model(cfg: &LlamaConfig, targets: &[&str], rslora: bool) -> (Llama<B>, kiln_models::lora::Adapter) {
+    use kiln_models::lora::{Adapter, LoraSpec};
+    let device = Default::default();
+    let model = Llama::<B>::build(cfg, &mut RandomInit::new(3, cfg.num_hidden_layers), &device).unwrap();
+    let mut model = burn::module::Module::no_grad(model);
+    let targets: Vec<String> = targets.iter().map(|s| s.to_string()).collect();
+    let mut spec = LoraSpec::new(4, 8.0, 0.0, &targets).unwrap();
+    spec.rslora = rslora;
+    let mut adapter = Adapter::init(spec, String::new(), cfg, 11);
+    for (k, p) in adapter.pairs.values_mut().enumerate() {
+        p.b.iter_mut().enumerate().for_each(|(i, x)| *x = (((i * 7 + k * 3) % 11) as f32 - 5.0) * 0.01);
+    }
+    model.lora = Some(kiln_models::lora_params::Lora::build(&adapter, cfg.num_hidden_layers, &device).unwrap());
+    (model, adapter)
+}
+
+/// LoRA on both engines: the kernels' logits, loss and every adapter gradient equal Burn's
+/// autodiff of `x·W + s·(x·Aᵀ)·Bᵀ` (untied and tied, GQA, one and two threads, all seven
+/// projections and a subset, rsLoRA's scale, a masked prompt); Burn computes no gradient for
+/// the frozen base; the merged weights give the unmerged logits; gradient checkpointing
+/// changes no bit of the adapters' gradients either.
+#[test]
+fn lora_kernels_match_burn() {
+    use kiln_models::cpu_kernels::{Adapt, AdapterLayout};
+    let cases: [(bool, usize, &[&str], bool); 3] =
+        [(false, 1, &["all-linear"], false), (true, 2, &["q_proj", "v_proj", "down_proj"], false), (false, 3, &["k_proj", "o_proj", "gate_proj", "up_proj"], true)];
+    for (tied, threads, targets, rslora) in cases {
+        let cfg = config(tied);
+        let (model, adapter) = lora_model(&cfg, targets, rslora);
+        let device = Default::default();
+        let (b, t) = (3, 9);
+        let inputs: Vec<i64> = (0..b * t).map(|i| ((i * 7 + 3) % cfg.vocab_size) as i64).collect();
+        let targets_ids: Vec<i64> = (0..b * t).map(|i| ((i * 5 + 1) % cfg.vocab_size) as i64).collect();
+        let mask: Vec<f32> = (0..b * t).map(|i| if i % t < 3 { 0.0 } else { 1.0 }).collect();
+        let n: f32 = mask.iter().sum();
+
+        let x = Tensor::<B, 2, Int>::from_data(TensorData::new(inputs.clone(), [b, t]), &device);
+        let y = Tensor::<B, 2, Int>::from_data(TensorData::new(targets_ids.clone(), [b * t, 1]), &device);
+        let m = Tensor::<B, 2>::from_data(TensorData::new(mask.clone(), [b * t, 1]), &device);
+        let out = model.forward(x); // [B, T, V]
+        let burn_logits: Vec<f32> = out.clone().into_data().to_vec().unwrap();
+        let nll = log_softmax(out.reshape([b * t, cfg.vocab_size]), 1).gather(1, y).neg();
+        let loss = (nll * m).sum() / n;
+        let burn_loss = loss.clone().into_scalar() as f64;
+        let grads = loss.backward();
+
+        let (cos, sin) = rope_tables(&model);
+        let dims = Dims::from_config(&cfg);
+        let kern = Kernels::new(dims, cos, sin, threads);
+        let mut w = vec![0.0f32; kern.layout.len];
+        kern.layout.weights_into(&model, &mut w).unwrap();
+        let al = AdapterLayout::new(&dims, &adapter.spec);
+        let aw = al.weights(&model).unwrap();
+        let ad = Adapt { layout: &al, w: &aw };
+        let k_logits = kern.logits_with(&w, Some(ad), &inputs, b, t);
+        let e = max_rel(&k_logits, &burn_logits);
+        assert!(e < 1e-5, "{targets:?}: logits differ by {e}");
+        let base_logits = kern.logits(&w, &inputs, b, t);
+        assert!(max_rel(&base_logits, &burn_logits) > 1e-3, "{targets:?}: the adapter changes nothing");
+        // Merged into the weights (inference), the same logits.
+        let merged = kern.layout.weights(&model).unwrap();
+        let e = max_rel(&kern.logits(&merged, &inputs, b, t), &k_logits);
+        assert!(e < 1e-5, "{targets:?}: merged logits differ by {e}");
+
+        let batch = BatchRef { inputs: &inputs, targets: &targets_ids, mask: &mask, b, t, starts: None };
+        let mut g = vec![0.0f32; al.len];
+        let k_loss = kern.adapter_loss_and_grads(&w, ad, &batch, Some(&mut g), false).loss;
+        assert!((k_loss - burn_loss).abs() < 1e-5 * burn_loss.abs(), "loss {k_loss} vs {burn_loss}");
+        for s in &al.slots {
+            let e = max_rel(&s.get(&g), &find_grad(&model, &grads, &s.name));
+            assert!(e < 1e-4, "gradient of {} differs by {e} ({targets:?}, threads {threads})", s.name);
+        }
+        assert_eq!(al.slots.len(), 2 * adapter.pairs.len());
+        // The base is frozen: Burn tracked no gradient for it.
+        for (name, _, _) in kiln_models::checkpoint::burn_tensors(&model) {
+            assert!(try_grad(&model, &grads, &name).is_none(), "{name} got a gradient");
+        }
+        // Accumulating adds; gradient checkpointing changes no bit.
+        let mut acc = g.clone();
+        kern.adapter_loss_and_grads(&w, ad, &batch, Some(&mut acc), true);
+        let twice: Vec<f32> = g.iter().map(|x| x + x).collect();
+        assert!(max_rel(&acc, &twice) < 1e-5);
+        let ckpt = Kernels::new(dims, rope_tables(&model).0, rope_tables(&model).1, threads).checkpointing(true);
+        let mut g2 = vec![0.0f32; al.len];
+        let l2 = ckpt.adapter_loss_and_grads(&w, ad, &batch, Some(&mut g2), false).loss;
+        assert_eq!(l2.to_bits(), k_loss.to_bits());
+        assert!(g2.iter().zip(&g).all(|(a, x)| a.to_bits() == x.to_bits()), "checkpointing changed the adapters' gradients");
+    }
+}
+
+/// A fresh adapter (`B = 0`) is the base model exactly, on both engines: logits bit for bit.
+#[test]
+fn fresh_adapter_is_the_base_bit_for_bit() {
+    use kiln_models::cpu_kernels::{Adapt, AdapterLayout};
+    use kiln_models::lora::{Adapter, LoraSpec};
+    let cfg = config(false);
+    let device = Default::default();
+    let mut model = Llama::<B>::build(&cfg, &mut RandomInit::new(3, cfg.num_hidden_layers), &device).unwrap();
+    let (b, t) = (2, 7);
+    let inputs: Vec<i64> = (0..b * t).map(|i| ((i * 7 + 3) % cfg.vocab_size) as i64).collect();
+    let x = || Tensor::<B, 2, Int>::from_data(TensorData::new(inputs.clone(), [b, t]), &device);
+    let base: Vec<f32> = model.forward(x()).into_data().to_vec().unwrap();
+    let spec = LoraSpec::new(8, 16.0, 0.0, &["all-linear".to_string()]).unwrap();
+    let adapter = Adapter::init(spec, String::new(), &cfg, 5);
+    model.lora = Some(kiln_models::lora_params::Lora::build(&adapter, cfg.num_hidden_layers, &device).unwrap());
+    let adapted: Vec<f32> = model.forward(x()).into_data().to_vec().unwrap();
+    assert!(base.iter().zip(&adapted).all(|(a, b)| a.to_bits() == b.to_bits()), "Burn: a fresh adapter changed the logits");
+    let (cos, sin) = rope_tables(&model);
+    let dims = Dims::from_config(&cfg);
+    let kern = Kernels::new(dims, cos, sin, 2);
+    let mut w = vec![0.0f32; kern.layout.len];
+    kern.layout.weights_into(&model, &mut w).unwrap();
+    let al = AdapterLayout::new(&dims, &adapter.spec);
+    let aw = al.weights(&model).unwrap();
+    assert!(aw.iter().any(|&v| v != 0.0), "A is drawn, not zero");
+    let with = kern.logits_with(&w, Some(Adapt { layout: &al, w: &aw }), &inputs, b, t);
+    let without = kern.logits(&w, &inputs, b, t);
+    assert!(with.iter().zip(&without).all(|(a, b)| a.to_bits() == b.to_bits()), "kernels: a fresh adapter changed the logits");
+}
+

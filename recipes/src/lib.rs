@@ -20,7 +20,7 @@ pub use schema::*;
 pub use values::{DeviceSpec, Meter, Precision};
 
 /// The recipe's sections (tables).
-const SECTIONS: [&str; 7] = ["model", "tokenizer", "data", "optim", "train", "eval", "energy"];
+const SECTIONS: [&str; 8] = ["model", "tokenizer", "data", "optim", "train", "eval", "energy", "lora"];
 
 impl fmt::Display for Recipe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

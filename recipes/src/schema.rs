@@ -25,6 +25,9 @@ pub struct Recipe {
     pub train: TrainSection,
     pub eval: EvalSection,
     pub energy: EnergySection,
+    /// Train LoRA adapters on a frozen base (`init`) instead of the whole model; absent means
+    /// full fine-tuning.
+    pub lora: Option<LoraSection>,
 }
 
 impl Default for Recipe {
@@ -40,6 +43,7 @@ impl Default for Recipe {
             train: TrainSection::default(),
             eval: EvalSection::default(),
             energy: EnergySection::default(),
+            lora: None,
         }
     }
 }
@@ -391,3 +395,32 @@ impl Default for EnergySection {
         }
     }
 }
+
+/// `[lora]`: LoRA adapters (`y = x·W + s·(x·Aᵀ)·Bᵀ`) on some projections of a frozen base model.
+/// Only the adapters get gradients, AdamW moments, clipping and decay; checkpoints and `final/`
+/// hold them in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    /// The adapters' rank r.
+    pub rank: usize,
+    /// The scale's numerator: the adapter adds `(alpha / rank)·B·A` (`alpha / √rank` with `rslora`).
+    pub alpha: f64,
+    /// Dropout on the adapters' input (PEFT's `lora_dropout`). Kiln trains without it for now:
+    /// only 0 is accepted.
+    pub dropout: f64,
+    /// The adapted projections: any of `q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`,
+    /// or `["all-linear"]` for all seven.
+    pub targets: Vec<String>,
+    /// rsLoRA: scale by `alpha / √rank`.
+    pub rslora: bool,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self { rank: 16, alpha: 32.0, dropout: 0.0, targets: vec!["all-linear".into()], rslora: false }
+    }
+}
+
+/// The projections `[lora] targets` may name.
+pub const LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];

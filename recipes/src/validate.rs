@@ -29,8 +29,35 @@ impl Recipe {
         tokenizer(&self.tokenizer)?;
         model(&self.model)?;
         energy(&self.energy)?;
+        if let Some(l) = &self.lora {
+            lora(l, self.init.is_some())?;
+        }
         name(&self.name)
     }
+}
+
+fn lora(l: &LoraSection, has_init: bool) -> Check {
+    if !has_init {
+        return err("lora", "LoRA trains adapters on a base model: set init (a run, a model folder, a .gguf file or hf://org/model)");
+    }
+    if !(1..=4096).contains(&l.rank) {
+        return err("lora.rank", format!("must be between 1 and 4096, got {}", l.rank));
+    }
+    if !(l.alpha.is_finite() && l.alpha > 0.0) {
+        return err("lora.alpha", format!("must be a positive number, got {}", l.alpha));
+    }
+    if l.dropout != 0.0 {
+        return err("lora.dropout", format!("Kiln trains adapters without dropout for now: set 0 (got {})", l.dropout));
+    }
+    if l.targets.is_empty() {
+        return err("lora.targets", format!("name some of {} or \"all-linear\"", LORA_TARGETS.join(", ")));
+    }
+    for t in &l.targets {
+        if t != "all-linear" && !LORA_TARGETS.contains(&t.as_str()) {
+            return err("lora.targets", format!("unknown projection \"{t}\"; the targets are {} or \"all-linear\"", LORA_TARGETS.join(", ")));
+        }
+    }
+    Ok(())
 }
 
 fn optim(o: &OptimSection) -> Check {

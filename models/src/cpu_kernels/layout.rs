@@ -145,22 +145,31 @@ impl Layout {
 
     /// Copies a parameter's values (row-major, its Burn shape) into the flat buffer.
     pub fn put(&self, flat: &mut [f32], s: &Slot, values: &[f32]) {
-        let (rows, cols) = rows_cols(&s.shape);
-        assert_eq!(values.len(), rows * cols, "{}: wrong number of values", s.name);
-        for r in 0..rows {
-            let at = s.off + r * s.ld + s.col;
-            flat[at..at + cols].copy_from_slice(&values[r * cols..(r + 1) * cols]);
-        }
+        s.put(flat, values)
     }
 
-    /// The model's parameters in this layout.
+    /// The model's parameters in this layout, its LoRA adapters (if any) merged in
+    /// (`W + (s·B·A)ᵀ`): what inference (evaluation, generation) runs on.
     pub fn weights<B: Backend>(&self, model: &Llama<B>) -> Result<Vec<f32>, ModelError> {
         let mut flat = vec![0.0f32; self.len];
         self.weights_into(model, &mut flat)?;
+        if let Some(lora) = &model.lora {
+            let adapter = lora.to_adapter(String::new());
+            for s in &self.slots {
+                let Some(delta) = s.name.strip_suffix(".weight").and_then(|m| adapter.delta(m)) else { continue };
+                let (d_in, d_out) = rows_cols(&s.shape);
+                let mut w = s.get(&flat); // [in, out]
+                for (i, row) in w.chunks_exact_mut(d_out).enumerate() {
+                    row.iter_mut().enumerate().for_each(|(o, x)| *x += delta[o * d_in + i]); // delta [out, in]
+                }
+                s.put(&mut flat, &w);
+            }
+        }
         Ok(flat)
     }
 
-    /// [`Layout::weights`] into an existing buffer of `len` values.
+    /// The base model's parameters (adapters aside, as training reads them) into an existing
+    /// buffer of `len` values.
     pub fn weights_into<B: Backend>(&self, model: &Llama<B>, flat: &mut [f32]) -> Result<(), ModelError> {
         let tensors = crate::checkpoint::burn_tensors(model);
         if tensors.len() != self.slots.len() {
@@ -178,17 +187,39 @@ impl Layout {
 
     /// The flat index ranges holding a parameter, one per row.
     pub fn rows(&self, s: &Slot) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
-        let (rows, cols) = rows_cols(&s.shape);
-        let (off, ld, col) = (s.off, s.ld, s.col);
-        (0..rows).map(move |r| off + r * ld + col..off + r * ld + col + cols)
+        s.rows()
     }
 
     /// A parameter's values (row-major, its Burn shape) from the flat buffer.
     pub fn get(&self, flat: &[f32], s: &Slot) -> Vec<f32> {
-        let (rows, cols) = rows_cols(&s.shape);
+        s.get(flat)
+    }
+}
+
+impl Slot {
+    /// Copies the parameter's values (row-major, its Burn shape) into the flat buffer.
+    pub fn put(&self, flat: &mut [f32], values: &[f32]) {
+        let (rows, cols) = rows_cols(&self.shape);
+        assert_eq!(values.len(), rows * cols, "{}: wrong number of values", self.name);
+        for r in 0..rows {
+            let at = self.off + r * self.ld + self.col;
+            flat[at..at + cols].copy_from_slice(&values[r * cols..(r + 1) * cols]);
+        }
+    }
+
+    /// The flat index ranges holding the parameter, one per row.
+    pub fn rows(&self) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let (rows, cols) = rows_cols(&self.shape);
+        let (off, ld, col) = (self.off, self.ld, self.col);
+        (0..rows).map(move |r| off + r * ld + col..off + r * ld + col + cols)
+    }
+
+    /// The parameter's values (row-major, its Burn shape) from the flat buffer.
+    pub fn get(&self, flat: &[f32]) -> Vec<f32> {
+        let (rows, cols) = rows_cols(&self.shape);
         let mut out = Vec::with_capacity(rows * cols);
         for r in 0..rows {
-            let at = s.off + r * s.ld + s.col;
+            let at = self.off + r * self.ld + self.col;
             out.extend_from_slice(&flat[at..at + cols]);
         }
         out

@@ -18,7 +18,8 @@
 //! Parity with the Burn model (logits, loss and every gradient) is tested in
 //! `models/tests/cpu_kernels.rs`.
 //!
-//! The parts: `layout.rs` (the flat buffer and its named slots), `pool.rs` (per-thread buffers),
+//! The parts: `layout.rs` (the flat buffer and its named slots), `adapters.rs` (LoRA adapters'
+//! buffer and their forward and backward), `pool.rs` (per-thread buffers),
 //! `model.rs` (forward, loss, backward), `ops.rs` (the primitives), `sink.rs` (the threads'
 //! gradients into one buffer), `decode.rs` (inference with a KV cache, for generation). This
 //! file splits a batch across threads.
@@ -28,6 +29,7 @@ use rayon::prelude::*;
 
 use crate::llama::{Llama, LlamaConfig};
 
+mod adapters;
 mod decode;
 mod layout;
 mod model;
@@ -35,6 +37,7 @@ mod ops;
 mod pool;
 mod sink;
 
+pub use adapters::{Adapt, AdapterLayout};
 pub use decode::KvRow;
 pub use layout::{rope_tables, Dims, Layout, Slot};
 use model::{forward, shard, Keep, Rope};
@@ -111,18 +114,25 @@ impl Kernels {
     /// batch is split across the threads by sequence; shard gradients are summed in a fixed order
     /// (`sink.rs`).
     pub fn loss_and_grads(&self, w: &[f32], batch: &BatchRef, grads: Option<&mut [f32]>) -> Pass {
-        self.pass(w, batch, grads, false)
+        self.pass(w, None, batch, grads, false)
     }
 
     /// [`Kernels::loss_and_grads`], adding the gradient to what `grads` holds (gradient
     /// accumulation without a second full-size buffer).
     pub fn add_loss_grads(&self, w: &[f32], batch: &BatchRef, grads: &mut [f32]) -> Pass {
-        self.pass(w, batch, Some(grads), true)
+        self.pass(w, None, batch, Some(grads), true)
     }
 
-    fn pass(&self, w: &[f32], batch: &BatchRef, grads: Option<&mut [f32]>, accumulate: bool) -> Pass {
+    /// LoRA: the loss of the weights `w` with the adapters `ad` on top and, when `grads` is
+    /// given (`ad.layout.len` values), the adapters' gradient, written there or, with
+    /// `accumulate`, added to what it holds. The base is frozen: its gradients are not computed.
+    pub fn adapter_loss_and_grads(&self, w: &[f32], ad: Adapt, batch: &BatchRef, grads: Option<&mut [f32]>, accumulate: bool) -> Pass {
+        self.pass(w, Some(ad), batch, grads, accumulate)
+    }
+
+    fn pass(&self, w: &[f32], ad: Option<Adapt>, batch: &BatchRef, grads: Option<&mut [f32]>, accumulate: bool) -> Pass {
         let layout = &self.layout;
-        self.check(w, batch.inputs.iter().chain(batch.targets.iter()), batch.t);
+        self.check(w, ad, batch.inputs.iter().chain(batch.targets.iter()), batch.t);
         if let Some(s) = batch.starts {
             assert!(s.len() == batch.inputs.len() && s.iter().enumerate().all(|(p, &st)| st as usize <= p % batch.t), "starts must give, for each position, an earlier position of its row");
         }
@@ -143,28 +153,37 @@ impl Kernels {
                 starts: batch.starts.map(|s| &s[rows]),
             };
             let mut pool = self.pool(i);
-            shard(layout, w, &rope, &part, n_loss, grads, keep, &mut pool, self.wide)
+            shard(layout, w, ad, &rope, &part, n_loss, grads, keep, &mut pool, self.wide)
         };
         let Some(out) = grads else {
             // Forward only.
             let results: Vec<(f64, f64)> = (0..shards).into_par_iter().map(|i| run(i, None)).collect();
             return pass(&results, n_loss);
         };
-        assert_eq!(out.len(), layout.len);
+        let regions = match ad {
+            Some(a) => a.layout.regions(),
+            None => layout.regions(),
+        };
+        assert_eq!(out.len(), regions.last().map_or(0, |r| r.end), "the gradient buffer does not fit the layout");
         if !accumulate {
             out.fill(0.0);
         }
         // Shards run on rayon's pool (long-lived threads, so gemm's per-thread packing buffers
         // are reused); `collect` keeps shard order.
-        let sink = Sink::new(out, layout.regions());
+        let sink = Sink::new(out, regions);
         let results: Vec<(f64, f64)> = (0..shards).into_par_iter().map(|i| run(i, Some(sink.writer(i)))).collect();
         pass(&results, n_loss)
     }
 
-    /// The invariants the kernels index by: weights of this layout, a context within the RoPE
-    /// tables, token ids within the vocabulary (the trainer's data guarantees all three).
-    fn check<'a>(&self, w: &[f32], tokens: impl Iterator<Item = &'a i64>, t: usize) {
+    /// The invariants the kernels index by: weights of this layout (and adapters of a layout
+    /// for its layers), a context within the RoPE tables, token ids within the vocabulary (the
+    /// trainer's data guarantees them).
+    fn check<'a>(&self, w: &[f32], ad: Option<Adapt>, tokens: impl Iterator<Item = &'a i64>, t: usize) {
         assert_eq!(w.len(), self.layout.len);
+        if let Some(a) = ad {
+            assert_eq!(a.w.len(), a.layout.len, "adapter weights do not fit their layout");
+            assert_eq!(a.layout.regions().len(), self.layout.regions().len(), "the adapters are for another number of layers");
+        }
         assert!(t * self.layout.dims.head_dim <= self.cos.len(), "context {t} is longer than the RoPE tables");
         let vocab = self.layout.dims.vocab;
         for &tok in tokens {
@@ -199,7 +218,12 @@ impl Kernels {
 
     /// Logits `[B·T, V]` of `b` sequences of `t` tokens (forward only: evaluation, tests).
     pub fn logits(&self, w: &[f32], inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
-        self.check(w, inputs.iter(), t);
+        self.logits_with(w, None, inputs, b, t)
+    }
+
+    /// [`Kernels::logits`] with LoRA adapters on top of `w`.
+    pub fn logits_with(&self, w: &[f32], ad: Option<Adapt>, inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
+        self.check(w, ad, inputs.iter(), t);
         let rope = Rope { cos: &self.cos, sin: &self.sin };
         let bounds = self.bounds(b);
         let parts: Vec<Vec<f32>> = (0..bounds.len())
@@ -210,7 +234,7 @@ impl Kernels {
                 let (zeros, mask) = (vec![0i64; rows.len()], vec![0.0f32; rows.len()]);
                 let batch = BatchRef { inputs: &inputs[rows], targets: &zeros, mask: &mask, b: s1 - s0, t, starts: None };
                 let mut pool = self.pool(i);
-                let mut acts = forward(&self.layout, w, &rope, &batch, &mut pool, true, Keep::Nothing);
+                let mut acts = forward(&self.layout, w, ad, &rope, &batch, &mut pool, true, Keep::Nothing);
                 let out = std::mem::take(&mut acts.logits);
                 acts.recycle(&mut pool);
                 out

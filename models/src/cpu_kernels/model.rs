@@ -6,6 +6,7 @@
 //! Shapes: N = rows (sequences × T) of one thread, T = context, D = hidden, H = heads,
 //! K = kv heads, Hd = head dim, Q = H·Hd, KV = K·Hd, F = SwiGLU hidden, V = vocabulary.
 
+use super::adapters::{Adapt, DOWN, GATE, K, O, Q, UP, V};
 use super::layout::{LayerAt, Layout};
 use super::sink::Grads;
 use super::ops::*;
@@ -82,20 +83,23 @@ impl Acts {
 }
 
 /// Per-layer scratch of both passes, not kept: the normed inputs, one head's attention
-/// probabilities, sigmoid(gate) and the SwiGLU output.
+/// probabilities, sigmoid(gate), the SwiGLU output, and an adapter's `x·Aᵀ` and its gradient.
 struct Scratch {
     hn: Vec<f32>,  // [N, D]
     p: Vec<f32>,   // [T, T]
     sig: Vec<f32>, // [N, F]
     a: Vec<f32>,   // [N, F]
+    u: Vec<f32>,   // [N, r] (empty without adapters)
+    du: Vec<f32>,  // [N, r]
 }
 
 impl Scratch {
-    fn new(pool: &mut Pool, s: &Sizes) -> Self {
-        Self { hn: pool.any(s.n * s.d), p: pool.any(s.t * s.t), sig: pool.any(s.n * s.f), a: pool.any(s.n * s.f) }
+    fn new(pool: &mut Pool, s: &Sizes, ad: Option<Adapt>) -> Self {
+        let nr = ad.map_or(0, |a| s.n * a.rank());
+        Self { hn: pool.any(s.n * s.d), p: pool.any(s.t * s.t), sig: pool.any(s.n * s.f), a: pool.any(s.n * s.f), u: pool.any(nr), du: pool.any(nr) }
     }
     fn recycle(self, pool: &mut Pool) {
-        pool.put([self.hn, self.p, self.sig, self.a]);
+        pool.put([self.hn, self.p, self.sig, self.a, self.u, self.du]);
     }
 }
 
@@ -126,8 +130,9 @@ impl Sizes {
 
 #[inline(always)]
 /// With `all_logits` false, the head runs only on the rows whose target carries loss (all of
-/// them when pretraining).
-pub(super) fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, pool: &mut Pool, all_logits: bool, keep: Keep) -> Acts {
+/// them when pretraining). `ad`: LoRA adapters on top of the weights `w`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, pool: &mut Pool, all_logits: bool, keep: Keep) -> Acts {
     let dm = &layout.dims;
     let sz = Sizes::of(layout, batch);
     let Sizes { d, v, n, .. } = sz;
@@ -139,9 +144,9 @@ pub(super) fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef,
         x[i * d..(i + 1) * d].copy_from_slice(&w[e..e + d]);
     }
     let mut layers = Vec::with_capacity(dm.layers);
-    let mut sc = Scratch::new(pool, &sz);
-    for at in &layout.layers {
-        let (saved, x3) = layer(layout, at, w, rope, batch, &x, &mut sc, pool, true);
+    let mut sc = Scratch::new(pool, &sz, ad);
+    for (l, at) in layout.layers.iter().enumerate() {
+        let (saved, x3) = layer(layout, l, at, w, ad, rope, batch, &x, &mut sc, pool, true);
         let Some(x3) = x3 else { unreachable!("`next` asks for x3") };
         match keep {
             Keep::All => layers.push(LayerActs { x, saved: Some(saved) }),
@@ -185,25 +190,41 @@ pub(super) fn forward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef,
 /// pass needs no `x3`, which saves the down projection, a quarter of the layer's matmuls).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn layer(layout: &Layout, at: &LayerAt, w: &[f32], rope: &Rope, batch: &BatchRef, x: &[f32], sc: &mut Scratch, pool: &mut Pool, next: bool) -> (Saved, Option<Vec<f32>>) {
+fn layer(layout: &Layout, l: usize, at: &LayerAt, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, x: &[f32], sc: &mut Scratch, pool: &mut Pool, next: bool) -> (Saved, Option<Vec<f32>>) {
     let dm = &layout.dims;
     let Sizes { d, f, hd, q, qkv, b, t, n, scale, .. } = Sizes::of(layout, batch);
-    let Scratch { hn, p, sig, a } = sc;
+    let kv = dm.kv();
+    let Scratch { hn, p, sig, a, u, .. } = sc;
     let r1 = rms_norm(x, &w[at.ln1..at.ln1 + d], dm.eps, d, hn, pool); // [N, D]
     let mut qkv_b = pool.any(n * qkv);
     mm(n, qkv, d, &mut qkv_b, qkv, false, 1.0, rm(hn, d), rm(&w[at.wqkv..], qkv)); // [N, Q+2KV]
+    if let Some(ad) = ad {
+        for (m, col) in [(Q, 0), (K, q), (V, q + kv)] {
+            ad.forward(l, m, n, hn, &mut qkv_b[col..], qkv, u); // + s·(hn·Aᵀ)·Bᵀ
+        }
+    }
     rope_rows(&mut qkv_b, qkv, dm.heads + dm.kv_heads, hd, t, batch.starts, rope, false);
     let mut y = pool.any(n * q);
     attention_forward(dm, &qkv_b, p, &mut y, b, t, batch.starts, scale);
     let mut x2 = pool.copy(x);
     mm(n, d, q, &mut x2, d, true, 1.0, rm(&y, q), rm(&w[at.wo..], d)); // [N, D] = x + y·Wo
+    if let Some(ad) = ad {
+        ad.forward(l, O, n, &y, &mut x2, d, u);
+    }
     let r2 = rms_norm(&x2, &w[at.ln2..at.ln2 + d], dm.eps, d, hn, pool);
     let mut gu = pool.any(n * 2 * f);
     mm(n, 2 * f, d, &mut gu, 2 * f, false, 1.0, rm(hn, d), rm(&w[at.wgu..], 2 * f)); // [N, 2F]
+    if let Some(ad) = ad {
+        ad.forward(l, GATE, n, hn, &mut gu, 2 * f, u);
+        ad.forward(l, UP, n, hn, &mut gu[f..], 2 * f, u);
+    }
     let x3 = next.then(|| {
         swiglu_rows(&gu, f, sig, a);
         let mut x3 = pool.copy(&x2);
         mm(n, d, f, &mut x3, d, true, 1.0, rm(a, f), rm(&w[at.wd..], d)); // [N, D] = x2 + a·Wd
+        if let Some(ad) = ad {
+            ad.forward(l, DOWN, n, a, &mut x3, d, u);
+        }
         x3
     });
     (Saved { r1, qkv: qkv_b, y, x2, r2, gu }, x3)
@@ -213,32 +234,32 @@ fn layer(layout: &Layout, at: &LayerAt, w: &[f32], rope: &Rope, batch: &BatchRef
 /// `mask · nll` over its rows and the seconds spent up to the loss; gradients are of the mean
 /// over all `n_loss` masked tokens.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn shard(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool, wide: bool) -> (f64, f64) {
+pub(super) fn shard(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool, wide: bool) -> (f64, f64) {
     // The elementwise loops, compiled again with AVX-512 where the CPU has it. Rust never fuses
     // a multiply and an add on its own, and every reduction has a fixed order, so both versions
     // give bit-identical results (tested).
     #[cfg(target_arch = "x86_64")]
     if wide && std::arch::is_x86_feature_detected!("avx512f") {
         #[target_feature(enable = "avx512f,avx2,fma")]
-        unsafe fn wide(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool) -> (f64, f64) {
-            shard_impl(layout, w, rope, batch, n_loss, grads, keep, pool)
+        unsafe fn wide(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool) -> (f64, f64) {
+            shard_impl(layout, w, ad, rope, batch, n_loss, grads, keep, pool)
         }
         // SAFETY: the CPU supports the features `wide` is compiled for (checked just above).
-        return unsafe { wide(layout, w, rope, batch, n_loss, grads, keep, pool) };
+        return unsafe { wide(layout, w, ad, rope, batch, n_loss, grads, keep, pool) };
     }
-    shard_impl(layout, w, rope, batch, n_loss, grads, keep, pool)
+    shard_impl(layout, w, ad, rope, batch, n_loss, grads, keep, pool)
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn shard_impl(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool) -> (f64, f64) {
+fn shard_impl(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool) -> (f64, f64) {
     let t0 = std::time::Instant::now();
     let keep = if grads.is_some() { keep } else { Keep::Nothing };
-    let mut acts = forward(layout, w, rope, batch, pool, false, keep);
+    let mut acts = forward(layout, w, ad, rope, batch, pool, false, keep);
     let loss = cross_entropy(&mut acts.logits, acts.rows.as_deref(), batch, n_loss, layout.dims.vocab);
     let forward_s = t0.elapsed().as_secs_f64();
     if let Some(mut g) = grads {
-        backward(layout, w, rope, batch, &acts, &mut g, pool);
+        backward(layout, w, ad, rope, batch, &acts, &mut g, pool);
     }
     acts.recycle(pool);
     (loss, forward_s)
@@ -272,17 +293,118 @@ fn cross_entropy(logits: &mut [f32], rows: Option<&[usize]>, batch: &BatchRef, n
 /// Every parameter's gradient into `g`, from the activations of [`forward`] whose logits
 /// [`cross_entropy`] has turned into d loss / d logits: [`forward`]'s sections in reverse. Each
 /// region of `g` (the norm with the head, each layer, the embedding) is committed when done.
+///
+/// With adapters (`ad`), the base is frozen: `g` is the adapters' gradient buffer (its regions
+/// cut as the base's, `adapters.rs`), and the base's weight gradients are not computed.
 #[inline(always)]
-fn backward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, acts: &Acts, g: &mut Grads, pool: &mut Pool) {
+#[allow(clippy::too_many_arguments)]
+fn backward(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, acts: &Acts, g: &mut Grads, pool: &mut Pool) {
     let dm = &layout.dims;
     let sz = Sizes::of(layout, batch);
-    let Sizes { d, f, hd, v, q, qkv, b, t, n, scale } = sz;
+    let Sizes { d, f, hd, q, qkv, b, t, n, scale, .. } = sz;
+    let kv = dm.kv();
+    let frozen = ad.is_some();
+    let mut dx = head_backward(layout, w, frozen, acts, g, &sz, pool); // [N, D] gradient of the residual stream
+
+    let mut da = pool.any(n * f);
+    let mut dgu = pool.any(n * 2 * f);
+    let mut dhn = pool.any(n * d);
+    let mut dy = pool.any(n * q);
+    let mut dqkv = pool.any(n * qkv);
+    let mut dp = pool.any(t * t);
+    // The norms' weight gradients when the base is frozen: computed (the same loop gives the
+    // input's gradient) and dropped.
+    let mut dnorm = pool.any(if frozen { d } else { 0 });
+    // Recomputed per layer: the normed inputs, sigmoid(gate) and silu(gate)·up (and, under
+    // gradient checkpointing, the whole layer).
+    let mut sc = Scratch::new(pool, &sz, ad);
+    for (l, (at, la)) in layout.layers.iter().zip(acts.layers.iter()).enumerate().rev() {
+        let recomputed = la.saved.is_none().then(|| {
+            layer(layout, l, at, w, ad, rope, batch, &la.x, &mut sc, pool, false).0
+        });
+        let Some(sv) = la.saved.as_ref().or(recomputed.as_ref()) else { unreachable!("a layer's values are kept or recomputed") };
+        let Scratch { hn, p, sig, a, u, du } = &mut sc;
+        let o = g.start(l + 1); // where the layer's region starts in the flat buffer
+        let mut gl = g.open(l + 1, pool);
+        // MLP: x3 = x2 + a·Wd, a = silu(g)·u, [g u] = hn2·Wgu, hn2 = norm(x2).
+        swiglu_rows(&sv.gu, f, sig, a);
+        if !frozen {
+            mm(f, d, n, &mut gl[at.wd - o..], d, true, 1.0, rm(a, f).t(), rm(&dx, d)); // dWd [F, D] += a^T·dx
+        }
+        mm(n, f, d, &mut da, f, false, 1.0, rm(&dx, d), rm(&w[at.wd..], d).t()); // da [N, F] = dx·Wd^T
+        if let Some(ad) = ad {
+            ad.backward(l, DOWN, n, a, &dx, d, &mut da, &mut gl, o, u, du);
+        }
+        for i in 0..n {
+            let (gg, uu) = sv.gu[i * 2 * f..(i + 1) * 2 * f].split_at(f);
+            let (dg, du) = dgu[i * 2 * f..(i + 1) * 2 * f].split_at_mut(f);
+            swiglu_backward(gg, uu, &sig[i * f..(i + 1) * f], &da[i * f..(i + 1) * f], dg, du);
+        }
+        rms_apply(&sv.x2, &sv.r2, &w[at.ln2..at.ln2 + d], d, hn); // hn2
+        if !frozen {
+            mm(d, 2 * f, n, &mut gl[at.wgu - o..], 2 * f, true, 1.0, rm(hn, d).t(), rm(&dgu, 2 * f)); // dWgu [D, 2F]
+        }
+        mm(n, d, 2 * f, &mut dhn, d, false, 1.0, rm(&dgu, 2 * f), rm(&w[at.wgu..], 2 * f).t()); // dhn2 [N, D]
+        if let Some(ad) = ad {
+            ad.backward(l, GATE, n, hn, &dgu, 2 * f, &mut dhn, &mut gl, o, u, du);
+            ad.backward(l, UP, n, hn, &dgu[f..], 2 * f, &mut dhn, &mut gl, o, u, du);
+        }
+        // dx now holds d/dx2 (the residual path); the norm adds its share.
+        let dln2 = if frozen { &mut dnorm[..] } else { &mut gl[at.ln2 - o..at.ln2 - o + d] };
+        rms_norm_backward(&dhn, &sv.x2, &sv.r2, &w[at.ln2..at.ln2 + d], d, &mut dx, dln2);
+
+        // Attention: x2 = x + y·Wo.
+        if !frozen {
+            mm(q, d, n, &mut gl[at.wo - o..], d, true, 1.0, rm(&sv.y, q).t(), rm(&dx, d)); // dWo [Q, D] += y^T·dx2
+        }
+        mm(n, q, d, &mut dy, q, false, 1.0, rm(&dx, d), rm(&w[at.wo..], d).t()); // dy [N, Q]
+        if let Some(ad) = ad {
+            ad.backward(l, O, n, &sv.y, &dx, d, &mut dy, &mut gl, o, u, du);
+        }
+        dqkv.iter_mut().for_each(|x| *x = 0.0);
+        attention_backward(dm, &sv.qkv, &dy, &mut dqkv, p, &mut dp, b, t, batch.starts, scale);
+        rope_rows(&mut dqkv, qkv, dm.heads + dm.kv_heads, hd, t, batch.starts, rope, true);
+        rms_apply(&la.x, &sv.r1, &w[at.ln1..at.ln1 + d], d, hn); // hn1
+        if !frozen {
+            mm(d, qkv, n, &mut gl[at.wqkv - o..], qkv, true, 1.0, rm(hn, d).t(), rm(&dqkv, qkv)); // dWqkv [D, Q+2KV]
+        }
+        mm(n, d, qkv, &mut dhn, d, false, 1.0, rm(&dqkv, qkv), rm(&w[at.wqkv..], qkv).t()); // dhn1 [N, D]
+        if let Some(ad) = ad {
+            for (m, col) in [(Q, 0), (K, q), (V, q + kv)] {
+                ad.backward(l, m, n, hn, &dqkv[col..], qkv, &mut dhn, &mut gl, o, u, du);
+            }
+        }
+        let dln1 = if frozen { &mut dnorm[..] } else { &mut gl[..d] };
+        rms_norm_backward(&dhn, &la.x, &sv.r1, &w[at.ln1..at.ln1 + d], d, &mut dx, dln1);
+        drop(gl);
+        g.commit(l + 1, pool);
+        if let Some(r) = recomputed {
+            r.recycle(pool);
+        }
+    }
+    sc.recycle(pool);
+    // Embedding: dE[token_i] += dx[i].
+    if !frozen {
+        let e0 = layout.embed - g.start(0);
+        let mut ge = g.open(0, pool);
+        for (i, &tok) in batch.inputs.iter().enumerate() {
+            let e = e0 + tok as usize * d;
+            add_into(&mut ge[e..e + d], &dx[i * d..(i + 1) * d]);
+        }
+        drop(ge);
+        g.commit(0, pool);
+    }
+    pool.put([dx, da, dgu, dhn, dy, dqkv, dp, dnorm]);
+}
+
+/// The output head (or tied embedding) and the final norm, backward: their weight gradients
+/// (unless `frozen`) and the residual stream's gradient `[N, D]`, which it returns. With `rows`,
+/// the head's input and output are those rows only, and the others get no gradient from it.
+#[inline(always)]
+fn head_backward(layout: &Layout, w: &[f32], frozen: bool, acts: &Acts, g: &mut Grads, sz: &Sizes, pool: &mut Pool) -> Vec<f32> {
+    let Sizes { d, v, n, .. } = *sz;
     let dl = &acts.logits; // [M, V]
     let (embed, tail) = (0, layout.layers.len() + 1); // regions: embedding, layers 1..=L, norm + head
-    let e0 = layout.embed - g.start(embed);
-
-    // Output head (or tied embedding) and the final norm; with `rows`, the head's input and
-    // output are those rows only, and the others get no gradient from it.
     let (m, h_in) = match &acts.rows {
         Some(r) => (r.len(), &acts.hsel),
         None => (n, &acts.hf),
@@ -291,13 +413,18 @@ fn backward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, acts: &Ac
     if m > 0 {
         match layout.head {
             Some(h) => {
-                let mut gt = g.open(tail, pool);
-                mm(d, v, m, &mut gt[h - layout.norm..], v, true, 1.0, rm(h_in, d).t(), rm(dl, v)); // dHead [D, V] += h^T·dl
+                if !frozen {
+                    let mut gt = g.open(tail, pool);
+                    mm(d, v, m, &mut gt[h - layout.norm..], v, true, 1.0, rm(h_in, d).t(), rm(dl, v)); // dHead [D, V] += h^T·dl
+                }
                 mm(m, d, v, &mut dsel, d, false, 1.0, rm(dl, v), rm(&w[h..], v).t()); // [M, D] = dl·Head^T
             }
             None => {
-                let mut ge = g.open(embed, pool);
-                mm(v, d, m, &mut ge[e0..], d, true, 1.0, rm(dl, v).t(), rm(h_in, d)); // dE [V, D] += dl^T·h
+                if !frozen {
+                    let e0 = layout.embed - g.start(embed);
+                    let mut ge = g.open(embed, pool);
+                    mm(v, d, m, &mut ge[e0..], d, true, 1.0, rm(dl, v).t(), rm(h_in, d)); // dE [V, D] += dl^T·h
+                }
                 mm(m, d, v, &mut dsel, d, false, 1.0, rm(dl, v), rm(&w[layout.embed..], d)); // [M, D] = dl·E
             }
         }
@@ -313,70 +440,18 @@ fn backward(layout: &Layout, w: &[f32], rope: &Rope, batch: &BatchRef, acts: &Ac
             dh
         }
     };
-    let mut dx = pool.zeros(n * d); // [N, D] gradient of the residual stream
-    {
+    let mut dx = pool.zeros(n * d); // [N, D]
+    let norm = &w[layout.norm..layout.norm + d];
+    if frozen {
+        let mut dw = pool.any(d);
+        rms_norm_backward(&dh, &acts.xf, &acts.rf, norm, d, &mut dx, &mut dw);
+        pool.put([dw]);
+    } else {
         let mut gt = g.open(tail, pool);
-        rms_norm_backward(&dh, &acts.xf, &acts.rf, &w[layout.norm..layout.norm + d], d, &mut dx, &mut gt[..d]);
+        rms_norm_backward(&dh, &acts.xf, &acts.rf, norm, d, &mut dx, &mut gt[..d]);
+        drop(gt);
+        g.commit(tail, pool);
     }
-    g.commit(tail, pool);
-
-    let mut da = pool.any(n * f);
-    let mut dgu = pool.any(n * 2 * f);
-    let mut dhn = pool.any(n * d);
-    let mut dy = pool.any(n * q);
-    let mut dqkv = pool.any(n * qkv);
-    let mut dp = pool.any(t * t);
-    // Recomputed per layer: the normed inputs, sigmoid(gate) and silu(gate)·up (and, under
-    // gradient checkpointing, the whole layer).
-    let mut sc = Scratch::new(pool, &sz);
-    for (l, (at, la)) in layout.layers.iter().zip(acts.layers.iter()).enumerate().rev() {
-        let recomputed = la.saved.is_none().then(|| {
-            layer(layout, at, w, rope, batch, &la.x, &mut sc, pool, false).0
-        });
-        let Some(sv) = la.saved.as_ref().or(recomputed.as_ref()) else { unreachable!("a layer's values are kept or recomputed") };
-        let Scratch { hn, p, sig, a } = &mut sc;
-        let mut gl = g.open(l + 1, pool);
-        let o = at.ln1; // the region's start
-        // MLP: x3 = x2 + a·Wd, a = silu(g)·u, [g u] = hn2·Wgu, hn2 = norm(x2).
-        swiglu_rows(&sv.gu, f, sig, a);
-        mm(f, d, n, &mut gl[at.wd - o..], d, true, 1.0, rm(a, f).t(), rm(&dx, d)); // dWd [F, D] += a^T·dx
-        mm(n, f, d, &mut da, f, false, 1.0, rm(&dx, d), rm(&w[at.wd..], d).t()); // da [N, F] = dx·Wd^T
-        for i in 0..n {
-            let (gg, uu) = sv.gu[i * 2 * f..(i + 1) * 2 * f].split_at(f);
-            let (dg, du) = dgu[i * 2 * f..(i + 1) * 2 * f].split_at_mut(f);
-            swiglu_backward(gg, uu, &sig[i * f..(i + 1) * f], &da[i * f..(i + 1) * f], dg, du);
-        }
-        rms_apply(&sv.x2, &sv.r2, &w[at.ln2..at.ln2 + d], d, hn); // hn2
-        mm(d, 2 * f, n, &mut gl[at.wgu - o..], 2 * f, true, 1.0, rm(hn, d).t(), rm(&dgu, 2 * f)); // dWgu [D, 2F]
-        mm(n, d, 2 * f, &mut dhn, d, false, 1.0, rm(&dgu, 2 * f), rm(&w[at.wgu..], 2 * f).t()); // dhn2 [N, D]
-        // dx now holds d/dx2 (the residual path); the norm adds its share.
-        rms_norm_backward(&dhn, &sv.x2, &sv.r2, &w[at.ln2..at.ln2 + d], d, &mut dx, &mut gl[at.ln2 - o..at.ln2 - o + d]);
-
-        // Attention: x2 = x + y·Wo.
-        mm(q, d, n, &mut gl[at.wo - o..], d, true, 1.0, rm(&sv.y, q).t(), rm(&dx, d)); // dWo [Q, D] += y^T·dx2
-        mm(n, q, d, &mut dy, q, false, 1.0, rm(&dx, d), rm(&w[at.wo..], d).t()); // dy [N, Q]
-        dqkv.iter_mut().for_each(|x| *x = 0.0);
-        attention_backward(dm, &sv.qkv, &dy, &mut dqkv, p, &mut dp, b, t, batch.starts, scale);
-        rope_rows(&mut dqkv, qkv, dm.heads + dm.kv_heads, hd, t, batch.starts, rope, true);
-        rms_apply(&la.x, &sv.r1, &w[at.ln1..at.ln1 + d], d, hn); // hn1
-        mm(d, qkv, n, &mut gl[at.wqkv - o..], qkv, true, 1.0, rm(hn, d).t(), rm(&dqkv, qkv)); // dWqkv [D, Q+2KV]
-        mm(n, d, qkv, &mut dhn, d, false, 1.0, rm(&dqkv, qkv), rm(&w[at.wqkv..], qkv).t()); // dhn1 [N, D]
-        rms_norm_backward(&dhn, &la.x, &sv.r1, &w[at.ln1..at.ln1 + d], d, &mut dx, &mut gl[..d]);
-        drop(gl);
-        g.commit(l + 1, pool);
-        if let Some(r) = recomputed {
-            r.recycle(pool);
-        }
-    }
-    sc.recycle(pool);
-    // Embedding: dE[token_i] += dx[i].
-    {
-        let mut ge = g.open(embed, pool);
-        for (i, &tok) in batch.inputs.iter().enumerate() {
-            let e = e0 + tok as usize * d;
-            add_into(&mut ge[e..e + d], &dx[i * d..(i + 1) * d]);
-        }
-    }
-    g.commit(embed, pool);
-    pool.put([dh, dx, da, dgu, dhn, dy, dqkv, dp]);
+    pool.put([dh]);
+    dx
 }

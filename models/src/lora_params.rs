@@ -1,0 +1,132 @@
+//! LoRA adapters as parameters of the Burn model ([`crate::Llama::lora`]), for training them on
+//! Burn's graph and on the CPU kernels. An adapted projection computes
+//! `y = x·W + s·(x·Aᵀ)·Bᵀ` (`W` `[in, out]` as `llama.rs` holds it; `A` `[r, in]` and `B`
+//! `[out, r]` in PEFT's layouts, so an adapter moves to and from PEFT's files unchanged).
+//!
+//! The parameters' names follow the module path: `lora.layers.{i}.self_attn.q_proj.lora_A.weight`
+//! is PEFT's `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`. Every name
+//! starting `lora.` belongs to an adapter ([`is_adapter`]); code that reads or writes the base
+//! model's weights skips them (`params::visit_base`).
+
+#![allow(non_snake_case)]
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+use crate::llama::param_id;
+use crate::lora::{module_path, Adapter, LoraSpec, Pair, TARGETS};
+use crate::ModelError;
+
+/// The prefix of every adapter parameter's name.
+pub const PREFIX: &str = "lora.";
+
+/// Whether the parameter called `name` is an adapter's.
+pub fn is_adapter(name: &str) -> bool {
+    name.starts_with(PREFIX)
+}
+
+/// One adapted projection.
+#[derive(Module, Debug)]
+pub struct LoraPair<B: Backend> {
+    pub lora_A: Param<Tensor<B, 2>>, // [r, in]
+    pub lora_B: Param<Tensor<B, 2>>, // [out, r]
+}
+
+#[derive(Module, Debug)]
+pub struct LoraAttention<B: Backend> {
+    pub q_proj: Option<LoraPair<B>>,
+    pub k_proj: Option<LoraPair<B>>,
+    pub v_proj: Option<LoraPair<B>>,
+    pub o_proj: Option<LoraPair<B>>,
+}
+
+#[derive(Module, Debug)]
+pub struct LoraMlp<B: Backend> {
+    pub gate_proj: Option<LoraPair<B>>,
+    pub up_proj: Option<LoraPair<B>>,
+    pub down_proj: Option<LoraPair<B>>,
+}
+
+#[derive(Module, Debug)]
+pub struct LoraLayer<B: Backend> {
+    pub self_attn: LoraAttention<B>,
+    pub mlp: LoraMlp<B>,
+}
+
+/// Every layer's adapters, with the spec they were made with.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    pub layers: Vec<LoraLayer<B>>,
+    #[module(skip)]
+    pub spec: LoraSpec,
+}
+
+/// The Burn name of module `path`'s `A` (`which` = "lora_A") or `B` ("lora_B").
+pub fn burn_name(path: &str, which: &str) -> String {
+    format!("{PREFIX}{}.{which}.weight", path.strip_prefix("model.").unwrap_or(path))
+}
+
+impl<B: Backend> Lora<B> {
+    /// The adapter's pairs as parameters (those of `n_layers` layers; `adapter.check` has
+    /// matched them to the base). Trainable: they require gradients.
+    pub fn build(adapter: &Adapter, n_layers: usize, device: &B::Device) -> Result<Self, ModelError> {
+        let r = adapter.spec.rank;
+        let pair = |i: usize, m: &str| -> Option<LoraPair<B>> {
+            let path = module_path(i, m);
+            let p = adapter.pairs.get(&path)?;
+            let param = |which: &str, v: &[f32], shape: [usize; 2]| {
+                let t = Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), shape), device).require_grad();
+                Param::initialized(param_id(&burn_name(&path, which)), t)
+            };
+            Some(LoraPair { lora_A: param("lora_A", &p.a, [r, p.d_in]), lora_B: param("lora_B", &p.b, [p.d_out, r]) })
+        };
+        let layers = (0..n_layers)
+            .map(|i| LoraLayer {
+                self_attn: LoraAttention { q_proj: pair(i, "q_proj"), k_proj: pair(i, "k_proj"), v_proj: pair(i, "v_proj"), o_proj: pair(i, "o_proj") },
+                mlp: LoraMlp { gate_proj: pair(i, "gate_proj"), up_proj: pair(i, "up_proj"), down_proj: pair(i, "down_proj") },
+            })
+            .collect::<Vec<_>>();
+        let built: usize = layers.iter().map(|l| l.pairs().iter().filter(|p| p.1.is_some()).count()).sum();
+        if built != adapter.pairs.len() {
+            return Err(ModelError::Config(format!("LoRA: {} of the adapter's {} projections fit a model of {n_layers} layers", built, adapter.pairs.len())));
+        }
+        Ok(Self { layers, spec: adapter.spec.clone() })
+    }
+
+    /// The adapter's current values, for `base` (its `base_model_name_or_path`).
+    pub fn to_adapter(&self, base: String) -> Adapter {
+        let host = |t: &Param<Tensor<B, 2>>| t.val().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+        let mut pairs = BTreeMap::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (m, p) in l.pairs() {
+                if let Some(p) = p {
+                    let [_, d_in] = p.lora_A.dims();
+                    let [d_out, _] = p.lora_B.dims();
+                    pairs.insert(module_path(i, m), Pair { d_in, d_out, a: host(&p.lora_A), b: host(&p.lora_B) });
+                }
+            }
+        }
+        Adapter { spec: self.spec.clone(), base, pairs }
+    }
+
+    /// The factor `s` of `s·(x·Aᵀ)·Bᵀ`.
+    pub fn scale(&self) -> f64 {
+        self.spec.scaling()
+    }
+}
+
+impl<B: Backend> LoraLayer<B> {
+    /// The layer's pairs by target name, in [`TARGETS`]' order.
+    pub fn pairs(&self) -> [(&'static str, Option<&LoraPair<B>>); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let all = [a.q_proj.as_ref(), a.k_proj.as_ref(), a.v_proj.as_ref(), a.o_proj.as_ref(), m.gate_proj.as_ref(), m.up_proj.as_ref(), m.down_proj.as_ref()];
+        let mut i = 0;
+        all.map(|p| {
+            i += 1;
+            (TARGETS[i - 1], p)
+        })
+    }
+}
