@@ -66,6 +66,13 @@ impl LoraSpec {
         Ok(Self { rank, alpha, dropout, targets, rslora: false })
     }
 
+    /// The trainable parameters of this spec's adapters on `cfg`: `r·(in + out)` per adapted
+    /// projection.
+    pub fn params(&self, cfg: &LlamaConfig) -> usize {
+        let per_layer: usize = self.targets.iter().filter_map(|t| module_dims(cfg, t)).map(|(i, o)| self.rank * (i + o)).sum();
+        per_layer * cfg.num_hidden_layers
+    }
+
     /// The factor `s` of `s·B·A`.
     pub fn scaling(&self) -> f64 {
         if self.rslora {

@@ -118,6 +118,21 @@ impl<B: Backend> Lora<B> {
     }
 }
 
+/// Each adapter parameter's name and element count (what a LoRA run's optimizer state covers).
+pub fn param_sizes<B: Backend>(model: &crate::Llama<B>) -> std::collections::HashMap<String, usize> {
+    struct Sizes(std::collections::HashMap<String, usize>);
+    impl<B: Backend> crate::params::VisitNamed<B> for Sizes {
+        fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<B, D>>) {
+            if is_adapter(name) {
+                self.0.insert(name.to_string(), param.shape().num_elements());
+            }
+        }
+    }
+    let mut s = Sizes(Default::default());
+    crate::params::visit_named(model, &mut s);
+    s.0
+}
+
 impl<B: Backend> LoraLayer<B> {
     /// The layer's pairs by target name, in [`TARGETS`]' order.
     pub fn pairs(&self) -> [(&'static str, Option<&LoraPair<B>>); 7] {

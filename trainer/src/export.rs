@@ -71,10 +71,51 @@ pub fn export(model: &Path, run: Option<&Path>, out: &Path, o: &ExportOptions) -
             tc["chat_template"] = t.into();
         }
         std::fs::write(tmp.join("tokenizer_config.json"), js(&tc)).map_err(|e| io(tmp, e))?;
-        let card = model_card(&name, &cfg, o, report.as_ref(), manifest.as_ref(), plan.as_deref());
+        let card = model_card(&name, Some(&cfg), o, report.as_ref(), manifest.as_ref(), plan.as_deref());
         std::fs::write(tmp.join("README.md"), card).map_err(|e| io(tmp, e))
     })
     .with_context(|| format!("exporting to {}", out.display()))
+}
+
+/// Writes `out` from the LoRA adapter folder `adapter` (a LoRA run's final/ or checkpoint): the
+/// adapter in PEFT's format, as `PeftModel.from_pretrained(base, out)` loads it, and a model card
+/// naming its base model (`base_model`) with the run's scores and energy. `out` must not exist.
+pub fn export_adapter(adapter: &Path, run: Option<&Path>, out: &Path, o: &ExportOptions) -> Result<()> {
+    let a = kiln_models::lora::Adapter::read_dir(adapter)?;
+    let report = run.and_then(|r| crate::report::Report::load(r).ok());
+    let manifest = run.and_then(|r| read_json(&r.join("manifest.json")));
+    let plan = run.and_then(|r| std::fs::read_to_string(r.join("plan.toml")).ok());
+    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "adapter".into());
+    write_atomically(out, |tmp| {
+        a.write_files(tmp)?;
+        let full = model_card(&name, None, o, report.as_ref(), manifest.as_ref(), plan.as_deref());
+        let card = adapter_card(&name, &a, &full);
+        std::fs::write(tmp.join("README.md"), card).map_err(|e| kiln_models::ModelError::io(tmp, e))
+    })
+    .with_context(|| format!("exporting to {}", out.display()))
+}
+
+/// The model card of an adapter: `library_name: peft`, `base_model`, how to load it, the spec,
+/// then the full card's scores, energy and recipe sections (`full`).
+fn adapter_card(name: &str, a: &kiln_models::lora::Adapter, full: &str) -> String {
+    let s = &a.spec;
+    let base = &a.base;
+    // The full card's front matter, with peft as the library and the base named.
+    let front = full.split("\n---\n").next().unwrap_or("---").replacen("library_name: transformers", "library_name: peft", 1);
+    let mut y = format!("{front}\nbase_model: {}\n---\n\n", q(base));
+    y = y.replacen("tags:\n- kiln\n", "tags:\n- kiln\n- lora\n- peft\n", 1).replacen("training_type: pre-training", "training_type: fine-tuning", 1);
+    y += &format!(
+        "# {name}\n\nA LoRA adapter for [{base}]({base}) trained with [Kiln](https://github.com/) (Rust, Burn). It loads in PEFT:\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\nbase = AutoModelForCausalLM.from_pretrained(\"{base}\")\nmodel = PeftModel.from_pretrained(base, \"{name}\")\n```\n\n"
+    );
+    y += &format!(
+        "## Adapter\n\nRank {}, alpha {} (scale {:.4}{}), on {}: {} projections, {} parameters.\n\n",
+        s.rank, s.alpha, s.scaling(), if s.rslora { ", rsLoRA" } else { "" }, s.targets.join(", "), a.pairs.len(),
+        a.pairs.values().map(|p| p.a.len() + p.b.len()).sum::<usize>()
+    );
+    if let Some(i) = full.find("## Training") {
+        y += &full[i..];
+    }
+    y
 }
 
 /// `generation_config.json`'s EOS: the tokenizer's, or with a chat template's end-of-turn token
@@ -96,7 +137,7 @@ fn chat_template(model: &Path, manifest: Option<&Value>) -> Option<String> {
     from(model).or_else(|| from(Path::new(manifest?["init"].as_str()?)))
 }
 
-fn model_card(name: &str, cfg: &kiln_models::LlamaConfig, o: &ExportOptions, rep: Option<&Report>, man: Option<&Value>, plan: Option<&str>) -> String {
+fn model_card(name: &str, cfg: Option<&kiln_models::LlamaConfig>, o: &ExportOptions, rep: Option<&Report>, man: Option<&Value>, plan: Option<&str>) -> String {
     let mut y = String::from("---\n");
     y += &format!("license: {}\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- kiln\n- llama\n", q(&o.license));
     let datasets: Vec<String> = man
@@ -141,11 +182,13 @@ fn model_card(name: &str, cfg: &kiln_models::LlamaConfig, o: &ExportOptions, rep
     }
     y += "---\n\n";
     y += &format!("# {name}\n\nA Llama-style decoder trained with [Kiln](https://github.com/) (Rust, Burn). It loads in `transformers` as `LlamaForCausalLM`:\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained(\"{name}\")\ntokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n```\n\n");
-    y += &format!(
-        "## Model\n\n{} parameters: {} layers, hidden size {}, {} attention heads ({} key/value heads), SwiGLU {}, context {}, vocabulary {}. Weights in {}.\n\n",
-        cfg.num_params(), cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-        cfg.intermediate_size, cfg.max_position_embeddings, cfg.vocab_size, o.dtype.torch_name()
-    );
+    if let Some(cfg) = cfg {
+        y += &format!(
+            "## Model\n\n{} parameters: {} layers, hidden size {}, {} attention heads ({} key/value heads), SwiGLU {}, context {}, vocabulary {}. Weights in {}.\n\n",
+            cfg.num_params(), cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.max_position_embeddings, cfg.vocab_size, o.dtype.torch_name()
+        );
+    }
     if let Some(r) = rep {
         let t = &r.throughput;
         y += &format!(

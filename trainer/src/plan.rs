@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::DType;
+use kiln_models::lora::LoraSpec;
 use kiln_models::{checkpoint, presets, LlamaConfig, Tokenizer};
 use kiln_recipes::{Precision, Recipe, Stage};
 
@@ -60,6 +61,8 @@ pub struct Plan {
     pub engine: EngineKind,
     /// CPU threads (the kernels' shards; `RAYON_NUM_THREADS`).
     pub threads: usize,
+    /// `[lora]`: the adapters to train on the frozen `init` model.
+    pub lora: Option<LoraSpec>,
 }
 
 impl Plan {
@@ -112,9 +115,23 @@ impl Plan {
                 data
             }
         };
+        let lora = match &recipe.lora {
+            Some(l) => {
+                let mut spec = LoraSpec::new(l.rank, l.alpha, l.dropout, &l.targets).map_err(|e| anyhow::anyhow!("[lora]: {e}"))?;
+                spec.rslora = l.rslora;
+                if model.vocab_size > init_vocab {
+                    bail!(
+                        "[lora]: the chat template adds {} token(s) the base model's vocabulary lacks, and LoRA keeps the embedding frozen, so they could not be learned\n  hint: use the model's own template (data.chat_template = \"model\"), or fine-tune the whole model (remove [lora])",
+                        model.vocab_size - init_vocab
+                    );
+                }
+                Some(spec)
+            }
+            None => None,
+        };
         let t = &recipe.train;
         let engine = EngineKind::choose(&device, t.precision, t.cpu_kernels);
-        Ok(Plan { precision: t.precision, engine, model, tok, data, data_root: dirs.data_root.clone(), init_dir, init_vocab, tasks, device, threads: threads(), recipe })
+        Ok(Plan { precision: t.precision, engine, model, tok, data, data_root: dirs.data_root.clone(), init_dir, init_vocab, tasks, device, threads: threads(), lora, recipe })
     }
 
     /// What `kiln recipe check` and `kiln run` print: sizes, tokens and a memory estimate.
@@ -131,7 +148,18 @@ impl Plan {
             c.intermediate_size, ctx, c.vocab_size, c.num_params(), t.batch_size, ctx, t.grad_accum,
             per_step * t.steps as f64, self.data.sizes().0, self.data.sizes().1,
             mib(state + act), mib(state), mib(act)
-        ) + &self.sft_summary()
+        ) + &self.lora_summary() + &self.sft_summary()
+    }
+
+    /// LoRA: the adapters and how much of the model they train.
+    fn lora_summary(&self) -> String {
+        let Some(l) = &self.lora else { return String::new() };
+        let n = l.params(&self.model);
+        format!(
+            "\nlora: rank {}, alpha {} (scale {:.4}{}) on {}: {n} trainable parameters ({:.2}% of the model's {}); the base is frozen",
+            l.rank, l.alpha, l.scaling(), if l.rslora { ", rsLoRA" } else { "" }, l.targets.join(" "),
+            100.0 * n as f64 / self.model.num_params() as f64, self.model.num_params()
+        )
     }
 
     /// SFT: what became of the records (dropped, truncated) and the share of loss tokens.
@@ -146,13 +174,18 @@ impl Plan {
         )
     }
 
-    /// Bytes of f32 weights, gradients and both AdamW moments, and of activations (~ 34·d floats
+    /// Bytes of f32 weights, gradients and both AdamW moments (under LoRA, the adapters' only),
+    /// and of activations (~ 34·d floats
     /// per token per layer, d under gradient checkpointing, 5·heads·T more where Burn's decomposed attention keeps its
     /// `[B, H, T, T]` tensors, and the logits). In f64: absurd sizes must not overflow.
     pub fn memory_estimate(&self) -> (f64, f64) {
         let (t, c) = (&self.recipe.train, &self.model);
         let ctx = c.max_position_embeddings as f64;
-        let state = c.num_params() as f64 * 4.0 * 4.0;
+        // Weights, gradients and both moments; under LoRA the base has weights only.
+        let state = match &self.lora {
+            Some(l) => (c.num_params() + 4 * l.params(c)) as f64 * 4.0,
+            None => c.num_params() as f64 * 4.0 * 4.0,
+        };
         let attn = if t.fused_attention { 0.0 } else { 5.0 * c.num_attention_heads as f64 * ctx };
         let (d, layers) = (c.hidden_size as f64, c.num_hidden_layers as f64);
         let per_layer = 34.0 * d + attn;

@@ -115,15 +115,18 @@ impl RunDir {
         latest_checkpoint(&self.path)
     }
 
-    /// Writes `checkpoints/step-NNNNNNN` (model, optimizer moments, state) and keeps the newest
-    /// `keep`. A checkpoint that exists already is kept as it is.
-    pub fn save_checkpoint(&self, weights: TensorList, plan: &Plan, optimizer: &TensorList, state: &TrainState, keep: usize) -> Result<PathBuf> {
+    /// Writes `checkpoints/step-NNNNNNN` (model or adapters, optimizer moments, state) and keeps
+    /// the newest `keep`. A checkpoint that exists already is kept as it is.
+    pub fn save_checkpoint(&self, weights: Weights, plan: &Plan, optimizer: &TensorList, state: &TrainState, keep: usize) -> Result<PathBuf> {
         let dir = self.checkpoint_dir(state.step);
         if dir.exists() {
             return Ok(dir);
         }
         write_atomically(&dir, |tmp| {
-            checkpoint::write_weight_files(tmp, weights, &plan.model, &plan.tok)?;
+            match weights {
+                Weights::Full(list) => checkpoint::write_weight_files(tmp, list, &plan.model, &plan.tok)?,
+                Weights::Adapter(a) => a.write_files(tmp)?,
+            }
             checkpoint::write_safetensors_streamed(&tmp.join("optimizer.safetensors"), optimizer, &[])?;
             let s = serde_json::to_string_pretty(state).map_err(|e| kiln_models::ModelError::io(tmp, e))?;
             std::fs::write(tmp.join("state.json"), s).map_err(|e| kiln_models::ModelError::io(tmp.join("state.json"), e))
@@ -207,6 +210,15 @@ impl Metrics {
     }
 }
 
+/// What a checkpoint holds of the model.
+pub enum Weights<'a> {
+    /// Every weight, in Kiln's checkpoint layout (`model.safetensors`, config and tokenizer).
+    Full(TensorList<'a>),
+    /// LoRA: the adapters only, in PEFT's format (`adapter_config.json`,
+    /// `adapter_model.safetensors`); the base is the run's `init`.
+    Adapter(kiln_models::lora::Adapter),
+}
+
 /// A run's `checkpoints/step-NNNNNNN` folders (partial ones included), sorted by step.
 fn checkpoints(run: &Path) -> Vec<(usize, PathBuf)> {
     let Ok(rd) = std::fs::read_dir(run.join("checkpoints")) else { return Vec::new() };
@@ -233,7 +245,7 @@ pub fn model_dir(p: &Path) -> Result<PathBuf> {
     if p.join("config.json").is_file() || (kiln_models::checkpoint::is_gguf(p) && p.is_file()) || kiln_models::lora::is_adapter_dir(p) {
         return Ok(p.to_path_buf());
     }
-    if p.join("final").join("config.json").is_file() {
+    if p.join("final").join("config.json").is_file() || kiln_models::lora::is_adapter_dir(&p.join("final")) {
         return Ok(p.join("final"));
     }
     if let Some((_, ck)) = latest_checkpoint(p) {

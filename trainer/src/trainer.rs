@@ -23,7 +23,7 @@ use crate::optim::{learning_rate, AdamW};
 use crate::plan::{compute_dtype, Corpus, Plan};
 use crate::progress::Progress;
 use crate::report::{self, Reached, Report};
-use crate::run_dir::{RunDir, TrainState, CHECKPOINT_FORMAT};
+use crate::run_dir::{RunDir, TrainState, Weights, CHECKPOINT_FORMAT};
 
 /// How a call to [`Trainer::run`] ended.
 #[derive(Debug, PartialEq)]
@@ -106,11 +106,14 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         self.finish()
     }
 
-    /// A fresh run: random weights (or the `init` model's), fresh AdamW.
+    /// A fresh run: random weights (or the `init` model's), fresh AdamW; under LoRA, the frozen
+    /// `init` model with fresh adapters (or, where `init` is an adapter folder, that adapter on
+    /// its base).
     pub fn start(plan: &'a Plan, run: &'a RunDir, dist: Option<&DistOptions>, device: &B::Device) -> Result<Self> {
-        let model = match &plan.init_dir {
-            Some(dir) => Llama::<B>::build(&plan.model, &mut GrowVocab { inner: checkpoint::weight_source(dir)?, from: plan.init_vocab }, device)?,
-            None => Llama::<B>::build(&plan.model, &mut RandomInit::new(plan.recipe.train.seed, plan.model.num_hidden_layers), device)?,
+        let model = match (&plan.init_dir, &plan.lora) {
+            (Some(_), Some(_)) => lora_model(plan, None, device)?,
+            (Some(dir), None) => Llama::<B>::build(&plan.model, &mut GrowVocab { inner: checkpoint::weight_source(dir)?, from: plan.init_vocab }, device)?,
+            (None, _) => Llama::<B>::build(&plan.model, &mut RandomInit::new(plan.recipe.train.seed, plan.model.num_hidden_layers), device)?,
         };
         Self::new(plan, run, model, AdamW::new(plan.recipe.optim.clone()), TrainState::fresh(), dist, device)
     }
@@ -125,12 +128,25 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         if state.format_version != CHECKPOINT_FORMAT {
             bail!("{}: checkpoint format {} (this Kiln reads {CHECKPOINT_FORMAT})", ck.display(), state.format_version);
         }
-        let (model, cfg, _) = checkpoint::load_dir::<B>(&ck, device)?;
-        if cfg != plan.model {
-            bail!("{}: the checkpoint's model config differs from plan.toml's", ck.display());
-        }
+        let (model, trained) = match &plan.lora {
+            // LoRA: the frozen base again, and the checkpoint's adapters.
+            Some(_) => {
+                let adapter = kiln_models::lora::Adapter::read_dir(&ck)?;
+                let model = lora_model(plan, Some((adapter, ck.clone())), device)?;
+                let sizes = kiln_models::lora_params::param_sizes(&model);
+                (model, sizes)
+            }
+            None => {
+                let (model, cfg, _) = checkpoint::load_dir::<B>(&ck, device)?;
+                if cfg != plan.model {
+                    bail!("{}: the checkpoint's model config differs from plan.toml's", ck.display());
+                }
+                let sizes = checkpoint::param_sizes(&model);
+                (model, sizes)
+            }
+        };
         let mut opt = AdamW::new(plan.recipe.optim.clone());
-        opt.load_host(read_safetensors(&ck.join("optimizer.safetensors"))?, &checkpoint::param_sizes(&model), device)
+        opt.load_host(read_safetensors(&ck.join("optimizer.safetensors"))?, &trained, device)
             .with_context(|| format!("{}: optimizer.safetensors", ck.display()))?;
         opt.t = state.optimizer_steps;
         run.truncate_metrics(step)?;
@@ -273,7 +289,11 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             return Ok(None);
         }
         let keep = self.plan.recipe.train.keep_checkpoints;
-        Ok(Some(self.run.save_checkpoint(self.engine.weights(), self.plan, &self.engine.optimizer_tensors(), &self.state, keep)?))
+        let weights = match self.engine.adapter(adapter_base(self.plan)) {
+            Some(a) => Weights::Adapter(a),
+            None => Weights::Full(self.engine.weights()),
+        };
+        Ok(Some(self.run.save_checkpoint(weights, self.plan, &self.engine.optimizer_tensors(), &self.state, keep)?))
     }
 
     /// Ctrl-C: a checkpoint after the current step, and how to resume.
@@ -307,7 +327,10 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         };
         let final_dir = self.run.path.join("final");
         if !final_dir.exists() {
-            checkpoint::save_weights_dir(&final_dir, self.engine.weights(), &self.plan.model, &self.plan.tok)?;
+            match self.engine.adapter(adapter_base(self.plan)) {
+                Some(a) => a.save_dir(&final_dir)?,
+                None => checkpoint::save_weights_dir(&final_dir, self.engine.weights(), &self.plan.model, &self.plan.tok)?,
+            }
         }
         // Training is over (its last checkpoint is written): the gradients and AdamW moments go
         // before the eval tasks need memory of their own.
@@ -347,6 +370,56 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             },
         }
     }
+}
+
+/// LoRA: the `init` model, frozen (no gradients), with adapters: `resume`'s (an adapter and the
+/// checkpoint it was read from), else those of an adapter folder named as `init` (continued
+/// training, on that adapter's base), else fresh ones (`A` Kaiming-uniform from the run's seed,
+/// `B = 0`, so that step 0 is the base model exactly).
+fn lora_model<B: AutodiffBackend>(plan: &Plan, resume: Option<(kiln_models::lora::Adapter, std::path::PathBuf)>, device: &B::Device) -> Result<Llama<B>> {
+    use kiln_models::lora::{self, Adapter};
+    let (Some(init), Some(spec)) = (&plan.init_dir, &plan.lora) else { bail!("LoRA trains adapters on a base model: set init") };
+    let continued = match lora::is_adapter_dir(init) {
+        true => Some((Adapter::read_dir(init)?, init.clone())),
+        false => None,
+    };
+    let base = match &continued {
+        Some((a, dir)) => lora::base_of(dir, a)?,
+        None => init.clone(),
+    };
+    let (adapter, from) = match resume.or(continued) {
+        Some((a, dir)) => {
+            if a.spec != *spec {
+                bail!(
+                    "{}: the adapter has rank {}, alpha {}, targets {:?}{}; the recipe's [lora] asks for rank {}, alpha {}, targets {:?}{}\n  hint: make [lora] match the adapter to continue training it",
+                    dir.display(), a.spec.rank, a.spec.alpha, a.spec.targets, if a.spec.rslora { ", rsLoRA" } else { "" },
+                    spec.rank, spec.alpha, spec.targets, if spec.rslora { ", rsLoRA" } else { "" }
+                );
+            }
+            (a, dir)
+        }
+        None => (Adapter::init(spec.clone(), adapter_base(plan), &plan.model, plan.recipe.train.seed), init.clone()),
+    };
+    adapter.check(&plan.model, &from)?;
+    let model = Llama::<B>::build(&plan.model, &mut *checkpoint::weight_source(&base)?, device)?;
+    let mut model = burn::module::Module::no_grad(model);
+    model.lora = Some(kiln_models::lora_params::Lora::build(&adapter, plan.model.num_hidden_layers, device)?);
+    Ok(model)
+}
+
+/// What a run's adapters name as their base (`base_model_name_or_path`): the Hub id of an
+/// `hf://` init, else the base model's absolute path (an adapter folder as init: its base).
+fn adapter_base(plan: &Plan) -> String {
+    let init = plan.recipe.init.as_deref().unwrap_or_default();
+    if let Some(id) = init.strip_prefix("hf://") {
+        return id.split('@').next().unwrap_or(id).to_string();
+    }
+    let Some(dir) = &plan.init_dir else { return String::new() };
+    let base = match kiln_models::lora::Adapter::read_dir(dir) {
+        Ok(a) if kiln_models::lora::is_adapter_dir(dir) => kiln_models::lora::base_of(dir, &a).unwrap_or_else(|_| dir.clone()),
+        _ => dir.clone(),
+    };
+    std::fs::canonicalize(&base).unwrap_or(base).display().to_string()
 }
 
 /// The model's compute settings from the plan: precision, and the fused attention and loss ops

@@ -101,3 +101,210 @@ fn init_from_an_adapter_is_init_from_its_merged_model() {
     assert!(a.is_finite() && a > 0.0);
     assert_eq!(a.to_bits(), m.to_bits(), "{a} vs {m}");
 }
+
+/// Runs `kiln run` on `recipe` (TOML text) in `tmp` with the data in `tmp/data`; returns the
+/// run directory, or the failed output.
+fn run_recipe(tmp: &Path, name: &str, recipe: &str) -> Result<PathBuf, Output> {
+    let path = tmp.join(format!("{name}.toml"));
+    std::fs::write(&path, recipe).unwrap();
+    let runs = tmp.join(format!("runs-{name}"));
+    let o = Command::new(KILN)
+        .args(["run", path.to_str().unwrap(), "--runs-dir", runs.to_str().unwrap()])
+        .env("KILN_DATA", tmp.join("data"))
+        .env("KILN_CACHE", tmp.join("cache"))
+        .env("RAYON_NUM_THREADS", "2")
+        .current_dir(tmp)
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        return Err(o);
+    }
+    Ok(std::fs::read_dir(&runs).unwrap().next().unwrap().unwrap().path())
+}
+
+fn losses(run: &Path) -> Vec<f64> {
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter_map(|v| v["loss"].as_f64()).collect()
+}
+
+/// A LoRA recipe on the tiny transformers model: continued pretraining on text, 4 steps,
+/// checkpoints at 2 and 4.
+fn lora_recipe(name: &str, kernels: bool, extra: &str) -> String {
+    let base = fixtures().join("hf-tiny-llama");
+    format!(
+        "name = \"{name}\"\ninit = {:?}\n[model]\ncontext = 32\n[data]\nsources = [\"text.txt\"]\nval_fraction = 0.1\n[optim]\nlr = 1e-2\nwarmup_steps = 1\n[train]\ndevice = \"cpu\"\ncpu_kernels = {kernels}\nsteps = 4\nbatch_size = 3\ngrad_accum = 2\neval_every = 0\ncheckpoint_every = 2\nkeep_checkpoints = 5\n[eval]\ntasks = []\n{extra}",
+        base.to_str().unwrap()
+    )
+}
+
+const LORA: &str = "[lora]\nrank = 4\nalpha = 8\ntargets = [\"all-linear\"]\n";
+
+/// `[lora]` training on both engines: step 1's loss is the base model's (bit for bit against a
+/// full fine-tuning run); `final/` and every checkpoint are PEFT adapter folders holding trained
+/// adapters and their moments only; the base stays frozen (the merged export's unadapted tensors
+/// are the base's bits, the adapted ones the base plus `s·B·A`); Burn's graph and the kernels
+/// train the same adapters; `kiln resume` continues exactly; `kiln export` writes the adapter
+/// with a card naming the base.
+#[test]
+fn lora_trains_only_adapters_on_both_engines_and_resumes_exactly() {
+    use kiln_models::lora::Adapter;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let corpus: String = (0..300).map(|i| format!("the {} cat sat on the {} mat. ", ["red", "blue", "green"][i % 3], ["big", "small"][i % 2])).collect();
+    std::fs::write(data.join("text.txt"), corpus).unwrap();
+
+    let full = run_recipe(tmp.path(), "full", &lora_recipe("full", true, "")).map_err(|o| text_of(&o)).unwrap();
+    let kern = run_recipe(tmp.path(), "kern", &lora_recipe("kern", true, LORA)).map_err(|o| text_of(&o)).unwrap();
+    let graph = run_recipe(tmp.path(), "graph", &lora_recipe("graph", false, LORA)).map_err(|o| text_of(&o)).unwrap();
+    let (lf, lk, lg) = (losses(&full), losses(&kern), losses(&graph));
+    assert_eq!(lk.len(), 4);
+    assert_eq!(lf[0].to_bits(), lk[0].to_bits(), "step 1 of LoRA is the base model: {} vs {}", lf[0], lk[0]);
+    assert!(lk[3] < lk[0], "LoRA did not learn: {lk:?}");
+    for (a, b) in lk.iter().zip(&lg) {
+        assert!((a - b).abs() < 1e-4 * a.abs(), "kernels {lk:?} vs graph {lg:?}");
+    }
+    // final/ and the checkpoints are adapter folders, with the adapters' moments only.
+    for run in [&kern, &graph] {
+        let fin = run.join("final");
+        assert!(kiln_models::lora::is_adapter_dir(&fin), "{}", fin.display());
+        let ck = run.join("checkpoints/step-0000002");
+        assert!(kiln_models::lora::is_adapter_dir(&ck) && ck.join("state.json").is_file());
+        let opt = kiln_models::checkpoint::read_safetensors(&ck.join("optimizer.safetensors")).unwrap();
+        assert_eq!(opt.len(), 2 * 2 * 14, "two moments of A and B for 14 projections");
+        assert!(opt.keys().all(|k| k.starts_with("lora.")), "{:?}", opt.keys().collect::<Vec<_>>());
+    }
+    let (ak, ag) = (Adapter::read_dir(&kern.join("final")).unwrap(), Adapter::read_dir(&graph.join("final")).unwrap());
+    assert_eq!(ak.pairs.len(), 14);
+    assert!(ak.pairs.values().all(|p| p.b.iter().any(|&x| x != 0.0)), "every B trained");
+    for (path, p) in &ak.pairs {
+        let q = &ag.pairs[path];
+        let scale = p.b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let e = p.b.iter().zip(&q.b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+        assert!(e < 1e-3, "{path}: B differs by {e} between the engines");
+    }
+    assert_eq!(Path::new(&ak.base), std::fs::canonicalize(fixtures().join("hf-tiny-llama")).unwrap());
+
+    // Frozen base: merged = base + s·B·A, the rest the base's bits.
+    let merged = tmp.path().join("merged");
+    let o = kiln(tmp.path(), &["export", kern.to_str().unwrap(), "--merge", "--out", merged.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let base = kiln_models::checkpoint::SafetensorsSource::open_dir(&fixtures().join("hf-tiny-llama")).unwrap().into_tensors();
+    let got = kiln_models::checkpoint::SafetensorsSource::open_dir(&merged).unwrap().into_tensors();
+    let got: std::collections::HashMap<_, _> = got.into_iter().map(|(n, _, v)| (n, v)).collect();
+    for (name, _, b) in &base {
+        let m = &got[name];
+        match name.strip_suffix(".weight").and_then(|p| ak.delta(p)) {
+            Some(delta) => {
+                let e = m.iter().zip(b).zip(&delta).fold(0f32, |e, ((m, b), d)| e.max((m - (b + d)).abs()));
+                assert!(e < 1e-5, "{name}: merged - base differs from s·B·A by {e}");
+            }
+            None => assert!(m.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} changed: the base was not frozen"),
+        }
+    }
+
+    // Exact resume: from the step-2 checkpoint, steps 3 and 4 again, bit for bit.
+    let again = tmp.path().join("again");
+    copy_dir(&kern, &again);
+    std::fs::remove_dir_all(again.join("final")).unwrap();
+    std::fs::remove_dir_all(again.join("checkpoints/step-0000004")).unwrap();
+    let o = Command::new(KILN).args(["resume", again.to_str().unwrap()]).env("KILN_DATA", &data).env("KILN_CACHE", tmp.path().join("cache")).env("RAYON_NUM_THREADS", "2").current_dir(tmp.path()).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    let la = losses(&again);
+    assert_eq!(la.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), lk.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{la:?} vs {lk:?}");
+    let f = |r: &Path| std::fs::read(r.join("final").join("adapter_model.safetensors")).unwrap();
+    assert!(f(&again) == f(&kern), "the resumed run's adapters differ");
+
+    // kiln export: the adapter folder in PEFT's format with a card naming the base.
+    let out = tmp.path().join("adapter-export");
+    let o = kiln(tmp.path(), &["export", kern.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(kiln_models::lora::is_adapter_dir(&out));
+    assert_eq!(Adapter::read_dir(&out).unwrap(), ak);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    for want in ["library_name: peft", "base_model:", "PeftModel.from_pretrained", "Rank 4, alpha 8", "## Energy"] {
+        assert!(card.contains(want), "card lacks {want}:\n{card}");
+    }
+    let o = kiln(tmp.path(), &["publish", kern.to_str().unwrap(), "--repo", "kiln-user/tiny-lora", "--dry-run"]);
+    assert!(o.status.success() && text(&o).0.contains("adapter_model.safetensors"), "{}", text(&o).0);
+
+    peft_loads_the_trained_adapter(&kern.join("final"), &ak, tmp.path());
+}
+
+/// PEFT (`PeftModel.from_pretrained(base, final/)`, scripts/peft_check.py) gives the logits Kiln
+/// computes with the trained adapter unmerged, within 1e-4 relative.
+fn peft_loads_the_trained_adapter(dir: &Path, adapter: &kiln_models::lora::Adapter, tmp: &Path) {
+    let py = match kiln_models::skip::python_with("torch, transformers, peft") {
+        Ok(p) => p,
+        Err(why) => {
+            kiln_models::skip::skip("python", &format!("PEFT parity of a trained adapter: {why}; `pip install torch transformers peft` to run it"));
+            return;
+        }
+    };
+    let base = fixtures().join("hf-tiny-llama");
+    let device = Default::default();
+    let (mut model, cfg, _) = kiln_models::checkpoint::load_dir::<Flex>(&base, &device).unwrap();
+    model.lora = Some(kiln_models::lora_params::Lora::build(adapter, cfg.num_hidden_layers, &device).unwrap());
+    let ids: Vec<i64> = (0..24).map(|i| ((i * 31 + 5) % 259) as i64).collect();
+    let x = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids.clone(), [2, 12]), &device);
+    let got: Vec<f32> = model.forward(x).into_data().to_vec().unwrap();
+    let rows = ids.chunks(12).map(|r| r.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")).collect::<Vec<_>>().join(";");
+    let out = tmp.join("peft-trained.safetensors");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/peft_check.py");
+    let o = Command::new(&py).arg(&script).arg(&base).arg(dir).args(["--ids", &rows, "--out"]).arg(&out).output().unwrap();
+    assert!(o.status.success(), "peft_check.py failed: {}", String::from_utf8_lossy(&o.stderr));
+    let (_, want) = kiln_models::checkpoint::read_safetensors(&out).unwrap().remove("logits").unwrap();
+    let max_ref = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let rel = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / max_ref;
+    println!("trained adapter: max |kiln - peft| / max |peft| = {rel:.2e}");
+    assert!(rel < 1e-4, "trained adapter through PEFT: relative error {rel}");
+}
+
+/// Clear errors before any step: `[lora]` without `init`, an adapter `init` whose spec differs
+/// from `[lora]`, an adapter that does not fit the base, and a chat template that would add
+/// tokens to a frozen embedding.
+#[test]
+fn lora_refuses_what_it_cannot_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("text.txt"), "abc abc abc ".repeat(200)).unwrap();
+    let chat: String = (0..20).map(|i| format!("{}\n", serde_json::json!({"messages": [{"role": "user", "content": format!("{i}?")}, {"role": "assistant", "content": "ok"}]}))).collect();
+    std::fs::write(data.join("chat.jsonl"), chat).unwrap();
+    let err = |name: &str, recipe: String| text_of(&run_recipe(tmp.path(), name, &recipe).err().unwrap_or_else(|| panic!("{name} ran")));
+
+    let no_init = lora_recipe("a", true, LORA).lines().filter(|l| !l.starts_with("init")).collect::<Vec<_>>().join("\n");
+    let e = err("no-init", no_init);
+    assert!(e.contains("lora") && e.contains("set init"), "{e}");
+
+    // The PEFT fixture is rank 4, alpha 8 on all seven projections.
+    let peft = fixtures().join("peft-tiny-lora");
+    let other = lora_recipe("b", true, "[lora]\nrank = 8\nalpha = 16\n").replace(&format!("{:?}", fixtures().join("hf-tiny-llama").to_str().unwrap()), &format!("{:?}", peft.to_str().unwrap()));
+    let e = err("other-spec", other);
+    assert!(e.contains("rank 4") && e.contains("rank 8") && e.contains("hint"), "{e}");
+
+    let sft = lora_recipe("c", true, LORA).replace("name = \"c\"", "name = \"c\"\nstage = \"sft\"").replace("text.txt", "chat.jsonl");
+    let e = err("sft-new-tokens", sft);
+    assert!(e.contains("frozen") && e.contains("hint"), "{e}");
+
+    let e = err("dropout", lora_recipe("d", true, "[lora]\ndropout = 0.1\n"));
+    assert!(e.contains("lora.dropout"), "{e}");
+}
+
+fn text_of(o: &Output) -> String {
+    let (a, b) = text(o);
+    format!("{a}{b}")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}

@@ -18,6 +18,7 @@
 //!
 //! Shapes: N = rows, r = rank, D = hidden, Q = H·Hd, KV = K·Hd, F = SwiGLU hidden.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use burn::module::Param;
@@ -27,7 +28,7 @@ use burn::tensor::Tensor;
 use super::layout::{Dims, Slot};
 use super::ops::{mm, rm};
 use crate::llama::Llama;
-use crate::lora::{module_path, LoraSpec, TARGETS};
+use crate::lora::{module_path, Adapter, LoraSpec, Pair, TARGETS};
 use crate::lora_params::{burn_name, is_adapter};
 use crate::params::{visit_named, VisitNamed};
 use crate::ModelError;
@@ -104,6 +105,20 @@ impl AdapterLayout {
         }
         out.push(self.len..self.len);
         out
+    }
+
+    /// The adapter whose flat weights are `w`, in PEFT's terms, made with `spec` for `base`.
+    pub fn to_adapter(&self, w: &[f32], spec: LoraSpec, base: String) -> Adapter {
+        let r = self.rank;
+        let mut pairs = BTreeMap::new();
+        for (i, at) in self.layers.iter().enumerate() {
+            for (m, p) in at.iter().enumerate() {
+                let Some(p) = p else { continue };
+                let (a, b) = (w[p.a..p.a + r * p.d_in].to_vec(), w[p.b..p.b + p.d_out * r].to_vec());
+                pairs.insert(module_path(i, TARGETS[m]), Pair { d_in: p.d_in, d_out: p.d_out, a, b });
+            }
+        }
+        Adapter { spec, base, pairs }
     }
 
     /// The adapters of `model` (`model.lora`) in this layout.

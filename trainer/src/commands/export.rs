@@ -24,22 +24,24 @@ pub struct Args {
     /// The licence for the model card (an SPDX id or "other").
     #[arg(long, default_value = "other")]
     license: String,
-    /// MODEL is a LoRA adapter folder: write its base model with the adapter merged in
-    /// (default output NAME-merged beside it).
+    /// MODEL is a LoRA adapter folder or a LoRA run: write its base model with the adapter
+    /// merged in (default output NAME-merged beside an adapter folder). Without it, a LoRA run
+    /// exports its adapter folder (PEFT's format) with a model card naming the base.
     #[arg(long)]
     merge: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let adapter = kiln_models::lora::is_adapter_dir(&a.model);
-    if adapter && !a.merge {
+    let is_run = a.model.join("plan.toml").is_file();
+    let adapter = kiln_models::lora::is_adapter_dir(&kiln_trainer::run_dir::model_dir(&a.model)?);
+    if adapter && !a.merge && !is_run {
         bail!("{} is a LoRA adapter folder, already in PEFT's format\n  hint: `kiln export {} --merge` writes its base model with the adapter merged in", a.model.display(), a.model.display());
     }
     if a.merge && !adapter {
-        bail!("--merge: {} is not a LoRA adapter folder (no adapter_config.json)", a.model.display());
+        bail!("--merge: {} is not a LoRA adapter folder or a LoRA run (no adapter_config.json)", a.model.display());
     }
     let out = a.out.unwrap_or_else(|| {
-        if adapter {
+        if adapter && !is_run {
             let name = a.model.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "adapter".into());
             a.model.with_file_name(format!("{name}-merged"))
         } else if kiln_models::checkpoint::is_gguf(&a.model) {
@@ -50,15 +52,20 @@ pub fn run(a: Args) -> Result<()> {
         }
     });
     let o = ExportOptions { dtype: store_dtype(&a.dtype)?, max_shard_bytes: a.max_shard_mb.max(1) * 1_000_000, license: a.license };
-    export_model(&a.model, &out, &o)
+    export_model(&a.model, &out, &o, a.merge)
 }
 
 /// Exports a run (its final/ or newest checkpoint, with its report for the model card) or a
-/// model folder to `out` in the Hugging Face layout.
-pub fn export_model(model: &Path, out: &Path, o: &ExportOptions) -> Result<()> {
+/// model folder to `out` in the Hugging Face layout; a LoRA run's adapter folder as it is (PEFT's
+/// format, with a model card), or with `merge` its base with the adapter merged in.
+pub fn export_model(model: &Path, out: &Path, o: &ExportOptions, merge: bool) -> Result<()> {
     let src = kiln_trainer::run_dir::model_dir(model)?;
     let run = model.join("plan.toml").is_file().then_some(model);
-    kiln_trainer::export::export(&src, run, out, o)?;
+    if kiln_models::lora::is_adapter_dir(&src) && !merge {
+        kiln_trainer::export::export_adapter(&src, run, out, o)?;
+    } else {
+        kiln_trainer::export::export(&src, run, out, o)?;
+    }
     println!("exported {} to {}", src.display(), out.display());
     Ok(())
 }

@@ -48,7 +48,7 @@ pub fn run(a: Args) -> Result<()> {
                 _tmp.path().join("hf")
             };
             let o = ExportOptions { dtype: store_dtype(&a.dtype)?, max_shard_bytes: DEFAULT_SHARD_MB * 1_000_000, license: a.license.clone() };
-            export_model(&a.model, &out, &o)?;
+            export_model(&a.model, &out, &o, false)?;
             out
         }
     };
@@ -82,7 +82,8 @@ pub fn run(a: Args) -> Result<()> {
 /// An export folder goes up as it is, and so does a run's existing export (`RUN_DIR/hf`); `None`:
 /// export first.
 fn export_folder(model: &Path) -> Option<PathBuf> {
-    let is_export = |d: &Path| ["config.json", "tokenizer_config.json", "README.md"].iter().all(|f| d.join(f).is_file());
+    // A model (config and tokenizer) or a LoRA adapter, each with its card.
+    let is_export = |d: &Path| d.join("README.md").is_file() && (d.join("adapter_config.json").is_file() || ["config.json", "tokenizer_config.json"].iter().all(|f| d.join(f).is_file()));
     if is_export(model) {
         return Some(model.to_path_buf());
     }

@@ -4,6 +4,10 @@
 //! else: the Burn model's parameters are emptied ("hollow"), so that the model is not held
 //! twice, and are filled from the flat weights when someone asks for the model (evaluation
 //! tasks). Checkpoints are written from the flat buffers, one tensor at a time.
+//!
+//! With LoRA adapters (`model.lora`), the base's flat weights are frozen and the adapters have a
+//! flat buffer of their own (`AdapterLayout`): gradients, clipping and AdamW cover the adapters
+//! only.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -15,7 +19,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use burn::tensor::Shape;
 use kiln_models::checkpoint::{HostTensor, TensorList};
-use kiln_models::cpu_kernels::{BatchRef, Kernels as Fused, Layout};
+use kiln_models::cpu_kernels::{Adapt, AdapterLayout, BatchRef, Kernels as Fused, Slot};
 use kiln_models::llama::param_id;
 use kiln_models::params::{map_named, MapNamed};
 use kiln_models::{Llama, LlamaConfig};
@@ -35,8 +39,12 @@ pub(super) struct Kernels {
     loaded: bool,
     /// The Burn model's parameters are placeholders; `w` holds the weights.
     hollow: bool,
-    /// AdamW's moments in the flat layout, taken from the optimizer on the first step.
+    /// AdamW's moments in the flat layout of what trains, taken from the optimizer on the first
+    /// step.
     moments: Option<(Vec<f32>, Vec<f32>)>,
+    /// LoRA: the adapters' layout and flat weights (the base `w` is then frozen, and `total` and
+    /// the moments are the adapters').
+    lora: Option<(AdapterLayout, Vec<f32>)>,
 }
 
 fn batch_ref(b: &Batch) -> BatchRef<'_> {
@@ -47,28 +55,46 @@ impl Kernels {
     pub(super) fn new<B: Backend>(model: &Llama<B>, cfg: &LlamaConfig, threads: usize, checkpointing: bool) -> Self {
         let kern = Fused::for_model(model, cfg, threads).checkpointing(checkpointing);
         let index = kern.layout.slots.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-        Self { kern, index, w: Vec::new(), total: Vec::new(), loaded: false, hollow: false, moments: None }
+        let lora = model.lora.as_ref().map(|l| (AdapterLayout::new(&kern.layout.dims, &l.spec), Vec::new()));
+        Self { kern, index, w: Vec::new(), total: Vec::new(), loaded: false, hollow: false, moments: None, lora }
+    }
+
+    /// The slots of what trains: the adapters' under LoRA, else the model's.
+    fn trained_slots(&self) -> &[Slot] {
+        match &self.lora {
+            Some((layout, _)) => &layout.slots,
+            None => &self.kern.layout.slots,
+        }
+    }
+
+    /// The adapters as the passes read them, under LoRA.
+    fn adapt(&self) -> Option<Adapt<'_>> {
+        self.lora.as_ref().map(|(layout, w)| Adapt { layout, w })
     }
 
     /// Forward and backward over `micro` (gradients averaged), the optional data-parallel
     /// `sync`, then global-norm clip and AdamW on the flat buffers.
     #[rustfmt::skip]
     pub(super) fn step<B: AutodiffBackend>(&mut self, model: Llama<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Batch], lr: f64, device: &B::Device, sync: Option<SyncHook>) -> Result<(Llama<B>, StepOutput)> {
-        let len = self.kern.layout.len;
         let t0 = Instant::now();
         if !self.loaded {
-            self.w.resize(len, 0.0);
+            self.w.resize(self.kern.layout.len, 0.0);
             self.kern.layout.weights_into(&model, &mut self.w)?;
+            if let Some((layout, w)) = &mut self.lora {
+                *w = layout.weights(&model)?;
+            }
             self.loaded = true;
         }
         let model = self.hollow(model, device);
+        let len = self.lora.as_ref().map_or(self.kern.layout.len, |(l, _)| l.len);
         self.total.resize(len, 0.0);
         let (mut loss, mut forward_s) = (0.0, 0.0);
+        let ad = self.lora.as_ref().map(|(layout, w)| Adapt { layout, w });
         for (i, b) in micro.iter().enumerate() {
-            let pass = if i == 0 {
-                self.kern.loss_and_grads(&self.w, &batch_ref(b), Some(&mut self.total))
-            } else {
-                self.kern.add_loss_grads(&self.w, &batch_ref(b), &mut self.total)
+            let pass = match ad {
+                Some(ad) => self.kern.adapter_loss_and_grads(&self.w, ad, &batch_ref(b), Some(&mut self.total), i > 0),
+                None if i == 0 => self.kern.loss_and_grads(&self.w, &batch_ref(b), Some(&mut self.total)),
+                None => self.kern.add_loss_grads(&self.w, &batch_ref(b), &mut self.total),
             };
             loss += pass.loss;
             forward_s += pass.forward_s;
@@ -94,13 +120,18 @@ impl Kernels {
     /// the moments move from `opt` into flat buffers. Returns the gradient norm before clipping;
     /// a non-finite norm leaves everything as it was.
     fn adamw<I: Backend>(&mut self, opt: &mut AdamW<I>, lr: f64) -> f64 {
-        let layout = &self.kern.layout;
+        // What trains: the adapters under LoRA, else the whole model.
+        let (slots, w): (&[Slot], &mut Vec<f32>) = match &mut self.lora {
+            Some((layout, w)) => (&layout.slots, w),
+            None => (&self.kern.layout.slots, &mut self.w),
+        };
+        let len = w.len();
         let (m, v) = self.moments.get_or_insert_with(|| {
-            let (mut m, mut v) = (vec![0.0f32; layout.len], vec![0.0f32; layout.len]);
-            for s in &layout.slots {
+            let (mut m, mut v) = (vec![0.0f32; len], vec![0.0f32; len]);
+            for s in slots {
                 if let Some((hm, hv)) = opt.take_host(&s.name) {
-                    layout.put(&mut m, s, &hm);
-                    layout.put(&mut v, s, &hv);
+                    s.put(&mut m, &hm);
+                    s.put(&mut v, &hv);
                 }
             }
             (m, v)
@@ -112,10 +143,10 @@ impl Kernels {
         }
         let scale = clip_scale(norm, opt.cfg.grad_clip) as f32;
         opt.t += 1;
-        for s in &layout.slots {
+        for s in slots {
             let a = AdamWScalars::new(&opt.cfg, opt.t, lr, s.shape.len());
-            for r in layout.rows(s) {
-                let (ws, gs) = (&mut self.w[r.clone()], &self.total[r.clone()]);
+            for r in s.rows() {
+                let (ws, gs) = (&mut w[r.clone()], &self.total[r.clone()]);
                 let (ms, vs) = (&mut m[r.clone()], &mut v[r]);
                 for (((p, &gi), m), v) in ws.iter_mut().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
                     a.update(p, gi, m, v, scale);
@@ -148,7 +179,22 @@ impl Kernels {
             return model;
         }
         self.hollow = false;
-        map_named(model, &mut WriteWeights::<B> { layout: &self.kern.layout, index: &self.index, w: &self.w, device })
+        let model = map_named(model, &mut WriteWeights::<B> { slots: &self.kern.layout.slots, index: &self.index, w: &self.w, device });
+        match &self.lora {
+            // The adapters' parameters were left in place (they are small) but not updated.
+            Some((layout, w)) => {
+                let index = layout.slots.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+                map_named(model, &mut WriteWeights::<B> { slots: &layout.slots, index: &index, w, device })
+            }
+            None => model,
+        }
+    }
+
+    /// The adapters' current values (LoRA), for `base`; `None` before the first step (the Burn
+    /// model holds them) or without adapters.
+    pub(super) fn adapter(&self, base: String, spec: &kiln_models::lora::LoraSpec) -> Option<kiln_models::lora::Adapter> {
+        let (layout, w) = self.lora.as_ref().filter(|_| self.loaded)?;
+        Some(layout.to_adapter(w, spec.clone(), base))
     }
 
     /// The weights by name in Burn's layout, read from the flat buffer as they are written;
@@ -166,11 +212,10 @@ impl Kernels {
     /// they are written.
     pub(super) fn moments(&self) -> TensorList<'_> {
         let Some((m, v)) = &self.moments else { return TensorList::from_host(Vec::new()) };
-        let layout = &self.kern.layout;
-        let mut slots: Vec<_> = layout.slots.iter().collect();
+        let mut slots: Vec<_> = self.trained_slots().iter().collect();
         slots.sort_by(|a, b| a.name.cmp(&b.name));
         let specs = slots.iter().flat_map(|s| ["exp_avg", "exp_avg_sq"].map(|k| (format!("{}.{k}", s.name), vec![s.shape.iter().product::<usize>()]))).collect();
-        TensorList { specs, values: Box::new(move |i| layout.get(if i % 2 == 0 { m } else { v }, slots[i / 2])) }
+        TensorList { specs, values: Box::new(move |i| slots[i / 2].get(if i % 2 == 0 { m } else { v })) }
     }
 
     /// Frees the gradients, the moments and the kernels' activation buffers.
@@ -192,10 +237,9 @@ impl Kernels {
 
     /// Flat gradients as Burn gradients, keyed by parameter id.
     fn to_params<I: Backend>(&self, device: &I::Device) -> GradientsParams {
-        let layout = &self.kern.layout;
         let mut grads = GradientsParams::new();
-        for s in &layout.slots {
-            let data = TensorData::new(layout.get(&self.total, s), s.shape.clone());
+        for s in self.trained_slots() {
+            let data = TensorData::new(s.get(&self.total), s.shape.clone());
             let id = param_id(&s.name);
             match s.shape.len() {
                 1 => grads.register(id, Tensor::<I, 1>::from_data(data, device)),
@@ -206,8 +250,11 @@ impl Kernels {
     }
 
     fn from_params<I: Backend>(&mut self, mut grads: GradientsParams) -> Result<()> {
-        let layout = &self.kern.layout;
-        for s in &layout.slots {
+        let slots = match &self.lora {
+            Some((layout, _)) => &layout.slots,
+            None => &self.kern.layout.slots,
+        };
+        for s in slots {
             let id = param_id(&s.name);
             let data = match s.shape.len() {
                 1 => grads.remove::<I, 1>(id).map(|t| t.into_data()),
@@ -215,7 +262,7 @@ impl Kernels {
             };
             let data = data.ok_or_else(|| anyhow::anyhow!("averaged gradients lack '{}'", s.name))?;
             let values = data.convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("gradient of '{}': {e:?}", s.name))?;
-            layout.put(&mut self.total, s, &values);
+            s.put(&mut self.total, &values);
         }
         Ok(())
     }
@@ -230,10 +277,16 @@ impl Kernels {
                 &copy
             }
         };
+        // Before the first step the copy has the adapters merged in (`Layout::weights`).
+        let ad = self.adapt().filter(|_| self.loaded);
         let (mut sum, mut n) = (0.0, 0.0);
         for b in batches {
             let weight: f64 = b.mask.iter().map(|&m| m as f64).sum();
-            sum += self.kern.loss_and_grads(w, &batch_ref(b), None).loss * weight;
+            let pass = match ad {
+                Some(ad) => self.kern.adapter_loss_and_grads(w, ad, &batch_ref(b), None, false),
+                None => self.kern.loss_and_grads(w, &batch_ref(b), None),
+            };
+            sum += pass.loss * weight;
             n += weight;
         }
         Ok(sum / f64::max(n, 1.0))
@@ -256,7 +309,7 @@ fn global_norm(g: &[f32]) -> f64 {
 
 /// Replaces every parameter's value with its values from the flat weights.
 struct WriteWeights<'a, B: AutodiffBackend> {
-    layout: &'a Layout,
+    slots: &'a [Slot],
     index: &'a HashMap<String, usize>,
     w: &'a [f32],
     device: &'a B::Device,
@@ -267,10 +320,10 @@ impl<B: AutodiffBackend> MapNamed<B> for WriteWeights<'_, B> {
         let Some(&i) = self.index.get(name) else {
             return param;
         };
-        let s = &self.layout.slots[i];
+        let s = &self.slots[i];
         let (id, tensor, mapper) = param.consume();
         drop(tensor);
-        let data = TensorData::new(self.layout.get(self.w, s), s.shape.clone());
+        let data = TensorData::new(s.get(self.w), s.shape.clone());
         let inner = Tensor::<B::InnerBackend, D>::from_data(data, self.device);
         Param::from_mapped_value(id, Tensor::from_inner(inner).require_grad(), mapper)
     }

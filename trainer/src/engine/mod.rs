@@ -144,6 +144,16 @@ impl<B: AutodiffBackend> Engine<B> {
         }
     }
 
+    /// LoRA: the adapters' current values, made for `base` (their `base_model_name_or_path`);
+    /// `None` for a model without adapters.
+    pub fn adapter(&self, base: String) -> Option<kiln_models::lora::Adapter> {
+        let lora = self.model_ref().lora.as_ref()?;
+        match &self.kind {
+            Kind::Kernels(k) => k.adapter(base.clone(), &lora.spec).or_else(|| Some(lora.to_adapter(base))),
+            Kind::Graph => Some(lora.to_adapter(base)),
+        }
+    }
+
     /// Frees what only training needs (the kernels' gradients, AdamW moments and activation
     /// buffers), after the last checkpoint; the model stays.
     pub fn finish_training(&mut self) {
