@@ -309,6 +309,9 @@ impl<B: Backend> Llama<B> {
     fn decode(&self, tokens: Tensor<B, 2, Int>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>, mut cache: Option<&mut KvCache<B>>, hide: Option<&Tensor<B, 4, Bool>>) -> Tensor<B, 3> {
         let t = tokens.dims()[1];
         let mut x = embedding(self.model.embed_tokens.val(), tokens); // [B, T, D]
+        if x.dtype() != DType::F32 {
+            x = x.cast(DType::F32); // a base stored in half precision (lora_params::store_base)
+        }
         for (i, layer) in self.model.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let lora = self.lora.as_ref().map(|l| &l.layers[i]);
@@ -403,6 +406,8 @@ impl<B: Backend> Llama<B> {
         let [b, t, d_in] = x.dims();
         let d_out = w.dims()[1];
         match self.compute {
+            // A base stored in half precision (lora_params::store_base) computes in f32.
+            None if w.dtype() != DType::F32 => x.reshape([b * t, d_in]).matmul(w.cast(DType::F32)).reshape([b, t, d_out]),
             None => x.reshape([b * t, d_in]).matmul(w).reshape([b, t, d_out]),
             // Cast before flattening and after unflattening, so that Burn's fusion can merge the
             // casts with the element-wise ops around them.

@@ -118,6 +118,23 @@ impl<B: Backend> Lora<B> {
     }
 }
 
+/// The base's matrices (embedding, projections, head) cast to `dtype` for storage (a frozen LoRA
+/// base in bf16: half the memory); norms and adapters stay as they are. The forward pass casts
+/// them back to its compute type as it reads them (`Llama::mm`).
+pub fn store_base<B: Backend>(model: crate::Llama<B>, dtype: burn::tensor::DType) -> crate::Llama<B> {
+    struct Cast(burn::tensor::DType);
+    impl<B: Backend> crate::params::MapNamed<B> for Cast {
+        fn map<const D: usize>(&mut self, name: &str, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            if is_adapter(name) || D != 2 {
+                return param;
+            }
+            let dt = self.0;
+            param.map(|t| t.cast(dt))
+        }
+    }
+    crate::params::map_named(model, &mut Cast(dtype))
+}
+
 /// Each adapter parameter's name and element count (what a LoRA run's optimizer state covers).
 pub fn param_sizes<B: Backend>(model: &crate::Llama<B>) -> std::collections::HashMap<String, usize> {
     struct Sizes(std::collections::HashMap<String, usize>);

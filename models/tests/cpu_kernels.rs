@@ -4,7 +4,7 @@
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
-use kiln_models::cpu_kernels::{rope_tables, BatchRef, Dims, Kernels};
+use kiln_models::cpu_kernels::{rope_tables, BatchRef, Dims, Kernels, Weights};
 use kiln_models::init::RandomInit;
 use kiln_models::{Llama, LlamaConfig};
 
@@ -273,7 +273,7 @@ fn lora_kernels_match_burn() {
         let al = AdapterLayout::new(&dims, &adapter.spec);
         let aw = al.weights(&model).unwrap();
         let ad = Adapt { layout: &al, w: &aw };
-        let k_logits = kern.logits_with(&w, Some(ad), &inputs, b, t);
+        let k_logits = kern.logits_with(Weights::F32(&w), Some(ad), &inputs, b, t);
         let e = max_rel(&k_logits, &burn_logits);
         assert!(e < 1e-5, "{targets:?}: logits differ by {e}");
         let base_logits = kern.logits(&w, &inputs, b, t);
@@ -285,7 +285,7 @@ fn lora_kernels_match_burn() {
 
         let batch = BatchRef { inputs: &inputs, targets: &targets_ids, mask: &mask, b, t, starts: None };
         let mut g = vec![0.0f32; al.len];
-        let k_loss = kern.adapter_loss_and_grads(&w, ad, &batch, Some(&mut g), false).loss;
+        let k_loss = kern.adapter_loss_and_grads(Weights::F32(&w), ad, &batch, Some(&mut g), false).loss;
         assert!((k_loss - burn_loss).abs() < 1e-5 * burn_loss.abs(), "loss {k_loss} vs {burn_loss}");
         for s in &al.slots {
             let e = max_rel(&s.get(&g), &find_grad(&model, &grads, &s.name));
@@ -298,12 +298,12 @@ fn lora_kernels_match_burn() {
         }
         // Accumulating adds; gradient checkpointing changes no bit.
         let mut acc = g.clone();
-        kern.adapter_loss_and_grads(&w, ad, &batch, Some(&mut acc), true);
+        kern.adapter_loss_and_grads(Weights::F32(&w), ad, &batch, Some(&mut acc), true);
         let twice: Vec<f32> = g.iter().map(|x| x + x).collect();
         assert!(max_rel(&acc, &twice) < 1e-5);
         let ckpt = Kernels::new(dims, rope_tables(&model).0, rope_tables(&model).1, threads).checkpointing(true);
         let mut g2 = vec![0.0f32; al.len];
-        let l2 = ckpt.adapter_loss_and_grads(&w, ad, &batch, Some(&mut g2), false).loss;
+        let l2 = ckpt.adapter_loss_and_grads(Weights::F32(&w), ad, &batch, Some(&mut g2), false).loss;
         assert_eq!(l2.to_bits(), k_loss.to_bits());
         assert!(g2.iter().zip(&g).all(|(a, x)| a.to_bits() == x.to_bits()), "checkpointing changed the adapters' gradients");
     }
@@ -334,8 +334,68 @@ fn fresh_adapter_is_the_base_bit_for_bit() {
     let al = AdapterLayout::new(&dims, &adapter.spec);
     let aw = al.weights(&model).unwrap();
     assert!(aw.iter().any(|&v| v != 0.0), "A is drawn, not zero");
-    let with = kern.logits_with(&w, Some(Adapt { layout: &al, w: &aw }), &inputs, b, t);
+    let with = kern.logits_with(Weights::F32(&w), Some(Adapt { layout: &al, w: &aw }), &inputs, b, t);
     let without = kern.logits(&w, &inputs, b, t);
     assert!(with.iter().zip(&without).all(|(a, b)| a.to_bits() == b.to_bits()), "kernels: a fresh adapter changed the logits");
 }
 
+
+/// A frozen base held in bf16: the kernels (each layer decoded as it runs, the head a vocabulary
+/// chunk at a time: 4,500 entries make three chunks) give the logits, loss and adapter gradients
+/// of Burn's model with the same base stored in bf16 (`lora_params::store_base`), tied and
+/// untied; and they differ from the f32 base's only by the rounding.
+#[test]
+fn lora_on_a_bf16_base_matches_burn() {
+    use kiln_models::cpu_kernels::{Adapt, AdapterLayout};
+    for tied in [false, true] {
+        let mut cfg = config(tied);
+        cfg.vocab_size = 4500;
+        let (model, adapter) = lora_model(&cfg, &["all-linear"], false);
+        let f32_model_logits = |m: &Llama<B>, x| -> Vec<f32> { m.forward(x).into_data().to_vec().unwrap() };
+        let device = Default::default();
+        let (b, t) = (2, 9);
+        let inputs: Vec<i64> = (0..b * t).map(|i| ((i * 997 + 3) % cfg.vocab_size) as i64).collect();
+        let targets_ids: Vec<i64> = (0..b * t).map(|i| ((i * 1231 + 1) % cfg.vocab_size) as i64).collect();
+        let mask: Vec<f32> = (0..b * t).map(|i| if i % t < 2 { 0.0 } else { 1.0 }).collect();
+        let x = || Tensor::<B, 2, Int>::from_data(TensorData::new(inputs.clone(), [b, t]), &device);
+        let full_logits = f32_model_logits(&model, x());
+        let model = kiln_models::lora_params::store_base(model, burn::tensor::DType::BF16);
+        let y = Tensor::<B, 2, Int>::from_data(TensorData::new(targets_ids.clone(), [b * t, 1]), &device);
+        let m = Tensor::<B, 2>::from_data(TensorData::new(mask.clone(), [b * t, 1]), &device);
+        let out = model.forward(x());
+        let burn_logits: Vec<f32> = out.clone().into_data().to_vec().unwrap();
+        let n: f32 = mask.iter().sum();
+        let loss = (log_softmax(out.reshape([b * t, cfg.vocab_size]), 1).gather(1, y).neg() * m).sum() / n;
+        let burn_loss = loss.clone().into_scalar() as f64;
+        let grads = loss.backward();
+        let e = max_rel(&burn_logits, &full_logits);
+        assert!(e > 0.0 && e < 2e-2, "bf16 rounding should change the logits a little: {e}");
+
+        let (cos, sin) = rope_tables(&model);
+        let dims = Dims::from_config(&cfg);
+        let kern = Kernels::new(dims, cos, sin, 2);
+        let mut w = vec![0.0f32; kern.layout.len];
+        kern.layout.weights_into(&model, &mut w).unwrap();
+        let w16: Vec<u16> = w.iter().map(|&v| kiln_models::checkpoint::f32_to_bf16(v)).collect();
+        assert!(w16.iter().zip(&w).all(|(h, f)| kiln_models::cpu_kernels::bf16_to_f32(*h) == *f), "the stored base is bf16-exact");
+        let al = AdapterLayout::new(&dims, &adapter.spec);
+        let aw = al.weights(&model).unwrap();
+        let ad = Adapt { layout: &al, w: &aw };
+        let k_logits = kern.logits_with(Weights::Bf16(&w16), Some(ad), &inputs, b, t);
+        let e = max_rel(&k_logits, &burn_logits);
+        assert!(e < 1e-5, "tied {tied}: bf16-base logits differ by {e}");
+        let batch = BatchRef { inputs: &inputs, targets: &targets_ids, mask: &mask, b, t, starts: None };
+        let mut g = vec![0.0f32; al.len];
+        let k_loss = kern.adapter_loss_and_grads(Weights::Bf16(&w16), ad, &batch, Some(&mut g), false).loss;
+        assert!((k_loss - burn_loss).abs() < 1e-5 * burn_loss.abs(), "loss {k_loss} vs {burn_loss}");
+        for s in &al.slots {
+            let e = max_rel(&s.get(&g), &find_grad(&model, &grads, &s.name));
+            assert!(e < 1e-4, "tied {tied}: gradient of {} differs by {e}", s.name);
+        }
+        // The same weights in f32 give the same results (the decode is exact).
+        let mut g32 = vec![0.0f32; al.len];
+        let l32 = kern.adapter_loss_and_grads(Weights::F32(&w), ad, &batch, Some(&mut g32), false).loss;
+        assert!((l32 - k_loss).abs() < 1e-6 * l32.abs());
+        assert!(max_rel(&g, &g32) < 1e-5);
+    }
+}

@@ -414,11 +414,14 @@ pub struct LoraSection {
     pub targets: Vec<String>,
     /// rsLoRA: scale by `alpha / √rank`.
     pub rslora: bool,
+    /// How the frozen base is held: `"f32"`, or `"bf16"` (half the memory; its weights rounded to
+    /// bf16 once, matmuls still in f32). The adapters and their AdamW state stay f32.
+    pub base_dtype: String,
 }
 
 impl Default for LoraSection {
     fn default() -> Self {
-        Self { rank: 16, alpha: 32.0, dropout: 0.0, targets: vec!["all-linear".into()], rslora: false }
+        Self { rank: 16, alpha: 32.0, dropout: 0.0, targets: vec!["all-linear".into()], rslora: false, base_dtype: "f32".into() }
     }
 }
 

@@ -49,6 +49,9 @@ fn lora(l: &LoraSection, has_init: bool) -> Check {
     if l.dropout != 0.0 {
         return err("lora.dropout", format!("Kiln trains adapters without dropout for now: set 0 (got {})", l.dropout));
     }
+    if !["f32", "bf16"].contains(&l.base_dtype.as_str()) {
+        return err("lora.base_dtype", format!("\"f32\" or \"bf16\", not \"{}\"", l.base_dtype));
+    }
     if l.targets.is_empty() {
         return err("lora.targets", format!("name some of {} or \"all-linear\"", LORA_TARGETS.join(", ")));
     }

@@ -156,9 +156,10 @@ impl Plan {
         let Some(l) = &self.lora else { return String::new() };
         let n = l.params(&self.model);
         format!(
-            "\nlora: rank {}, alpha {} (scale {:.4}{}) on {}: {n} trainable parameters ({:.2}% of the model's {}); the base is frozen",
+            "\nlora: rank {}, alpha {} (scale {:.4}{}) on {}: {n} trainable parameters ({:.2}% of the model's {}); the base is frozen, in {}",
             l.rank, l.alpha, l.scaling(), if l.rslora { ", rsLoRA" } else { "" }, l.targets.join(" "),
-            100.0 * n as f64 / self.model.num_params() as f64, self.model.num_params()
+            100.0 * n as f64 / self.model.num_params() as f64, self.model.num_params(),
+            self.recipe.lora.as_ref().map_or("f32", |l| l.base_dtype.as_str())
         )
     }
 
@@ -182,8 +183,9 @@ impl Plan {
         let (t, c) = (&self.recipe.train, &self.model);
         let ctx = c.max_position_embeddings as f64;
         // Weights, gradients and both moments; under LoRA the base has weights only.
+        let base_bytes = if self.recipe.lora.as_ref().is_some_and(|l| l.base_dtype == "bf16") { 2.0 } else { 4.0 };
         let state = match &self.lora {
-            Some(l) => (c.num_params() + 4 * l.params(c)) as f64 * 4.0,
+            Some(l) => c.num_params() as f64 * base_bytes + (4 * l.params(c)) as f64 * 4.0,
             None => c.num_params() as f64 * 4.0 * 4.0,
         };
         let attn = if t.fused_attention { 0.0 } else { 5.0 * c.num_attention_heads as f64 * ctx };

@@ -403,6 +403,9 @@ fn lora_model<B: AutodiffBackend>(plan: &Plan, resume: Option<(kiln_models::lora
     adapter.check(&plan.model, &from)?;
     let model = Llama::<B>::build(&plan.model, &mut *checkpoint::weight_source(&base)?, device)?;
     let mut model = burn::module::Module::no_grad(model);
+    if plan.recipe.lora.as_ref().is_some_and(|l| l.base_dtype == "bf16") {
+        model = kiln_models::lora_params::store_base(model, burn::tensor::DType::BF16);
+    }
     model.lora = Some(kiln_models::lora_params::Lora::build(&adapter, plan.model.num_hidden_layers, device)?);
     Ok(model)
 }

@@ -31,6 +31,7 @@ use crate::llama::{Llama, LlamaConfig};
 
 mod adapters;
 mod decode;
+mod frozen;
 mod layout;
 mod model;
 mod ops;
@@ -39,6 +40,7 @@ mod sink;
 
 pub use adapters::{Adapt, AdapterLayout};
 pub use decode::KvRow;
+pub use frozen::{bf16_to_f32, Weights};
 pub use layout::{rope_tables, Dims, Layout, Slot};
 use model::{forward, shard, Keep, Rope};
 use pool::Pool;
@@ -114,23 +116,24 @@ impl Kernels {
     /// batch is split across the threads by sequence; shard gradients are summed in a fixed order
     /// (`sink.rs`).
     pub fn loss_and_grads(&self, w: &[f32], batch: &BatchRef, grads: Option<&mut [f32]>) -> Pass {
-        self.pass(w, None, batch, grads, false)
+        self.pass(Weights::F32(w), None, batch, grads, false)
     }
 
     /// [`Kernels::loss_and_grads`], adding the gradient to what `grads` holds (gradient
     /// accumulation without a second full-size buffer).
     pub fn add_loss_grads(&self, w: &[f32], batch: &BatchRef, grads: &mut [f32]) -> Pass {
-        self.pass(w, None, batch, Some(grads), true)
+        self.pass(Weights::F32(w), None, batch, Some(grads), true)
     }
 
     /// LoRA: the loss of the weights `w` with the adapters `ad` on top and, when `grads` is
     /// given (`ad.layout.len` values), the adapters' gradient, written there or, with
-    /// `accumulate`, added to what it holds. The base is frozen: its gradients are not computed.
-    pub fn adapter_loss_and_grads(&self, w: &[f32], ad: Adapt, batch: &BatchRef, grads: Option<&mut [f32]>, accumulate: bool) -> Pass {
+    /// `accumulate`, added to what it holds. The base is frozen: its gradients are not computed,
+    /// and it may be held in bf16 ([`Weights::Bf16`]).
+    pub fn adapter_loss_and_grads(&self, w: Weights, ad: Adapt, batch: &BatchRef, grads: Option<&mut [f32]>, accumulate: bool) -> Pass {
         self.pass(w, Some(ad), batch, grads, accumulate)
     }
 
-    fn pass(&self, w: &[f32], ad: Option<Adapt>, batch: &BatchRef, grads: Option<&mut [f32]>, accumulate: bool) -> Pass {
+    fn pass(&self, w: Weights, ad: Option<Adapt>, batch: &BatchRef, grads: Option<&mut [f32]>, accumulate: bool) -> Pass {
         let layout = &self.layout;
         self.check(w, ad, batch.inputs.iter().chain(batch.targets.iter()), batch.t);
         if let Some(s) = batch.starts {
@@ -178,8 +181,9 @@ impl Kernels {
     /// The invariants the kernels index by: weights of this layout (and adapters of a layout
     /// for its layers), a context within the RoPE tables, token ids within the vocabulary (the
     /// trainer's data guarantees them).
-    fn check<'a>(&self, w: &[f32], ad: Option<Adapt>, tokens: impl Iterator<Item = &'a i64>, t: usize) {
+    fn check<'a>(&self, w: Weights, ad: Option<Adapt>, tokens: impl Iterator<Item = &'a i64>, t: usize) {
         assert_eq!(w.len(), self.layout.len);
+        assert!(!w.chunked() || ad.is_some(), "a bf16 base is frozen: it trains adapters only");
         if let Some(a) = ad {
             assert_eq!(a.w.len(), a.layout.len, "adapter weights do not fit their layout");
             assert_eq!(a.layout.regions().len(), self.layout.regions().len(), "the adapters are for another number of layers");
@@ -218,11 +222,11 @@ impl Kernels {
 
     /// Logits `[B·T, V]` of `b` sequences of `t` tokens (forward only: evaluation, tests).
     pub fn logits(&self, w: &[f32], inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
-        self.logits_with(w, None, inputs, b, t)
+        self.logits_with(Weights::F32(w), None, inputs, b, t)
     }
 
-    /// [`Kernels::logits`] with LoRA adapters on top of `w`.
-    pub fn logits_with(&self, w: &[f32], ad: Option<Adapt>, inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
+    /// [`Kernels::logits`] with LoRA adapters on top of `w` (which may then be bf16).
+    pub fn logits_with(&self, w: Weights, ad: Option<Adapt>, inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
         self.check(w, ad, inputs.iter(), t);
         let rope = Rope { cos: &self.cos, sin: &self.sin };
         let bounds = self.bounds(b);

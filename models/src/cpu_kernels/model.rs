@@ -7,6 +7,7 @@
 //! K = kv heads, Hd = head dim, Q = H·Hd, KV = K·Hd, F = SwiGLU hidden, V = vocabulary.
 
 use super::adapters::{Adapt, DOWN, GATE, K, O, Q, UP, V};
+use super::frozen::Weights;
 use super::layout::{LayerAt, Layout};
 use super::sink::Grads;
 use super::ops::*;
@@ -132,21 +133,23 @@ impl Sizes {
 /// With `all_logits` false, the head runs only on the rows whose target carries loss (all of
 /// them when pretraining). `ad`: LoRA adapters on top of the weights `w`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn forward(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, pool: &mut Pool, all_logits: bool, keep: Keep) -> Acts {
+pub(super) fn forward(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, pool: &mut Pool, all_logits: bool, keep: Keep) -> Acts {
     let dm = &layout.dims;
     let sz = Sizes::of(layout, batch);
     let Sizes { d, v, n, .. } = sz;
+    let mut dec = Vec::new(); // a bf16 base's values, decoded
 
     // Embedding lookup: x[i] = E[token_i].
     let mut x = pool.any(n * d); // [N, D]
     for (i, &tok) in batch.inputs.iter().enumerate() {
         let e = layout.embed + tok as usize * d;
-        x[i * d..(i + 1) * d].copy_from_slice(&w[e..e + d]);
+        x[i * d..(i + 1) * d].copy_from_slice(w.span(e, d, &mut dec));
     }
     let mut layers = Vec::with_capacity(dm.layers);
     let mut sc = Scratch::new(pool, &sz, ad);
-    for (l, at) in layout.layers.iter().enumerate() {
-        let (saved, x3) = layer(layout, l, at, w, ad, rope, batch, &x, &mut sc, pool, true);
+    for l in 0..layout.layers.len() {
+        let (wl, at) = w.layer(layout, l, &mut dec);
+        let (saved, x3) = layer(layout, l, &at, wl, ad, rope, batch, &x, &mut sc, pool, true);
         let Some(x3) = x3 else { unreachable!("`next` asks for x3") };
         match keep {
             Keep::All => layers.push(LayerActs { x, saved: Some(saved) }),
@@ -163,7 +166,7 @@ pub(super) fn forward(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope
     }
     sc.recycle(pool);
     let mut hf = pool.any(n * d);
-    let rf = rms_norm(&x, &w[layout.norm..layout.norm + d], dm.eps, d, &mut hf, pool);
+    let rf = rms_norm(&x, w.span(layout.norm, d, &mut dec), dm.eps, d, &mut hf, pool);
     let rows: Option<Vec<usize>> = (!all_logits && batch.mask.contains(&0.0)).then(|| (0..n).filter(|&i| batch.mask[i] != 0.0).collect());
     let mut hsel = pool.any(rows.as_ref().map_or(0, |r| r.len() * d));
     if let Some(r) = &rows {
@@ -176,10 +179,17 @@ pub(super) fn forward(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope
         None => (n, &hf),
     };
     let mut logits = pool.any(m * v);
-    if m > 0 {
-        match layout.head {
+    match w {
+        _ if m == 0 => {}
+        Weights::F32(w) => match layout.head {
             Some(h) => mm(m, v, d, &mut logits, v, false, 1.0, rm(h_in, d), rm(&w[h..], v)), // [M, V]
             None => mm(m, v, d, &mut logits, v, false, 1.0, rm(h_in, d), rm(&w[layout.embed..], d).t()), // [M, V]
+        },
+        Weights::Bf16(_) => {
+            for (c0, c1) in Weights::head_chunks(v) {
+                let chunk = w.head_chunk(layout, c0, c1, &mut dec); // [C, D]
+                mm(m, c1 - c0, d, &mut logits[c0..], v, false, 1.0, rm(h_in, d), rm(chunk, d).t()); // [M, C] of [M, V]
+            }
         }
     }
     Acts { layers, xf: x, rf, hf, rows, hsel, logits }
@@ -234,14 +244,14 @@ fn layer(layout: &Layout, l: usize, at: &LayerAt, w: &[f32], ad: Option<Adapt>, 
 /// `mask · nll` over its rows and the seconds spent up to the loss; gradients are of the mean
 /// over all `n_loss` masked tokens.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn shard(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool, wide: bool) -> (f64, f64) {
+pub(super) fn shard(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool, wide: bool) -> (f64, f64) {
     // The elementwise loops, compiled again with AVX-512 where the CPU has it. Rust never fuses
     // a multiply and an add on its own, and every reduction has a fixed order, so both versions
     // give bit-identical results (tested).
     #[cfg(target_arch = "x86_64")]
     if wide && std::arch::is_x86_feature_detected!("avx512f") {
         #[target_feature(enable = "avx512f,avx2,fma")]
-        unsafe fn wide(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool) -> (f64, f64) {
+        unsafe fn wide(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool) -> (f64, f64) {
             shard_impl(layout, w, ad, rope, batch, n_loss, grads, keep, pool)
         }
         // SAFETY: the CPU supports the features `wide` is compiled for (checked just above).
@@ -252,7 +262,7 @@ pub(super) fn shard(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, 
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn shard_impl(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool) -> (f64, f64) {
+fn shard_impl(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, n_loss: f32, grads: Option<Grads>, keep: Keep, pool: &mut Pool) -> (f64, f64) {
     let t0 = std::time::Instant::now();
     let keep = if grads.is_some() { keep } else { Keep::Nothing };
     let mut acts = forward(layout, w, ad, rope, batch, pool, false, keep);
@@ -298,7 +308,7 @@ fn cross_entropy(logits: &mut [f32], rows: Option<&[usize]>, batch: &BatchRef, n
 /// cut as the base's, `adapters.rs`), and the base's weight gradients are not computed.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn backward(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, acts: &Acts, g: &mut Grads, pool: &mut Pool) {
+fn backward(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, acts: &Acts, g: &mut Grads, pool: &mut Pool) {
     let dm = &layout.dims;
     let sz = Sizes::of(layout, batch);
     let Sizes { d, f, hd, q, qkv, b, t, n, scale, .. } = sz;
@@ -318,9 +328,12 @@ fn backward(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &
     // Recomputed per layer: the normed inputs, sigmoid(gate) and silu(gate)·up (and, under
     // gradient checkpointing, the whole layer).
     let mut sc = Scratch::new(pool, &sz, ad);
+    let mut dec = Vec::new(); // a bf16 base's layer, decoded
     for (l, (at, la)) in layout.layers.iter().zip(acts.layers.iter()).enumerate().rev() {
+        // The layer's weights (`wa`: where they sit in `w`); `at` places its gradients.
+        let (w, wa) = w.layer(layout, l, &mut dec);
         let recomputed = la.saved.is_none().then(|| {
-            layer(layout, l, at, w, ad, rope, batch, &la.x, &mut sc, pool, false).0
+            layer(layout, l, &wa, w, ad, rope, batch, &la.x, &mut sc, pool, false).0
         });
         let Some(sv) = la.saved.as_ref().or(recomputed.as_ref()) else { unreachable!("a layer's values are kept or recomputed") };
         let Scratch { hn, p, sig, a, u, du } = &mut sc;
@@ -331,7 +344,7 @@ fn backward(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &
         if !frozen {
             mm(f, d, n, &mut gl[at.wd - o..], d, true, 1.0, rm(a, f).t(), rm(&dx, d)); // dWd [F, D] += a^T·dx
         }
-        mm(n, f, d, &mut da, f, false, 1.0, rm(&dx, d), rm(&w[at.wd..], d).t()); // da [N, F] = dx·Wd^T
+        mm(n, f, d, &mut da, f, false, 1.0, rm(&dx, d), rm(&w[wa.wd..], d).t()); // da [N, F] = dx·Wd^T
         if let Some(ad) = ad {
             ad.backward(l, DOWN, n, a, &dx, d, &mut da, &mut gl, o, u, du);
         }
@@ -340,42 +353,42 @@ fn backward(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &
             let (dg, du) = dgu[i * 2 * f..(i + 1) * 2 * f].split_at_mut(f);
             swiglu_backward(gg, uu, &sig[i * f..(i + 1) * f], &da[i * f..(i + 1) * f], dg, du);
         }
-        rms_apply(&sv.x2, &sv.r2, &w[at.ln2..at.ln2 + d], d, hn); // hn2
+        rms_apply(&sv.x2, &sv.r2, &w[wa.ln2..wa.ln2 + d], d, hn); // hn2
         if !frozen {
             mm(d, 2 * f, n, &mut gl[at.wgu - o..], 2 * f, true, 1.0, rm(hn, d).t(), rm(&dgu, 2 * f)); // dWgu [D, 2F]
         }
-        mm(n, d, 2 * f, &mut dhn, d, false, 1.0, rm(&dgu, 2 * f), rm(&w[at.wgu..], 2 * f).t()); // dhn2 [N, D]
+        mm(n, d, 2 * f, &mut dhn, d, false, 1.0, rm(&dgu, 2 * f), rm(&w[wa.wgu..], 2 * f).t()); // dhn2 [N, D]
         if let Some(ad) = ad {
             ad.backward(l, GATE, n, hn, &dgu, 2 * f, &mut dhn, &mut gl, o, u, du);
             ad.backward(l, UP, n, hn, &dgu[f..], 2 * f, &mut dhn, &mut gl, o, u, du);
         }
         // dx now holds d/dx2 (the residual path); the norm adds its share.
         let dln2 = if frozen { &mut dnorm[..] } else { &mut gl[at.ln2 - o..at.ln2 - o + d] };
-        rms_norm_backward(&dhn, &sv.x2, &sv.r2, &w[at.ln2..at.ln2 + d], d, &mut dx, dln2);
+        rms_norm_backward(&dhn, &sv.x2, &sv.r2, &w[wa.ln2..wa.ln2 + d], d, &mut dx, dln2);
 
         // Attention: x2 = x + y·Wo.
         if !frozen {
             mm(q, d, n, &mut gl[at.wo - o..], d, true, 1.0, rm(&sv.y, q).t(), rm(&dx, d)); // dWo [Q, D] += y^T·dx2
         }
-        mm(n, q, d, &mut dy, q, false, 1.0, rm(&dx, d), rm(&w[at.wo..], d).t()); // dy [N, Q]
+        mm(n, q, d, &mut dy, q, false, 1.0, rm(&dx, d), rm(&w[wa.wo..], d).t()); // dy [N, Q]
         if let Some(ad) = ad {
             ad.backward(l, O, n, &sv.y, &dx, d, &mut dy, &mut gl, o, u, du);
         }
         dqkv.iter_mut().for_each(|x| *x = 0.0);
         attention_backward(dm, &sv.qkv, &dy, &mut dqkv, p, &mut dp, b, t, batch.starts, scale);
         rope_rows(&mut dqkv, qkv, dm.heads + dm.kv_heads, hd, t, batch.starts, rope, true);
-        rms_apply(&la.x, &sv.r1, &w[at.ln1..at.ln1 + d], d, hn); // hn1
+        rms_apply(&la.x, &sv.r1, &w[wa.ln1..wa.ln1 + d], d, hn); // hn1
         if !frozen {
             mm(d, qkv, n, &mut gl[at.wqkv - o..], qkv, true, 1.0, rm(hn, d).t(), rm(&dqkv, qkv)); // dWqkv [D, Q+2KV]
         }
-        mm(n, d, qkv, &mut dhn, d, false, 1.0, rm(&dqkv, qkv), rm(&w[at.wqkv..], qkv).t()); // dhn1 [N, D]
+        mm(n, d, qkv, &mut dhn, d, false, 1.0, rm(&dqkv, qkv), rm(&w[wa.wqkv..], qkv).t()); // dhn1 [N, D]
         if let Some(ad) = ad {
             for (m, col) in [(Q, 0), (K, q), (V, q + kv)] {
                 ad.backward(l, m, n, hn, &dqkv[col..], qkv, &mut dhn, &mut gl, o, u, du);
             }
         }
         let dln1 = if frozen { &mut dnorm[..] } else { &mut gl[..d] };
-        rms_norm_backward(&dhn, &la.x, &sv.r1, &w[at.ln1..at.ln1 + d], d, &mut dx, dln1);
+        rms_norm_backward(&dhn, &la.x, &sv.r1, &w[wa.ln1..wa.ln1 + d], d, &mut dx, dln1);
         drop(gl);
         g.commit(l + 1, pool);
         if let Some(r) = recomputed {
@@ -401,7 +414,7 @@ fn backward(layout: &Layout, w: &[f32], ad: Option<Adapt>, rope: &Rope, batch: &
 /// (unless `frozen`) and the residual stream's gradient `[N, D]`, which it returns. With `rows`,
 /// the head's input and output are those rows only, and the others get no gradient from it.
 #[inline(always)]
-fn head_backward(layout: &Layout, w: &[f32], frozen: bool, acts: &Acts, g: &mut Grads, sz: &Sizes, pool: &mut Pool) -> Vec<f32> {
+fn head_backward(layout: &Layout, w: Weights, frozen: bool, acts: &Acts, g: &mut Grads, sz: &Sizes, pool: &mut Pool) -> Vec<f32> {
     let Sizes { d, v, n, .. } = *sz;
     let dl = &acts.logits; // [M, V]
     let (embed, tail) = (0, layout.layers.len() + 1); // regions: embedding, layers 1..=L, norm + head
@@ -410,7 +423,14 @@ fn head_backward(layout: &Layout, w: &[f32], frozen: bool, acts: &Acts, g: &mut 
         None => (n, &acts.hf),
     };
     let mut dsel = pool.any(m * d); // [M, D]
-    if m > 0 {
+    let mut dec = Vec::new();
+    if m > 0 && w.chunked() {
+        // A bf16 (frozen) head: dl·E a vocabulary chunk at a time.
+        for (c0, c1) in Weights::head_chunks(v) {
+            let chunk = w.head_chunk(layout, c0, c1, &mut dec); // [C, D]
+            mm(m, d, c1 - c0, &mut dsel, d, c0 > 0, 1.0, rm(&dl[c0..], v), rm(chunk, d)); // [M, D] += dl[:, C]·chunk
+        }
+    } else if let (true, Weights::F32(w)) = (m > 0, w) {
         match layout.head {
             Some(h) => {
                 if !frozen {
@@ -441,7 +461,7 @@ fn head_backward(layout: &Layout, w: &[f32], frozen: bool, acts: &Acts, g: &mut 
         }
     };
     let mut dx = pool.zeros(n * d); // [N, D]
-    let norm = &w[layout.norm..layout.norm + d];
+    let norm = w.span(layout.norm, d, &mut dec);
     if frozen {
         let mut dw = pool.any(d);
         rms_norm_backward(&dh, &acts.xf, &acts.rf, norm, d, &mut dx, &mut dw);

@@ -19,7 +19,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use burn::tensor::Shape;
 use kiln_models::checkpoint::{HostTensor, TensorList};
-use kiln_models::cpu_kernels::{Adapt, AdapterLayout, BatchRef, Kernels as Fused, Slot};
+use kiln_models::cpu_kernels::{bf16_to_f32, Adapt, AdapterLayout, BatchRef, Kernels as Fused, Slot, Weights};
 use kiln_models::llama::param_id;
 use kiln_models::params::{map_named, MapNamed};
 use kiln_models::{Llama, LlamaConfig};
@@ -45,6 +45,10 @@ pub(super) struct Kernels {
     /// LoRA: the adapters' layout and flat weights (the base `w` is then frozen, and `total` and
     /// the moments are the adapters').
     lora: Option<(AdapterLayout, Vec<f32>)>,
+    /// LoRA with a bf16 base (`lora.base_dtype`): the frozen weights are held here, in bf16,
+    /// and `w` stays empty.
+    half: bool,
+    w16: Vec<u16>,
 }
 
 fn batch_ref(b: &Batch) -> BatchRef<'_> {
@@ -56,7 +60,18 @@ impl Kernels {
         let kern = Fused::for_model(model, cfg, threads).checkpointing(checkpointing);
         let index = kern.layout.slots.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
         let lora = model.lora.as_ref().map(|l| (AdapterLayout::new(&kern.layout.dims, &l.spec), Vec::new()));
-        Self { kern, index, w: Vec::new(), total: Vec::new(), loaded: false, hollow: false, moments: None, lora }
+        // A base stored in bf16 (lora_params::store_base) stays bf16 here.
+        let half = lora.is_some() && model.model.embed_tokens.val().dtype() == burn::tensor::DType::BF16;
+        Self { kern, index, w: Vec::new(), total: Vec::new(), loaded: false, hollow: false, moments: None, lora, half, w16: Vec::new() }
+    }
+
+    /// The base's weights as the passes read them.
+    fn base(&self) -> Weights<'_> {
+        if self.half {
+            Weights::Bf16(&self.w16)
+        } else {
+            Weights::F32(&self.w)
+        }
     }
 
     /// The slots of what trains: the adapters' under LoRA, else the model's.
@@ -80,6 +95,11 @@ impl Kernels {
         if !self.loaded {
             self.w.resize(self.kern.layout.len, 0.0);
             self.kern.layout.weights_into(&model, &mut self.w)?;
+            if self.half {
+                // The values are bf16 already (the model holds them so): the conversion is exact.
+                self.w16 = self.w.iter().map(|&x| kiln_models::checkpoint::f32_to_bf16(x)).collect();
+                self.w = Vec::new();
+            }
             if let Some((layout, w)) = &mut self.lora {
                 *w = layout.weights(&model)?;
             }
@@ -90,9 +110,10 @@ impl Kernels {
         self.total.resize(len, 0.0);
         let (mut loss, mut forward_s) = (0.0, 0.0);
         let ad = self.lora.as_ref().map(|(layout, w)| Adapt { layout, w });
+        let base = if self.half { Weights::Bf16(&self.w16) } else { Weights::F32(&self.w) };
         for (i, b) in micro.iter().enumerate() {
             let pass = match ad {
-                Some(ad) => self.kern.adapter_loss_and_grads(&self.w, ad, &batch_ref(b), Some(&mut self.total), i > 0),
+                Some(ad) => self.kern.adapter_loss_and_grads(base, ad, &batch_ref(b), Some(&mut self.total), i > 0),
                 None if i == 0 => self.kern.loss_and_grads(&self.w, &batch_ref(b), Some(&mut self.total)),
                 None => self.kern.add_loss_grads(&self.w, &batch_ref(b), &mut self.total),
             };
@@ -179,12 +200,12 @@ impl Kernels {
             return model;
         }
         self.hollow = false;
-        let model = map_named(model, &mut WriteWeights::<B> { slots: &self.kern.layout.slots, index: &self.index, w: &self.w, device });
+        let model = map_named(model, &mut WriteWeights::<B> { slots: &self.kern.layout.slots, index: &self.index, w: self.base(), device });
         match &self.lora {
             // The adapters' parameters were left in place (they are small) but not updated.
             Some((layout, w)) => {
                 let index = layout.slots.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-                map_named(model, &mut WriteWeights::<B> { slots: &layout.slots, index: &index, w, device })
+                map_named(model, &mut WriteWeights::<B> { slots: &layout.slots, index: &index, w: Weights::F32(w), device })
             }
             None => model,
         }
@@ -205,7 +226,7 @@ impl Kernels {
         }
         let layout = &self.kern.layout;
         let specs = layout.slots.iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
-        Some(TensorList { specs, values: Box::new(move |i| layout.get(&self.w, &layout.slots[i])) })
+        Some(TensorList { specs, values: Box::new(move |i| slot_values(&layout.slots[i], self.base())) })
     }
 
     /// The flat moments as `<name>.exp_avg` and `<name>.exp_avg_sq`, sorted by name, read as
@@ -271,10 +292,10 @@ impl Kernels {
     pub(super) fn eval_loss<B: Backend>(&self, model: &Llama<B>, batches: &[Batch]) -> Result<f64> {
         let copy;
         let w = match self.loaded {
-            true => &self.w,
+            true => self.base(),
             false => {
                 copy = self.kern.layout.weights(model)?;
-                &copy
+                Weights::F32(&copy)
             }
         };
         // Before the first step the copy has the adapters merged in (`Layout::weights`).
@@ -284,7 +305,10 @@ impl Kernels {
             let weight: f64 = b.mask.iter().map(|&m| m as f64).sum();
             let pass = match ad {
                 Some(ad) => self.kern.adapter_loss_and_grads(w, ad, &batch_ref(b), None, false),
-                None => self.kern.loss_and_grads(w, &batch_ref(b), None),
+                None => match w {
+                    Weights::F32(w) => self.kern.loss_and_grads(w, &batch_ref(b), None),
+                    Weights::Bf16(_) => unreachable!("a bf16 base comes with adapters"),
+                },
             };
             sum += pass.loss * weight;
             n += weight;
@@ -307,11 +331,19 @@ fn global_norm(g: &[f32]) -> f64 {
     (acc.iter().sum::<f64>() + tail).sqrt()
 }
 
+/// A parameter's values (its Burn shape) from the flat weights, f32 or bf16.
+fn slot_values(s: &Slot, w: Weights) -> Vec<f32> {
+    match w {
+        Weights::F32(w) => s.get(w),
+        Weights::Bf16(w) => s.rows().flat_map(|r| w[r].iter().map(|&b| bf16_to_f32(b))).collect(),
+    }
+}
+
 /// Replaces every parameter's value with its values from the flat weights.
 struct WriteWeights<'a, B: AutodiffBackend> {
     slots: &'a [Slot],
     index: &'a HashMap<String, usize>,
-    w: &'a [f32],
+    w: Weights<'a>,
     device: &'a B::Device,
 }
 
@@ -323,7 +355,7 @@ impl<B: AutodiffBackend> MapNamed<B> for WriteWeights<'_, B> {
         let s = &self.slots[i];
         let (id, tensor, mapper) = param.consume();
         drop(tensor);
-        let data = TensorData::new(s.get(self.w), s.shape.clone());
+        let data = TensorData::new(slot_values(s, self.w), s.shape.clone());
         let inner = Tensor::<B::InnerBackend, D>::from_data(data, self.device);
         Param::from_mapped_value(id, Tensor::from_inner(inner).require_grad(), mapper)
     }
