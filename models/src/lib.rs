@@ -11,6 +11,7 @@ pub mod hf_config;
 pub mod init;
 pub mod llama;
 pub mod lora;
+pub mod lora_dropout;
 pub mod lora_params;
 pub mod loss;
 pub mod params;

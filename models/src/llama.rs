@@ -17,7 +17,6 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::lora_params::{LoraLayer, LoraPair};
 use crate::ModelError;
 
 /// The longest context a config may declare (RoPE tables and attention are sized by it).
@@ -314,8 +313,7 @@ impl<B: Backend> Llama<B> {
         }
         for (i, layer) in self.model.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let lora = self.lora.as_ref().map(|l| &l.layers[i]);
-            x = self.layer(layer, lora, x, cos, sin, kv, hide);
+            x = self.layer(layer, i, x, cos, sin, kv, hide);
         }
         if let Some(c) = cache {
             c.pos += t;
@@ -331,7 +329,7 @@ impl<B: Backend> Llama<B> {
     fn layer(
         &self,
         l: &Layer<B>,
-        lora: Option<&LoraLayer<B>>,
+        i: usize, // the layer's index (its adapters are `self.lora`'s layer i)
         x: Tensor<B, 3>, // [B, T, D]
         cos: &Tensor<B, 4>, // [B or 1, 1, T, Hd]
         sin: &Tensor<B, 4>, // [B or 1, 1, T, Hd]
@@ -342,13 +340,11 @@ impl<B: Backend> Llama<B> {
         let (h, k) = (self.n_heads, self.n_kv_heads);
         let hd = d / h;
         let a = &l.self_attn;
-        let la = lora.map(|l| &l.self_attn);
-        let lm = lora.map(|l| &l.mlp);
 
         let hn = rms_norm(x.clone(), &l.input_layernorm.val(), self.eps); // [B, T, D]
-        let q = self.proj(hn.clone(), a.q_proj.val(), la.and_then(|l| l.q_proj.as_ref())).reshape([b, t, h, hd]).swap_dims(1, 2); // [B, H, T, Hd]
-        let kk = self.proj(hn.clone(), a.k_proj.val(), la.and_then(|l| l.k_proj.as_ref())).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
-        let v = self.proj(hn, a.v_proj.val(), la.and_then(|l| l.v_proj.as_ref())).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
+        let q = self.proj(hn.clone(), a.q_proj.val(), i, 0).reshape([b, t, h, hd]).swap_dims(1, 2); // [B, H, T, Hd]
+        let kk = self.proj(hn.clone(), a.k_proj.val(), i, 1).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
+        let v = self.proj(hn, a.v_proj.val(), i, 2).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
         let q = rope(q, cos, sin); // [B, H, T, Hd]
         let mut kk = rope(kk, cos, sin); // [B, K, T, Hd]
         let mut v = v;
@@ -381,21 +377,22 @@ impl<B: Backend> Llama<B> {
             Some(dt) => attend(q.cast(dt), kk.cast(dt), v.cast(dt)).cast(DType::F32),
         };
         let y = y.swap_dims(1, 2).reshape([b, t, d]); // [B, T, D]
-        let x = x + self.proj(y, a.o_proj.val(), la.and_then(|l| l.o_proj.as_ref())); // [B, T, D]
+        let x = x + self.proj(y, a.o_proj.val(), i, 3); // [B, T, D]
 
         let hn = rms_norm(x.clone(), &l.post_attention_layernorm.val(), self.eps); // [B, T, D]
         let m = &l.mlp;
-        let gate = silu(self.proj(hn.clone(), m.gate_proj.val(), lm.and_then(|l| l.gate_proj.as_ref()))); // [B, T, F]
-        let up = self.proj(hn, m.up_proj.val(), lm.and_then(|l| l.up_proj.as_ref())); // [B, T, F]
-        x + self.proj(gate * up, m.down_proj.val(), lm.and_then(|l| l.down_proj.as_ref())) // [B, T, D]
+        let gate = silu(self.proj(hn.clone(), m.gate_proj.val(), i, 4)); // [B, T, F]
+        let up = self.proj(hn, m.up_proj.val(), i, 5); // [B, T, F]
+        x + self.proj(gate * up, m.down_proj.val(), i, 6) // [B, T, D]
     }
 
-    /// A projection `x @ w`, plus the adapter's `s·(x·Aᵀ)·Bᵀ` where `pair` adapts it:
-    /// `x: [B, T, In]`, `w: [In, Out]`, `A: [r, In]`, `B: [Out, r]`.
-    fn proj(&self, x: Tensor<B, 3>, w: Tensor<B, 2>, pair: Option<&LoraPair<B>>) -> Tensor<B, 3> {
-        let (Some(p), Some(lora)) = (pair, &self.lora) else { return self.mm(x, w) };
+    /// Projection `m` (`lora::TARGETS`' index: q k v o gate up down) of layer `l`: `x @ w`,
+    /// plus the adapter's `s·(x'·Aᵀ)·Bᵀ` where one adapts it (`x'` is `x`, or `x ⊙ mask` under
+    /// LoRA dropout): `x: [B, T, In]`, `w: [In, Out]`, `A: [r, In]`, `B: [Out, r]`.
+    fn proj(&self, x: Tensor<B, 3>, w: Tensor<B, 2>, l: usize, m: usize) -> Tensor<B, 3> {
+        let Some((lora, p)) = self.lora.as_ref().and_then(|lo| lo.layers[l].pairs()[m].1.map(|p| (lo, p))) else { return self.mm(x, w) };
         let y = self.mm(x.clone(), w); // [B, T, Out]
-        let u = self.mm(x, p.lora_A.val().transpose()); // [B, T, r]
+        let u = self.mm(lora.input(x, l, m), p.lora_A.val().transpose()); // [B, T, r]
         y + self.mm(u, p.lora_B.val().transpose()) * lora.scale() // [B, T, Out]
     }
 

@@ -18,6 +18,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::llama::param_id;
 use crate::lora::{module_path, Adapter, LoraSpec, Pair, TARGETS};
+use crate::lora_dropout::Dropout;
 use crate::ModelError;
 
 /// The prefix of every adapter parameter's name.
@@ -62,6 +63,13 @@ pub struct Lora<B: Backend> {
     pub layers: Vec<LoraLayer<B>>,
     #[module(skip)]
     pub spec: LoraSpec,
+    /// The run's seed, from which dropout masks derive (`lora_dropout.rs`).
+    #[module(skip)]
+    pub seed: u64,
+    /// The dropout of the pass under way: set by the trainer for each training micro-batch
+    /// when `spec.dropout` > 0, and `None` otherwise (evaluation, generation).
+    #[module(skip)]
+    pub dropout: Option<Dropout>,
 }
 
 /// The Burn name of module `path`'s `A` (`which` = "lora_A") or `B` ("lora_B").
@@ -93,7 +101,7 @@ impl<B: Backend> Lora<B> {
         if built != adapter.pairs.len() {
             return Err(ModelError::Config(format!("LoRA: {} of the adapter's {} projections fit a model of {n_layers} layers", built, adapter.pairs.len())));
         }
-        Ok(Self { layers, spec: adapter.spec.clone() })
+        Ok(Self { layers, spec: adapter.spec.clone(), seed: 0, dropout: None })
     }
 
     /// The adapter's current values, for `base` (its `base_model_name_or_path`).
@@ -115,6 +123,24 @@ impl<B: Backend> Lora<B> {
     /// The factor `s` of `s·(x·Aᵀ)·Bᵀ`.
     pub fn scale(&self) -> f64 {
         self.spec.scaling()
+    }
+
+    /// What projection `m` ([`TARGETS`]' index) of layer `l` feeds its adapter: `x`
+    /// `[B, T, In]`, or `x ⊙ mask` while a training pass drops (`lora_dropout.rs`; the mask is
+    /// made on the host, as the CPU kernels make it, and is a constant of the graph).
+    pub fn input(&self, x: Tensor<B, 3>, l: usize, m: usize) -> Tensor<B, 3> {
+        let Some(d) = self.dropout else { return x };
+        let [b, t, c] = x.dims();
+        let mut mask = vec![0.0f32; b * t * c];
+        d.mask(l, m, 0, b * t, c, &mut mask);
+        let mask = Tensor::<B, 3>::from_data(TensorData::new(mask, [b, t, c]), &x.device());
+        x * mask // [B, T, In]
+    }
+
+    /// Sets the dropout of the next training pass: micro-batch `micro` of optimizer step `step`
+    /// (nothing when the spec has none).
+    pub fn drop_for(&mut self, step: u64, micro: usize) {
+        self.dropout = Dropout::new(self.spec.dropout, self.seed, step, micro);
     }
 }
 

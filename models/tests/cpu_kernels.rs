@@ -235,35 +235,59 @@ fn lora_model(cfg: &LlamaConfig, targets: &[&str], rslora: bool) -> (Llama<B>, k
     (model, adapter)
 }
 
+/// Burn's side of a check: logits, the masked mean cross-entropy and its gradients.
+struct BurnPass {
+    logits: Vec<f32>,
+    loss: f64,
+    grads: <B as burn::tensor::backend::AutodiffBackend>::Gradients,
+}
+
+fn burn_pass(model: &Llama<B>, batch: &BatchRef) -> BurnPass {
+    let (b, t) = (batch.b, batch.t);
+    let device = Default::default();
+    let x = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.inputs.to_vec(), [b, t]), &device);
+    let y = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.to_vec(), [b * t, 1]), &device);
+    let m = Tensor::<B, 2>::from_data(TensorData::new(batch.mask.to_vec(), [b * t, 1]), &device);
+    let n: f32 = batch.mask.iter().sum();
+    let out = model.forward(x); // [B, T, V]
+    let v = out.dims()[2];
+    let logits: Vec<f32> = out.clone().into_data().to_vec().unwrap();
+    let loss = (log_softmax(out.reshape([b * t, v]), 1).gather(1, y).neg() * m).sum() / n;
+    let value = loss.clone().into_scalar() as f64;
+    BurnPass { logits, loss: value, grads: loss.backward() }
+}
+
+/// The kernels' adapter gradients (and loss) equal Burn's.
+fn assert_adapter_grads(model: &Llama<B>, burn: &BurnPass, al: &kiln_models::cpu_kernels::AdapterLayout, g: &[f32], loss: f64, what: &str) {
+    assert!((loss - burn.loss).abs() < 1e-5 * burn.loss.abs(), "{what}: loss {loss} vs {}", burn.loss);
+    for s in &al.slots {
+        let e = max_rel(&s.get(g), &find_grad(model, &burn.grads, &s.name));
+        assert!(e < 1e-4, "{what}: gradient of {} differs by {e}", s.name);
+    }
+}
+
 /// LoRA on both engines: the kernels' logits, loss and every adapter gradient equal Burn's
-/// autodiff of `x·W + s·(x·Aᵀ)·Bᵀ` (untied and tied, GQA, one and two threads, all seven
+/// autodiff of `x·W + s·(x·Aᵀ)·Bᵀ` (untied and tied, GQA, one, two and three threads, all seven
 /// projections and a subset, rsLoRA's scale, a masked prompt); Burn computes no gradient for
 /// the frozen base; the merged weights give the unmerged logits; gradient checkpointing
-/// changes no bit of the adapters' gradients either.
+/// changes no bit of the adapters' gradients either. With LoRA dropout (`lora_dropout.rs`) the
+/// two engines drop the same values (the kernels' threads each make their rows' masks), so
+/// loss and gradients agree again, and differ from those without dropout.
 #[test]
 fn lora_kernels_match_burn() {
     use kiln_models::cpu_kernels::{Adapt, AdapterLayout};
+    use kiln_models::lora_dropout::Dropout;
     let cases: [(bool, usize, &[&str], bool); 3] =
         [(false, 1, &["all-linear"], false), (true, 2, &["q_proj", "v_proj", "down_proj"], false), (false, 3, &["k_proj", "o_proj", "gate_proj", "up_proj"], true)];
     for (tied, threads, targets, rslora) in cases {
         let cfg = config(tied);
-        let (model, adapter) = lora_model(&cfg, targets, rslora);
-        let device = Default::default();
+        let (mut model, adapter) = lora_model(&cfg, targets, rslora);
         let (b, t) = (3, 9);
         let inputs: Vec<i64> = (0..b * t).map(|i| ((i * 7 + 3) % cfg.vocab_size) as i64).collect();
         let targets_ids: Vec<i64> = (0..b * t).map(|i| ((i * 5 + 1) % cfg.vocab_size) as i64).collect();
         let mask: Vec<f32> = (0..b * t).map(|i| if i % t < 3 { 0.0 } else { 1.0 }).collect();
-        let n: f32 = mask.iter().sum();
-
-        let x = Tensor::<B, 2, Int>::from_data(TensorData::new(inputs.clone(), [b, t]), &device);
-        let y = Tensor::<B, 2, Int>::from_data(TensorData::new(targets_ids.clone(), [b * t, 1]), &device);
-        let m = Tensor::<B, 2>::from_data(TensorData::new(mask.clone(), [b * t, 1]), &device);
-        let out = model.forward(x); // [B, T, V]
-        let burn_logits: Vec<f32> = out.clone().into_data().to_vec().unwrap();
-        let nll = log_softmax(out.reshape([b * t, cfg.vocab_size]), 1).gather(1, y).neg();
-        let loss = (nll * m).sum() / n;
-        let burn_loss = loss.clone().into_scalar() as f64;
-        let grads = loss.backward();
+        let batch = BatchRef { inputs: &inputs, targets: &targets_ids, mask: &mask, b, t, starts: None };
+        let burn = burn_pass(&model, &batch);
 
         let (cos, sin) = rope_tables(&model);
         let dims = Dims::from_config(&cfg);
@@ -272,29 +296,24 @@ fn lora_kernels_match_burn() {
         kern.layout.weights_into(&model, &mut w).unwrap();
         let al = AdapterLayout::new(&dims, &adapter.spec);
         let aw = al.weights(&model).unwrap();
-        let ad = Adapt { layout: &al, w: &aw };
+        let ad = Adapt::new(&al, &aw);
         let k_logits = kern.logits_with(Weights::F32(&w), Some(ad), &inputs, b, t);
-        let e = max_rel(&k_logits, &burn_logits);
+        let e = max_rel(&k_logits, &burn.logits);
         assert!(e < 1e-5, "{targets:?}: logits differ by {e}");
         let base_logits = kern.logits(&w, &inputs, b, t);
-        assert!(max_rel(&base_logits, &burn_logits) > 1e-3, "{targets:?}: the adapter changes nothing");
+        assert!(max_rel(&base_logits, &burn.logits) > 1e-3, "{targets:?}: the adapter changes nothing");
         // Merged into the weights (inference), the same logits.
         let merged = kern.layout.weights(&model).unwrap();
         let e = max_rel(&kern.logits(&merged, &inputs, b, t), &k_logits);
         assert!(e < 1e-5, "{targets:?}: merged logits differ by {e}");
 
-        let batch = BatchRef { inputs: &inputs, targets: &targets_ids, mask: &mask, b, t, starts: None };
         let mut g = vec![0.0f32; al.len];
         let k_loss = kern.adapter_loss_and_grads(Weights::F32(&w), ad, &batch, Some(&mut g), false).loss;
-        assert!((k_loss - burn_loss).abs() < 1e-5 * burn_loss.abs(), "loss {k_loss} vs {burn_loss}");
-        for s in &al.slots {
-            let e = max_rel(&s.get(&g), &find_grad(&model, &grads, &s.name));
-            assert!(e < 1e-4, "gradient of {} differs by {e} ({targets:?}, threads {threads})", s.name);
-        }
+        assert_adapter_grads(&model, &burn, &al, &g, k_loss, &format!("{targets:?}, threads {threads}"));
         assert_eq!(al.slots.len(), 2 * adapter.pairs.len());
         // The base is frozen: Burn tracked no gradient for it.
         for (name, _, _) in kiln_models::checkpoint::burn_tensors(&model) {
-            assert!(try_grad(&model, &grads, &name).is_none(), "{name} got a gradient");
+            assert!(try_grad(&model, &burn.grads, &name).is_none(), "{name} got a gradient");
         }
         // Accumulating adds; gradient checkpointing changes no bit.
         let mut acc = g.clone();
@@ -306,6 +325,19 @@ fn lora_kernels_match_burn() {
         let l2 = ckpt.adapter_loss_and_grads(Weights::F32(&w), ad, &batch, Some(&mut g2), false).loss;
         assert_eq!(l2.to_bits(), k_loss.to_bits());
         assert!(g2.iter().zip(&g).all(|(a, x)| a.to_bits() == x.to_bits()), "checkpointing changed the adapters' gradients");
+
+        // Dropout: the same masks on both engines.
+        let drop = Dropout::new(0.3, 11, 2, 1);
+        model.lora.as_mut().unwrap().dropout = drop;
+        let burn_d = burn_pass(&model, &batch);
+        let mut gd = vec![0.0f32; al.len];
+        let dl = kern.adapter_loss_and_grads(Weights::F32(&w), ad.dropping(drop), &batch, Some(&mut gd), false).loss;
+        assert_adapter_grads(&model, &burn_d, &al, &gd, dl, &format!("dropout, {targets:?}, threads {threads}"));
+        assert!((dl - k_loss).abs() > 1e-6 * k_loss.abs() && max_rel(&gd, &g) > 1e-3, "{targets:?}: dropout changed nothing");
+        let mut gd2 = vec![0.0f32; al.len];
+        let dl2 = ckpt.adapter_loss_and_grads(Weights::F32(&w), ad.dropping(drop), &batch, Some(&mut gd2), false).loss;
+        assert_eq!(dl2.to_bits(), dl.to_bits());
+        assert!(gd2.iter().zip(&gd).all(|(a, x)| a.to_bits() == x.to_bits()), "checkpointing changed the dropped adapters' gradients");
     }
 }
 
@@ -334,68 +366,58 @@ fn fresh_adapter_is_the_base_bit_for_bit() {
     let al = AdapterLayout::new(&dims, &adapter.spec);
     let aw = al.weights(&model).unwrap();
     assert!(aw.iter().any(|&v| v != 0.0), "A is drawn, not zero");
-    let with = kern.logits_with(Weights::F32(&w), Some(Adapt { layout: &al, w: &aw }), &inputs, b, t);
+    let with = kern.logits_with(Weights::F32(&w), Some(Adapt::new(&al, &aw)), &inputs, b, t);
     let without = kern.logits(&w, &inputs, b, t);
     assert!(with.iter().zip(&without).all(|(a, b)| a.to_bits() == b.to_bits()), "kernels: a fresh adapter changed the logits");
 }
 
 
-/// A frozen base held in bf16: the kernels (each layer decoded as it runs, the head a vocabulary
-/// chunk at a time: 4,500 entries make three chunks) give the logits, loss and adapter gradients
-/// of Burn's model with the same base stored in bf16 (`lora_params::store_base`), tied and
-/// untied; and they differ from the f32 base's only by the rounding.
+/// A frozen base held in a half type, bf16 or f16: the kernels (each layer decoded as it runs,
+/// the head a vocabulary chunk at a time: 4,500 entries make three chunks) give the logits, loss
+/// and adapter gradients of Burn's model with the same base stored in that type
+/// (`lora_params::store_base`), tied and untied; and they differ from the f32 base's only by
+/// the rounding.
 #[test]
-fn lora_on_a_bf16_base_matches_burn() {
-    use kiln_models::cpu_kernels::{Adapt, AdapterLayout};
-    for tied in [false, true] {
-        let mut cfg = config(tied);
-        cfg.vocab_size = 4500;
-        let (model, adapter) = lora_model(&cfg, &["all-linear"], false);
-        let f32_model_logits = |m: &Llama<B>, x| -> Vec<f32> { m.forward(x).into_data().to_vec().unwrap() };
-        let device = Default::default();
-        let (b, t) = (2, 9);
-        let inputs: Vec<i64> = (0..b * t).map(|i| ((i * 997 + 3) % cfg.vocab_size) as i64).collect();
-        let targets_ids: Vec<i64> = (0..b * t).map(|i| ((i * 1231 + 1) % cfg.vocab_size) as i64).collect();
-        let mask: Vec<f32> = (0..b * t).map(|i| if i % t < 2 { 0.0 } else { 1.0 }).collect();
-        let x = || Tensor::<B, 2, Int>::from_data(TensorData::new(inputs.clone(), [b, t]), &device);
-        let full_logits = f32_model_logits(&model, x());
-        let model = kiln_models::lora_params::store_base(model, burn::tensor::DType::BF16);
-        let y = Tensor::<B, 2, Int>::from_data(TensorData::new(targets_ids.clone(), [b * t, 1]), &device);
-        let m = Tensor::<B, 2>::from_data(TensorData::new(mask.clone(), [b * t, 1]), &device);
-        let out = model.forward(x());
-        let burn_logits: Vec<f32> = out.clone().into_data().to_vec().unwrap();
-        let n: f32 = mask.iter().sum();
-        let loss = (log_softmax(out.reshape([b * t, cfg.vocab_size]), 1).gather(1, y).neg() * m).sum() / n;
-        let burn_loss = loss.clone().into_scalar() as f64;
-        let grads = loss.backward();
-        let e = max_rel(&burn_logits, &full_logits);
-        assert!(e > 0.0 && e < 2e-2, "bf16 rounding should change the logits a little: {e}");
+fn lora_on_a_half_base_matches_burn() {
+    use burn::tensor::DType;
+    use kiln_models::cpu_kernels::{Adapt, AdapterLayout, Half};
+    for (half, dt) in [(Half::Bf16, DType::BF16), (Half::F16, DType::F16)] {
+        for tied in [false, true] {
+            let mut cfg = config(tied);
+            cfg.vocab_size = 4500;
+            let (model, adapter) = lora_model(&cfg, &["all-linear"], false);
+            let (b, t) = (2, 9);
+            let inputs: Vec<i64> = (0..b * t).map(|i| ((i * 997 + 3) % cfg.vocab_size) as i64).collect();
+            let targets_ids: Vec<i64> = (0..b * t).map(|i| ((i * 1231 + 1) % cfg.vocab_size) as i64).collect();
+            let mask: Vec<f32> = (0..b * t).map(|i| if i % t < 2 { 0.0 } else { 1.0 }).collect();
+            let batch = BatchRef { inputs: &inputs, targets: &targets_ids, mask: &mask, b, t, starts: None };
+            let full_logits = burn_pass(&model, &batch).logits;
+            let model = kiln_models::lora_params::store_base(model, dt);
+            let burn = burn_pass(&model, &batch);
+            let e = max_rel(&burn.logits, &full_logits);
+            assert!(e > 0.0 && e < 2e-2, "{half:?} rounding should change the logits a little: {e}");
 
-        let (cos, sin) = rope_tables(&model);
-        let dims = Dims::from_config(&cfg);
-        let kern = Kernels::new(dims, cos, sin, 2);
-        let mut w = vec![0.0f32; kern.layout.len];
-        kern.layout.weights_into(&model, &mut w).unwrap();
-        let w16: Vec<u16> = w.iter().map(|&v| kiln_models::checkpoint::f32_to_bf16(v)).collect();
-        assert!(w16.iter().zip(&w).all(|(h, f)| kiln_models::cpu_kernels::bf16_to_f32(*h) == *f), "the stored base is bf16-exact");
-        let al = AdapterLayout::new(&dims, &adapter.spec);
-        let aw = al.weights(&model).unwrap();
-        let ad = Adapt { layout: &al, w: &aw };
-        let k_logits = kern.logits_with(Weights::Bf16(&w16), Some(ad), &inputs, b, t);
-        let e = max_rel(&k_logits, &burn_logits);
-        assert!(e < 1e-5, "tied {tied}: bf16-base logits differ by {e}");
-        let batch = BatchRef { inputs: &inputs, targets: &targets_ids, mask: &mask, b, t, starts: None };
-        let mut g = vec![0.0f32; al.len];
-        let k_loss = kern.adapter_loss_and_grads(Weights::Bf16(&w16), ad, &batch, Some(&mut g), false).loss;
-        assert!((k_loss - burn_loss).abs() < 1e-5 * burn_loss.abs(), "loss {k_loss} vs {burn_loss}");
-        for s in &al.slots {
-            let e = max_rel(&s.get(&g), &find_grad(&model, &grads, &s.name));
-            assert!(e < 1e-4, "tied {tied}: gradient of {} differs by {e}", s.name);
+            let (cos, sin) = rope_tables(&model);
+            let dims = Dims::from_config(&cfg);
+            let kern = Kernels::new(dims, cos, sin, 2);
+            let mut w = vec![0.0f32; kern.layout.len];
+            kern.layout.weights_into(&model, &mut w).unwrap();
+            let w16: Vec<u16> = w.iter().map(|&v| half.encode(v)).collect();
+            assert!(w16.iter().zip(&w).all(|(h, f)| half.decode(*h) == *f), "the stored base is {half:?}-exact");
+            let al = AdapterLayout::new(&dims, &adapter.spec);
+            let aw = al.weights(&model).unwrap();
+            let ad = Adapt::new(&al, &aw);
+            let k_logits = kern.logits_with(Weights::Half(&w16, half), Some(ad), &inputs, b, t);
+            let e = max_rel(&k_logits, &burn.logits);
+            assert!(e < 1e-5, "{half:?}, tied {tied}: half-base logits differ by {e}");
+            let mut g = vec![0.0f32; al.len];
+            let k_loss = kern.adapter_loss_and_grads(Weights::Half(&w16, half), ad, &batch, Some(&mut g), false).loss;
+            assert_adapter_grads(&model, &burn, &al, &g, k_loss, &format!("{half:?}, tied {tied}"));
+            // The same weights in f32 give the same results (the decode is exact).
+            let mut g32 = vec![0.0f32; al.len];
+            let l32 = kern.adapter_loss_and_grads(Weights::F32(&w), ad, &batch, Some(&mut g32), false).loss;
+            assert!((l32 - k_loss).abs() < 1e-6 * l32.abs());
+            assert!(max_rel(&g, &g32) < 1e-5);
         }
-        // The same weights in f32 give the same results (the decode is exact).
-        let mut g32 = vec![0.0f32; al.len];
-        let l32 = kern.adapter_loss_and_grads(Weights::F32(&w), ad, &batch, Some(&mut g32), false).loss;
-        assert!((l32 - k_loss).abs() < 1e-6 * l32.abs());
-        assert!(max_rel(&g, &g32) < 1e-5);
     }
 }

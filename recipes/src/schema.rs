@@ -406,8 +406,7 @@ pub struct LoraSection {
     pub rank: usize,
     /// The scale's numerator: the adapter adds `(alpha / rank)·B·A` (`alpha / √rank` with `rslora`).
     pub alpha: f64,
-    /// Dropout on the adapters' input (PEFT's `lora_dropout`). Kiln trains without it for now:
-    /// only 0 is accepted.
+    /// Dropout on the adapters' input while training (PEFT's `lora_dropout`), in [0, 1).
     pub dropout: f64,
     /// The adapted projections: any of `q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`,
     /// or `["all-linear"]` for all seven.

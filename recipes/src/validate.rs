@@ -46,11 +46,11 @@ fn lora(l: &LoraSection, has_init: bool) -> Check {
     if !(l.alpha.is_finite() && l.alpha > 0.0) {
         return err("lora.alpha", format!("must be a positive number, got {}", l.alpha));
     }
-    if l.dropout != 0.0 {
-        return err("lora.dropout", format!("Kiln trains adapters without dropout for now: set 0 (got {})", l.dropout));
+    if !(0.0..1.0).contains(&l.dropout) {
+        return err("lora.dropout", format!("a rate in [0, 1), got {}", l.dropout));
     }
-    if !["f32", "bf16"].contains(&l.base_dtype.as_str()) {
-        return err("lora.base_dtype", format!("\"f32\" or \"bf16\", not \"{}\"", l.base_dtype));
+    if !["f32", "bf16", "f16"].contains(&l.base_dtype.as_str()) {
+        return err("lora.base_dtype", format!("\"f32\", \"bf16\" or \"f16\", not \"{}\"", l.base_dtype));
     }
     if l.targets.is_empty() {
         return err("lora.targets", format!("name some of {} or \"all-linear\"", LORA_TARGETS.join(", ")));

@@ -8,6 +8,7 @@
 //! - `run_dir.rs`, `report.rs`: the run directory (checkpoints, metrics, manifest) and the typed
 //!   report (report.json/md/svg, compare).
 //! - `optim.rs`, `optim_cube.rs`: AdamW (one formula) and the schedule; the fused GPU update.
+//! - `lora.rs`: a LoRA run's frozen base and adapters.
 //! - `data/`, `hub.rs`, `export.rs`, `dist.rs`, `device.rs`, `perf.rs`: data sources and shards,
 //!   the Hugging Face Hub, export, data parallelism, devices, throughput.
 
@@ -18,6 +19,7 @@ pub mod dist;
 pub mod engine;
 pub mod export;
 pub mod hub;
+pub mod lora;
 pub mod optim;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod optim_cube;

@@ -183,7 +183,7 @@ impl Plan {
         let (t, c) = (&self.recipe.train, &self.model);
         let ctx = c.max_position_embeddings as f64;
         // Weights, gradients and both moments; under LoRA the base has weights only.
-        let base_bytes = if self.recipe.lora.as_ref().is_some_and(|l| l.base_dtype == "bf16") { 2.0 } else { 4.0 };
+        let base_bytes = if self.recipe.lora.as_ref().is_some_and(|l| l.base_dtype != "f32") { 2.0 } else { 4.0 };
         let state = match &self.lora {
             Some(l) => c.num_params() as f64 * base_bytes + (4 * l.params(c)) as f64 * 4.0,
             None => c.num_params() as f64 * 4.0 * 4.0,

@@ -111,7 +111,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
     /// its base).
     pub fn start(plan: &'a Plan, run: &'a RunDir, dist: Option<&DistOptions>, device: &B::Device) -> Result<Self> {
         let model = match (&plan.init_dir, &plan.lora) {
-            (Some(_), Some(_)) => lora_model(plan, None, device)?,
+            (Some(_), Some(_)) => crate::lora::lora_model(plan, None, device)?,
             (Some(dir), None) => Llama::<B>::build(&plan.model, &mut GrowVocab { inner: checkpoint::weight_source(dir)?, from: plan.init_vocab }, device)?,
             (None, _) => Llama::<B>::build(&plan.model, &mut RandomInit::new(plan.recipe.train.seed, plan.model.num_hidden_layers), device)?,
         };
@@ -132,7 +132,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             // LoRA: the frozen base again, and the checkpoint's adapters.
             Some(_) => {
                 let adapter = kiln_models::lora::Adapter::read_dir(&ck)?;
-                let model = lora_model(plan, Some((adapter, ck.clone())), device)?;
+                let model = crate::lora::lora_model(plan, Some((adapter, ck.clone())), device)?;
                 let sizes = kiln_models::lora_params::param_sizes(&model);
                 (model, sizes)
             }
@@ -289,7 +289,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             return Ok(None);
         }
         let keep = self.plan.recipe.train.keep_checkpoints;
-        let weights = match self.engine.adapter(adapter_base(self.plan)) {
+        let weights = match self.engine.adapter(crate::lora::adapter_base(self.plan)) {
             Some(a) => Weights::Adapter(a),
             None => Weights::Full(self.engine.weights()),
         };
@@ -327,7 +327,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         };
         let final_dir = self.run.path.join("final");
         if !final_dir.exists() {
-            match self.engine.adapter(adapter_base(self.plan)) {
+            match self.engine.adapter(crate::lora::adapter_base(self.plan)) {
                 Some(a) => a.save_dir(&final_dir)?,
                 None => checkpoint::save_weights_dir(&final_dir, self.engine.weights(), &self.plan.model, &self.plan.tok)?,
             }
@@ -370,59 +370,6 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             },
         }
     }
-}
-
-/// LoRA: the `init` model, frozen (no gradients), with adapters: `resume`'s (an adapter and the
-/// checkpoint it was read from), else those of an adapter folder named as `init` (continued
-/// training, on that adapter's base), else fresh ones (`A` Kaiming-uniform from the run's seed,
-/// `B = 0`, so that step 0 is the base model exactly).
-fn lora_model<B: AutodiffBackend>(plan: &Plan, resume: Option<(kiln_models::lora::Adapter, std::path::PathBuf)>, device: &B::Device) -> Result<Llama<B>> {
-    use kiln_models::lora::{self, Adapter};
-    let (Some(init), Some(spec)) = (&plan.init_dir, &plan.lora) else { bail!("LoRA trains adapters on a base model: set init") };
-    let continued = match lora::is_adapter_dir(init) {
-        true => Some((Adapter::read_dir(init)?, init.clone())),
-        false => None,
-    };
-    let base = match &continued {
-        Some((a, dir)) => lora::base_of(dir, a)?,
-        None => init.clone(),
-    };
-    let (adapter, from) = match resume.or(continued) {
-        Some((a, dir)) => {
-            if a.spec != *spec {
-                bail!(
-                    "{}: the adapter has rank {}, alpha {}, targets {:?}{}; the recipe's [lora] asks for rank {}, alpha {}, targets {:?}{}\n  hint: make [lora] match the adapter to continue training it",
-                    dir.display(), a.spec.rank, a.spec.alpha, a.spec.targets, if a.spec.rslora { ", rsLoRA" } else { "" },
-                    spec.rank, spec.alpha, spec.targets, if spec.rslora { ", rsLoRA" } else { "" }
-                );
-            }
-            (a, dir)
-        }
-        None => (Adapter::init(spec.clone(), adapter_base(plan), &plan.model, plan.recipe.train.seed), init.clone()),
-    };
-    adapter.check(&plan.model, &from)?;
-    let model = Llama::<B>::build(&plan.model, &mut *checkpoint::weight_source(&base)?, device)?;
-    let mut model = burn::module::Module::no_grad(model);
-    if plan.recipe.lora.as_ref().is_some_and(|l| l.base_dtype == "bf16") {
-        model = kiln_models::lora_params::store_base(model, burn::tensor::DType::BF16);
-    }
-    model.lora = Some(kiln_models::lora_params::Lora::build(&adapter, plan.model.num_hidden_layers, device)?);
-    Ok(model)
-}
-
-/// What a run's adapters name as their base (`base_model_name_or_path`): the Hub id of an
-/// `hf://` init, else the base model's absolute path (an adapter folder as init: its base).
-fn adapter_base(plan: &Plan) -> String {
-    let init = plan.recipe.init.as_deref().unwrap_or_default();
-    if let Some(id) = init.strip_prefix("hf://") {
-        return id.split('@').next().unwrap_or(id).to_string();
-    }
-    let Some(dir) = &plan.init_dir else { return String::new() };
-    let base = match kiln_models::lora::Adapter::read_dir(dir) {
-        Ok(a) if kiln_models::lora::is_adapter_dir(dir) => kiln_models::lora::base_of(dir, &a).unwrap_or_else(|_| dir.clone()),
-        _ => dir.clone(),
-    };
-    std::fs::canonicalize(&base).unwrap_or(base).display().to_string()
 }
 
 /// The model's compute settings from the plan: precision, and the fused attention and loss ops

@@ -287,8 +287,10 @@ fn lora_refuses_what_it_cannot_train() {
     let e = err("sft-new-tokens", sft);
     assert!(e.contains("frozen") && e.contains("hint"), "{e}");
 
-    let e = err("dropout", lora_recipe("d", true, "[lora]\ndropout = 0.1\n"));
-    assert!(e.contains("lora.dropout"), "{e}");
+    let e = err("dropout", lora_recipe("d", true, "[lora]\ndropout = 1.0\n"));
+    assert!(e.contains("lora.dropout") && e.contains("[0, 1)"), "{e}");
+    let e = err("dtype", lora_recipe("e", true, "[lora]\nbase_dtype = \"fp8\"\n"));
+    assert!(e.contains("lora.base_dtype") && e.contains("f16"), "{e}");
 }
 
 fn text_of(o: &Output) -> String {
@@ -333,4 +335,53 @@ fn lora_on_a_bf16_base_trains_alike_on_both_engines() {
     assert_eq!(lk.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), l32.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "bf16 base {lk:?} vs f32 base {l32:?}");
     assert!(lk[3] < lk[0], "{lk:?}");
     assert!(kiln_models::lora::is_adapter_dir(&kern.join("final")));
+}
+
+/// LoRA dropout (`lora.dropout`): Burn's graph and the kernels drop the same values (one counter
+/// hash), so they train alike; step 1 is still the base model (B = 0), later steps differ from
+/// a run without dropout; a resumed run drops what the uninterrupted one did, bit for bit. A
+/// base held in f16 trains alike on both engines too.
+#[test]
+fn lora_dropout_and_an_f16_base_train_alike_on_both_engines_and_resume_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let corpus: String = (0..300).map(|i| format!("one {} bird sang in the {} tree. ", ["small", "loud", "grey"][i % 3], ["old", "new"][i % 2])).collect();
+    std::fs::write(data.join("text.txt"), corpus).unwrap();
+    let dropped = format!("{LORA}dropout = 0.25\n");
+    let plain = run_recipe(tmp.path(), "plain", &lora_recipe("plain", true, LORA)).map_err(|o| text_of(&o)).unwrap();
+    let kern = run_recipe(tmp.path(), "kdrop", &lora_recipe("kdrop", true, &dropped)).map_err(|o| text_of(&o)).unwrap();
+    let graph = run_recipe(tmp.path(), "gdrop", &lora_recipe("gdrop", false, &dropped)).map_err(|o| text_of(&o)).unwrap();
+    let (lp, lk, lg) = (losses(&plain), losses(&kern), losses(&graph));
+    assert_eq!(lp[0].to_bits(), lk[0].to_bits(), "step 1 is the base model, dropout or not");
+    for (a, b) in lk.iter().zip(&lg) {
+        assert!((a - b).abs() < 1e-4 * a.abs(), "kernels {lk:?} vs graph {lg:?}");
+    }
+    assert!(lk[1..].iter().zip(&lp[1..]).all(|(a, b)| (a - b).abs() > 1e-7 * b.abs()), "dropout changed nothing: {lk:?} vs {lp:?}");
+    assert!(lk[3] < lk[0], "{lk:?}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(kern.join("final/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["lora_dropout"].as_f64(), Some(0.25));
+
+    // Exact resume with dropout, on each engine.
+    for run in [&kern, &graph] {
+        let again = tmp.path().join(format!("again-{}", run.file_name().unwrap().to_string_lossy()));
+        copy_dir(run, &again);
+        std::fs::remove_dir_all(again.join("final")).unwrap();
+        std::fs::remove_dir_all(again.join("checkpoints/step-0000004")).unwrap();
+        let o = Command::new(KILN).args(["resume", again.to_str().unwrap()]).env("KILN_DATA", &data).env("KILN_CACHE", tmp.path().join("cache")).env("RAYON_NUM_THREADS", "2").current_dir(tmp.path()).output().unwrap();
+        assert!(o.status.success(), "{}", text(&o).1);
+        let (la, lr) = (losses(&again), losses(run));
+        assert_eq!(la.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), lr.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{la:?} vs {lr:?}");
+    }
+
+    // An f16 base: both engines, alike.
+    let f16 = format!("{LORA}base_dtype = \"f16\"\n");
+    let k16 = run_recipe(tmp.path(), "k16", &lora_recipe("k16", true, &f16)).map_err(|o| text_of(&o)).unwrap();
+    let g16 = run_recipe(tmp.path(), "g16", &lora_recipe("g16", false, &f16)).map_err(|o| text_of(&o)).unwrap();
+    let (lk16, lg16) = (losses(&k16), losses(&g16));
+    for (a, b) in lk16.iter().zip(&lg16) {
+        assert!((a - b).abs() < 1e-4 * a.abs(), "f16 base: kernels {lk16:?} vs graph {lg16:?}");
+    }
+    assert!((lk16[0] - lp[0]).abs() < 1e-2 * lp[0], "f16 rounding moved step 1 far: {} vs {}", lk16[0], lp[0]);
+    assert!(lk16[3] < lk16[0], "{lk16:?}");
 }

@@ -16,6 +16,9 @@
 //! dx += du·A         [N, in]   (the adapter's share of the input's gradient)
 //! ```
 //!
+//! Under LoRA dropout (`lora_dropout.rs`) the adapter reads `x' = x ⊙ mask` in place of `x`
+//! in both passes, and `dx += (du·A) ⊙ mask`; the mask is made again in the backward.
+//!
 //! Shapes: N = rows, r = rank, D = hidden, Q = H·Hd, KV = K·Hd, F = SwiGLU hidden.
 
 use std::collections::BTreeMap;
@@ -29,6 +32,7 @@ use super::layout::{Dims, Slot};
 use super::ops::{mm, rm};
 use crate::llama::Llama;
 use crate::lora::{module_path, Adapter, LoraSpec, Pair, TARGETS};
+use crate::lora_dropout::Dropout;
 use crate::lora_params::{burn_name, is_adapter};
 use crate::params::{visit_named, VisitNamed};
 use crate::ModelError;
@@ -159,30 +163,74 @@ impl AdapterLayout {
     }
 }
 
-/// An adapter's layout with its current weights, as the passes read them.
+/// An adapter's layout with its current weights, as the passes read them, and the training
+/// pass's dropout.
 #[derive(Clone, Copy)]
 pub struct Adapt<'a> {
     pub layout: &'a AdapterLayout,
     pub w: &'a [f32],
+    pub drop: Option<Dropout>,
+    /// The micro-batch row of this thread's first row (its dropout masks' rows start there).
+    pub(super) row0: usize,
 }
 
-impl Adapt<'_> {
-    /// The rank (the columns of the `u` scratch).
-    pub(super) fn rank(&self) -> usize {
-        self.layout.rank
+/// A thread's scratch for the adapters: `u = x'·Aᵀ` and its gradient `[N, r]`, and under
+/// dropout the dropped input `x'` and the mask `[N, In]`.
+pub(super) struct AdScratch {
+    pub u: Vec<f32>,
+    pub du: Vec<f32>,
+    pub xm: Vec<f32>,
+    pub mk: Vec<f32>,
+}
+
+impl AdScratch {
+    /// Scratch for `n` rows of inputs at most `widest` wide (empty without adapters).
+    pub(super) fn new(pool: &mut super::pool::Pool, ad: Option<Adapt>, n: usize, widest: usize) -> Self {
+        let nr = ad.map_or(0, |a| n * a.layout.rank);
+        let nx = if ad.is_some_and(|a| a.drop.is_some()) { n * widest } else { 0 };
+        Self { u: pool.any(nr), du: pool.any(nr), xm: pool.any(nx), mk: pool.any(nx) }
+    }
+    pub(super) fn recycle(self, pool: &mut super::pool::Pool) {
+        pool.put([self.u, self.du, self.xm, self.mk]);
+    }
+}
+
+impl<'a> Adapt<'a> {
+    /// The adapters `w` of `layout`, without dropout (inference, evaluation).
+    pub fn new(layout: &'a AdapterLayout, w: &'a [f32]) -> Self {
+        Self { layout, w, drop: None, row0: 0 }
+    }
+
+    /// The same adapters, dropping as `drop` says (a training pass).
+    pub fn dropping(self, drop: Option<Dropout>) -> Self {
+        Self { drop, ..self }
+    }
+
+    /// For a thread whose rows start at row `row0` of the micro-batch.
+    pub(super) fn from_row(self, row0: usize) -> Self {
+        Self { row0, ..self }
     }
 
     fn pair(&self, l: usize, m: usize) -> Option<PairAt> {
         self.layout.layers[l][m]
     }
 
-    /// `y[N, out] (row stride ld) += s·(x·Aᵀ)·Bᵀ` for projection `m` of layer `l`, if adapted;
-    /// `x` is `[N, in]`, `u` `[N, r]` scratch.
+    /// `y[N, out] (row stride ld) += s·(x'·Aᵀ)·Bᵀ` for projection `m` of layer `l`, if adapted;
+    /// `x` is `[N, in]` (`x'` is `x`, or `x ⊙ mask` under dropout).
     #[inline(always)]
-    pub(super) fn forward(&self, l: usize, m: usize, n: usize, x: &[f32], y: &mut [f32], ld: usize, u: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward(&self, l: usize, m: usize, n: usize, x: &[f32], y: &mut [f32], ld: usize, sc: &mut AdScratch) {
         let Some(p) = self.pair(l, m) else { return };
         let (r, w) = (self.layout.rank, self.w);
-        mm(n, r, p.d_in, u, r, false, 1.0, rm(x, p.d_in), rm(&w[p.a..], p.d_in).t()); // u = x·Aᵀ [N, r]
+        let AdScratch { u, xm, .. } = sc;
+        let x = match self.drop {
+            Some(d) => {
+                d.apply(l, m, self.row0, n, p.d_in, x, xm); // x' [N, in]
+                &xm[..]
+            }
+            None => x,
+        };
+        mm(n, r, p.d_in, u, r, false, 1.0, rm(x, p.d_in), rm(&w[p.a..], p.d_in).t()); // u = x'·Aᵀ [N, r]
         mm(n, p.d_out, r, y, ld, true, self.layout.scale, rm(u, r), rm(&w[p.b..], r).t()); // y += s·u·Bᵀ
     }
 
@@ -191,13 +239,31 @@ impl Adapt<'_> {
     /// flat index `o`) and the adapter's share of the input's gradient into `dx` `[N, in]`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn backward(&self, l: usize, m: usize, n: usize, x: &[f32], dy: &[f32], ld: usize, dx: &mut [f32], g: &mut [f32], o: usize, u: &mut [f32], du: &mut [f32]) {
+    pub(super) fn backward(&self, l: usize, m: usize, n: usize, x: &[f32], dy: &[f32], ld: usize, dx: &mut [f32], g: &mut [f32], o: usize, sc: &mut AdScratch) {
         let Some(p) = self.pair(l, m) else { return };
         let (r, s, w) = (self.layout.rank, self.layout.scale, self.w);
-        mm(n, r, p.d_in, u, r, false, 1.0, rm(x, p.d_in), rm(&w[p.a..], p.d_in).t()); // u = x·Aᵀ [N, r]
+        let AdScratch { u, du, xm, mk } = sc;
+        let x = match self.drop {
+            Some(d) => {
+                d.mask(l, m, self.row0, n, p.d_in, mk); // mask [N, in]
+                for ((o, &v), &k) in xm.iter_mut().zip(&x[..n * p.d_in]).zip(mk.iter()) {
+                    *o = v * k; // x' [N, in]
+                }
+                &xm[..]
+            }
+            None => x,
+        };
+        mm(n, r, p.d_in, u, r, false, 1.0, rm(x, p.d_in), rm(&w[p.a..], p.d_in).t()); // u = x'·Aᵀ [N, r]
         mm(p.d_out, r, n, &mut g[p.b - o..], r, true, s, rm(dy, ld).t(), rm(u, r)); // dB [out, r] += s·dyᵀ·u
         mm(n, r, p.d_out, du, r, false, s, rm(dy, ld), rm(&w[p.b..], r)); // du [N, r] = s·dy·B
-        mm(r, p.d_in, n, &mut g[p.a - o..], p.d_in, true, 1.0, rm(du, r).t(), rm(x, p.d_in)); // dA [r, in] += duᵀ·x
-        mm(n, p.d_in, r, dx, p.d_in, true, 1.0, rm(du, r), rm(&w[p.a..], p.d_in)); // dx [N, in] += du·A
+        mm(r, p.d_in, n, &mut g[p.a - o..], p.d_in, true, 1.0, rm(du, r).t(), rm(x, p.d_in)); // dA [r, in] += duᵀ·x'
+        if self.drop.is_none() {
+            mm(n, p.d_in, r, dx, p.d_in, true, 1.0, rm(du, r), rm(&w[p.a..], p.d_in)); // dx [N, in] += du·A
+            return;
+        }
+        mm(n, p.d_in, r, xm, p.d_in, false, 1.0, rm(du, r), rm(&w[p.a..], p.d_in)); // du·A [N, in]
+        for ((d, &v), &k) in dx[..n * p.d_in].iter_mut().zip(xm.iter()).zip(mk.iter()) {
+            *d += v * k; // dx += (du·A) ⊙ mask
+        }
     }
 }

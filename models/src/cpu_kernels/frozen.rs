@@ -1,8 +1,10 @@
 //! The weights the passes read: the flat f32 buffer, or, for a frozen LoRA base, the same
-//! layout in bf16 (half the memory), decoded a layer (or a slice of the vocabulary) at a time.
+//! layout in a half type, bf16 or f16 (half the memory), decoded a layer (or a slice of the
+//! vocabulary) at a time.
 //!
-//! bf16 is the top half of an f32, so decoding is exact and cheap (a shift); the base is rounded
-//! to bf16 once, when it is stored. Only a frozen base may be bf16: nothing writes to it.
+//! bf16 is the top half of an f32, so decoding is exact and cheap (a shift); f16 decodes exactly
+//! too (every f16 is an f32). The base is rounded once, when it is stored. Only a frozen base
+//! may be in a half type: nothing writes to it.
 
 use super::layout::{LayerAt, Layout};
 
@@ -13,8 +15,15 @@ const HEAD_CHUNK: usize = 2048;
 #[derive(Clone, Copy)]
 pub enum Weights<'a> {
     F32(&'a [f32]),
-    /// bf16 bits (`checkpoint::f32_to_bf16`), for a frozen base.
-    Bf16(&'a [u16]),
+    /// The bits of a half type ([`Half::encode`]), for a frozen base.
+    Half(&'a [u16], Half),
+}
+
+/// The half types a frozen base may be held in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Half {
+    Bf16,
+    F16,
 }
 
 /// bf16 bits to f32 (exact).
@@ -23,11 +32,39 @@ pub fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
+impl Half {
+    /// `x` rounded to this type's bits (to nearest even; f16 saturates to ±inf beyond 65,504).
+    pub fn encode(self, x: f32) -> u16 {
+        match self {
+            Half::Bf16 => crate::checkpoint::f32_to_bf16(x),
+            Half::F16 => half::f16::from_f32(x).to_bits(),
+        }
+    }
+
+    /// The f32 of this type's bits (exact).
+    #[inline(always)]
+    pub fn decode(self, b: u16) -> f32 {
+        match self {
+            Half::Bf16 => bf16_to_f32(b),
+            Half::F16 => half::f16::from_bits(b).to_f32(),
+        }
+    }
+
+    /// `out` extended by the f32s of `src` (the type's match taken once, not per value).
+    #[inline(always)]
+    pub fn decode_into(self, src: &[u16], out: &mut Vec<f32>) {
+        match self {
+            Half::Bf16 => out.extend(src.iter().map(|&b| bf16_to_f32(b))),
+            Half::F16 => out.extend(src.iter().map(|&b| half::f16::from_bits(b).to_f32())),
+        }
+    }
+}
+
 impl<'a> Weights<'a> {
     pub fn len(&self) -> usize {
         match self {
             Weights::F32(w) => w.len(),
-            Weights::Bf16(w) => w.len(),
+            Weights::Half(w, _) => w.len(),
         }
     }
 
@@ -40,9 +77,9 @@ impl<'a> Weights<'a> {
     pub(super) fn span<'b>(&'b self, off: usize, n: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
         match self {
             Weights::F32(w) => &w[off..off + n],
-            Weights::Bf16(w) => {
+            Weights::Half(w, h) => {
                 buf.clear();
-                buf.extend(w[off..off + n].iter().map(|&b| bf16_to_f32(b)));
+                h.decode_into(&w[off..off + n], buf);
                 buf
             }
         }
@@ -55,7 +92,7 @@ impl<'a> Weights<'a> {
         let at = layout.layers[l];
         match self {
             Weights::F32(w) => (w, at),
-            Weights::Bf16(_) => {
+            Weights::Half(..) => {
                 let end = layout.layers.get(l + 1).map_or(layout.norm, |next| next.ln1);
                 let o = at.ln1;
                 let rel = LayerAt { ln1: 0, wqkv: at.wqkv - o, wo: at.wo - o, ln2: at.ln2 - o, wgu: at.wgu - o, wd: at.wd - o };
@@ -64,9 +101,10 @@ impl<'a> Weights<'a> {
         }
     }
 
-    /// Whether the head must go through [`Weights::head_chunks`] (bf16) rather than one matmul.
+    /// Whether the head must go through [`Weights::head_chunks`] (a half type) rather than one
+    /// matmul.
     pub(super) fn chunked(&self) -> bool {
-        matches!(self, Weights::Bf16(_))
+        matches!(self, Weights::Half(..))
     }
 
     /// The head's vocabulary rows `c0..c1` as `[c1 − c0, D]` (the tied embedding's rows, or the
@@ -77,13 +115,13 @@ impl<'a> Weights<'a> {
         buf.clear();
         match (self, layout.head) {
             (Weights::F32(_), _) => unreachable!("an f32 head is one matmul"),
-            (Weights::Bf16(w), None) => buf.extend(w[layout.embed + c0 * d..layout.embed + c1 * d].iter().map(|&b| bf16_to_f32(b))),
-            (Weights::Bf16(w), Some(h)) => {
+            (Weights::Half(w, kind), None) => kind.decode_into(&w[layout.embed + c0 * d..layout.embed + c1 * d], buf),
+            (Weights::Half(w, kind), Some(h)) => {
                 // Head [D, V]: column c is vocabulary row c.
                 buf.resize((c1 - c0) * d, 0.0);
                 for k in 0..d {
                     for (j, c) in (c0..c1).enumerate() {
-                        buf[j * d + k] = bf16_to_f32(w[h + k * v + c]);
+                        buf[j * d + k] = kind.decode(w[h + k * v + c]);
                     }
                 }
             }

@@ -40,7 +40,7 @@ mod sink;
 
 pub use adapters::{Adapt, AdapterLayout};
 pub use decode::KvRow;
-pub use frozen::{bf16_to_f32, Weights};
+pub use frozen::{bf16_to_f32, Half, Weights};
 pub use layout::{rope_tables, Dims, Layout, Slot};
 use model::{forward, shard, Keep, Rope};
 use pool::Pool;
@@ -128,7 +128,7 @@ impl Kernels {
     /// LoRA: the loss of the weights `w` with the adapters `ad` on top and, when `grads` is
     /// given (`ad.layout.len` values), the adapters' gradient, written there or, with
     /// `accumulate`, added to what it holds. The base is frozen: its gradients are not computed,
-    /// and it may be held in bf16 ([`Weights::Bf16`]).
+    /// and it may be held in bf16 ([`Weights::Half`]).
     pub fn adapter_loss_and_grads(&self, w: Weights, ad: Adapt, batch: &BatchRef, grads: Option<&mut [f32]>, accumulate: bool) -> Pass {
         self.pass(w, Some(ad), batch, grads, accumulate)
     }
@@ -153,9 +153,10 @@ impl Kernels {
                 mask: &batch.mask[rows.clone()],
                 b: s1 - s0,
                 t: batch.t,
-                starts: batch.starts.map(|s| &s[rows]),
+                starts: batch.starts.map(|s| &s[rows.clone()]),
             };
             let mut pool = self.pool(i);
+            let ad = ad.map(|a| a.from_row(rows.start)); // its dropout masks' rows
             shard(layout, w, ad, &rope, &part, n_loss, grads, keep, &mut pool, self.wide)
         };
         let Some(out) = grads else {

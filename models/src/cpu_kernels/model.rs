@@ -6,7 +6,7 @@
 //! Shapes: N = rows (sequences × T) of one thread, T = context, D = hidden, H = heads,
 //! K = kv heads, Hd = head dim, Q = H·Hd, KV = K·Hd, F = SwiGLU hidden, V = vocabulary.
 
-use super::adapters::{Adapt, DOWN, GATE, K, O, Q, UP, V};
+use super::adapters::{AdScratch, Adapt, DOWN, GATE, K, O, Q, UP, V};
 use super::frozen::Weights;
 use super::layout::{LayerAt, Layout};
 use super::sink::Grads;
@@ -90,17 +90,17 @@ struct Scratch {
     p: Vec<f32>,   // [T, T]
     sig: Vec<f32>, // [N, F]
     a: Vec<f32>,   // [N, F]
-    u: Vec<f32>,   // [N, r] (empty without adapters)
-    du: Vec<f32>,  // [N, r]
+    ad: AdScratch, // the adapters' (empty without them)
 }
 
 impl Scratch {
     fn new(pool: &mut Pool, s: &Sizes, ad: Option<Adapt>) -> Self {
-        let nr = ad.map_or(0, |a| s.n * a.rank());
-        Self { hn: pool.any(s.n * s.d), p: pool.any(s.t * s.t), sig: pool.any(s.n * s.f), a: pool.any(s.n * s.f), u: pool.any(nr), du: pool.any(nr) }
+        let ad = AdScratch::new(pool, ad, s.n, s.d.max(s.q).max(s.f));
+        Self { hn: pool.any(s.n * s.d), p: pool.any(s.t * s.t), sig: pool.any(s.n * s.f), a: pool.any(s.n * s.f), ad }
     }
     fn recycle(self, pool: &mut Pool) {
-        pool.put([self.hn, self.p, self.sig, self.a, self.u, self.du]);
+        pool.put([self.hn, self.p, self.sig, self.a]);
+        self.ad.recycle(pool);
     }
 }
 
@@ -185,7 +185,7 @@ pub(super) fn forward(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rop
             Some(h) => mm(m, v, d, &mut logits, v, false, 1.0, rm(h_in, d), rm(&w[h..], v)), // [M, V]
             None => mm(m, v, d, &mut logits, v, false, 1.0, rm(h_in, d), rm(&w[layout.embed..], d).t()), // [M, V]
         },
-        Weights::Bf16(_) => {
+        Weights::Half(..) => {
             for (c0, c1) in Weights::head_chunks(v) {
                 let chunk = w.head_chunk(layout, c0, c1, &mut dec); // [C, D]
                 mm(m, c1 - c0, d, &mut logits[c0..], v, false, 1.0, rm(h_in, d), rm(chunk, d).t()); // [M, C] of [M, V]
@@ -204,13 +204,13 @@ fn layer(layout: &Layout, l: usize, at: &LayerAt, w: &[f32], ad: Option<Adapt>, 
     let dm = &layout.dims;
     let Sizes { d, f, hd, q, qkv, b, t, n, scale, .. } = Sizes::of(layout, batch);
     let kv = dm.kv();
-    let Scratch { hn, p, sig, a, u, .. } = sc;
+    let Scratch { hn, p, sig, a, ad: asc } = sc;
     let r1 = rms_norm(x, &w[at.ln1..at.ln1 + d], dm.eps, d, hn, pool); // [N, D]
     let mut qkv_b = pool.any(n * qkv);
     mm(n, qkv, d, &mut qkv_b, qkv, false, 1.0, rm(hn, d), rm(&w[at.wqkv..], qkv)); // [N, Q+2KV]
     if let Some(ad) = ad {
         for (m, col) in [(Q, 0), (K, q), (V, q + kv)] {
-            ad.forward(l, m, n, hn, &mut qkv_b[col..], qkv, u); // + s·(hn·Aᵀ)·Bᵀ
+            ad.forward(l, m, n, hn, &mut qkv_b[col..], qkv, asc); // + s·(hn·Aᵀ)·Bᵀ
         }
     }
     rope_rows(&mut qkv_b, qkv, dm.heads + dm.kv_heads, hd, t, batch.starts, rope, false);
@@ -219,21 +219,21 @@ fn layer(layout: &Layout, l: usize, at: &LayerAt, w: &[f32], ad: Option<Adapt>, 
     let mut x2 = pool.copy(x);
     mm(n, d, q, &mut x2, d, true, 1.0, rm(&y, q), rm(&w[at.wo..], d)); // [N, D] = x + y·Wo
     if let Some(ad) = ad {
-        ad.forward(l, O, n, &y, &mut x2, d, u);
+        ad.forward(l, O, n, &y, &mut x2, d, asc);
     }
     let r2 = rms_norm(&x2, &w[at.ln2..at.ln2 + d], dm.eps, d, hn, pool);
     let mut gu = pool.any(n * 2 * f);
     mm(n, 2 * f, d, &mut gu, 2 * f, false, 1.0, rm(hn, d), rm(&w[at.wgu..], 2 * f)); // [N, 2F]
     if let Some(ad) = ad {
-        ad.forward(l, GATE, n, hn, &mut gu, 2 * f, u);
-        ad.forward(l, UP, n, hn, &mut gu[f..], 2 * f, u);
+        ad.forward(l, GATE, n, hn, &mut gu, 2 * f, asc);
+        ad.forward(l, UP, n, hn, &mut gu[f..], 2 * f, asc);
     }
     let x3 = next.then(|| {
         swiglu_rows(&gu, f, sig, a);
         let mut x3 = pool.copy(&x2);
         mm(n, d, f, &mut x3, d, true, 1.0, rm(a, f), rm(&w[at.wd..], d)); // [N, D] = x2 + a·Wd
         if let Some(ad) = ad {
-            ad.forward(l, DOWN, n, a, &mut x3, d, u);
+            ad.forward(l, DOWN, n, a, &mut x3, d, asc);
         }
         x3
     });
@@ -336,7 +336,7 @@ fn backward(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: 
             layer(layout, l, &wa, w, ad, rope, batch, &la.x, &mut sc, pool, false).0
         });
         let Some(sv) = la.saved.as_ref().or(recomputed.as_ref()) else { unreachable!("a layer's values are kept or recomputed") };
-        let Scratch { hn, p, sig, a, u, du } = &mut sc;
+        let Scratch { hn, p, sig, a, ad: asc } = &mut sc;
         let o = g.start(l + 1); // where the layer's region starts in the flat buffer
         let mut gl = g.open(l + 1, pool);
         // MLP: x3 = x2 + a·Wd, a = silu(g)·u, [g u] = hn2·Wgu, hn2 = norm(x2).
@@ -346,7 +346,7 @@ fn backward(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: 
         }
         mm(n, f, d, &mut da, f, false, 1.0, rm(&dx, d), rm(&w[wa.wd..], d).t()); // da [N, F] = dx·Wd^T
         if let Some(ad) = ad {
-            ad.backward(l, DOWN, n, a, &dx, d, &mut da, &mut gl, o, u, du);
+            ad.backward(l, DOWN, n, a, &dx, d, &mut da, &mut gl, o, asc);
         }
         for i in 0..n {
             let (gg, uu) = sv.gu[i * 2 * f..(i + 1) * 2 * f].split_at(f);
@@ -359,8 +359,8 @@ fn backward(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: 
         }
         mm(n, d, 2 * f, &mut dhn, d, false, 1.0, rm(&dgu, 2 * f), rm(&w[wa.wgu..], 2 * f).t()); // dhn2 [N, D]
         if let Some(ad) = ad {
-            ad.backward(l, GATE, n, hn, &dgu, 2 * f, &mut dhn, &mut gl, o, u, du);
-            ad.backward(l, UP, n, hn, &dgu[f..], 2 * f, &mut dhn, &mut gl, o, u, du);
+            ad.backward(l, GATE, n, hn, &dgu, 2 * f, &mut dhn, &mut gl, o, asc);
+            ad.backward(l, UP, n, hn, &dgu[f..], 2 * f, &mut dhn, &mut gl, o, asc);
         }
         // dx now holds d/dx2 (the residual path); the norm adds its share.
         let dln2 = if frozen { &mut dnorm[..] } else { &mut gl[at.ln2 - o..at.ln2 - o + d] };
@@ -372,7 +372,7 @@ fn backward(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: 
         }
         mm(n, q, d, &mut dy, q, false, 1.0, rm(&dx, d), rm(&w[wa.wo..], d).t()); // dy [N, Q]
         if let Some(ad) = ad {
-            ad.backward(l, O, n, &sv.y, &dx, d, &mut dy, &mut gl, o, u, du);
+            ad.backward(l, O, n, &sv.y, &dx, d, &mut dy, &mut gl, o, asc);
         }
         dqkv.iter_mut().for_each(|x| *x = 0.0);
         attention_backward(dm, &sv.qkv, &dy, &mut dqkv, p, &mut dp, b, t, batch.starts, scale);
@@ -384,7 +384,7 @@ fn backward(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: 
         mm(n, d, qkv, &mut dhn, d, false, 1.0, rm(&dqkv, qkv), rm(&w[wa.wqkv..], qkv).t()); // dhn1 [N, D]
         if let Some(ad) = ad {
             for (m, col) in [(Q, 0), (K, q), (V, q + kv)] {
-                ad.backward(l, m, n, hn, &dqkv[col..], qkv, &mut dhn, &mut gl, o, u, du);
+                ad.backward(l, m, n, hn, &dqkv[col..], qkv, &mut dhn, &mut gl, o, asc);
             }
         }
         let dln1 = if frozen { &mut dnorm[..] } else { &mut gl[..d] };
@@ -425,7 +425,7 @@ fn head_backward(layout: &Layout, w: Weights, frozen: bool, acts: &Acts, g: &mut
     let mut dsel = pool.any(m * d); // [M, D]
     let mut dec = Vec::new();
     if m > 0 && w.chunked() {
-        // A bf16 (frozen) head: dl·E a vocabulary chunk at a time.
+        // A half-type (frozen) head: dl·E a vocabulary chunk at a time.
         for (c0, c1) in Weights::head_chunks(v) {
             let chunk = w.head_chunk(layout, c0, c1, &mut dec); // [C, D]
             mm(m, d, c1 - c0, &mut dsel, d, c0 > 0, 1.0, rm(&dl[c0..], v), rm(chunk, d)); // [M, D] += dl[:, C]·chunk

@@ -49,7 +49,11 @@ pub(super) fn step<B: AutodiffBackend>(
     let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
     let mut single: Option<GradientsParams> = None;
     let (mut forward_s, mut backward_s) = (0.0, 0.0);
-    for batch in micro {
+    let mut model = model;
+    for (i, batch) in micro.iter().enumerate() {
+        if let Some(l) = model.lora.as_mut() {
+            l.drop_for(opt.t, i); // LoRA dropout's masks for this micro-batch
+        }
         let t0 = Instant::now();
         let loss = masked_cross_entropy(&model, batch, device);
         let l = loss.clone().inner(); // [1]
@@ -72,6 +76,9 @@ pub(super) fn step<B: AutodiffBackend>(
         } else {
             acc.accumulate(&model, gp);
         }
+    }
+    if let Some(l) = model.lora.as_mut() {
+        l.dropout = None; // evaluation and generation see every value
     }
     let mut grads = single.unwrap_or_else(|| acc.grads());
     let read = |t: Option<Tensor<B::InnerBackend, 1>>| t.map_or(0.0, |t| t.into_scalar().elem::<f64>()) / k;

@@ -19,7 +19,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use burn::tensor::Shape;
 use kiln_models::checkpoint::{HostTensor, TensorList};
-use kiln_models::cpu_kernels::{bf16_to_f32, Adapt, AdapterLayout, BatchRef, Kernels as Fused, Slot, Weights};
+use kiln_models::lora_dropout::Dropout;
+use kiln_models::cpu_kernels::{Adapt, AdapterLayout, BatchRef, Half, Kernels as Fused, Slot, Weights};
 use kiln_models::llama::param_id;
 use kiln_models::params::{map_named, MapNamed};
 use kiln_models::{Llama, LlamaConfig};
@@ -45,9 +46,9 @@ pub(super) struct Kernels {
     /// LoRA: the adapters' layout and flat weights (the base `w` is then frozen, and `total` and
     /// the moments are the adapters').
     lora: Option<(AdapterLayout, Vec<f32>)>,
-    /// LoRA with a bf16 base (`lora.base_dtype`): the frozen weights are held here, in bf16,
-    /// and `w` stays empty.
-    half: bool,
+    /// LoRA with a base in a half type (`lora.base_dtype` bf16 or f16): the frozen weights are
+    /// held here, in that type, and `w` stays empty.
+    half: Option<Half>,
     w16: Vec<u16>,
 }
 
@@ -60,17 +61,21 @@ impl Kernels {
         let kern = Fused::for_model(model, cfg, threads).checkpointing(checkpointing);
         let index = kern.layout.slots.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
         let lora = model.lora.as_ref().map(|l| (AdapterLayout::new(&kern.layout.dims, &l.spec), Vec::new()));
-        // A base stored in bf16 (lora_params::store_base) stays bf16 here.
-        let half = lora.is_some() && model.model.embed_tokens.val().dtype() == burn::tensor::DType::BF16;
+        // A base stored in a half type (lora_params::store_base) stays so here.
+        let half = match model.model.embed_tokens.val().dtype() {
+            _ if lora.is_none() => None,
+            burn::tensor::DType::BF16 => Some(Half::Bf16),
+            burn::tensor::DType::F16 => Some(Half::F16),
+            _ => None,
+        };
         Self { kern, index, w: Vec::new(), total: Vec::new(), loaded: false, hollow: false, moments: None, lora, half, w16: Vec::new() }
     }
 
     /// The base's weights as the passes read them.
     fn base(&self) -> Weights<'_> {
-        if self.half {
-            Weights::Bf16(&self.w16)
-        } else {
-            Weights::F32(&self.w)
+        match self.half {
+            Some(h) => Weights::Half(&self.w16, h),
+            None => Weights::F32(&self.w),
         }
     }
 
@@ -84,7 +89,7 @@ impl Kernels {
 
     /// The adapters as the passes read them, under LoRA.
     fn adapt(&self) -> Option<Adapt<'_>> {
-        self.lora.as_ref().map(|(layout, w)| Adapt { layout, w })
+        self.lora.as_ref().map(|(layout, w)| Adapt::new(layout, w))
     }
 
     /// Forward and backward over `micro` (gradients averaged), the optional data-parallel
@@ -95,9 +100,9 @@ impl Kernels {
         if !self.loaded {
             self.w.resize(self.kern.layout.len, 0.0);
             self.kern.layout.weights_into(&model, &mut self.w)?;
-            if self.half {
-                // The values are bf16 already (the model holds them so): the conversion is exact.
-                self.w16 = self.w.iter().map(|&x| kiln_models::checkpoint::f32_to_bf16(x)).collect();
+            if let Some(h) = self.half {
+                // The values are of that type already (the model holds them so): exact.
+                self.w16 = self.w.iter().map(|&x| h.encode(x)).collect();
                 self.w = Vec::new();
             }
             if let Some((layout, w)) = &mut self.lora {
@@ -105,15 +110,23 @@ impl Kernels {
             }
             self.loaded = true;
         }
+        // LoRA dropout: the masks of each micro-batch of this step (lora_dropout.rs).
+        let drop = model.lora.as_ref().map(|l| (l.spec.dropout, l.seed));
         let model = self.hollow(model, device);
         let len = self.lora.as_ref().map_or(self.kern.layout.len, |(l, _)| l.len);
         self.total.resize(len, 0.0);
         let (mut loss, mut forward_s) = (0.0, 0.0);
-        let ad = self.lora.as_ref().map(|(layout, w)| Adapt { layout, w });
-        let base = if self.half { Weights::Bf16(&self.w16) } else { Weights::F32(&self.w) };
+        let ad = self.lora.as_ref().map(|(layout, w)| Adapt::new(layout, w));
+        let base = match self.half {
+            Some(h) => Weights::Half(&self.w16, h),
+            None => Weights::F32(&self.w),
+        };
         for (i, b) in micro.iter().enumerate() {
             let pass = match ad {
-                Some(ad) => self.kern.adapter_loss_and_grads(base, ad, &batch_ref(b), Some(&mut self.total), i > 0),
+                Some(ad) => {
+                    let ad = ad.dropping(drop.and_then(|(p, seed)| Dropout::new(p, seed, opt.t, i)));
+                    self.kern.adapter_loss_and_grads(base, ad, &batch_ref(b), Some(&mut self.total), i > 0)
+                }
                 None if i == 0 => self.kern.loss_and_grads(&self.w, &batch_ref(b), Some(&mut self.total)),
                 None => self.kern.add_loss_grads(&self.w, &batch_ref(b), &mut self.total),
             };
@@ -307,7 +320,7 @@ impl Kernels {
                 Some(ad) => self.kern.adapter_loss_and_grads(w, ad, &batch_ref(b), None, false),
                 None => match w {
                     Weights::F32(w) => self.kern.loss_and_grads(w, &batch_ref(b), None),
-                    Weights::Bf16(_) => unreachable!("a bf16 base comes with adapters"),
+                    Weights::Half(..) => unreachable!("a half-type base comes with adapters"),
                 },
             };
             sum += pass.loss * weight;
@@ -331,11 +344,11 @@ fn global_norm(g: &[f32]) -> f64 {
     (acc.iter().sum::<f64>() + tail).sqrt()
 }
 
-/// A parameter's values (its Burn shape) from the flat weights, f32 or bf16.
+/// A parameter's values (its Burn shape) from the flat weights, f32 or a half type.
 fn slot_values(s: &Slot, w: Weights) -> Vec<f32> {
     match w {
         Weights::F32(w) => s.get(w),
-        Weights::Bf16(w) => s.rows().flat_map(|r| w[r].iter().map(|&b| bf16_to_f32(b))).collect(),
+        Weights::Half(w, h) => s.rows().flat_map(|r| w[r].iter().map(move |&b| h.decode(b))).collect(),
     }
 }
 
