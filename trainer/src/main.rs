@@ -51,6 +51,11 @@ enum Command {
     /// folder to the Hugging Face Hub, in one commit. The token comes from HF_TOKEN or the
     /// Hugging Face token file and is never printed.
     Publish(commands::publish::Args),
+    /// Retrieval indexes: build one over a corpus, add documents, query it.
+    Index {
+        #[command(subcommand)]
+        command: commands::index::Args,
+    },
     /// Tokenizer tools.
     Tokenizer {
         #[command(subcommand)]
@@ -91,6 +96,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Compare(a) => commands::compare::run(a),
         Command::Export(a) => commands::export::run(a),
         Command::Publish(a) => commands::publish::run(a),
+        Command::Index { command } => commands::index::run(command),
         Command::Tokenizer { command } => commands::tokenizer::run(command),
     }
 }

@@ -7,6 +7,7 @@ pub mod data;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod index;
 pub mod publish;
 pub mod recipe;
 pub mod resume;

@@ -1,0 +1,153 @@
+//! `kiln index build | add | query`: retrieval indexes over a corpus (kiln-retrieval).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use kiln_retrieval::{ChunkSpec, Hit, Index, Retriever, Splitter};
+
+#[derive(clap::Subcommand)]
+pub enum Args {
+    /// Index a corpus: JSONL ({"doc_id" or "id", "title", "text"} a line), a JSON array of those,
+    /// Parquet with those columns, text files, or folders of them.
+    Build {
+        #[arg(required = true, num_args = 1..)]
+        corpus: Vec<PathBuf>,
+        /// The index folder to create (it must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// bm25 (dense and hybrid are not built yet).
+        #[arg(long, default_value = "bm25")]
+        kind: String,
+        /// Count chunk tokens with this tokenizer.json (or a model folder's); default: words.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Tokens per chunk.
+        #[arg(long, default_value_t = ChunkSpec::default().tokens)]
+        chunk_tokens: usize,
+        /// Tokens shared by consecutive chunks of a document.
+        #[arg(long, default_value_t = ChunkSpec::default().overlap)]
+        overlap: usize,
+    },
+    /// Add documents to an index (chunked as it was built). Files already indexed with the same
+    /// bytes are skipped; a document whose id is in the index replaces it.
+    Add {
+        index: PathBuf,
+        #[arg(required = true, num_args = 1..)]
+        corpus: Vec<PathBuf>,
+        /// The tokenizer the index was built with, if any.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
+    /// Search an index: one question, or many with --queries.
+    Query {
+        index: PathBuf,
+        question: Option<String>,
+        /// A file of questions: one a line, or JSONL with a "question" field.
+        #[arg(long, conflicts_with = "question")]
+        queries: Option<PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        k: usize,
+        /// text, or json (one object a query: {"query", "results": [{"doc_id", "chunk", "score", "text"}]}).
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let threads = kiln_trainer::plan::threads();
+    match a {
+        Args::Build { corpus, out, kind, tokenizer, chunk_tokens, overlap } => {
+            if kind != "bm25" {
+                bail!("--kind {kind}: only bm25 indexes are built so far (dense and hybrid retrieval are not built yet)");
+            }
+            let spec = ChunkSpec::new(chunk_tokens, overlap)?;
+            let splitter = splitter(tokenizer.as_deref())?;
+            let t0 = std::time::Instant::now();
+            let (index, added) = Index::build(&out, &corpus, spec, &splitter, threads)?;
+            println!(
+                "built {}: {} documents from {} files, {} chunks of at most {} tokens ({}, overlap {}), in {:.1} s",
+                index.dir.display(), added.documents, added.files, added.chunks, spec.tokens, splitter.name(), spec.overlap, t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Args::Add { index, corpus, tokenizer } => {
+            let mut idx = Index::open(&index)?;
+            let splitter = splitter(tokenizer.as_deref())?;
+            let added = idx.add(&corpus, &splitter, threads)?;
+            println!(
+                "{}: added {} documents ({} replaced) from {} files, {} chunks; {} files unchanged; the index holds {} documents, {} chunks",
+                index.display(), added.documents, added.replaced, added.files, added.chunks, added.unchanged, idx.manifest.documents, idx.manifest.chunks
+            );
+            Ok(())
+        }
+        Args::Query { index, question, queries, k, format } => {
+            if !["text", "json"].contains(&format.as_str()) {
+                bail!("--format {format}: text or json");
+            }
+            let idx = Index::open(&index)?;
+            let questions = match (question, queries) {
+                (Some(q), None) => vec![q],
+                (None, Some(file)) => read_queries(&file)?,
+                _ => bail!("give a question, or --queries FILE"),
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for q in &questions {
+                let hits = idx.retrieve(q, k)?;
+                print_hits(&mut out, q, &hits, &format)?;
+            }
+            out.flush()?;
+            Ok(())
+        }
+    }
+}
+
+/// The chunking splitter: a tokenizer.json (or a folder holding one), else words.
+fn splitter(tokenizer: Option<&Path>) -> Result<Splitter> {
+    let Some(path) = tokenizer else { return Ok(Splitter::Words) };
+    let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+    Splitter::model(kiln_models::Tokenizer::load(&file)?)
+}
+
+/// Questions from a file: JSONL records with a "question" field, or one question a line.
+fn read_queries(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with('{') {
+            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
+            match v.get("question").and_then(|q| q.as_str()) {
+                Some(q) => out.push(q.to_string()),
+                None => bail!("{}:{}: no \"question\" string field\n  hint: a queries file holds one question a line, or JSONL records with \"question\"", path.display(), i + 1),
+            }
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    if out.is_empty() {
+        bail!("{}: no questions", path.display());
+    }
+    Ok(out)
+}
+
+fn print_hits(out: &mut impl Write, query: &str, hits: &[Hit], format: &str) -> Result<()> {
+    if format == "json" {
+        let results: Vec<serde_json::Value> = hits.iter().map(|h| serde_json::json!({"doc_id": h.doc_id, "chunk": h.chunk, "score": h.score, "text": h.text})).collect();
+        writeln!(out, "{}", serde_json::json!({"query": query, "results": results}))?;
+        return Ok(());
+    }
+    writeln!(out, "query: {query}")?;
+    for (i, h) in hits.iter().enumerate() {
+        let text: String = h.text.chars().take(200).collect();
+        let more = if text.len() < h.text.len() { "…" } else { "" };
+        writeln!(out, "{:>3}. {:.3}  {} #{}  {text}{more}", i + 1, h.score, h.doc_id, h.chunk)?;
+    }
+    if hits.is_empty() {
+        writeln!(out, "     (no passage shares a word with the query)")?;
+    }
+    Ok(())
+}
