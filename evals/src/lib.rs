@@ -43,6 +43,11 @@ pub trait Task {
     fn files(&self) -> Vec<&std::path::Path> {
         Vec::new()
     }
+    /// Gives a task that retrieves passages its index (`kiln eval --retrieval`, the recipe's
+    /// `[retrieval]`); returns whether the task uses one.
+    fn set_retrieval(&mut self, _index: &std::path::Path) -> bool {
+        false
+    }
 }
 
 /// Every file `task` reads is a regular file: checked before a run trains, so that a wrong path

@@ -214,3 +214,57 @@ fn gsm8k_matches_the_last_number() {
     let r = task.run(&mut lm).unwrap();
     assert_eq!((r.n, r.metrics["em"], r.metrics["format"]), (2, 0.5, 1.0));
 }
+
+/// Open book with retrieval: closed book, the gold passage, and BM25's top 3 from an index of
+/// SQuAD dev's paragraphs, each with the prompt it should have; the retrieval's own scores.
+#[test]
+fn squad_rag_answers_from_no_passage_the_gold_passage_or_the_index() {
+    let Some(data) = kiln_models::skip::data_root() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("squad-index");
+    let paragraphs = data.join(kiln_evals::tasks::squad_rc::PARAGRAPHS);
+    kiln_retrieval::Index::build(&index, &[paragraphs], kiln_retrieval::ChunkSpec::default(), &kiln_retrieval::Splitter::Words, 1).unwrap();
+    let replier = || Replier { tok: chat_tok(), reply: |_| "Denver Broncos".into(), ramble: false, prompts: Vec::new(), batches: Vec::new() };
+    let question = "Question: Which NFL team represented the AFC at Super Bowl 50?<|im_end|>\n<|im_start|>assistant\n";
+
+    let closed = kiln_evals::parse_task("squad-rag:10@0:closed", &data).unwrap();
+    let mut lm = replier();
+    let r = closed.run(&mut lm).unwrap();
+    assert_eq!(r.n, 10);
+    assert!(lm.prompts[0].starts_with("<|im_start|>user\nAnswer the question with a short phrase.\n\nQuestion: ") && lm.prompts[0].ends_with(question), "{}", lm.prompts[0]);
+    assert!(!r.metrics.contains_key("recall@1"));
+
+    let gold = kiln_evals::parse_task("squad-rag:10@0:gold", &data).unwrap();
+    let mut lm = replier();
+    let r = gold.run(&mut lm).unwrap();
+    assert!(lm.prompts[0].starts_with("<|im_start|>user\nAnswer the question with a short phrase from the passages.\n\n[1] Super Bowl 50\nSuper Bowl 50 was"), "{}", lm.prompts[0]);
+    assert!(lm.prompts[0].ends_with(question) && !lm.prompts[0].contains("[2]"));
+    assert!(r.metrics["em"] > 0.0 && r.metrics["em"] < 1.0, "{:?}", r.metrics);
+
+    let mut top = kiln_evals::parse_task("squad-rag:10@0", &data).unwrap();
+    let e = top.run(&mut replier()).err().unwrap().to_string();
+    assert!(e.contains("--retrieval") && e.contains("kiln index build"), "{e}");
+    assert!(top.set_retrieval(&index));
+    let mut lm = replier();
+    let r = top.run(&mut lm).unwrap();
+    let m = &r.metrics;
+    assert!(m["recall@1"] <= m["recall@5"] && m["recall@5"] <= m["recall@20"] && m["recall@20"] > 0.5, "{m:?}");
+    assert!(m["mrr@20"] >= m["recall@1"] && m["mrr@20"] <= m["recall@20"], "{m:?}");
+    assert!(m["query_ms_p50"] > 0.0 && m["query_ms_p99"] >= m["query_ms_p50"], "{m:?}");
+    // The byte-level test tokenizer makes SQuAD's paragraphs long: the user turn keeps within
+    // the 1,024-token budget by cutting passages (at most 3, the first always there).
+    let tok = chat_tok();
+    for p in &lm.prompts {
+        let user = p.strip_prefix("<|im_start|>user\n").unwrap().split("<|im_end|>").next().unwrap();
+        assert!(tok.encode(user).unwrap().len() <= 1024, "{p}");
+        assert!(p.contains("\n\n[1] ") && !p.contains("[4] "), "{p}");
+    }
+    assert!(lm.prompts.iter().any(|p| p.contains("\n\n[2] ")), "no prompt has a second passage");
+    assert!(lm.prompts[0].ends_with(question));
+
+    for bad in ["squad-rag:10@0:top0", "squad-rag:10@0:best", "squad-rag:x@0", "squad-rag:10@0:top3:more"] {
+        let e = kiln_evals::parse_task(bad, &data).err().unwrap().to_string();
+        assert!(e.contains("not understood") && e.contains("hint"), "{bad}: {e}");
+    }
+    assert!(!kiln_evals::parse_task("squad-rc:10@0", &data).unwrap().set_retrieval(&index), "squad-rc retrieves nothing");
+}

@@ -28,6 +28,9 @@ pub struct Recipe {
     /// Train LoRA adapters on a frozen base (`init`) instead of the whole model; absent means
     /// full fine-tuning.
     pub lora: Option<LoraSection>,
+    /// A retrieval index for the run: its open-book evals (`squad-rag:...:topK`) retrieve from it,
+    /// and with `raft_p` an SFT recipe's examples carry retrieved passages (RAFT).
+    pub retrieval: Option<RetrievalSection>,
 }
 
 impl Default for Recipe {
@@ -44,6 +47,7 @@ impl Default for Recipe {
             eval: EvalSection::default(),
             energy: EnergySection::default(),
             lora: None,
+            retrieval: None,
         }
     }
 }
@@ -413,9 +417,60 @@ pub struct LoraSection {
     pub targets: Vec<String>,
     /// rsLoRA: scale by `alpha / √rank`.
     pub rslora: bool,
-    /// How the frozen base is held: `"f32"`, or `"bf16"` (half the memory; its weights rounded to
-    /// bf16 once, matmuls still in f32). The adapters and their AdamW state stay f32.
+    /// How the frozen base is held: `"f32"`, `"bf16"` or `"f16"` (half the memory; its weights
+    /// rounded once, matmuls still in f32). The adapters and their AdamW state stay f32.
     pub base_dtype: String,
+}
+
+/// `[retrieval]`: the index a run retrieves from, how passages go into a prompt, and RAFT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrievalSection {
+    /// An index folder made by `kiln index build` (absolute, or under the data root). Empty: Kiln
+    /// indexes `corpus` itself.
+    pub index: String,
+    /// A corpus under the data root (JSONL `{doc_id, title, text}`, Parquet or text) that Kiln
+    /// indexes with BM25 into the cache when `index` is empty (once per content and chunking).
+    pub corpus: String,
+    /// `bm25` (dense and hybrid retrieval are not built yet).
+    pub kind: String,
+    /// Passages per question.
+    pub k: usize,
+    /// Tokens the user turn (passages and question) may take; passages are cut to fit, the
+    /// question never.
+    pub budget: usize,
+    /// How each passage is shown: `{n}` (from 1), `{doc_id}`, `{title}` (else the id), `{text}`.
+    pub passage_template: String,
+    /// SFT (RAFT): the share of examples whose passages include their gold passage (the
+    /// `data.join` record); the rest get distractors only. Absent: no RAFT.
+    pub raft_p: Option<f64>,
+    /// SFT (RAFT): the record field retrieved with (the question).
+    pub query_field: String,
+    /// SFT (RAFT): distractors are the best of this many retrieved passages whose documents are
+    /// the training records' own.
+    pub raft_pool: usize,
+    /// Tokens per chunk when Kiln indexes `corpus`.
+    pub chunk_tokens: usize,
+    /// Tokens consecutive chunks share when Kiln indexes `corpus`.
+    pub overlap: usize,
+}
+
+impl Default for RetrievalSection {
+    fn default() -> Self {
+        Self {
+            index: String::new(),
+            corpus: String::new(),
+            kind: "bm25".into(),
+            k: 3,
+            budget: 1024,
+            passage_template: "[{n}] {title}\n{text}".into(),
+            raft_p: None,
+            query_field: "question".into(),
+            raft_pool: 20,
+            chunk_tokens: 256,
+            overlap: 32,
+        }
+    }
 }
 
 impl Default for LoraSection {

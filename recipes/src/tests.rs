@@ -101,6 +101,7 @@ fn readme_documents_every_field() {
         ("EnergySection", "energy."),
         ("EvalSection", "eval."),
         ("LoraSection", "lora."),
+        ("RetrievalSection", "retrieval."),
     ];
     let mut current: Option<&str> = None;
     let mut checked = 0;
@@ -118,7 +119,7 @@ fn readme_documents_every_field() {
         if let (Some(prefix), Some(field)) = (current, t.strip_prefix("pub ")) {
             let name = field.split(':').next().unwrap().trim();
             let key = format!("`{prefix}{name}`");
-            if !["model", "tokenizer", "data", "optim", "train", "eval", "energy", "lora"].contains(&name) {
+            if !["model", "tokenizer", "data", "optim", "train", "eval", "energy", "lora", "retrieval"].contains(&name) {
                 assert!(readme.contains(&key), "README's recipe reference lacks {key}");
                 assert!(prev_doc, "{key} has no doc comment in the schema");
                 checked += 1;

@@ -32,8 +32,49 @@ impl Recipe {
         if let Some(l) = &self.lora {
             lora(l, self.init.is_some())?;
         }
+        if let Some(r) = &self.retrieval {
+            retrieval(r, self)?;
+        }
         name(&self.name)
     }
+}
+
+/// Whether a Jinja template reads `var` in one of its `{{ ... }}` expressions.
+fn uses_variable(template: &str, var: &str) -> bool {
+    template.split("{{").skip(1).filter_map(|s| s.split("}}").next()).any(|e| e.split(|c: char| !(c.is_alphanumeric() || c == '_')).any(|w| w == var))
+}
+
+fn retrieval(r: &RetrievalSection, recipe: &Recipe) -> Check {
+    if r.kind != "bm25" {
+        return err("retrieval.kind", format!("\"{}\": only \"bm25\" is built so far (dense and hybrid retrieval are not)", r.kind));
+    }
+    if r.index.is_empty() == r.corpus.is_empty() {
+        return err("retrieval", "name one of index (a folder made by `kiln index build`) or corpus (a file under the data root Kiln indexes itself)");
+    }
+    if !(1..=100).contains(&r.k) {
+        return err("retrieval.k", format!("passages per question, 1 to 100, got {}", r.k));
+    }
+    if r.budget < 16 {
+        return err("retrieval.budget", format!("at least 16 tokens, got {}", r.budget));
+    }
+    if !r.passage_template.contains("{text}") {
+        return err("retrieval.passage_template", "must show the passage's {text}");
+    }
+    if r.chunk_tokens == 0 || r.overlap >= r.chunk_tokens {
+        return err("retrieval.overlap", format!("must be less than retrieval.chunk_tokens ({} and {})", r.overlap, r.chunk_tokens));
+    }
+    if let Some(p) = r.raft_p {
+        if !(0.0..=1.0).contains(&p) {
+            return err("retrieval.raft_p", format!("a share in [0, 1], got {p}"));
+        }
+        if recipe.stage != Stage::Sft || recipe.data.format != DataFormat::Fields || recipe.data.join.is_none() || !uses_variable(&recipe.data.user_template, "passages") {
+            return err("retrieval.raft_p", "RAFT examples are SFT records in data.format = \"fields\" whose data.join record is the gold passage, with {{ passages }} in data.user_template");
+        }
+        if r.raft_pool < r.k {
+            return err("retrieval.raft_pool", format!("at least retrieval.k ({}), got {}", r.k, r.raft_pool));
+        }
+    }
+    Ok(())
 }
 
 fn lora(l: &LoraSection, has_init: bool) -> Check {

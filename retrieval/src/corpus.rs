@@ -145,6 +145,12 @@ fn fields(obj: &serde_json::Map<String, Value>) -> String {
     }
 }
 
+/// The sha256 of bytes, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// The sha256 of a file's bytes, hex (the manifest's record of what was indexed).
 pub fn file_sha256(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};

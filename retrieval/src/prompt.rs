@@ -14,7 +14,7 @@ use crate::chunk::Splitter;
 use crate::retriever::Hit;
 
 pub const PASSAGE_TEMPLATE: &str = "[{n}] {title}\n{text}";
-pub const PROMPT_TEMPLATE: &str = "Answer the question from the passages below with a short phrase taken from them.\n\n{passages}\n\nQuestion: {question}";
+pub const PROMPT_TEMPLATE: &str = "Answer the question with a short phrase from the passages.\n\n{passages}\n\nQuestion: {question}";
 
 /// A cut passage keeps at least this many tokens of its text, or is left out.
 const MIN_CUT_TOKENS: usize = 16;

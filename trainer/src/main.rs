@@ -51,6 +51,9 @@ enum Command {
     /// folder to the Hugging Face Hub, in one commit. The token comes from HF_TOKEN or the
     /// Hugging Face token file and is never printed.
     Publish(commands::publish::Args),
+    /// Answer a question from a retrieval index: the best passages and the question in one
+    /// prompt, a greedy answer through the chat template, and its sources.
+    Ask(commands::ask::Args),
     /// Retrieval indexes: build one over a corpus, add documents, query it.
     Index {
         #[command(subcommand)]
@@ -64,7 +67,7 @@ enum Command {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,cubecl_wgpu=warn,cubecl_runtime=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tantivy=warn,cubecl_wgpu=warn,cubecl_runtime=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -96,6 +99,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Compare(a) => commands::compare::run(a),
         Command::Export(a) => commands::export::run(a),
         Command::Publish(a) => commands::publish::run(a),
+        Command::Ask(a) => commands::ask::run(a),
         Command::Index { command } => commands::index::run(command),
         Command::Tokenizer { command } => commands::tokenizer::run(command),
     }

@@ -73,7 +73,7 @@ impl Plan {
         if recipe.stage == Stage::Sft && recipe.init.is_none() {
             bail!("stage = \"sft\" fine-tunes a model: set init\n  hint: init = \"runs/<dir>\", a Hugging Face folder, \"hf://org/model\" or a .gguf file");
         }
-        let tasks = recipe_tasks(&recipe, &dirs.data_root)?;
+        let tasks = recipe_tasks(&recipe, dirs)?;
         // With `init`, the model's own config and tokenizer come with its weights.
         let init_dir = match &recipe.init {
             Some(init) => {
@@ -259,7 +259,15 @@ fn sft_data(recipe: &Recipe, sources: Vec<SourceFile>, tok: &mut Tokenizer, dirs
     // The template trained with is the one the model is exported and chatted with.
     tok.chat_template = Some(chat.source.clone());
     let files: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
-    let convs = sft::conversations(data, &files, dirs)?;
+    let mut raft = match recipe.retrieval.as_ref().and_then(|r| r.raft_p.map(|p| (r, p))) {
+        Some((r, p)) => Some(crate::data::raft::Raft::new(r, p, dirs, tok, recipe.train.seed).context("[retrieval]")?),
+        None => None,
+    };
+    let convs = sft::conversations(data, &files, dirs, raft.as_mut())?;
+    if let Some(r) = &raft {
+        let (kept, all) = r.kept.get();
+        tracing::info!("retrieval: RAFT passages for {all} examples ({} each, gold passage in {kept}, raft_p {:.2}) from {}", r.spec.k, r.spec.p_gold, r.index.dir.display());
+    }
     let mut d = sft::examples(&convs, &chat, tok, data, ctx)?;
     let t = &recipe.train;
     let loader = sft::ExampleLoader::new(d.train.clone(), data.packing, ctx, t.batch_size, t.seed, tok.pad_id, Default::default());
@@ -294,10 +302,17 @@ pub fn model_config(recipe: &Recipe, tok: &Tokenizer) -> Result<LlamaConfig> {
 
 /// The recipe's `[eval]` tasks, parsed by the evals registry, plus the samples task when it
 /// lists prompts.
-fn recipe_tasks(r: &Recipe, data_root: &Path) -> Result<Vec<Box<dyn kiln_evals::Task>>> {
+fn recipe_tasks(r: &Recipe, dirs: &Dirs) -> Result<Vec<Box<dyn kiln_evals::Task>>> {
     let mut v = Vec::new();
+    let index = match &r.retrieval {
+        Some(ret) if !r.eval.tasks.is_empty() => Some(crate::data::raft::index_dir(ret, dirs).context("[retrieval]")?),
+        _ => None,
+    };
     for (i, spec) in r.eval.tasks.iter().enumerate() {
-        let task = kiln_evals::parse_task(spec, data_root).with_context(|| format!("eval.tasks[{i}]"))?;
+        let mut task = kiln_evals::parse_task(spec, &dirs.data_root).with_context(|| format!("eval.tasks[{i}]"))?;
+        if let Some(dir) = &index {
+            task.set_retrieval(dir);
+        }
         kiln_evals::check_files(task.as_ref()).with_context(|| format!("eval.tasks[{i}] = \"{spec}\""))?;
         v.push(task);
     }

@@ -242,16 +242,63 @@ pub fn model_dir(p: &Path) -> Result<PathBuf> {
     if s.starts_with("hf://") {
         return crate::hub::download_model(&s, &Dirs::from_env(None).cache);
     }
-    if p.join("config.json").is_file() || (kiln_models::checkpoint::is_gguf(p) && p.is_file()) || kiln_models::lora::is_adapter_dir(p) {
+    if kiln_models::lora::is_adapter_dir(p) {
+        return with_local_base(p);
+    }
+    if p.join("config.json").is_file() || (kiln_models::checkpoint::is_gguf(p) && p.is_file()) {
         return Ok(p.to_path_buf());
     }
-    if p.join("final").join("config.json").is_file() || kiln_models::lora::is_adapter_dir(&p.join("final")) {
+    if kiln_models::lora::is_adapter_dir(&p.join("final")) {
+        return with_local_base(&p.join("final"));
+    }
+    if p.join("final").join("config.json").is_file() {
         return Ok(p.join("final"));
     }
     if let Some((_, ck)) = latest_checkpoint(p) {
         return Ok(ck);
     }
     bail!("{}: no model here (expected final/, checkpoints/step-*/, a folder with config.json or adapter_config.json, or a .gguf file)", p.display())
+}
+
+/// Whether `s` reads as a Hub model id, `org/name`.
+fn is_hub_id(s: &str) -> bool {
+    let ok = |part: &str| !part.is_empty() && !part.starts_with('.') && part.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    matches!(s.split('/').collect::<Vec<_>>().as_slice(), [org, name] if ok(org) && ok(name))
+}
+
+/// An adapter folder as a model. When its `base_model_name_or_path` is a Hub id (as PEFT and
+/// LoRA runs from `hf://` write it) and no local path, the base is fetched (or found in the
+/// cache) and the model is a view of the adapter in the cache, `<cache>/adapters/<hash>/`, whose
+/// `adapter_config.json` names the fetched base; the adapter folder itself is left as it is.
+fn with_local_base(dir: &Path) -> Result<PathBuf> {
+    use kiln_models::lora::{local_base, Adapter, CONFIG};
+    let adapter = Adapter::read_dir(dir)?;
+    if local_base(dir, &adapter).is_some() || !is_hub_id(&adapter.base) {
+        return Ok(dir.to_path_buf());
+    }
+    let cache = Dirs::from_env(None).cache;
+    let base = crate::hub::download_model(&format!("hf://{}", adapter.base), &cache)
+        .with_context(|| format!("{}: its base model \"{}\" is a Hub id, and fetching it failed", dir.display(), adapter.base))?;
+    let base = std::fs::canonicalize(&base).unwrap_or(base);
+    let src = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let key = kiln_retrieval::corpus::sha256_hex(format!("{}\n{}", src.display(), base.display()).as_bytes());
+    let view = cache.join("adapters").join(&key[..16]);
+    std::fs::create_dir_all(&view).with_context(|| format!("creating {}", view.display()))?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+        let (name, from) = (entry.file_name(), entry.path());
+        if !from.is_file() || name == CONFIG {
+            continue;
+        }
+        let to = view.join(&name);
+        let tmp = view.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+        std::fs::copy(&from, &tmp).and_then(|_| std::fs::rename(&tmp, &to)).with_context(|| format!("copying {} into {}", from.display(), view.display()))?;
+    }
+    let cfg_path = dir.join(CONFIG);
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?).with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
+    cfg["base_model_name_or_path"] = serde_json::Value::String(base.display().to_string());
+    std::fs::write(view.join(CONFIG), serde_json::to_string_pretty(&cfg)?)?;
+    tracing::info!("{}: base model {} from the Hub cache ({})", dir.display(), adapter.base, base.display());
+    Ok(view)
 }
 
 /// Reads a run directory's plan.

@@ -150,4 +150,25 @@ fn hf_dataset_source_downloads_once_then_uses_the_cache_and_works_offline() {
     let want = gen(local.to_str().unwrap());
     assert_eq!(gen("hf://kiln-test/tiny"), want);
     assert_eq!(gen("hf://kiln-test/tiny-sharded"), want, "the sharded Hub model differs");
+
+    // An adapter whose base is the Hub id "kiln-test/tiny", as PEFT writes it: the base is
+    // fetched, and the adapted model generates as the same adapter on the local folder does.
+    let cfg = kiln_models::checkpoint::read_config(&local.join("config.json")).unwrap();
+    let spec = kiln_models::lora::LoraSpec::new(2, 4.0, 0.0, &["all-linear".to_string()]).unwrap();
+    let mut adapter = kiln_models::lora::Adapter::init(spec, "kiln-test/tiny".into(), &cfg, 7);
+    for (i, p) in adapter.pairs.values_mut().enumerate() {
+        p.b.iter_mut().enumerate().for_each(|(j, b)| *b = (((i * 31 + j * 7) % 13) as f32 - 6.0) * 0.05);
+    }
+    let hub_adapter = model_dir.path().join("hub-adapter");
+    adapter.save_dir(&hub_adapter).unwrap();
+    let config_before = std::fs::read(hub_adapter.join("adapter_config.json")).unwrap();
+    let mut local_adapter = adapter.clone();
+    local_adapter.base = local.display().to_string();
+    let local_adapter_dir = model_dir.path().join("local-adapter");
+    local_adapter.save_dir(&local_adapter_dir).unwrap();
+    let adapted = gen(local_adapter_dir.to_str().unwrap());
+    assert_ne!(adapted, want, "the adapter changes nothing");
+    assert_eq!(gen(hub_adapter.to_str().unwrap()), adapted);
+    assert_eq!(std::fs::read(hub_adapter.join("adapter_config.json")).unwrap(), config_before, "the adapter folder was changed");
+    assert!(cache.path().join("adapters").is_dir());
 }

@@ -21,6 +21,26 @@ pub const PARAGRAPHS: &str = "squad11_dev/squad11_dev_paragraphs.jsonl";
 /// The instruction before the passage; the fine-tuning recipe trains with the same words.
 pub const INSTRUCTION: &str = "Answer the question with a short phrase from the passage.";
 
+/// The questions of articles `from_article` and after (by order of appearance), and how many
+/// articles there are; no such question is an error naming `path`.
+pub fn held_out<'q>(qas: &'q [serde_json::Value], from_article: usize, path: &std::path::Path) -> Result<(Vec<&'q serde_json::Value>, usize), EvalError> {
+    let mut titles: Vec<&str> = Vec::new();
+    let mut held = Vec::new();
+    for q in qas {
+        let t = q["title"].as_str().unwrap_or("");
+        if !titles.contains(&t) {
+            titles.push(t);
+        }
+        if titles.len() > from_article {
+            held.push(q);
+        }
+    }
+    if held.is_empty() {
+        return Err(EvalError::Data(format!("{}: no questions from article {from_article} on ({} articles)", path.display(), titles.len())));
+    }
+    Ok((held, titles.len()))
+}
+
 pub struct SquadRc {
     pub qa: PathBuf,
     pub paragraphs: PathBuf,
@@ -47,20 +67,7 @@ impl Task for SquadRc {
             .filter_map(|p| Some((p["doc_id"].as_str()?.to_string(), p["text"].as_str()?.to_string())))
             .collect();
         let qas = read_jsonl(&self.qa)?;
-        let mut titles: Vec<&str> = Vec::new();
-        let mut held = Vec::new();
-        for q in &qas {
-            let t = q["title"].as_str().unwrap_or("");
-            if !titles.contains(&t) {
-                titles.push(t);
-            }
-            if titles.len() > self.from_article {
-                held.push(q);
-            }
-        }
-        if held.is_empty() {
-            return Err(EvalError::Data(format!("{}: no questions from article {} on ({} articles)", self.qa.display(), self.from_article, titles.len())));
-        }
+        let (held, articles) = held_out(&qas, self.from_article, &self.qa)?;
         let chat = template(lm)?;
         let (mut em, mut f1, mut ended, mut r) = (0.0, 0.0, 0usize, TaskResult::default());
         let picked = spread(held.len(), self.n);
@@ -89,7 +96,7 @@ impl Task for SquadRc {
         r.metrics.insert("em".into(), em / n);
         r.metrics.insert("f1".into(), f1 / n);
         r.metrics.insert("format".into(), ended as f64 / n);
-        r.notes.push(format!("passage given, chat template, greedy; {} questions spread over articles {}..{}", picked.len(), self.from_article, titles.len()));
+        r.notes.push(format!("passage given, chat template, greedy; {} questions spread over articles {}..{}", picked.len(), self.from_article, articles));
         Ok(r)
     }
 }

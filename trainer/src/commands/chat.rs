@@ -40,16 +40,16 @@ pub struct Args {
     device: Option<DeviceSpec>,
 }
 
-struct Session<'a, B: Backend> {
-    gen: Generator<'a, B>,
-    tok: &'a Tokenizer,
-    chat: ChatTemplate,
-    options: SampleOptions,
+pub(super) struct Session<'a, B: Backend> {
+    pub gen: Generator<'a, B>,
+    pub tok: &'a Tokenizer,
+    pub chat: ChatTemplate,
+    pub options: SampleOptions,
 }
 
 impl<B: Backend> Session<'_, B> {
     /// The assistant's reply to `messages`, printed as it is generated.
-    fn reply(&mut self, messages: &[Message], out: &mut impl Write) -> Result<String> {
+    pub fn reply(&mut self, messages: &[Message], out: &mut impl Write) -> Result<String> {
         let prompt = self.chat.prompt_ids(self.tok, messages)?;
         let stops = self.options.stop.clone();
         let mut ids: Vec<u32> = Vec::new();

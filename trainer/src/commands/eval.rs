@@ -18,6 +18,9 @@ pub struct Args {
     model: PathBuf,
     #[arg(long = "task", value_name = "TASK", required = true, help = task_help())]
     tasks: Vec<String>,
+    /// The retrieval index (`kiln index build`) open-book tasks (squad-rag:...:topK) retrieve from.
+    #[arg(long)]
+    retrieval: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
 }
@@ -30,7 +33,14 @@ pub fn run(a: Args) -> Result<()> {
     let be = resolve_device(a.common.device.unwrap_or(DeviceSpec::Auto))?;
     let dir = kiln_trainer::run_dir::model_dir(&a.model)?;
     let dirs = Dirs::from_env(a.common.data_root);
-    let tasks: Vec<Box<dyn kiln_evals::Task>> = a.tasks.iter().map(|t| kiln_evals::parse_task(t, &dirs.data_root)).collect::<Result<_, _>>()?;
+    let mut tasks: Vec<Box<dyn kiln_evals::Task>> = a.tasks.iter().map(|t| kiln_evals::parse_task(t, &dirs.data_root)).collect::<Result<_, _>>()?;
+    if let Some(index) = &a.retrieval {
+        kiln_retrieval::Index::open(index)?;
+        let used = tasks.iter_mut().map(|t| t.set_retrieval(index)).fold(false, |a, b| a | b);
+        if !used {
+            anyhow::bail!("--retrieval {}: none of the tasks retrieves passages\n  hint: squad-rag:200@38:top3 answers from the index's 3 best passages", index.display());
+        }
+    }
     for t in &tasks {
         kiln_evals::check_files(t.as_ref())?;
     }

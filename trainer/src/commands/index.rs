@@ -92,11 +92,19 @@ pub fn run(a: Args) -> Result<()> {
                 _ => bail!("give a question, or --queries FILE"),
             };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut ms = Vec::with_capacity(questions.len());
             for q in &questions {
+                let t0 = std::time::Instant::now();
                 let hits = idx.retrieve(q, k)?;
+                ms.push(t0.elapsed().as_secs_f64() * 1e3);
                 print_hits(&mut out, q, &hits, &format)?;
             }
             out.flush()?;
+            if questions.len() > 1 {
+                ms.sort_by(f64::total_cmp);
+                let at = |p: f64| ms[((p * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
+                eprintln!("{} queries, k {k}: {:.3} ms mean, p50 {:.3} ms, p99 {:.3} ms ({} chunks)", ms.len(), ms.iter().sum::<f64>() / ms.len() as f64, at(0.5), at(0.99), idx.manifest.chunks);
+            }
             Ok(())
         }
     }

@@ -1,6 +1,7 @@
 //! One file per subcommand: its arguments (clap) and what it does. Shared here: the device and
 //! data-root flags, data-parallel flags, Ctrl-C handling.
 
+pub mod ask;
 pub mod chat;
 pub mod compare;
 pub mod data;

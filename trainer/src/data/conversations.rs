@@ -38,6 +38,8 @@ pub struct Converter<'a> {
     pub data: &'a DataSection,
     pub join: Option<HashMap<String, Value>>,
     templates: Option<minijinja::Environment<'static>>,
+    /// RAFT: each record's `{{ passages }}` (`raft.rs`).
+    raft: Option<&'a super::raft::Raft>,
 }
 
 fn text<'v>(r: &Record, v: &'v Value, field: &str) -> Result<&'v str> {
@@ -101,7 +103,7 @@ fn jinja(v: &Value) -> minijinja::Value {
 }
 
 impl<'a> Converter<'a> {
-    pub fn new(format: DataFormat, data: &'a DataSection, join: Option<HashMap<String, Value>>) -> Result<Self> {
+    pub fn new(format: DataFormat, data: &'a DataSection, join: Option<HashMap<String, Value>>, raft: Option<&'a super::raft::Raft>) -> Result<Self> {
         let templates = if format == DataFormat::Fields {
             let mut env = minijinja::Environment::new();
             env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
@@ -111,7 +113,7 @@ impl<'a> Converter<'a> {
         } else {
             None
         };
-        Ok(Self { format, data, join, templates })
+        Ok(Self { format, data, join, templates, raft })
     }
 
     /// One record's conversation, with `data.system` put first where it has no system message.
@@ -152,13 +154,21 @@ impl<'a> Converter<'a> {
             };
             let mut pairs: Vec<(String, minijinja::Value)> = r.value.as_object().map(|o| o.iter().map(|(k, v)| (k.clone(), jinja(v))).collect()).unwrap_or_default();
             pairs.push(("join".into(), jinja(joined)));
+            if let Some(raft) = self.raft {
+                // The user turn without passages, to know what the passages may take.
+                let mut bare = pairs.clone();
+                bare.push(("passages".into(), "".into()));
+                let fixed = raft.splitter.count(&self.render(env, "user", &minijinja::Value::from_pairs(bare), r)?)?;
+                pairs.push(("passages".into(), raft.passages(&r.at, &r.value, &k, joined, fixed)?.into()));
+            }
             ctx = minijinja::Value::from_pairs(pairs);
         }
-        let render = |name: &str| -> Result<String> {
-            let t = env.get_template(name)?;
-            t.render(&ctx).map_err(|e| anyhow::anyhow!("{}: data.{name}_template: {e}\n  hint: the record has: {}", r.at, field_names(&r.value)))
-        };
-        Ok(vec![Message::new("user", &render("user")?), Message::new("assistant", &render("assistant")?)])
+        Ok(vec![Message::new("user", &self.render(env, "user", &ctx, r)?), Message::new("assistant", &self.render(env, "assistant", &ctx, r)?)])
+    }
+
+    fn render(&self, env: &minijinja::Environment<'static>, name: &str, ctx: &minijinja::Value, r: &Record) -> Result<String> {
+        let t = env.get_template(name)?;
+        t.render(ctx).map_err(|e| anyhow::anyhow!("{}: data.{name}_template: {e}\n  hint: the record has: {}", r.at, field_names(&r.value)))
     }
 }
 
@@ -177,7 +187,7 @@ mod tests {
 
     fn convert(path: &std::path::Path, data: &DataSection) -> Result<Vec<Vec<Message>>> {
         let dirs = Dirs { data_root: path.parent().unwrap().to_path_buf(), cache: path.parent().unwrap().join("cache") };
-        sft::conversations(data, &[path.to_path_buf()], &dirs)
+        sft::conversations(data, &[path.to_path_buf()], &dirs, None)
     }
 
     fn sft_data() -> DataSection {

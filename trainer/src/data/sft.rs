@@ -79,14 +79,14 @@ pub fn chat_template(data: &DataSection, tok: &Tokenizer, dirs: &Dirs) -> Result
     ChatTemplate::new(tok, source.as_deref()).context("data.chat_template")
 }
 
-/// Every source's records as conversations (groups selected, joins made).
-pub fn conversations(data: &DataSection, files: &[std::path::PathBuf], dirs: &Dirs) -> Result<Vec<Vec<kiln_models::chat::Message>>> {
+/// Every source's records as conversations (groups selected, joins made; with `raft`, each
+/// record's passages retrieved, distractors from the selected records' documents only).
+pub fn conversations(data: &DataSection, files: &[std::path::PathBuf], dirs: &Dirs, mut raft: Option<&mut super::raft::Raft>) -> Result<Vec<Vec<kiln_models::chat::Message>>> {
     let join = match &data.join {
         Some(j) => Some(join_table(read_records(&dirs.under_root(j, "data.join")?)?, &data.join_key)?),
         None => None,
     };
-    let mut out = Vec::new();
-    let mut join = join;
+    let mut sources = Vec::with_capacity(files.len());
     for path in files {
         let mut records: Vec<Record> = read_records(path)?;
         if let (Some(field), Some(range)) = (&data.group_by, data.groups) {
@@ -96,8 +96,18 @@ pub fn conversations(data: &DataSection, files: &[std::path::PathBuf], dirs: &Di
             bail!("{}: no records{}", path.display(), if data.group_by.is_some() { " in the selected groups" } else { "" });
         };
         let format = if data.format == DataFormat::Auto { detect(first)? } else { data.format };
-        let conv = Converter::new(format, data, join.take())?;
-        for r in &records {
+        if let Some(r) = raft.as_deref_mut() {
+            for rec in &records {
+                r.allowed.insert(super::records::key_of(rec, &data.join_key).context("data.join_key")?);
+            }
+        }
+        sources.push((records, format));
+    }
+    let mut out = Vec::new();
+    let mut join = join;
+    for (records, format) in &sources {
+        let conv = Converter::new(*format, data, join.take(), raft.as_deref())?;
+        for r in records {
             out.push(conv.convert(r)?);
         }
         join = conv.join;

@@ -2,11 +2,9 @@
 //! `hf://datasets/<org>/<name>[@rev]/<path>`. Each resolves to a local file. The data root is
 //! only read; downloads go to the cache (`$KILN_CACHE`, default `~/.cache/kiln`).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
 
 use crate::hub::HfUri;
 
@@ -74,18 +72,9 @@ pub fn resolve(source: &str, pin: Option<&str>, dirs: &Dirs) -> Result<PathBuf> 
     dirs.under_root(source, "data.sources")
 }
 
+/// The sha256 of a file's bytes, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    kiln_retrieval::corpus::file_sha256(path)
 }
 
 /// An https file: first looked up in the data root by file name (and hash), then in the
@@ -157,6 +146,7 @@ mod tests {
 #[cfg(test)]
 mod download_tests {
     use super::*;
+    use sha2::{Digest, Sha256};
     use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
 
