@@ -43,9 +43,9 @@ pub trait Task {
     fn files(&self) -> Vec<&std::path::Path> {
         Vec::new()
     }
-    /// Gives a task that retrieves passages its index (`kiln eval --retrieval`, the recipe's
-    /// `[retrieval]`); returns whether the task uses one.
-    fn set_retrieval(&mut self, _index: &std::path::Path) -> bool {
+    /// Gives a task that retrieves passages its index, opened and ready to answer (`kiln eval
+    /// --retrieval`, the recipe's `[retrieval]`); returns whether the task uses one.
+    fn set_retrieval(&mut self, _index: &std::sync::Arc<kiln_retrieval::Index>) -> bool {
         false
     }
 }
@@ -153,6 +153,10 @@ impl Scorer for Ticking<'_> {
     fn greedy_batch(&mut self, prompts: &[Vec<u32>], max_tokens: usize, stop: &[u32]) -> Vec<Vec<u32>> {
         self.bar.inc(prompts.len() as u64);
         self.inner.greedy_batch(prompts, max_tokens, stop)
+    }
+    fn embed(&mut self, seqs: &[Vec<u32>]) -> Option<Vec<f32>> {
+        self.bar.inc(1);
+        self.inner.embed(seqs)
     }
 }
 

@@ -18,6 +18,11 @@ pub trait Scorer {
     fn greedy_batch(&mut self, prompts: &[Vec<u32>], max_tokens: usize, stop: &[u32]) -> Vec<Vec<u32>> {
         prompts.iter().map(|p| self.greedy(p, max_tokens, stop)).collect()
     }
+    /// Unit-length sentence embeddings `[N, D]` of `seqs` (`kiln_models::embed`), where the
+    /// scorer can make them.
+    fn embed(&mut self, _seqs: &[Vec<u32>]) -> Option<Vec<f32>> {
+        None
+    }
 }
 
 /// How many sequences [`KernelScorer`] generates at once.
@@ -63,6 +68,9 @@ impl<B: Backend> Scorer for ModelScorer<'_, B> {
     fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: &[u32]) -> Vec<u32> {
         let o = SampleOptions { max_tokens, temperature: 0.0, stop: stop.to_vec(), ..Default::default() };
         generate(self.model, self.context, prompt, &o, &self.device)
+    }
+    fn embed(&mut self, seqs: &[Vec<u32>]) -> Option<Vec<f32>> {
+        Some(kiln_models::embed::encode_burn(self.model, &self.device, seqs, self.context))
     }
 }
 
@@ -131,5 +139,8 @@ impl<B: Backend> Scorer for KernelScorer<'_, B> {
     fn greedy_batch(&mut self, prompts: &[Vec<u32>], max_tokens: usize, stop: &[u32]) -> Vec<Vec<u32>> {
         let o = SampleOptions { max_tokens, temperature: 0.0, stop: stop.to_vec(), ..Default::default() };
         generate_batch(&self.kern, &self.w, self.inner.context, prompts, &o, GENERATION_BATCH, &mut |_, _| true)
+    }
+    fn embed(&mut self, seqs: &[Vec<u32>]) -> Option<Vec<f32>> {
+        Some(kiln_models::embed::encode_kernels(&self.kern, kiln_models::cpu_kernels::Weights::F32(&self.w), seqs, self.inner.context))
     }
 }

@@ -244,7 +244,8 @@ fn squad_rag_answers_from_no_passage_the_gold_passage_or_the_index() {
     let mut top = kiln_evals::parse_task("squad-rag:10@0", &data).unwrap();
     let e = top.run(&mut replier()).err().unwrap().to_string();
     assert!(e.contains("--retrieval") && e.contains("kiln index build"), "{e}");
-    assert!(top.set_retrieval(&index));
+    let opened = std::sync::Arc::new(kiln_retrieval::Index::open(&index).unwrap());
+    assert!(top.set_retrieval(&opened));
     let mut lm = replier();
     let r = top.run(&mut lm).unwrap();
     let m = &r.metrics;
@@ -266,5 +267,5 @@ fn squad_rag_answers_from_no_passage_the_gold_passage_or_the_index() {
         let e = kiln_evals::parse_task(bad, &data).err().unwrap().to_string();
         assert!(e.contains("not understood") && e.contains("hint"), "{bad}: {e}");
     }
-    assert!(!kiln_evals::parse_task("squad-rc:10@0", &data).unwrap().set_retrieval(&index), "squad-rc retrieves nothing");
+    assert!(!kiln_evals::parse_task("squad-rc:10@0", &data).unwrap().set_retrieval(&opened), "squad-rc retrieves nothing");
 }

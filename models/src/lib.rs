@@ -3,6 +3,8 @@
 
 pub mod attention;
 pub mod chat;
+pub mod contrastive;
+pub mod embed;
 pub mod checkpoint;
 pub mod cpu_kernels;
 pub mod generate;

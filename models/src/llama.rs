@@ -303,9 +303,27 @@ impl<B: Backend> Llama<B> {
         self.decode(tokens, &cos, &sin, cache, None)
     }
 
+    /// The final norm's output, before the head: `[B, T]` -> `[B, T, D]` (sentence embeddings
+    /// pool it, `embed.rs`).
+    pub fn hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let t = tokens.dims()[1];
+        let cos = self.cos.clone().narrow(0, 0, t).unsqueeze::<4>(); // [1, 1, T, Hd]
+        let sin = self.sin.clone().narrow(0, 0, t).unsqueeze::<4>(); // [1, 1, T, Hd]
+        self.trunk(tokens, &cos, &sin, None, None)
+    }
+
     /// The decoder stack and head, with RoPE tables already picked for each position, and for
     /// packed rows the positions each query must not see (`hide`, `[B, H, T, T]`).
-    fn decode(&self, tokens: Tensor<B, 2, Int>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>, mut cache: Option<&mut KvCache<B>>, hide: Option<&Tensor<B, 4, Bool>>) -> Tensor<B, 3> {
+    fn decode(&self, tokens: Tensor<B, 2, Int>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>, cache: Option<&mut KvCache<B>>, hide: Option<&Tensor<B, 4, Bool>>) -> Tensor<B, 3> {
+        let x = self.trunk(tokens, cos, sin, cache, hide); // [B, T, D]
+        match &self.lm_head {
+            Some(w) => self.mm(x, w.val()), // [B, T, V]
+            None => self.mm(x, self.model.embed_tokens.val().transpose()), // [B, T, V]
+        }
+    }
+
+    /// The embedding, the decoder layers and the final norm: `[B, T]` -> `[B, T, D]`.
+    fn trunk(&self, tokens: Tensor<B, 2, Int>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>, mut cache: Option<&mut KvCache<B>>, hide: Option<&Tensor<B, 4, Bool>>) -> Tensor<B, 3> {
         let t = tokens.dims()[1];
         let mut x = embedding(self.model.embed_tokens.val(), tokens); // [B, T, D]
         if x.dtype() != DType::F32 {
@@ -318,11 +336,7 @@ impl<B: Backend> Llama<B> {
         if let Some(c) = cache {
             c.pos += t;
         }
-        let x = rms_norm(x, &self.model.norm.val(), self.eps); // [B, T, D]
-        match &self.lm_head {
-            Some(w) => self.mm(x, w.val()), // [B, T, V]
-            None => self.mm(x, self.model.embed_tokens.val().transpose()), // [B, T, V]
-        }
+        rms_norm(x, &self.model.norm.val(), self.eps) // [B, T, D]
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -421,3 +421,122 @@ fn lora_on_a_half_base_matches_burn() {
         }
     }
 }
+
+/// Sentence embeddings (`embed.rs`): the CPU kernels' hidden states pooled on the host against
+/// Burn's model pooled on the graph, over sequences of different lengths batched together (the
+/// shorter padded); each has unit length and does not depend on what it was batched with.
+#[test]
+fn embeddings_match_burn_and_ignore_padding() {
+    use kiln_models::embed::Encoder;
+    type I = Flex;
+    for tied in [false, true] {
+        let cfg = config(tied);
+        let device = Default::default();
+        let model = Llama::<I>::build(&cfg, &mut RandomInit::new(5, cfg.num_hidden_layers), &device).unwrap();
+        let seqs: Vec<Vec<u32>> = (0..5).map(|s| (0..3 + 2 * s).map(|i| ((i * 11 + s * 5 + 1) % cfg.vocab_size) as u32).collect()).collect();
+        let burn = Encoder::burn(model.clone(), &cfg, 16, &device);
+        let kern = Encoder::kernels(model, &cfg, 16, 2, &device).unwrap();
+        let (eb, ek) = (burn.encode(&seqs), kern.encode(&seqs));
+        let d = cfg.hidden_size;
+        assert_eq!((eb.len(), ek.len()), (5 * d, 5 * d));
+        assert!(max_rel(&eb, &ek) < 1e-4, "tied {tied}: {}", max_rel(&eb, &ek));
+        for (i, s) in seqs.iter().enumerate() {
+            let row = &ek[i * d..(i + 1) * d];
+            let norm: f32 = row.iter().map(|x| x * x).sum();
+            assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+            // Alone, unpadded: the same vector on both engines.
+            let alone_k = kern.encode(std::slice::from_ref(s));
+            let alone_b = burn.encode(std::slice::from_ref(s));
+            assert!(max_rel(&alone_k, row) < 1e-5 && max_rel(&alone_b, &eb[i * d..(i + 1) * d]) < 1e-5, "sequence {i} depends on its batch");
+        }
+        // Different texts, different vectors.
+        let cos: f32 = ek[..d].iter().zip(&ek[d..2 * d]).map(|(a, b)| a * b).sum();
+        assert!(cos < 0.9999, "{cos}");
+    }
+}
+
+/// The retriever's contrastive loss (`contrastive.rs`) on both engines: Burn's autodiff of
+/// InfoNCE over mean-pooled unit embeddings against the kernels' gradient cache (embeddings
+/// first, their gradient back to the hidden states on the host, then a second pass down the
+/// model), for the whole model and for LoRA adapters with and without dropout, on 1 and 3
+/// threads. Two pairs share a passage, so neither is the other's negative.
+#[test]
+fn contrastive_kernels_match_burn() {
+    use kiln_models::contrastive::{loss, Pairs, Rows};
+    use kiln_models::cpu_kernels::{Adapt, AdapterLayout};
+    use kiln_models::lora_dropout::Dropout;
+    let cfg = config(false);
+    let v = cfg.vocab_size as u32;
+    let qs: Vec<Vec<u32>> = (0..4).map(|i| (0..2 + i).map(|j| (j * 5 + i * 3 + 1) as u32 % v).collect()).collect();
+    let mut ps: Vec<Vec<u32>> = (0..4).map(|i| (0..9 - i).map(|j| (j * 7 + i * 11 + 2) as u32 % v).collect()).collect();
+    ps[3] = ps[1].clone();
+    let pairs = Pairs {
+        queries: Rows::new(&qs.iter().map(|s| s.as_slice()).collect::<Vec<_>>(), 0),
+        passages: Rows::new(&ps.iter().map(|s| s.as_slice()).collect::<Vec<_>>(), 0),
+        groups: vec![10, 11, 12, 11],
+        tau: 0.1,
+    };
+    assert_eq!(pairs.hidden_positives().iter().filter(|&&x| x < 0.0).count(), 2);
+    let device = Default::default();
+
+    // The whole model.
+    let model = Llama::<B>::build(&cfg, &mut RandomInit::new(3, cfg.num_hidden_layers), &device).unwrap();
+    let l = loss(&model, &pairs, &device);
+    let burn_loss = l.clone().into_scalar() as f64;
+    let grads = l.backward();
+    assert!(burn_loss.is_finite() && burn_loss > 0.0);
+    for threads in [1, 3] {
+        let (cos, sin) = rope_tables(&model);
+        let kern = Kernels::new(Dims::from_config(&cfg), cos, sin, threads);
+        let w = kern.layout.weights(&model).unwrap();
+        let mut g = vec![0.0f32; kern.layout.len];
+        let pass = kern.contrastive(Weights::F32(&w), None, &pairs, Some(&mut g), false);
+        assert!((pass.loss - burn_loss).abs() < 1e-5 * burn_loss, "loss {} vs {burn_loss}", pass.loss);
+        for slot in &kern.layout.slots {
+            let k = kern.layout.get(&g, slot);
+            match try_grad(&model, &grads, &slot.name) {
+                Some(b) => {
+                    let e = max_rel(&k, &b);
+                    assert!(e < 1e-4, "threads {threads}: gradient of {} differs by {e}", slot.name);
+                }
+                // The head is not used: no gradient on Burn's side, zeros on the kernels'.
+                None => assert!(slot.name == "lm_head.weight" && k.iter().all(|&x| x == 0.0), "{}", slot.name),
+            }
+        }
+        // Forward only gives the same loss; accumulating adds the same gradient again.
+        assert_eq!(kern.contrastive(Weights::F32(&w), None, &pairs, None, false).loss, pass.loss);
+        let mut twice = g.clone();
+        kern.contrastive(Weights::F32(&w), None, &pairs, Some(&mut twice), true);
+        assert!(max_rel(&twice, &g.iter().map(|x| 2.0 * x).collect::<Vec<_>>()) < 1e-6);
+    }
+
+    // LoRA adapters, without and with dropout.
+    for p in [0.0, 0.3] {
+        let (mut model, adapter) = lora_model(&cfg, &["all-linear"], false);
+        let drop = Dropout::new(p, 7, 2, 0);
+        if let Some(lo) = model.lora.as_mut() {
+            lo.seed = 7;
+            lo.spec.dropout = p;
+            lo.drop_for(2, 0);
+        }
+        let l = loss(&model, &pairs, &device);
+        let burn_loss = l.clone().into_scalar() as f64;
+        let grads = l.backward();
+        let (cos, sin) = rope_tables(&model);
+        let dims = Dims::from_config(&cfg);
+        let kern = Kernels::new(dims, cos, sin, 2).checkpointing(p > 0.0);
+        let mut w = vec![0.0f32; kern.layout.len];
+        kern.layout.weights_into(&model, &mut w).unwrap();
+        let al = AdapterLayout::new(&dims, &adapter.spec);
+        let aw = al.weights(&model).unwrap();
+        let ad = Adapt::new(&al, &aw).dropping(drop);
+        let mut g = vec![0.0f32; al.len];
+        let pass = kern.contrastive(Weights::F32(&w), Some(ad), &pairs, Some(&mut g), false);
+        assert!((pass.loss - burn_loss).abs() < 1e-5 * burn_loss, "dropout {p}: loss {} vs {burn_loss}", pass.loss);
+        for s in &al.slots {
+            let e = max_rel(&s.get(&g), &find_grad(&model, &grads, &s.name));
+            assert!(e < 1e-4, "dropout {p}: gradient of {} differs by {e}", s.name);
+        }
+        assert!(try_grad(&model, &grads, "model.layers.0.self_attn.q_proj.weight").is_none(), "the base is frozen");
+    }
+}

@@ -31,6 +31,8 @@ pub struct Recipe {
     /// A retrieval index for the run: its open-book evals (`squad-rag:...:topK`) retrieve from it,
     /// and with `raft_p` an SFT recipe's examples carry retrieved passages (RAFT).
     pub retrieval: Option<RetrievalSection>,
+    /// `stage = "retriever"`: the contrastive objective's settings (defaults when absent).
+    pub retriever: Option<RetrieverSection>,
 }
 
 impl Default for Recipe {
@@ -48,6 +50,7 @@ impl Default for Recipe {
             energy: EnergySection::default(),
             lora: None,
             retrieval: None,
+            retriever: None,
         }
     }
 }
@@ -57,6 +60,9 @@ impl Default for Recipe {
 pub enum Stage {
     Pretrain,
     Sft,
+    /// A dense retriever: (query, passage) pairs, contrastive loss over unit-length mean-pooled
+    /// embeddings with in-batch negatives.
+    Retriever,
 }
 
 /// `[model]`: a named size preset, with optional overrides of single dimensions.
@@ -422,6 +428,25 @@ pub struct LoraSection {
     pub base_dtype: String,
 }
 
+/// `[retriever]`: training a dense retriever (`stage = "retriever"`). Each record is a (query,
+/// passage) pair: the first user turn and the last assistant turn of its conversation (with
+/// `format = "fields"`, `user_template` renders the query and `assistant_template` the passage).
+/// Each batch of `train.batch_size` pairs is its own set of negatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrieverSection {
+    /// The softmax temperature τ of the contrastive loss over cosine similarities (0.01 to 1).
+    pub temperature: f64,
+    /// A query's tokens beyond this are cut (passages are cut at `model.context`).
+    pub query_tokens: usize,
+}
+
+impl Default for RetrieverSection {
+    fn default() -> Self {
+        Self { temperature: 0.05, query_tokens: 64 }
+    }
+}
+
 /// `[retrieval]`: the index a run retrieves from, how passages go into a prompt, and RAFT.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -432,7 +457,8 @@ pub struct RetrievalSection {
     /// A corpus under the data root (JSONL `{doc_id, title, text}`, Parquet or text) that Kiln
     /// indexes with BM25 into the cache when `index` is empty (once per content and chunking).
     pub corpus: String,
-    /// `bm25` (dense and hybrid retrieval are not built yet).
+    /// `bm25`, `dense` (the embeddings of the index's model) or `hybrid` (the two fused by
+    /// reciprocal rank); dense and hybrid need an `index` built with `--kind dense|hybrid --embed`.
     pub kind: String,
     /// Passages per question.
     pub k: usize,

@@ -65,7 +65,7 @@ fn https_sources_need_pins() {
 fn every_shipped_recipe_parses_and_validates() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut n = 0;
-    for dir in ["pretrain", "sft", "rag"] {
+    for dir in ["pretrain", "finetune", "sft", "rag", "retriever"] {
         let Ok(rd) = std::fs::read_dir(root.join(dir)) else { continue };
         for f in rd {
             let p = f.unwrap().path();
@@ -102,6 +102,7 @@ fn readme_documents_every_field() {
         ("EvalSection", "eval."),
         ("LoraSection", "lora."),
         ("RetrievalSection", "retrieval."),
+        ("RetrieverSection", "retriever."),
     ];
     let mut current: Option<&str> = None;
     let mut checked = 0;
@@ -119,7 +120,7 @@ fn readme_documents_every_field() {
         if let (Some(prefix), Some(field)) = (current, t.strip_prefix("pub ")) {
             let name = field.split(':').next().unwrap().trim();
             let key = format!("`{prefix}{name}`");
-            if !["model", "tokenizer", "data", "optim", "train", "eval", "energy", "lora", "retrieval"].contains(&name) {
+            if !["model", "tokenizer", "data", "optim", "train", "eval", "energy", "lora", "retrieval", "retriever"].contains(&name) {
                 assert!(readme.contains(&key), "README's recipe reference lacks {key}");
                 assert!(prev_doc, "{key} has no doc comment in the schema");
                 checked += 1;

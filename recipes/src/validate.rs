@@ -35,6 +35,7 @@ impl Recipe {
         if let Some(r) = &self.retrieval {
             retrieval(r, self)?;
         }
+        retriever(self)?;
         name(&self.name)
     }
 }
@@ -44,9 +45,32 @@ fn uses_variable(template: &str, var: &str) -> bool {
     template.split("{{").skip(1).filter_map(|s| s.split("}}").next()).any(|e| e.split(|c: char| !(c.is_alphanumeric() || c == '_')).any(|w| w == var))
 }
 
+fn retriever(r: &Recipe) -> Check {
+    if r.retriever.is_some() && r.stage != Stage::Retriever {
+        return err("retriever", "[retriever] sets up stage = \"retriever\"; this recipe's stage is another");
+    }
+    if r.stage != Stage::Retriever {
+        return Ok(());
+    }
+    let s = r.retriever.clone().unwrap_or_default();
+    if !(s.temperature >= 0.01 && s.temperature <= 1.0) {
+        return err("retriever.temperature", format!("0.01 to 1, got {}", s.temperature));
+    }
+    if !(4..=4096).contains(&s.query_tokens) {
+        return err("retriever.query_tokens", format!("4 to 4096 tokens, got {}", s.query_tokens));
+    }
+    if r.train.batch_size < 2 {
+        return err("train.batch_size", "a retriever learns from in-batch negatives: at least 2 pairs a batch (16 to 64 is usual)");
+    }
+    Ok(())
+}
+
 fn retrieval(r: &RetrievalSection, recipe: &Recipe) -> Check {
-    if r.kind != "bm25" {
-        return err("retrieval.kind", format!("\"{}\": only \"bm25\" is built so far (dense and hybrid retrieval are not)", r.kind));
+    if !["bm25", "dense", "hybrid"].contains(&r.kind.as_str()) {
+        return err("retrieval.kind", format!("\"{}\": one of \"bm25\", \"dense\", \"hybrid\"", r.kind));
+    }
+    if r.kind != "bm25" && r.index.is_empty() {
+        return err("retrieval.kind", format!("\"{}\" retrieves by embeddings, which a corpus Kiln indexes itself lacks\n  hint: build one with `kiln index build CORPUS --out INDEX --kind {} --embed MODEL` and set index = \"INDEX\"", r.kind, r.kind));
     }
     if r.index.is_empty() == r.corpus.is_empty() {
         return err("retrieval", "name one of index (a folder made by `kiln index build`) or corpus (a file under the data root Kiln indexes itself)");
@@ -166,6 +190,9 @@ fn sft(stage: Stage, d: &DataSection) -> Check {
     let chat_formats = [DataFormat::Chat, DataFormat::Sharegpt, DataFormat::Alpaca, DataFormat::PromptCompletion, DataFormat::Fields];
     if stage == Stage::Pretrain && chat_formats.contains(&d.format) {
         return err("data.format", format!("{:?} is a chat format, for stage = \"sft\"; pretraining reads \"text\" or \"jsonl\"", d.format).to_lowercase());
+    }
+    if stage == Stage::Retriever && matches!(d.format, DataFormat::Text | DataFormat::Jsonl) {
+        return err("data.format", "stage = \"retriever\" reads (query, passage) pairs as conversations: \"auto\", \"chat\", \"sharegpt\", \"alpaca\", \"prompt_completion\" or \"fields\" (the first user turn is the query, the last assistant turn its passage)");
     }
     if stage == Stage::Sft && matches!(d.format, DataFormat::Text | DataFormat::Jsonl) {
         return err("data.format", "stage = \"sft\" reads conversations: \"auto\", \"chat\", \"sharegpt\", \"alpaca\", \"prompt_completion\" or \"fields\" (plain text is continued pretraining: stage = \"pretrain\" with init)");

@@ -5,14 +5,15 @@
 //! clauses, so no character of a question is query syntax. Scoring is tantivy's BM25, Okapi's
 //! formula with k1 = 1.2 and b = 0.75 (fixed in tantivy). Each chunk is one tantivy document with
 //! its `doc_id` (indexed whole, so a document's chunks can be replaced), chunk number, offsets,
-//! title and text stored beside it.
+//! title and text stored beside it. The chunk number is indexed too (from index format 2), so
+//! that dense retrieval can fetch a chunk by its key.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use tantivy::collector::TopDocs;
 use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
-use tantivy::schema::{Field, IndexRecordOption, Schema, Value, STORED, STRING, TEXT};
+use tantivy::schema::{Field, IndexRecordOption, Schema, Value, INDEXED, STORED, STRING, TEXT};
 use tantivy::{IndexReader, ReloadPolicy, TantivyDocument, Term};
 
 use crate::chunk::Chunk;
@@ -34,7 +35,7 @@ fn schema() -> (Schema, Fields) {
     let mut b = Schema::builder();
     let f = Fields {
         doc_id: b.add_text_field("doc_id", STRING | STORED),
-        chunk: b.add_u64_field("chunk", STORED),
+        chunk: b.add_u64_field("chunk", STORED | INDEXED),
         start: b.add_u64_field("start", STORED),
         end: b.add_u64_field("end", STORED),
         title: b.add_text_field("title", STORED),
@@ -48,6 +49,8 @@ pub struct Bm25 {
     index: tantivy::Index,
     reader: IndexReader,
     f: Fields,
+    /// Whether chunk numbers are indexed (not in format-1 indexes).
+    chunk_indexed: bool,
 }
 
 /// A tantivy error as a message naming the index, with the rebuild hint.
@@ -61,7 +64,7 @@ impl Bm25 {
         let (schema, f) = schema();
         let index = tantivy::Index::create_in_dir(dir, schema).map_err(|e| damaged(dir, e))?;
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(|e| damaged(dir, e))?;
-        Ok(Self { index, reader, f })
+        Ok(Self { index, reader, f, chunk_indexed: true })
     }
 
     /// The index in `dir`, checked to have Kiln's schema.
@@ -69,14 +72,39 @@ impl Bm25 {
         let index = tantivy::Index::open_in_dir(dir).map_err(|e| damaged(dir, e))?;
         let (want, f) = schema();
         let have = index.schema();
+        let old_chunk = tantivy::schema::FieldEntry::new_u64("chunk".into(), STORED.into());
+        let chunk_indexed = have.get_field("chunk").ok().map(|id| have.get_field_entry(id)) != Some(&old_chunk);
         for (_, entry) in want.fields() {
-            let same = have.get_field(entry.name()).ok().map(|id| have.get_field_entry(id)) == Some(entry);
+            let found = have.get_field(entry.name()).ok().map(|id| have.get_field_entry(id));
+            let same = found == Some(entry) || (entry.name() == "chunk" && found == Some(&old_chunk));
             if !same {
                 return Err(damaged(dir, format!("its field '{}' is missing or of another type (not an index Kiln wrote)", entry.name())));
             }
         }
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(|e| damaged(dir, e))?;
-        Ok(Self { index, reader, f })
+        Ok(Self { index, reader, f, chunk_indexed })
+    }
+
+    /// Chunk `chunk` of document `doc_id`, with `score` as its score; `None` if the index does
+    /// not hold it.
+    pub fn chunk(&self, doc_id: &str, chunk: u32, score: f32) -> Result<Option<Hit>> {
+        let searcher = self.reader.searcher();
+        let by_doc: Box<dyn Query> = Box::new(TermQuery::new(Term::from_field_text(self.f.doc_id, doc_id), IndexRecordOption::Basic));
+        let query: Box<dyn Query> = if self.chunk_indexed {
+            let by_chunk: Box<dyn Query> = Box::new(TermQuery::new(Term::from_field_u64(self.f.chunk, chunk as u64), IndexRecordOption::Basic));
+            Box::new(BooleanQuery::new(vec![(Occur::Must, by_doc), (Occur::Must, by_chunk)]))
+        } else {
+            by_doc
+        };
+        let found = searcher.search(&query, &tantivy::collector::DocSetCollector).context("looking up a chunk")?;
+        for addr in found {
+            let doc: TantivyDocument = searcher.doc(addr).context("reading a stored chunk")?;
+            let hit = self.hit(&doc, score);
+            if hit.chunk == chunk {
+                return Ok(Some(hit));
+            }
+        }
+        Ok(None)
     }
 
     /// Adds `chunks`, first removing every chunk of the documents in `replace` (documents added

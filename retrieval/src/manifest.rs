@@ -14,8 +14,29 @@ use crate::chunk::ChunkSpec;
 /// The manifest's file name in an index folder.
 pub const FILE: &str = "kiln-index.json";
 
-/// The format this Kiln writes and reads.
-pub const FORMAT: u32 = 1;
+/// The format this Kiln writes. Format 1 (BM25 only, chunk numbers not indexed) is still read.
+pub const FORMAT: u32 = 2;
+/// The oldest format this Kiln reads.
+pub const OLDEST: u32 = 1;
+
+/// An index's dense side: the model that embedded its chunks and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenseInfo {
+    /// The embedding model as it was given (`--embed`): queries are embedded with it too.
+    pub model: String,
+    /// The vectors' width.
+    pub dim: usize,
+    /// How token states become one vector.
+    pub pooling: String,
+    pub query_prefix: String,
+    pub passage_prefix: String,
+    /// The model's embedding of `dense::PROBE`: a model given at query time must embed it
+    /// alike (cosine at least `dense::SAME_MODEL_COSINE`).
+    pub fingerprint: Vec<f32>,
+    /// The HNSW graph's settings, when the index has one (`ann.rs`).
+    pub ann: Option<crate::ann::AnnSpec>,
+}
 
 /// One corpus file as it was indexed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,7 +54,8 @@ pub struct CorpusFile {
 pub struct Manifest {
     pub format: u32,
     pub kiln_version: String,
-    /// `bm25` (the only kind built so far; `dense` and `hybrid` will add their files).
+    /// The retriever queries use unless told otherwise: `bm25`, `dense` or `hybrid` (dense and
+    /// hybrid indexes hold the BM25 index too).
     pub kind: String,
     pub chunking: ChunkSpec,
     /// What counted tokens when chunking (`words`, or `tokenizer:<sha256 prefix>`).
@@ -42,11 +64,14 @@ pub struct Manifest {
     /// Distinct documents and chunks in the index.
     pub documents: usize,
     pub chunks: usize,
+    /// The dense side (`dense/`), for `dense` and `hybrid` indexes.
+    #[serde(default)]
+    pub dense: Option<DenseInfo>,
 }
 
 impl Manifest {
     pub fn new(kind: &str, chunking: ChunkSpec, splitter: String) -> Self {
-        Self { format: FORMAT, kiln_version: env!("CARGO_PKG_VERSION").into(), kind: kind.into(), chunking, splitter, corpora: Vec::new(), documents: 0, chunks: 0 }
+        Self { format: FORMAT, kiln_version: env!("CARGO_PKG_VERSION").into(), kind: kind.into(), chunking, splitter, corpora: Vec::new(), documents: 0, chunks: 0, dense: None }
     }
 
     pub fn path(dir: &Path) -> PathBuf {
@@ -65,8 +90,8 @@ impl Manifest {
         if format > FORMAT as u64 {
             bail!("{}: index format {format}, newer than this Kiln's ({FORMAT}; it was written by Kiln {})\n  hint: use a newer kiln, or rebuild the index", path.display(), v.get("kiln_version").and_then(|s| s.as_str()).unwrap_or("?"));
         }
-        if format < FORMAT as u64 {
-            bail!("{}: index format {format}, older than this Kiln's ({FORMAT})\n  hint: rebuild the index with `kiln index build`", path.display());
+        if format < OLDEST as u64 {
+            bail!("{}: index format {format}, older than this Kiln reads ({OLDEST} to {FORMAT})\n  hint: rebuild the index with `kiln index build`", path.display());
         }
         let m: Manifest = serde_json::from_value(v).with_context(|| format!("{}: damaged (a field is missing or of the wrong type)\n  hint: rebuild the index with `kiln index build`", path.display()))?;
         Ok(m)

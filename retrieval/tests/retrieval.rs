@@ -134,7 +134,7 @@ fn a_damaged_or_mismatched_index_is_a_clear_error() {
     assert!(e.contains("words") && e.contains("--tokenizer"), "{e}");
 
     // A newer format, a damaged manifest, counts that disagree, a missing BM25 index.
-    std::fs::write(&manifest, good.replace("\"format\": 1", "\"format\": 99")).unwrap();
+    std::fs::write(&manifest, good.replace("\"format\": 2", "\"format\": 99")).unwrap();
     let e = err(&out);
     assert!(e.contains("format 99") && e.contains("newer"), "{e}");
     std::fs::write(&manifest, &good[..good.len() / 2]).unwrap();

@@ -15,6 +15,7 @@
 pub mod accounting;
 pub mod data;
 pub mod device;
+pub mod embedder;
 pub mod dist;
 pub mod engine;
 pub mod export;

@@ -25,10 +25,11 @@ pub struct TrainData {
     pub bytes_per_token: f64,
 }
 
-/// Pretraining's token stream, or SFT's examples.
+/// Pretraining's token stream, SFT's examples, or the retriever stage's pairs.
 pub enum Corpus {
     Tokens { train: Vec<u32>, val: Vec<u32> },
     Examples(SftData),
+    Pairs(crate::data::pairs::PairData),
 }
 
 impl TrainData {
@@ -37,6 +38,10 @@ impl TrainData {
         match &self.corpus {
             Corpus::Tokens { train, val } => (train.len(), val.len()),
             Corpus::Examples(d) => (d.train.iter().map(|e| e.ids.len()).sum(), d.val.iter().map(|e| e.ids.len()).sum()),
+            Corpus::Pairs(d) => {
+                let n = |v: &[crate::data::pairs::Pair]| v.iter().map(|p| p.query.len() + p.passage.len()).sum();
+                (n(&d.train), n(&d.val))
+            }
         }
     }
 }
@@ -70,8 +75,9 @@ impl Plan {
     /// the `init` model's), tokenizes (or reuses the cached shards), splits train and validation,
     /// and parses the eval tasks, all before any run directory exists.
     pub fn resolve(recipe: Recipe, dirs: &Dirs, device: Device) -> Result<Plan> {
-        if recipe.stage == Stage::Sft && recipe.init.is_none() {
-            bail!("stage = \"sft\" fine-tunes a model: set init\n  hint: init = \"runs/<dir>\", a Hugging Face folder, \"hf://org/model\" or a .gguf file");
+        if recipe.stage != Stage::Pretrain && recipe.init.is_none() {
+            let stage = if recipe.stage == Stage::Sft { "sft" } else { "retriever" };
+            bail!("stage = \"{stage}\" fine-tunes a model: set init\n  hint: init = \"runs/<dir>\", a Hugging Face folder, \"hf://org/model\" or a .gguf file");
         }
         let tasks = recipe_tasks(&recipe, dirs)?;
         // With `init`, the model's own config and tokenizer come with its weights.
@@ -114,6 +120,7 @@ impl Plan {
                 }
                 data
             }
+            Stage::Retriever => pair_data(&recipe, sources, &tok, dirs, model.max_position_embeddings)?,
         };
         let lora = match &recipe.lora {
             Some(l) => {
@@ -148,7 +155,18 @@ impl Plan {
             c.intermediate_size, ctx, c.vocab_size, c.num_params(), t.batch_size, ctx, t.grad_accum,
             per_step * t.steps as f64, self.data.sizes().0, self.data.sizes().1,
             mib(state + act), mib(state), mib(act)
-        ) + &self.lora_summary() + &self.sft_summary()
+        ) + &self.lora_summary() + &self.sft_summary() + &self.pairs_summary()
+    }
+
+    /// The retriever stage: pairs, passages, what was cut.
+    fn pairs_summary(&self) -> String {
+        let Corpus::Pairs(d) = &self.data.corpus else { return String::new() };
+        let s = &d.stats;
+        format!(
+            "\nretriever: {} records -> {} pairs ({} train, {} validation) over {} distinct passages; {} queries cut at {} tokens, {} passages cut at the context; mean {:.1} query and {:.1} passage tokens; temperature {}, {} pairs a batch (each batch's other passages are the negatives)",
+            s.records, s.pairs, d.train.len(), d.val.len(), s.passages, s.queries_cut, self.recipe.retriever.clone().unwrap_or_default().query_tokens, s.passages_cut,
+            s.query_tokens as f64 / s.pairs.max(1) as f64, s.passage_tokens as f64 / s.pairs.max(1) as f64, d.tau, self.recipe.train.batch_size
+        )
     }
 
     /// LoRA: the adapters and how much of the model they train.
@@ -277,6 +295,19 @@ fn sft_data(recipe: &Recipe, sources: Vec<SourceFile>, tok: &mut Tokenizer, dirs
     Ok((TrainData { sources, corpus: Corpus::Examples(d), bytes_per_token }, added))
 }
 
+/// The retriever stage's pairs: the records' conversations (as SFT reads them), each its first
+/// user turn (the query) and last assistant turn (the passage), tokenized and cut.
+fn pair_data(recipe: &Recipe, sources: Vec<SourceFile>, tok: &Tokenizer, dirs: &Dirs, ctx: usize) -> Result<TrainData> {
+    let data = &recipe.data;
+    let files: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
+    let convs = sft::conversations(data, &files, dirs, None)?;
+    let r = recipe.retriever.clone().unwrap_or_default();
+    let d = crate::data::pairs::pairs(&convs, tok, r.query_tokens, ctx, data.val_fraction, r.temperature as f32)?;
+    let bytes: usize = convs.iter().flatten().map(|m| m.content.len()).sum();
+    let bytes_per_token = bytes as f64 / (d.stats.query_tokens + d.stats.passage_tokens).max(1) as f64;
+    Ok(TrainData { sources, corpus: Corpus::Pairs(d), bytes_per_token })
+}
+
 /// The model configuration: the preset with the recipe's overrides and the tokenizer's vocabulary.
 pub fn model_config(recipe: &Recipe, tok: &Tokenizer) -> Result<LlamaConfig> {
     let m = &recipe.model;
@@ -305,13 +336,17 @@ pub fn model_config(recipe: &Recipe, tok: &Tokenizer) -> Result<LlamaConfig> {
 fn recipe_tasks(r: &Recipe, dirs: &Dirs) -> Result<Vec<Box<dyn kiln_evals::Task>>> {
     let mut v = Vec::new();
     let index = match &r.retrieval {
-        Some(ret) if !r.eval.tasks.is_empty() => Some(crate::data::raft::index_dir(ret, dirs).context("[retrieval]")?),
+        Some(ret) if !r.eval.tasks.is_empty() => {
+            let dir = crate::data::raft::index_dir(ret, dirs).context("[retrieval]")?;
+            let kind = kiln_retrieval::Kind::parse(&ret.kind).context("retrieval.kind")?;
+            Some(std::sync::Arc::new(crate::embedder::open_index(&dir, Some(kind), None, false, None).context("[retrieval]")?))
+        }
         _ => None,
     };
     for (i, spec) in r.eval.tasks.iter().enumerate() {
         let mut task = kiln_evals::parse_task(spec, &dirs.data_root).with_context(|| format!("eval.tasks[{i}]"))?;
-        if let Some(dir) = &index {
-            task.set_retrieval(dir);
+        if let Some(index) = &index {
+            task.set_retrieval(index);
         }
         kiln_evals::check_files(task.as_ref()).with_context(|| format!("eval.tasks[{i}] = \"{spec}\""))?;
         v.push(task);

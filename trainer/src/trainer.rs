@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::accounting::{EnergyLedger, Speed};
 use crate::data::loader::{validation_batches, Batch, Batches, Loader};
+use crate::data::pairs::PairLoader;
 use crate::data::sft::ExampleLoader;
 use crate::dist::{Dist, DistOptions};
 use crate::engine::{Engine, EngineKind, StepOutput};
@@ -167,6 +168,11 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
                 let packed = plan.recipe.data.packing;
                 let val = ExampleLoader::new(d.val.clone(), packed, context, t.batch_size, t.seed, pad, Default::default()).in_order(t.eval_batches);
                 (Batches::Examples(ExampleLoader::new(d.train.clone(), packed, context, t.batch_size, t.seed, pad, state.loader)), val)
+            }
+            Corpus::Pairs(d) => {
+                let pad = plan.tok.pad_id;
+                let val = PairLoader::new(d.val.clone(), t.batch_size, t.seed, pad, d.tau, Default::default()).in_order(t.eval_batches);
+                (Batches::Pairs(PairLoader::new(d.train.clone(), t.batch_size, t.seed, pad, d.tau, state.loader)), val)
             }
         };
         let metrics = run.metrics()?;
@@ -366,7 +372,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             workers: self.dist.as_ref().map_or(1, |(d, _)| d.nodes),
             sft: match &plan.data.corpus {
                 crate::plan::Corpus::Examples(d) => Some(d.stats.clone()),
-                crate::plan::Corpus::Tokens { .. } => None,
+                crate::plan::Corpus::Tokens { .. } | crate::plan::Corpus::Pairs(_) => None,
             },
         }
     }

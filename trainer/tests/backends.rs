@@ -23,7 +23,7 @@ fn batch(seed: i64) -> Batch {
         inputs.extend(&seq[r * t..r * t + t]);
         targets.extend(&seq[r * t + 1..r * t + t + 1]);
     }
-    Batch { inputs, targets, mask: vec![1.0; b * t], batch: b, context: t, tokens: b * t, starts: None }
+    Batch { inputs, targets, mask: vec![1.0; b * t], batch: b, context: t, tokens: b * t, starts: None, pairs: None }
 }
 
 /// Logits for a fixed input, then the losses of 3 AdamW steps, on backend `B`.

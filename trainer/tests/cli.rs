@@ -356,7 +356,7 @@ fn shipped_recipes_resolve_against_the_data_root() {
     let cache = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
     let mut n = 0;
-    for dir in ["pretrain", "finetune", "sft", "rag"] {
+    for dir in ["pretrain", "finetune", "sft", "rag", "retriever"] {
         let Ok(rd) = std::fs::read_dir(root.join(dir)) else { continue };
         for e in rd {
             let p = e.unwrap().path();

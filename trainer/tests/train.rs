@@ -21,7 +21,7 @@ fn batch() -> Batch {
         inputs.extend(&seq[r * t..r * t + t]);
         targets.extend(&seq[r * t + 1..r * t + t + 1]);
     }
-    Batch { inputs, targets, mask: vec![1.0; b * t], batch: b, context: t, tokens: b * t, starts: None }
+    Batch { inputs, targets, mask: vec![1.0; b * t], batch: b, context: t, tokens: b * t, starts: None, pairs: None }
 }
 
 fn tiny() -> Llama<B> {

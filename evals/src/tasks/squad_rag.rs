@@ -46,7 +46,7 @@ pub struct SquadRag {
     pub from_article: usize,
     pub mode: Mode,
     /// The retrieval index (`Mode::Top`).
-    pub index: Option<PathBuf>,
+    pub index: Option<std::sync::Arc<Index>>,
     /// Tokens the user turn may take.
     pub budget: usize,
     pub max_answer_tokens: usize,
@@ -79,14 +79,14 @@ impl Task for SquadRag {
     fn name(&self) -> String {
         "squad-rag".into()
     }
-    fn set_retrieval(&mut self, index: &std::path::Path) -> bool {
-        self.index = Some(index.to_path_buf());
+    fn set_retrieval(&mut self, index: &std::sync::Arc<Index>) -> bool {
+        self.index = Some(index.clone());
         true
     }
     fn run(&self, lm: &mut dyn Scorer) -> Result<TaskResult, EvalError> {
         let data = |e: anyhow::Error| EvalError::Data(format!("{e:#}"));
         let index = match (self.mode, &self.index) {
-            (Mode::Top(_), Some(dir)) => Some(Index::open(dir).map_err(data)?),
+            (Mode::Top(_), Some(index)) => Some(index.clone()),
             (Mode::Top(k), None) => {
                 return Err(EvalError::Data(format!(
                     "squad-rag:...:top{k} retrieves its passages: pass --retrieval INDEX (or set [retrieval] index)\n  hint: kiln index build {} --out squad-index",
@@ -168,7 +168,7 @@ impl Task for SquadRag {
                 r.metrics.insert("mrr@20".into(), rr / n);
                 r.metrics.insert("query_ms_p50".into(), percentile(&mut latency, 50.0));
                 r.metrics.insert("query_ms_p99".into(), percentile(&mut latency, 99.0));
-                format!("the top {k} passages of {} ({})", self.index.as_ref().map_or(String::new(), |p| p.display().to_string()), index.as_ref().map_or("", |i| i.kind()))
+                format!("the top {k} passages of {} ({})", self.index.as_ref().map_or(String::new(), |p| p.dir.display().to_string()), index.as_ref().map_or("", |i| i.kind().name()))
             }
         };
         r.notes.push(format!("{mode}, chat template, greedy; {} questions spread over articles {}..{}; user turn within {} tokens ({} prompts cut)", picked.len(), self.from_article, articles, self.budget, cut));

@@ -27,6 +27,8 @@
 use burn::tensor::backend::Backend;
 use rayon::prelude::*;
 
+use crate::contrastive::{pool_backward, scores_loss, Pairs, Rows};
+use crate::embed::mean_pool_host;
 use crate::llama::{Llama, LlamaConfig};
 
 mod adapters;
@@ -42,7 +44,7 @@ pub use adapters::{Adapt, AdapterLayout};
 pub use decode::KvRow;
 pub use frozen::{bf16_to_f32, Half, Weights};
 pub use layout::{rope_tables, Dims, Layout, Slot};
-use model::{forward, shard, Keep, Rope};
+use model::{forward, shard, shard_given, Keep, Rope};
 use pool::Pool;
 use sink::Sink;
 
@@ -246,6 +248,94 @@ impl Kernels {
             })
             .collect();
         parts.concat()
+    }
+}
+
+impl Kernels {
+    /// The final norm's output `[B·T, D]` of `b` sequences of `t` tokens (the head is not run):
+    /// what sentence embeddings pool (`embed.rs`). `ad`: LoRA adapters on top of `w`.
+    pub fn hidden_with(&self, w: Weights, ad: Option<Adapt>, inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
+        self.check(w, ad, inputs.iter(), t);
+        let rope = Rope { cos: &self.cos, sin: &self.sin };
+        let bounds = self.bounds(b);
+        let parts: Vec<Vec<f32>> = (0..bounds.len())
+            .into_par_iter()
+            .map(|i| {
+                let (s0, s1) = bounds[i];
+                let rows = s0 * t..s1 * t;
+                // No target carries loss, so the forward pass runs the head on no row.
+                let (zeros, mask) = (vec![0i64; rows.len()], vec![0.0f32; rows.len()]);
+                let batch = BatchRef { inputs: &inputs[rows], targets: &zeros, mask: &mask, b: s1 - s0, t, starts: None };
+                let mut pool = self.pool(i);
+                let ad = ad.map(|a| a.from_row(s0 * t)); // its dropout masks' rows
+                let mut acts = forward(&self.layout, w, ad, &rope, &batch, &mut pool, false, Keep::Nothing);
+                let out = acts.take_hidden();
+                acts.recycle(&mut pool);
+                out
+            })
+            .collect();
+        parts.concat()
+    }
+}
+
+impl Kernels {
+    /// The contrastive loss of `pairs` (`contrastive.rs`: InfoNCE with in-batch negatives over
+    /// unit-length mean-pooled embeddings) and, when `grads` is given, its gradient with respect
+    /// to every parameter, or with `ad` every adapter (written there, or added with
+    /// `accumulate`). The embeddings come from a forward pass without activations; their
+    /// gradient goes back to each token's hidden state on the host, then down the model in a
+    /// second forward and backward pass per side (exact: a gradient cache).
+    pub fn contrastive(&self, w: Weights, ad: Option<Adapt>, pairs: &Pairs, grads: Option<&mut [f32]>, accumulate: bool) -> Pass {
+        let t0 = std::time::Instant::now();
+        let d = self.layout.dims.d;
+        let (q, p) = (&pairs.queries, &pairs.passages);
+        let hq = self.hidden_with(w, ad, &q.ids, q.b, q.t); // [Bq·Tq, D]
+        let hp = self.hidden_with(w, ad, &p.ids, p.b, p.t); // [Bp·Tp, D]
+        let eq = mean_pool_host(&hq, &q.lens, q.t, d); // [N, D]
+        let ep = mean_pool_host(&hp, &p.lens, p.t, d); // [N, D]
+        let (loss, deq, dep) = scores_loss(&eq, &ep, pairs, d);
+        let forward_s = t0.elapsed().as_secs_f64();
+        if let Some(g) = grads {
+            let dhq = pool_backward(&hq, &q.lens, q.t, d, &deq); // [Bq·Tq, D]
+            self.hidden_grads(w, ad, q, &dhq, g, accumulate);
+            let dhp = pool_backward(&hp, &p.lens, p.t, d, &dep); // [Bp·Tp, D]
+            self.hidden_grads(w, ad, p, &dhp, g, true);
+        }
+        Pass { loss, forward_s }
+    }
+
+    /// The gradient of `rows` whose final hidden states' gradient is `dh` (`[B·T, D]`), into
+    /// `out` (every parameter's, or with `ad` every adapter's), added with `accumulate`.
+    fn hidden_grads(&self, w: Weights, ad: Option<Adapt>, rows: &Rows, dh: &[f32], out: &mut [f32], accumulate: bool) {
+        let t = rows.t;
+        self.check(w, ad, rows.ids.iter(), t);
+        let d = self.layout.dims.d;
+        assert_eq!(dh.len(), rows.b * t * d);
+        let rope = Rope { cos: &self.cos, sin: &self.sin };
+        let bounds = self.bounds(rows.b);
+        let keep = if self.checkpointing { Keep::Inputs } else { Keep::All };
+        let regions = match ad {
+            Some(a) => a.layout.regions(),
+            None => self.layout.regions(),
+        };
+        assert_eq!(out.len(), regions.last().map_or(0, |r| r.end), "the gradient buffer does not fit the layout");
+        if !accumulate {
+            out.fill(0.0);
+        }
+        let sink = Sink::new(out, regions);
+        let done: Vec<()> = (0..bounds.len())
+            .into_par_iter()
+            .map(|i| {
+                let (s0, s1) = bounds[i];
+                let r = s0 * t..s1 * t;
+                let (zeros, mask) = (vec![0i64; r.len()], vec![0.0f32; r.len()]);
+                let batch = BatchRef { inputs: &rows.ids[r.clone()], targets: &zeros, mask: &mask, b: s1 - s0, t, starts: None };
+                let mut pool = self.pool(i);
+                let ad = ad.map(|a| a.from_row(r.start));
+                shard_given(&self.layout, w, ad, &rope, &batch, &dh[r.start * d..r.end * d], sink.writer(i), keep, &mut pool, self.wide)
+            })
+            .collect();
+        debug_assert_eq!(done.len(), bounds.len());
     }
 }
 

@@ -64,6 +64,9 @@ pub(super) struct Acts {
     xf: Vec<f32>,     // [N, D] final residual
     rf: Vec<f32>,     // [N]
     hf: Vec<f32>,     // [N, D] final normed
+    /// d loss / d hf given from outside (a loss on the hidden states, `contrastive.rs`), added
+    /// to the head's.
+    given: Option<Vec<f32>>,
     /// The rows the head ran on, where not all: those whose target carries loss (SFT, where
     /// the prompt's rows carry none and the head is a fifth of the model's FLOPs).
     rows: Option<Vec<usize>>,
@@ -80,6 +83,14 @@ impl Acts {
             }
         }
         pool.put([self.xf, self.rf, self.hf, self.hsel, self.logits]);
+        if let Some(g) = self.given {
+            pool.put([g]);
+        }
+    }
+
+    /// The final norm's output `[N, D]`, taken out of the activations.
+    pub(super) fn take_hidden(&mut self) -> Vec<f32> {
+        std::mem::take(&mut self.hf)
     }
 }
 
@@ -192,7 +203,7 @@ pub(super) fn forward(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rop
             }
         }
     }
-    Acts { layers, xf: x, rf, hf, rows, hsel, logits }
+    Acts { layers, xf: x, rf, hf, given: None, rows, hsel, logits }
 }
 
 /// One decoder layer's forward pass: its input `x` `[N, D]` to the values the backward pass
@@ -273,6 +284,33 @@ fn shard_impl(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch
     }
     acts.recycle(pool);
     (loss, forward_s)
+}
+
+/// The backward pass from a gradient `dh` (`[N, D]`) of the final norm's output, for one
+/// thread's sequences: a forward pass kept for the backward (no head: `batch.mask` is all 0),
+/// then the backward with `dh` where the head's gradient would enter.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn shard_given(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, dh: &[f32], grads: Grads, keep: Keep, pool: &mut Pool, wide: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if wide && std::arch::is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn wide(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, dh: &[f32], grads: Grads, keep: Keep, pool: &mut Pool) {
+            given_impl(layout, w, ad, rope, batch, dh, grads, keep, pool)
+        }
+        // SAFETY: the CPU supports the features `wide` is compiled for (checked just above).
+        return unsafe { wide(layout, w, ad, rope, batch, dh, grads, keep, pool) };
+    }
+    given_impl(layout, w, ad, rope, batch, dh, grads, keep, pool)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn given_impl(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, dh: &[f32], mut g: Grads, keep: Keep, pool: &mut Pool) {
+    debug_assert!(batch.mask.iter().all(|&m| m == 0.0));
+    let mut acts = forward(layout, w, ad, rope, batch, pool, false, keep);
+    acts.given = Some(pool.copy(dh));
+    backward(layout, w, ad, rope, batch, &acts, &mut g, pool);
+    acts.recycle(pool);
 }
 
 /// The summed `mask · nll` over the rows of `logits` (`[M, V]`: batch rows `rows`, or all),
@@ -449,7 +487,7 @@ fn head_backward(layout: &Layout, w: Weights, frozen: bool, acts: &Acts, g: &mut
             }
         }
     }
-    let dh = match &acts.rows {
+    let mut dh = match &acts.rows {
         None => dsel,
         Some(r) => {
             let mut dh = pool.zeros(n * d); // [N, D]
@@ -460,6 +498,9 @@ fn head_backward(layout: &Layout, w: Weights, frozen: bool, acts: &Acts, g: &mut
             dh
         }
     };
+    if let Some(given) = &acts.given {
+        add_into(&mut dh, given); // [N, D]
+    }
     let mut dx = pool.zeros(n * d); // [N, D]
     let norm = w.span(layout.norm, d, &mut dec);
     if frozen {

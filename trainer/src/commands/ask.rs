@@ -10,7 +10,7 @@ use kiln_models::chat::{stop_ids, ChatTemplate, Message};
 use kiln_models::generate::SampleOptions;
 use kiln_recipes::{DeviceSpec, Precision};
 use kiln_retrieval::prompt::{assemble, Assembly, PASSAGE_TEMPLATE, PROMPT_TEMPLATE};
-use kiln_retrieval::{Index, Retriever, Splitter};
+use kiln_retrieval::{Retriever, Splitter};
 use kiln_trainer::engine::{generator, EngineKind};
 
 use super::chat::Session;
@@ -27,6 +27,13 @@ pub struct Args {
     /// Passages to retrieve.
     #[arg(long, default_value_t = 3)]
     k: usize,
+    /// Retrieve as bm25, dense or hybrid instead of the index's own kind.
+    #[arg(long)]
+    kind: Option<String>,
+    /// The model that embeds the question for a dense or hybrid index (default: the one the
+    /// index was built with).
+    #[arg(long)]
+    embed: Option<PathBuf>,
     /// Tokens the user turn (passages and question) may take.
     #[arg(long, default_value_t = 1024)]
     budget: usize,
@@ -42,7 +49,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let index = Index::open(&a.index)?;
+    let kind = a.kind.as_deref().map(kiln_retrieval::Kind::parse).transpose()?;
+    let index = kiln_trainer::embedder::open_index(&a.index, kind, a.embed.as_deref(), false, None)?;
     let hits = index.retrieve(&a.question, a.k)?;
     let be = resolve_device(a.device.unwrap_or(DeviceSpec::Auto))?;
     let engine = EngineKind::choose(&be, Precision::F32, true);

@@ -44,6 +44,8 @@ pub fn run(a: Args) -> Result<()> {
     let tok = &plan.tok;
     let examples: Vec<(Vec<u32>, Vec<bool>)> = match &plan.data.corpus {
         Corpus::Examples(d) => d.train.iter().take(n).map(|e| (e.ids.clone(), e.loss_mask.clone())).collect(),
+        // The retriever stage: the query, then its passage (marked).
+        Corpus::Pairs(d) => d.train.iter().take(n).map(|p| ([p.query.clone(), p.passage.clone()].concat(), [vec![false; p.query.len()], vec![true; p.passage.len()]].concat())).collect(),
         Corpus::Tokens { train, .. } => {
             let ctx = plan.model.max_position_embeddings;
             train.chunks(ctx).take(n).map(|w| (w.to_vec(), vec![true; w.len()])).collect()

@@ -21,6 +21,10 @@ pub struct Args {
     /// The retrieval index (`kiln index build`) open-book tasks (squad-rag:...:topK) retrieve from.
     #[arg(long)]
     retrieval: Option<PathBuf>,
+    /// The model that embeds queries for a dense or hybrid --retrieval index (default: the one
+    /// its manifest names).
+    #[arg(long, requires = "retrieval")]
+    embed: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
 }
@@ -35,8 +39,8 @@ pub fn run(a: Args) -> Result<()> {
     let dirs = Dirs::from_env(a.common.data_root);
     let mut tasks: Vec<Box<dyn kiln_evals::Task>> = a.tasks.iter().map(|t| kiln_evals::parse_task(t, &dirs.data_root)).collect::<Result<_, _>>()?;
     if let Some(index) = &a.retrieval {
-        kiln_retrieval::Index::open(index)?;
-        let used = tasks.iter_mut().map(|t| t.set_retrieval(index)).fold(false, |a, b| a | b);
+        let opened = std::sync::Arc::new(kiln_trainer::embedder::open_index(index, None, a.embed.as_deref(), false, None)?);
+        let used = tasks.iter_mut().map(|t| t.set_retrieval(&opened)).fold(false, |a, b| a | b);
         if !used {
             anyhow::bail!("--retrieval {}: none of the tasks retrieves passages\n  hint: squad-rag:200@38:top3 answers from the index's 3 best passages", index.display());
         }

@@ -4,7 +4,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use kiln_retrieval::{ChunkSpec, Hit, Index, Retriever, Splitter};
+use kiln_recipes::DeviceSpec;
+use kiln_retrieval::{ChunkSpec, Hit, Index, Kind, Retriever, Splitter};
+use kiln_trainer::embedder::open_index;
 
 #[derive(clap::Subcommand)]
 pub enum Args {
@@ -16,9 +18,17 @@ pub enum Args {
         /// The index folder to create (it must not exist).
         #[arg(long)]
         out: PathBuf,
-        /// bm25 (dense and hybrid are not built yet).
+        /// bm25, dense (embeddings of --embed's model) or hybrid (both, fused by reciprocal rank).
+        /// Dense and hybrid indexes keep the BM25 index too.
         #[arg(long, default_value = "bm25")]
         kind: String,
+        /// The model that embeds the chunks (and, later, the queries): a run, a model folder, a
+        /// .gguf file or hf://org/model. Needed for dense and hybrid.
+        #[arg(long)]
+        embed: Option<PathBuf>,
+        /// Where the embedding model runs: cpu (the default), wgpu[:N], cuda[:N], auto.
+        #[arg(long)]
+        device: Option<DeviceSpec>,
         /// Count chunk tokens with this tokenizer.json (or a model folder's); default: words.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
@@ -38,6 +48,11 @@ pub enum Args {
         /// The tokenizer the index was built with, if any.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// The embedding model of a dense or hybrid index, if it moved (default: the manifest's).
+        #[arg(long)]
+        embed: Option<PathBuf>,
+        #[arg(long)]
+        device: Option<DeviceSpec>,
     },
     /// Search an index: one question, or many with --queries.
     Query {
@@ -51,28 +66,48 @@ pub enum Args {
         /// text, or json (one object a query: {"query", "results": [{"doc_id", "chunk", "score", "text"}]}).
         #[arg(long, default_value = "text")]
         format: String,
+        /// Answer as bm25, dense or hybrid instead of the index's own kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// The model that embeds queries (default: the one the index was built with).
+        #[arg(long)]
+        embed: Option<PathBuf>,
+        /// Dense search checks every vector, even where the index has an HNSW graph.
+        #[arg(long)]
+        exact: bool,
+        #[arg(long)]
+        device: Option<DeviceSpec>,
     },
 }
 
 pub fn run(a: Args) -> Result<()> {
     let threads = kiln_trainer::plan::threads();
     match a {
-        Args::Build { corpus, out, kind, tokenizer, chunk_tokens, overlap } => {
-            if kind != "bm25" {
-                bail!("--kind {kind}: only bm25 indexes are built so far (dense and hybrid retrieval are not built yet)");
-            }
+        Args::Build { corpus, out, kind, embed, device, tokenizer, chunk_tokens, overlap } => {
+            let kind = Kind::parse(&kind)?;
+            let embedder = match (kind, &embed) {
+                (Kind::Bm25, Some(_)) => bail!("--embed: a bm25 index embeds nothing\n  hint: --kind dense or --kind hybrid"),
+                (Kind::Bm25, None) => None,
+                (_, None) => bail!("--kind {}: the chunks are embedded by a model: give --embed MODEL (a run, a model folder, a .gguf file or hf://org/model)", kind.name()),
+                (_, Some(m)) => {
+                    let be = kiln_trainer::device::resolve(device.unwrap_or(DeviceSpec::Cpu))?;
+                    let shown = if m.exists() { std::fs::canonicalize(m).unwrap_or_else(|_| m.clone()) } else { m.clone() };
+                    Some((kiln_trainer::embedder::load(m, &be)?, shown.display().to_string()))
+                }
+            };
             let spec = ChunkSpec::new(chunk_tokens, overlap)?;
             let splitter = splitter(tokenizer.as_deref())?;
             let t0 = std::time::Instant::now();
-            let (index, added) = Index::build(&out, &corpus, spec, &splitter, threads)?;
+            let (index, added) = Index::build_with(&out, &corpus, spec, &splitter, threads, kind, embedder)?;
+            let graph = if index.ann().is_some() { ", with an HNSW graph" } else { "" };
             println!(
-                "built {}: {} documents from {} files, {} chunks of at most {} tokens ({}, overlap {}), in {:.1} s",
-                index.dir.display(), added.documents, added.files, added.chunks, spec.tokens, splitter.name(), spec.overlap, t0.elapsed().as_secs_f64()
+                "built {} ({}{graph}): {} documents from {} files, {} chunks of at most {} tokens ({}, overlap {}), in {:.1} s",
+                index.dir.display(), kind.name(), added.documents, added.files, added.chunks, spec.tokens, splitter.name(), spec.overlap, t0.elapsed().as_secs_f64()
             );
             Ok(())
         }
-        Args::Add { index, corpus, tokenizer } => {
-            let mut idx = Index::open(&index)?;
+        Args::Add { index, corpus, tokenizer, embed, device } => {
+            let mut idx = open_index(&index, None, embed.as_deref(), false, device)?;
             let splitter = splitter(tokenizer.as_deref())?;
             let added = idx.add(&corpus, &splitter, threads)?;
             println!(
@@ -81,11 +116,12 @@ pub fn run(a: Args) -> Result<()> {
             );
             Ok(())
         }
-        Args::Query { index, question, queries, k, format } => {
+        Args::Query { index, question, queries, k, format, kind, embed, exact, device } => {
             if !["text", "json"].contains(&format.as_str()) {
                 bail!("--format {format}: text or json");
             }
-            let idx = Index::open(&index)?;
+            let kind = kind.as_deref().map(Kind::parse).transpose()?;
+            let idx = open_index(&index, kind, embed.as_deref(), exact, device)?;
             let questions = match (question, queries) {
                 (Some(q), None) => vec![q],
                 (None, Some(file)) => read_queries(&file)?,
@@ -103,7 +139,7 @@ pub fn run(a: Args) -> Result<()> {
             if questions.len() > 1 {
                 ms.sort_by(f64::total_cmp);
                 let at = |p: f64| ms[((p * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
-                eprintln!("{} queries, k {k}: {:.3} ms mean, p50 {:.3} ms, p99 {:.3} ms ({} chunks)", ms.len(), ms.iter().sum::<f64>() / ms.len() as f64, at(0.5), at(0.99), idx.manifest.chunks);
+                eprintln!("{} queries, k {k}, {}: {:.3} ms mean, p50 {:.3} ms, p99 {:.3} ms ({} chunks)", ms.len(), idx.kind().name(), ms.iter().sum::<f64>() / ms.len() as f64, at(0.5), at(0.99), idx.manifest.chunks);
             }
             Ok(())
         }

@@ -26,6 +26,9 @@ pub struct Batch {
     /// Packed rows (SFT): for each position, where its example begins in the row; attention
     /// stays inside the example and RoPE positions restart there. `None`: one sequence a row.
     pub starts: Option<Vec<u32>>,
+    /// The retriever stage: (query, passage) pairs, whose loss is the contrastive one
+    /// (`kiln_models::contrastive`); `inputs`, `targets` and `mask` are then empty.
+    pub pairs: Option<kiln_models::contrastive::Pairs>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -34,10 +37,12 @@ pub struct LoaderPos {
     pub index: u64,
 }
 
-/// The training batches: windows of the token stream (pretraining) or padded examples (SFT).
+/// The training batches: windows of the token stream (pretraining), padded examples (SFT) or
+/// (query, passage) pairs (the retriever stage).
 pub enum Batches {
     Windows(Loader),
     Examples(super::sft::ExampleLoader),
+    Pairs(super::pairs::PairLoader),
 }
 
 impl Batches {
@@ -45,6 +50,7 @@ impl Batches {
         match self {
             Batches::Windows(l) => l.next_batch(),
             Batches::Examples(l) => l.next_batch(),
+            Batches::Pairs(l) => l.next_batch(),
         }
     }
 
@@ -52,6 +58,7 @@ impl Batches {
         match self {
             Batches::Windows(l) => l.pos,
             Batches::Examples(l) => l.pos,
+            Batches::Pairs(l) => l.pos,
         }
     }
 }
@@ -103,7 +110,7 @@ impl Loader {
             targets.extend(w[1..].iter().map(|&x| x as i64));
             self.pos.index += 1;
         }
-        Batch { inputs, targets, mask: vec![1.0; b * t], batch: b, context: t, tokens: b * t, starts: None }
+        Batch { inputs, targets, mask: vec![1.0; b * t], batch: b, context: t, tokens: b * t, starts: None, pairs: None }
     }
 }
 
@@ -122,7 +129,7 @@ pub fn validation_batches(tokens: &[u32], context: usize, batch: usize, n: usize
             inputs.extend(w[..context].iter().map(|&x| x as i64));
             targets.extend(w[1..].iter().map(|&x| x as i64));
         }
-        out.push(Batch { inputs, targets, mask: vec![1.0; batch * context], batch, context, tokens: batch * context, starts: None });
+        out.push(Batch { inputs, targets, mask: vec![1.0; batch * context], batch, context, tokens: batch * context, starts: None, pairs: None });
     }
     out
 }

@@ -6,6 +6,7 @@ pub mod conversations;
 pub mod corpus;
 pub mod loader;
 pub mod packing;
+pub mod pairs;
 pub mod raft;
 pub mod records;
 pub mod sft;

@@ -55,7 +55,7 @@ pub fn packed_batch(examples: &[Example], rows: &[&[usize]], pad: u32) -> Batch 
         mask.extend(std::iter::repeat_n(0.0, t - at));
         starts.extend((at..t).map(|p| p as u32));
     }
-    Batch { inputs, targets, mask, batch: b, context: t, tokens, starts: Some(starts) }
+    Batch { inputs, targets, mask, batch: b, context: t, tokens, starts: Some(starts), pairs: None }
 }
 
 #[cfg(test)]

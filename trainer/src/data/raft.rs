@@ -55,7 +55,9 @@ pub struct Raft {
 
 impl Raft {
     pub fn new(r: &RetrievalSection, p: f64, dirs: &Dirs, tok: &kiln_models::Tokenizer, seed: u64) -> Result<Self> {
-        let index = Index::open(&index_dir(r, dirs)?).context("retrieval.index")?;
+        // Distractors come from BM25 whatever the index's kind (RAFT's hard negatives).
+        let mut index = Index::open(&index_dir(r, dirs)?).context("retrieval.index")?;
+        index.set_kind(kiln_retrieval::Kind::Bm25, false)?;
         Ok(Self {
             index,
             spec: RaftSpec { k: r.k, p_gold: p, pool: r.raft_pool, seed },

@@ -176,7 +176,7 @@ pub fn pad_batch(examples: &[&Example], pad: u32) -> Batch {
         targets.extend(std::iter::repeat_n(pad as i64, t - n));
         mask.extend(std::iter::repeat_n(0.0, t - n));
     }
-    Batch { inputs, targets, mask, batch: b, context: t, tokens, starts: None }
+    Batch { inputs, targets, mask, batch: b, context: t, tokens, starts: None, pairs: None }
 }
 
 /// Shuffled epochs over the rows (one example each, or several packed), `batch` rows at a

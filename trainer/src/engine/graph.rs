@@ -31,6 +31,23 @@ pub fn masked_cross_entropy<B: Backend>(model: &Llama<B>, batch: &Batch, device:
     kiln_models::loss::cross_entropy(logits.reshape([b * t, v]), y, w, model.fused_loss) // [1]
 }
 
+/// The batch's loss: the contrastive one for pairs (the retriever stage), else the masked
+/// cross-entropy. Returns a `[1]` tensor.
+pub fn batch_loss<B: Backend>(model: &Llama<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 1> {
+    match &batch.pairs {
+        Some(p) => kiln_models::contrastive::loss(model, p, device),
+        None => masked_cross_entropy(model, batch, device),
+    }
+}
+
+/// What a batch's loss weighs in a validation mean: its loss tokens, or its pairs.
+pub fn loss_weight(batch: &Batch) -> f64 {
+    match &batch.pairs {
+        Some(p) => p.len() as f64,
+        None => batch.mask.iter().map(|&m| m as f64).sum(),
+    }
+}
+
 /// One optimizer step over `micro` batches (gradient accumulation when more than one).
 pub(super) fn step<B: AutodiffBackend>(
     model: Llama<B>,
@@ -55,7 +72,7 @@ pub(super) fn step<B: AutodiffBackend>(
             l.drop_for(opt.t, i); // LoRA dropout's masks for this micro-batch
         }
         let t0 = Instant::now();
-        let loss = masked_cross_entropy(&model, batch, device);
+        let loss = batch_loss(&model, batch, device);
         let l = loss.clone().inner(); // [1]
         if early {
             // Wait for the forward pass, so that forward_s is its device time.
@@ -100,8 +117,8 @@ pub(super) fn eval_loss<B: AutodiffBackend>(model: &Llama<B>, batches: &[Batch],
     let mut sum = 0.0;
     let mut n = 0.0;
     for b in batches {
-        let w: f64 = b.mask.iter().map(|&m| m as f64).sum();
-        let l = masked_cross_entropy(&inner, b, device).into_scalar().elem::<f64>();
+        let w = loss_weight(b);
+        let l = batch_loss(&inner, b, device).into_scalar().elem::<f64>();
         sum += l * w;
         n += w;
     }

@@ -122,13 +122,19 @@ impl Kernels {
             None => Weights::F32(&self.w),
         };
         for (i, b) in micro.iter().enumerate() {
-            let pass = match ad {
-                Some(ad) => {
+            let pass = match (ad, &b.pairs) {
+                // The retriever stage: the contrastive loss (a gradient cache, cpu_kernels).
+                (Some(ad), Some(pairs)) => {
+                    let ad = ad.dropping(drop.and_then(|(p, seed)| Dropout::new(p, seed, opt.t, i)));
+                    self.kern.contrastive(base, Some(ad), pairs, Some(&mut self.total), i > 0)
+                }
+                (None, Some(pairs)) => self.kern.contrastive(Weights::F32(&self.w), None, pairs, Some(&mut self.total), i > 0),
+                (Some(ad), None) => {
                     let ad = ad.dropping(drop.and_then(|(p, seed)| Dropout::new(p, seed, opt.t, i)));
                     self.kern.adapter_loss_and_grads(base, ad, &batch_ref(b), Some(&mut self.total), i > 0)
                 }
-                None if i == 0 => self.kern.loss_and_grads(&self.w, &batch_ref(b), Some(&mut self.total)),
-                None => self.kern.add_loss_grads(&self.w, &batch_ref(b), &mut self.total),
+                (None, None) if i == 0 => self.kern.loss_and_grads(&self.w, &batch_ref(b), Some(&mut self.total)),
+                (None, None) => self.kern.add_loss_grads(&self.w, &batch_ref(b), &mut self.total),
             };
             loss += pass.loss;
             forward_s += pass.forward_s;
@@ -315,7 +321,12 @@ impl Kernels {
         let ad = self.adapt().filter(|_| self.loaded);
         let (mut sum, mut n) = (0.0, 0.0);
         for b in batches {
-            let weight: f64 = b.mask.iter().map(|&m| m as f64).sum();
+            let weight = super::graph::loss_weight(b);
+            if let Some(pairs) = &b.pairs {
+                sum += self.kern.contrastive(w, ad, pairs, None, false).loss * weight;
+                n += weight;
+                continue;
+            }
             let pass = match ad {
                 Some(ad) => self.kern.adapter_loss_and_grads(w, ad, &batch_ref(b), None, false),
                 None => match w {
