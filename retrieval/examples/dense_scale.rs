@@ -5,7 +5,9 @@
 //! chunks. Prints build time, the graph's size on disk, query latency p50/p99 for both, and the
 //! graph's recall@10 against exact search.
 //!
-//!   cargo run --release -p kiln-retrieval --example dense_scale -- [N] [D] [QUERIES]
+//!   cargo run --release -p kiln-retrieval --example dense_scale -- [N] [D] [QUERIES] [M EF_CONSTRUCTION EF_SEARCH]
+//!
+//! The graph's settings default to `AnnSpec::default()`, what `kiln index build` uses.
 
 use std::time::Instant;
 
@@ -38,7 +40,8 @@ fn main() -> anyhow::Result<()> {
     let queries: Vec<Vec<f32>> = (0..nq).map(|i| point((i * 7919) % clusters)).collect();
     println!("{n} vectors of width {d} ({:.1} GB f32) made in {:.1} s", (n * d * 4) as f64 / 1e9, t0.elapsed().as_secs_f64());
 
-    let spec = AnnSpec::default();
+    let d0 = AnnSpec::default();
+    let spec = AnnSpec { m: args.get(3).copied().unwrap_or(d0.m), ef_construction: args.get(4).copied().unwrap_or(d0.ef_construction), ef_search: args.get(5).copied().unwrap_or(d0.ef_search) };
     let t0 = Instant::now();
     let ann = Ann::build(&v, spec);
     println!("HNSW (M {}, ef_construction {}) built in {:.1} s on {} threads", spec.m, spec.ef_construction, t0.elapsed().as_secs_f64(), rayon::current_num_threads());
