@@ -48,6 +48,16 @@ pub trait Task {
     fn set_retrieval(&mut self, _index: &std::sync::Arc<kiln_retrieval::Index>) -> bool {
         false
     }
+    /// Gives a task that fuses sparse and dense rankings itself the fusion to use (`kiln eval
+    /// --fusion`, the recipe's `[retrieval] fusion`); returns whether the task fuses.
+    fn set_fusion(&mut self, _fusion: kiln_retrieval::Fusion) -> bool {
+        false
+    }
+    /// Gives a task that puts passages into a prompt its token budget (the recipe's
+    /// `[retrieval] budget`); returns whether the task uses one.
+    fn set_budget(&mut self, _tokens: usize) -> bool {
+        false
+    }
 }
 
 /// Every file `task` reads is a regular file: checked before a run trains, so that a wrong path

@@ -269,3 +269,92 @@ fn squad_rag_answers_from_no_passage_the_gold_passage_or_the_index() {
     }
     assert!(!kiln_evals::parse_task("squad-rc:10@0", &data).unwrap().set_retrieval(&opened), "squad-rc retrieves nothing");
 }
+
+/// A scorer that embeds a sequence as its hashed token bigrams, unit length: a lexical "dense"
+/// retriever, enough to rank SQuAD paragraphs far better than chance.
+struct Hasher {
+    tok: Tokenizer,
+}
+
+impl Scorer for Hasher {
+    fn tokenizer(&self) -> &Tokenizer {
+        &self.tok
+    }
+    fn context(&self) -> usize {
+        4096
+    }
+    fn logprobs(&mut self, _: &[Vec<u32>]) -> Vec<Vec<f64>> {
+        Vec::new()
+    }
+    fn greedy(&mut self, _: &[u32], _: usize, _: &[u32]) -> Vec<u32> {
+        Vec::new()
+    }
+    fn greedy_batch(&mut self, p: &[Vec<u32>], _: usize, _: &[u32]) -> Vec<Vec<u32>> {
+        vec![Vec::new(); p.len()]
+    }
+    fn embed(&mut self, seqs: &[Vec<u32>]) -> Option<Vec<f32>> {
+        const D: usize = 256;
+        let mut out = vec![0f32; seqs.len() * D];
+        for (s, row) in seqs.iter().zip(out.chunks_mut(D)) {
+            for w in s.windows(2) {
+                row[(w[0] as usize * 31 + w[1] as usize) % D] += 1.0;
+            }
+            let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+            row.iter_mut().for_each(|x| *x /= n);
+        }
+        Some(out)
+    }
+}
+
+/// squad-retrieval over an article range, with its fusion set and a sweep: the questions and
+/// paragraphs are those articles' only; all-BM25 and all-dense convex fusions reproduce the
+/// two rankings' recall; the sweep reports both fusions at nine weights.
+#[test]
+fn squad_retrieval_scores_an_article_range_and_sweeps_fusion_weights() {
+    let Some(data) = kiln_models::skip::data_root() else { return };
+    let qa = data.join(kiln_evals::tasks::squad_rc::QA);
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&qa).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut titles: Vec<String> = Vec::new();
+    for q in &rows {
+        let t = q["title"].as_str().unwrap().to_string();
+        if !titles.contains(&t) {
+            titles.push(t);
+        }
+    }
+    let want_questions = rows.iter().filter(|q| titles[1..3].contains(&q["title"].as_str().unwrap().to_string())).count();
+    let paragraphs = std::fs::read_to_string(data.join(kiln_evals::tasks::squad_rc::PARAGRAPHS)).unwrap();
+    let want_passages = paragraphs.lines().filter(|l| titles[1..3].iter().any(|t| l.contains(&format!("\"title\": {}", serde_json::json!(t))))).count();
+
+    let task = kiln_evals::parse_task("squad-retrieval:all@1-3:held:sweep", &data).unwrap();
+    let r = task.run(&mut Hasher { tok: chat_tok() }).unwrap();
+    let m = &r.metrics;
+    assert_eq!((r.n, m["questions"] as usize, m["passages"] as usize), (want_questions, want_questions, want_passages));
+    assert!(m["dense_recall@20"] > 0.3 && m["bm25_recall@20"] > 0.5, "{m:?}");
+    for method in ["convex", "rrf"] {
+        for w in 1..=9 {
+            for at in ["recall@1", "recall@5", "recall@20", "mrr@20"] {
+                assert!(m.contains_key(&format!("sweep_{method}_w0.{w}_{at}")), "{method} {w} {at}: {:?}", m.keys());
+            }
+        }
+    }
+    // The hybrid is the default fusion's: the sweep's convex at 0.4.
+    assert_eq!(m["hybrid_mrr@20"], m["sweep_convex_w0.4_mrr@20"]);
+    assert!(r.notes.iter().any(|n| n.contains("articles 1 to 3") && n.contains("convex, dense weight 0.4")), "{:?}", r.notes);
+    assert!(r.notes.iter().any(|n| n.starts_with("sweep: the best MRR@20")), "{:?}", r.notes);
+
+    for (w, like) in [(0.0, "bm25"), (1.0, "dense")] {
+        let mut t = kiln_evals::parse_task("squad-retrieval:60@1-3", &data).unwrap();
+        assert!(t.set_fusion(kiln_retrieval::Fusion { method: kiln_retrieval::fusion::Method::Convex, dense_weight: w }));
+        let r = t.run(&mut Hasher { tok: chat_tok() }).unwrap();
+        assert_eq!(r.n, 60);
+        for at in ["recall@1", "recall@5", "recall@20", "mrr@20"] {
+            assert_eq!(r.metrics[&format!("hybrid_{at}")], r.metrics[&format!("{like}_{at}")], "weight {w}: {at}");
+        }
+        assert!(!r.metrics.contains_key("sweep_rrf_w0.5_mrr@20"));
+    }
+    for bad in ["squad-retrieval:all@3-1", "squad-retrieval:all@1-x", "squad-retrieval:all@1:held:held", "squad-retrieval:all@1:sweep:sweep", "squad-retrieval:all@1:best"] {
+        let e = kiln_evals::parse_task(bad, &data).err().map(|e| e.to_string()).unwrap_or_else(|| panic!("accepted {bad}"));
+        assert!(e.contains("not understood") && e.contains("hint"), "{bad}: {e}");
+    }
+    assert!(!kiln_evals::parse_task("squad-rc:10@1", &data).unwrap().set_fusion(kiln_retrieval::Fusion::default()), "squad-rc fuses nothing");
+}

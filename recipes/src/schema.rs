@@ -460,6 +460,12 @@ pub struct RetrievalSection {
     /// `bm25`, `dense` (the embeddings of the index's model) or `hybrid` (the two fused by
     /// reciprocal rank); dense and hybrid need an `index` built with `--kind dense|hybrid --embed`.
     pub kind: String,
+    /// How `hybrid` fuses the two rankings: `convex` (min-max normalised scores, weighted) or
+    /// `rrf` (reciprocal rank); also the hybrid the `squad-retrieval` eval reports.
+    pub fusion: String,
+    /// The dense ranking's weight in the fusion, 0 to 1 (BM25's is 1 minus it). Absent: 0.4 for
+    /// convex (chosen on validation questions), 0.5 for rrf (the unweighted sum).
+    pub dense_weight: Option<f64>,
     /// Passages per question.
     pub k: usize,
     /// Tokens the user turn (passages and question) may take; passages are cut to fit, the
@@ -487,6 +493,8 @@ impl Default for RetrievalSection {
             index: String::new(),
             corpus: String::new(),
             kind: "bm25".into(),
+            fusion: "convex".into(),
+            dense_weight: None,
             k: 3,
             budget: 1024,
             passage_template: "[{n}] {title}\n{text}".into(),

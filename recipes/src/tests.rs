@@ -154,6 +154,9 @@ fn out_of_range_values_name_their_key() {
         ("[train]\ndevice = \"cuda:+1\"\n", "train.device"),
         ("[train]\nprecision = \"bf17\"\n", "train.precision"),
         ("[energy]\nmeter = \"joulemeter\"\n", "energy.meter"),
+        ("[retrieval]\ncorpus = \"c.jsonl\"\nfusion = \"max\"\n", "retrieval.fusion"),
+        ("[retrieval]\ncorpus = \"c.jsonl\"\ndense_weight = 1.5\n", "retrieval.dense_weight"),
+        ("[retrieval]\ncorpus = \"c.jsonl\"\ndense_weight = nan\n", "retrieval.dense_weight"),
     ] {
         let e = parse(text, &[]).err().unwrap_or_else(|| panic!("accepted: {text}"));
         assert_eq!(e.key(), Some(key), "{text}: {e}");

@@ -72,6 +72,14 @@ fn retrieval(r: &RetrievalSection, recipe: &Recipe) -> Check {
     if r.kind != "bm25" && r.index.is_empty() {
         return err("retrieval.kind", format!("\"{}\" retrieves by embeddings, which a corpus Kiln indexes itself lacks\n  hint: build one with `kiln index build CORPUS --out INDEX --kind {} --embed MODEL` and set index = \"INDEX\"", r.kind, r.kind));
     }
+    if !["convex", "rrf"].contains(&r.fusion.as_str()) {
+        return err("retrieval.fusion", format!("\"{}\": \"convex\" (min-max normalised scores, weighted) or \"rrf\" (reciprocal rank)", r.fusion));
+    }
+    if let Some(w) = r.dense_weight {
+        if !(0.0..=1.0).contains(&w) {
+            return err("retrieval.dense_weight", format!("the dense ranking's share of the fusion, 0 to 1, got {w}"));
+        }
+    }
     if r.index.is_empty() == r.corpus.is_empty() {
         return err("retrieval", "name one of index (a folder made by `kiln index build`) or corpus (a file under the data root Kiln indexes itself)");
     }

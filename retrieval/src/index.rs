@@ -1,8 +1,8 @@
 //! An index folder: the manifest (`kiln-index.json`, `manifest.rs`), the BM25 index
 //! (`bm25/`, `bm25.rs`) and, for `dense` and `hybrid` indexes, the chunks' embeddings
 //! (`dense/`, `dense.rs`, with an HNSW graph from `ann::THRESHOLD` chunks, `ann.rs`). The
-//! index is one [`Retriever`] of its kind: BM25, dense, or the two fused by reciprocal rank
-//! (`fusion.rs`). Building writes into a temporary folder beside the target and renames
+//! index is one [`Retriever`] of its kind: BM25, dense, or the two fused (`fusion.rs`: a convex
+//! combination of normalised scores by default, or reciprocal rank). Building writes into a temporary folder beside the target and renames
 //! it into place, so a failed build leaves nothing behind and never replaces an index; adding
 //! documents is one tantivy commit followed by the manifest's atomic rewrite, and the two are
 //! checked against each other whenever the index is opened.
@@ -18,7 +18,7 @@ use crate::bm25::Bm25;
 use crate::chunk::{chunk_document, Chunk, ChunkSpec, Splitter};
 use crate::corpus::{corpus_files, file_sha256, read_documents};
 use crate::dense::{dot, embed_checked, passage_text, query_text, Embedder, Vectors, PASSAGE_PREFIX, PROBE, QUERY_PREFIX, SAME_MODEL_COSINE};
-use crate::fusion::{rrf, RRF_C};
+use crate::fusion::Fusion;
 use crate::manifest::{CorpusFile, DenseInfo, Manifest};
 use crate::retriever::{Hit, Retriever};
 
@@ -49,7 +49,7 @@ impl Kind {
     }
 }
 
-/// Passages each ranking gives reciprocal-rank fusion (at least the k asked for).
+/// Passages each ranking gives the hybrid's fusion (at least the k asked for).
 pub const HYBRID_DEPTH: usize = 50;
 /// Chunks embedded at a time while building.
 const EMBED_BATCH: usize = 256;
@@ -62,6 +62,8 @@ pub struct Index {
     /// What queries are answered with (the manifest's kind unless [`Index::set_kind`] changed it).
     kind: Kind,
     dense: Option<DenseSide>,
+    /// How a hybrid query fuses BM25's and the dense ranking.
+    fusion: Fusion,
 }
 
 /// The dense side of an opened index.
@@ -124,7 +126,7 @@ impl Index {
                 dense = Some(DenseSide { vectors: Vectors::new(e.dim()), ann: None, embedder: Some(e.clone()), exact: false });
             }
             manifest.write(&tmp)?;
-            let mut index = Index { dir: tmp.clone(), manifest, bm25: Bm25::create(&tmp.join("bm25"))?, kind, dense };
+            let mut index = Index { dir: tmp.clone(), manifest, bm25: Bm25::create(&tmp.join("bm25"))?, kind, dense, fusion: Fusion::default() };
             index.add(corpora, splitter, threads)
         })();
         let added = match built {
@@ -168,7 +170,7 @@ impl Index {
                 Some(DenseSide { vectors, ann, embedder: None, exact: false })
             }
         };
-        Ok(Self { dir: dir.to_path_buf(), manifest, bm25, kind, dense })
+        Ok(Self { dir: dir.to_path_buf(), manifest, bm25, kind, dense, fusion: Fusion::default() })
     }
 
     /// What queries are answered with.
@@ -187,6 +189,15 @@ impl Index {
         }
         self.kind = kind;
         Ok(())
+    }
+
+    /// How hybrid queries fuse the two rankings (default: [`Fusion::default`]).
+    pub fn set_fusion(&mut self, fusion: Fusion) {
+        self.fusion = fusion;
+    }
+
+    pub fn fusion(&self) -> Fusion {
+        self.fusion
     }
 
     /// The embedding model this dense or hybrid index was built with (the manifest's `model`).
@@ -353,8 +364,7 @@ impl Retriever for Index {
             Kind::Dense => self.dense_hits(query, k),
             Kind::Hybrid => {
                 let depth = k.max(HYBRID_DEPTH);
-                let rankings = [self.bm25.retrieve(query, depth)?, self.dense_hits(query, depth)?];
-                Ok(rrf(&rankings, k, RRF_C))
+                Ok(self.fusion.fuse(&self.bm25.retrieve(query, depth)?, &self.dense_hits(query, depth)?, k))
             }
         }
     }

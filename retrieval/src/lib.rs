@@ -21,5 +21,6 @@ pub mod retriever;
 pub use chunk::{Chunk, ChunkSpec, Splitter};
 pub use corpus::Document;
 pub use dense::Embedder;
+pub use fusion::Fusion;
 pub use index::{Index, Kind};
 pub use retriever::{Hit, Retriever};

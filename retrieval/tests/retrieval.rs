@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use kiln_retrieval::chunk::{chunk_document, sentence_starts};
-use kiln_retrieval::fusion::{rrf, RRF_C};
+use kiln_retrieval::fusion::{convex, rrf, weighted_rrf, Fusion, Method, RRF_C};
 use kiln_retrieval::prompt::{assemble, Assembly};
-use kiln_retrieval::raft::{example, Qa, RaftSpec};
+use kiln_retrieval::raft::{example, Fallback, Qa, RaftSpec};
 use kiln_retrieval::{ChunkSpec, Document, Hit, Index, Retriever, Splitter};
 
 fn doc(id: &str, text: &str) -> Document {
@@ -172,6 +172,50 @@ fn reciprocal_rank_fusion_sums_reciprocal_ranks() {
     assert!((fused[1].score as f64 - 1.0 / 61.0).abs() < 1e-7);
     assert_eq!(rrf(&[vec![hit("a", 0), hit("b", 0)]], 1, RRF_C).len(), 1);
     assert!(rrf(&[], 5, RRF_C).is_empty());
+    // Weighted: the second ranking counts three times the first.
+    let (a, b) = (vec![hit("x", 0), hit("y", 0)], vec![hit("y", 0), hit("x", 0)]);
+    let w = weighted_rrf(&[(&a, 0.25), (&b, 0.75)], 10, RRF_C);
+    assert_eq!(w[0].doc_id, "y");
+    assert!((w[0].score as f64 - (0.25 / 62.0 + 0.75 / 61.0)).abs() < 1e-7);
+    // Fusion's rrf at dense weight 0.5 ranks as the unweighted sum.
+    let f = Fusion::parse("rrf", None).unwrap();
+    assert_eq!(f, Fusion { method: Method::Rrf, dense_weight: 0.5 });
+    let ids = |h: &[Hit]| h.iter().map(|h| h.doc_id.clone()).collect::<Vec<_>>();
+    let (s, d) = (vec![hit("x", 0), hit("y", 0), hit("z", 0)], vec![hit("y", 0), hit("w", 0), hit("x", 0)]);
+    assert_eq!(ids(&f.fuse(&s, &d, 10)), ids(&rrf(&[s.clone(), d.clone()], 10, RRF_C)));
+}
+
+fn scored(doc: &str, score: f32) -> Hit {
+    Hit { score, ..hit(doc, 0) }
+}
+
+#[test]
+fn convex_fusion_weighs_min_max_normalised_scores() {
+    // BM25 scores 10, 6, 2 normalise to 1, 0.5, 0; cosines 0.9, 0.8, 0.4 to 1, 0.8, 0.
+    let sparse = vec![scored("a", 10.0), scored("b", 6.0), scored("c", 2.0)];
+    let dense = vec![scored("c", 0.9), scored("b", 0.8), scored("d", 0.4)];
+    let fused = convex(&[(&sparse, 0.7), (&dense, 0.3)], 10);
+    let got: Vec<(&str, f64)> = fused.iter().map(|h| (h.doc_id.as_str(), h.score as f64)).collect();
+    // a: 0.7; b: 0.35 + 0.24 = 0.59; c: 0 + 0.3; d: 0 (each missing side adds 0).
+    let want = [("a", 0.7), ("b", 0.59), ("c", 0.3), ("d", 0.0)];
+    assert_eq!(got.len(), want.len());
+    for ((g, gs), (w, ws)) in got.iter().zip(want) {
+        assert_eq!(*g, w);
+        assert!((gs - ws).abs() < 1e-6, "{g}: {gs} vs {ws}");
+    }
+    // The weights decide: all dense puts c first (then a, absent from the dense list, ties at 0
+    // with d, its last, and comes first by first appearance); all BM25 keeps BM25's order.
+    let ids = |h: Vec<Hit>| h.into_iter().map(|h| h.doc_id).collect::<Vec<_>>();
+    assert_eq!(ids(Fusion { method: Method::Convex, dense_weight: 1.0 }.fuse(&sparse, &dense, 3)), ["c", "b", "a"]);
+    assert_eq!(ids(Fusion { method: Method::Convex, dense_weight: 0.0 }.fuse(&sparse, &dense, 3)), ["a", "b", "c"]);
+    // Equal scores normalise to 1 (no division by zero); an empty side adds nothing.
+    let flat = convex(&[(&[scored("p", 3.0), scored("q", 3.0)][..], 1.0), (&[][..], 1.0)], 5);
+    assert!(flat.iter().all(|h| (h.score - 1.0).abs() < 1e-6), "{flat:?}");
+    assert_eq!(ids(flat), ["p", "q"]);
+    assert_eq!(Fusion::default().method, Method::Convex);
+    for (m, w) in [("max", None), ("convex", Some(1.5)), ("rrf", Some(-0.1)), ("convex", Some(f64::NAN))] {
+        assert!(Fusion::parse(m, w).is_err(), "{m} {w:?}");
+    }
 }
 
 #[test]
@@ -233,7 +277,7 @@ fn raft_keeps_the_gold_passage_at_rate_p_among_allowed_distractors() {
     let mut first_positions = std::collections::HashSet::new();
     for i in 0..n {
         let qa = Qa { id: format!("q{i}"), question: "?".into(), answers: vec!["yes".into()], doc_id: "gold".into() };
-        let ex = example(&qa, &gold, &retriever, &allowed, &spec).unwrap();
+        let ex = example(&qa, &gold, &retriever, &allowed, &spec, None).unwrap();
         assert_eq!(ex.passages.len(), 4);
         assert!(ex.passages.iter().all(|h| h.doc_id != "held-out"), "a held-out passage leaked in");
         let golds = ex.passages.iter().filter(|h| h.doc_id == "gold").count();
@@ -241,7 +285,7 @@ fn raft_keeps_the_gold_passage_at_rate_p_among_allowed_distractors() {
         kept += golds;
         first_positions.insert(ex.passages[0].doc_id.clone());
         // The same example again: the same draw.
-        assert_eq!(example(&qa, &gold, &retriever, &allowed, &spec).unwrap(), ex);
+        assert_eq!(example(&qa, &gold, &retriever, &allowed, &spec, None).unwrap(), ex);
         assert_eq!(ex.answer, "yes");
     }
     let rate = kept as f64 / n as f64;
@@ -250,6 +294,28 @@ fn raft_keeps_the_gold_passage_at_rate_p_among_allowed_distractors() {
     // P = 1 always keeps it, P = 0 never.
     for (p, want) in [(1.0, true), (0.0, false)] {
         let qa = Qa { id: "z".into(), question: "?".into(), answers: vec![], doc_id: "gold".into() };
-        assert_eq!(example(&qa, &gold, &retriever, &allowed, &RaftSpec { p_gold: p, ..spec }).unwrap().gold, want);
+        assert_eq!(example(&qa, &gold, &retriever, &allowed, &RaftSpec { p_gold: p, ..spec }, None).unwrap().gold, want);
     }
+    // A retriever that finds only one other document: random allowed documents fill the rest,
+    // never the gold one twice, a held-out one or a repeat; without a fallback the example is short.
+    let sparse = Fixed(vec![hit("gold", 0), hit("a", 0)]);
+    let docs: Vec<String> = ["a", "b", "c", "d", "e", "gold", "held-out"].iter().map(|d| d.to_string()).collect();
+    let first_chunk = |d: &str| Ok(Some(hit(d, 0)));
+    let fallback = Fallback { docs: &docs, first_chunk: &first_chunk };
+    let mut drawn = std::collections::HashSet::new();
+    for i in 0..200 {
+        let qa = Qa { id: format!("f{i}"), question: "?".into(), answers: vec![], doc_id: "gold".into() };
+        let short = example(&qa, &gold, &sparse, &allowed, &spec, None).unwrap();
+        assert_eq!(short.passages.len(), 1 + usize::from(short.gold));
+        let ex = example(&qa, &gold, &sparse, &allowed, &spec, Some(&fallback)).unwrap();
+        assert_eq!((ex.passages.len(), ex.gold), (4, short.gold), "{ex:?}");
+        let mut ids: Vec<&str> = ex.passages.iter().map(|h| h.doc_id.as_str()).collect();
+        assert!(ids.contains(&"a") && !ids.contains(&"held-out"), "{ids:?}");
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 4, "a repeat: {ex:?}");
+        drawn.extend(ex.passages.iter().map(|h| h.doc_id.clone()));
+        assert_eq!(example(&qa, &gold, &sparse, &allowed, &spec, Some(&fallback)).unwrap(), ex);
+    }
+    assert_eq!(drawn.len(), 6, "every allowed document is drawn sometimes: {drawn:?}");
 }

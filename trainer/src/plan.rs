@@ -331,6 +331,11 @@ pub fn model_config(recipe: &Recipe, tok: &Tokenizer) -> Result<LlamaConfig> {
     Ok(c)
 }
 
+/// The recipe's `[retrieval] fusion` and `dense_weight`.
+fn recipe_fusion(ret: &kiln_recipes::RetrievalSection) -> Result<kiln_retrieval::Fusion> {
+    kiln_retrieval::Fusion::parse(&ret.fusion, ret.dense_weight).context("retrieval.fusion")
+}
+
 /// The recipe's `[eval]` tasks, parsed by the evals registry, plus the samples task when it
 /// lists prompts.
 fn recipe_tasks(r: &Recipe, dirs: &Dirs) -> Result<Vec<Box<dyn kiln_evals::Task>>> {
@@ -339,7 +344,9 @@ fn recipe_tasks(r: &Recipe, dirs: &Dirs) -> Result<Vec<Box<dyn kiln_evals::Task>
         Some(ret) if !r.eval.tasks.is_empty() => {
             let dir = crate::data::raft::index_dir(ret, dirs).context("[retrieval]")?;
             let kind = kiln_retrieval::Kind::parse(&ret.kind).context("retrieval.kind")?;
-            Some(std::sync::Arc::new(crate::embedder::open_index(&dir, Some(kind), None, false, None).context("[retrieval]")?))
+            let mut index = crate::embedder::open_index(&dir, Some(kind), None, false, None).context("[retrieval]")?;
+            index.set_fusion(recipe_fusion(ret)?);
+            Some(std::sync::Arc::new(index))
         }
         _ => None,
     };
@@ -347,6 +354,10 @@ fn recipe_tasks(r: &Recipe, dirs: &Dirs) -> Result<Vec<Box<dyn kiln_evals::Task>
         let mut task = kiln_evals::parse_task(spec, &dirs.data_root).with_context(|| format!("eval.tasks[{i}]"))?;
         if let Some(index) = &index {
             task.set_retrieval(index);
+        }
+        if let Some(ret) = &r.retrieval {
+            task.set_fusion(recipe_fusion(ret)?);
+            task.set_budget(ret.budget);
         }
         kiln_evals::check_files(task.as_ref()).with_context(|| format!("eval.tasks[{i}] = \"{spec}\""))?;
         v.push(task);

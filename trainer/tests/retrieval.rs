@@ -194,6 +194,18 @@ fn dense_and_hybrid_indexes_through_the_cli() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 6);
+    // The fusion's weight: all BM25 keeps BM25's ranking first, all dense is the dense ranking;
+    // rrf fuses the same chunks; a weight outside [0, 1] is refused.
+    let order = |v: &[serde_json::Value]| v.iter().map(|r| (r["doc_id"].as_str().unwrap().to_string(), r["chunk"].as_u64().unwrap())).collect::<Vec<_>>();
+    assert_eq!(order(&query(&["--dense-weight", "0"]))[..bm25.len()], order(&bm25)[..]);
+    assert_eq!(order(&query(&["--fusion", "convex", "--dense-weight", "1"])), order(&dense));
+    let mut rrf = order(&query(&["--fusion", "rrf"]));
+    rrf.sort();
+    let mut all = order(&dense);
+    all.sort();
+    assert_eq!(rrf, all);
+    let e = fails(&kiln(d, &["index", "query", "hy", q, "--dense-weight", "1.5"]));
+    assert!(e.contains("--dense-weight") && e.contains("[0, 1]"), "{e}");
     // Another model's embeddings are refused.
     let other = fixtures().join("peft-tiny-lora");
     let e = fails(&kiln(d, &["index", "query", "hy", q, "--kind", "dense", "--embed", other.to_str().unwrap()]));
@@ -285,6 +297,13 @@ fn a_dense_retriever_trains_alike_on_both_engines_and_resumes_exactly() {
     ok(&kiln(d, &["resume", copy.to_str().unwrap()]));
     let bits = |v: Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(metric_lines(&copy, "loss")), bits(lk.clone()), "resume is exact");
+
+    // `kiln eval` on the run joins its report (an adapter run's final/ has no config.json),
+    // with another fusion for the hybrid and a sweep.
+    let (out, _) = ok(&kiln(d, &["eval", kern.to_str().unwrap(), "--task", "squad-retrieval:all@1:sweep", "--fusion", "rrf", "--device", "cpu"]));
+    assert!(out.contains("updated report.json") && out.contains("hybrid (rrf, dense weight 0.5)"), "{out}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(kern.join("report.json")).unwrap()).unwrap();
+    assert!(report["evals"]["squad-retrieval"]["sweep_convex_w0.4_mrr@20"].as_f64().is_some(), "{report}");
 
     // The trained run embeds an index; queries are embedded by the same model.
     let r = kern.to_str().unwrap();

@@ -28,7 +28,7 @@ pub const TASKS: &[TaskInfo] = &[
     TaskInfo { name: "squad", usage: "squad[:N|all]", about: "SQuAD v1.1 closed-book exact match and F1 on the first N questions (default 200)" },
     TaskInfo { name: "squad-rc", usage: "squad-rc[:N|all[@ARTICLE]]", about: "SQuAD v1.1 reading comprehension, chat-formatted, passage given: EM, F1 and format on N questions (default 200) spread over the articles from ARTICLE on (default 0)" },
     TaskInfo { name: "squad-rag", usage: "squad-rag[:N|all[@ARTICLE]][:closed|gold|topK]", about: "SQuAD v1.1 open book, chat-formatted: EM, F1 and format on N questions (default 200) from ARTICLE on, with no passage, the gold passage, or the K best passages of the retrieval index (default top3; also recall@1/5/20, MRR and query latency)" },
-    TaskInfo { name: "squad-retrieval", usage: "squad-retrieval[:N|all[@ARTICLE]][:held|all]", about: "SQuAD v1.1 retrieval: recall@1/5/20 and MRR of N questions (default all) from ARTICLE on (default 38) finding their paragraph among those articles' paragraphs (or all), for the model's dense embeddings, BM25 and their hybrid" },
+    TaskInfo { name: "squad-retrieval", usage: "squad-retrieval[:N|all[@FROM[-TO]]][:held|all][:sweep]", about: "SQuAD v1.1 retrieval: recall@1/5/20 and MRR of N questions (default all) of articles FROM (default 38) to TO (default the last) finding their paragraph among those articles' paragraphs (or all), for the model's dense embeddings, BM25 and their hybrid; sweep also scores fusion weights 0.1 to 0.9" },
     TaskInfo { name: "gsm8k", usage: "gsm8k[:N]", about: "GSM8K test, chat-formatted, greedy: exact match of the reply's last number, and format, on the first N problems (default 100)" },
 ];
 
@@ -115,17 +115,38 @@ pub fn parse_task(spec: &str, data_root: &std::path::Path) -> Result<Box<dyn Tas
             let bad = |what: &str| EvalError::Spec { spec: spec.into(), message: format!("'{what}' is not understood"), hint: "squad-retrieval:all@38:held scores every question of articles 38 on among those articles' paragraphs".into() };
             let mut parts = arg.unwrap_or("").split(':');
             let count = parts.next().unwrap_or("");
-            let pool = parts.next().unwrap_or("held");
-            if parts.next().is_some() || !["held", "all"].contains(&pool) {
-                return Err(bad(arg.unwrap_or("")));
+            let (mut pool, mut sweep) = (None, false);
+            for p in parts {
+                match p {
+                    "held" | "all" if pool.is_none() => pool = Some(p),
+                    "sweep" if !sweep => sweep = true,
+                    _ => return Err(bad(p)),
+                }
             }
-            let (n, from) = count.split_once('@').unwrap_or((count, "38"));
+            let (n, range) = count.split_once('@').unwrap_or((count, "38"));
             let n = match n {
                 "" | "all" => usize::MAX,
                 x => x.parse().map_err(|_| bad(x))?,
             };
-            let from_article = from.parse().map_err(|_| bad(from))?;
-            Box::new(squad_retrieval::SquadRetrieval { qa: data_root.join(squad_rc::QA), paragraphs: data_root.join(squad_rc::PARAGRAPHS), n, from_article, all_paragraphs: pool == "all" })
+            let (from, to) = match range.split_once('-') {
+                Some((f, t)) => (f, Some(t)),
+                None => (range, None),
+            };
+            let from_article: usize = from.parse().map_err(|_| bad(from))?;
+            let to_article = match to {
+                Some(t) => t.parse().ok().filter(|&t| t > from_article).ok_or_else(|| bad(t))?,
+                None => usize::MAX,
+            };
+            Box::new(squad_retrieval::SquadRetrieval {
+                qa: data_root.join(squad_rc::QA),
+                paragraphs: data_root.join(squad_rc::PARAGRAPHS),
+                n,
+                from_article,
+                to_article,
+                all_paragraphs: pool == Some("all"),
+                fusion: kiln_retrieval::Fusion::default(),
+                sweep,
+            })
         }
         "gsm8k" => Box::new(gsm8k::Gsm8k { path: data_root.join(gsm8k::DEFAULT_PATH), n: count(Some(100))?.unwrap_or(usize::MAX), max_tokens: 320 }),
         other => {

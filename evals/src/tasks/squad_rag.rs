@@ -83,6 +83,10 @@ impl Task for SquadRag {
         self.index = Some(index.clone());
         true
     }
+    fn set_budget(&mut self, tokens: usize) -> bool {
+        self.budget = tokens;
+        true
+    }
     fn run(&self, lm: &mut dyn Scorer) -> Result<TaskResult, EvalError> {
         let data = |e: anyhow::Error| EvalError::Data(format!("{e:#}"));
         let index = match (self.mode, &self.index) {

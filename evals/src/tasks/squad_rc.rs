@@ -24,6 +24,12 @@ pub const INSTRUCTION: &str = "Answer the question with a short phrase from the 
 /// The questions of articles `from_article` and after (by order of appearance), and how many
 /// articles there are; no such question is an error naming `path`.
 pub fn held_out<'q>(qas: &'q [serde_json::Value], from_article: usize, path: &std::path::Path) -> Result<(Vec<&'q serde_json::Value>, usize), EvalError> {
+    articles(qas, from_article, usize::MAX, path)
+}
+
+/// The questions of articles `from_article` up to (not including) `to_article`, by order of
+/// appearance, and how many articles there are; no such question is an error naming `path`.
+pub fn articles<'q>(qas: &'q [serde_json::Value], from_article: usize, to_article: usize, path: &std::path::Path) -> Result<(Vec<&'q serde_json::Value>, usize), EvalError> {
     let mut titles: Vec<&str> = Vec::new();
     let mut held = Vec::new();
     for q in qas {
@@ -31,12 +37,13 @@ pub fn held_out<'q>(qas: &'q [serde_json::Value], from_article: usize, path: &st
         if !titles.contains(&t) {
             titles.push(t);
         }
-        if titles.len() > from_article {
+        if titles.len() > from_article && titles.len() <= to_article {
             held.push(q);
         }
     }
     if held.is_empty() {
-        return Err(EvalError::Data(format!("{}: no questions from article {from_article} on ({} articles)", path.display(), titles.len())));
+        let to = if to_article == usize::MAX { "on".to_string() } else { format!("to {to_article}") };
+        return Err(EvalError::Data(format!("{}: no questions from article {from_article} {to} ({} articles)", path.display(), titles.len())));
     }
     Ok((held, titles.len()))
 }

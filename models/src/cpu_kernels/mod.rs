@@ -44,7 +44,7 @@ pub use adapters::{Adapt, AdapterLayout};
 pub use decode::KvRow;
 pub use frozen::{bf16_to_f32, Half, Weights};
 pub use layout::{rope_tables, Dims, Layout, Slot};
-use model::{forward, shard, shard_given, Keep, Rope};
+use model::{forward, shard, shard_given, Acts, Keep, Rope};
 use pool::Pool;
 use sink::Sink;
 
@@ -230,31 +230,21 @@ impl Kernels {
 
     /// [`Kernels::logits`] with LoRA adapters on top of `w` (which may then be bf16).
     pub fn logits_with(&self, w: Weights, ad: Option<Adapt>, inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
-        self.check(w, ad, inputs.iter(), t);
-        let rope = Rope { cos: &self.cos, sin: &self.sin };
-        let bounds = self.bounds(b);
-        let parts: Vec<Vec<f32>> = (0..bounds.len())
-            .into_par_iter()
-            .map(|i| {
-                let (s0, s1) = bounds[i];
-                let rows = s0 * t..s1 * t;
-                let (zeros, mask) = (vec![0i64; rows.len()], vec![0.0f32; rows.len()]);
-                let batch = BatchRef { inputs: &inputs[rows], targets: &zeros, mask: &mask, b: s1 - s0, t, starts: None };
-                let mut pool = self.pool(i);
-                let mut acts = forward(&self.layout, w, ad, &rope, &batch, &mut pool, true, Keep::Nothing);
-                let out = std::mem::take(&mut acts.logits);
-                acts.recycle(&mut pool);
-                out
-            })
-            .collect();
-        parts.concat()
+        self.forward_only(w, ad, inputs, b, t, true, |acts| std::mem::take(&mut acts.logits))
     }
-}
 
-impl Kernels {
     /// The final norm's output `[B·T, D]` of `b` sequences of `t` tokens (the head is not run):
     /// what sentence embeddings pool (`embed.rs`). `ad`: LoRA adapters on top of `w`.
     pub fn hidden_with(&self, w: Weights, ad: Option<Adapt>, inputs: &[i64], b: usize, t: usize) -> Vec<f32> {
+        self.forward_only(w, ad, inputs, b, t, false, Acts::take_hidden)
+    }
+
+    /// A forward pass without loss or kept activations over `b` sequences of `t` tokens, split
+    /// across the threads (each share's adapter dropout rows its own); `take` keeps a share's
+    /// output (rows in order), and the shares are concatenated. `logits`: run the head on every
+    /// row (else on none: no target carries loss).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_only(&self, w: Weights, ad: Option<Adapt>, inputs: &[i64], b: usize, t: usize, logits: bool, take: impl Fn(&mut Acts) -> Vec<f32> + Sync) -> Vec<f32> {
         self.check(w, ad, inputs.iter(), t);
         let rope = Rope { cos: &self.cos, sin: &self.sin };
         let bounds = self.bounds(b);
@@ -263,13 +253,12 @@ impl Kernels {
             .map(|i| {
                 let (s0, s1) = bounds[i];
                 let rows = s0 * t..s1 * t;
-                // No target carries loss, so the forward pass runs the head on no row.
                 let (zeros, mask) = (vec![0i64; rows.len()], vec![0.0f32; rows.len()]);
                 let batch = BatchRef { inputs: &inputs[rows], targets: &zeros, mask: &mask, b: s1 - s0, t, starts: None };
                 let mut pool = self.pool(i);
-                let ad = ad.map(|a| a.from_row(s0 * t)); // its dropout masks' rows
-                let mut acts = forward(&self.layout, w, ad, &rope, &batch, &mut pool, false, Keep::Nothing);
-                let out = acts.take_hidden();
+                let ad = ad.map(|a| a.from_row(s0 * t));
+                let mut acts = forward(&self.layout, w, ad, &rope, &batch, &mut pool, logits, Keep::Nothing);
+                let out = take(&mut acts);
                 acts.recycle(&mut pool);
                 out
             })

@@ -34,6 +34,8 @@ pub struct Args {
     /// index was built with).
     #[arg(long)]
     embed: Option<PathBuf>,
+    #[command(flatten)]
+    fusion: super::FusionArgs,
     /// Tokens the user turn (passages and question) may take.
     #[arg(long, default_value_t = 1024)]
     budget: usize,
@@ -50,7 +52,8 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let kind = a.kind.as_deref().map(kiln_retrieval::Kind::parse).transpose()?;
-    let index = kiln_trainer::embedder::open_index(&a.index, kind, a.embed.as_deref(), false, None)?;
+    let mut index = kiln_trainer::embedder::open_index(&a.index, kind, a.embed.as_deref(), false, None)?;
+    index.set_fusion(a.fusion.fusion()?);
     let hits = index.retrieve(&a.question, a.k)?;
     let be = resolve_device(a.device.unwrap_or(DeviceSpec::Auto))?;
     let engine = EngineKind::choose(&be, Precision::F32, true);

@@ -26,6 +26,8 @@ pub struct Args {
     #[arg(long, requires = "retrieval")]
     embed: Option<PathBuf>,
     #[command(flatten)]
+    fusion: super::FusionArgs,
+    #[command(flatten)]
     common: Common,
 }
 
@@ -38,8 +40,14 @@ pub fn run(a: Args) -> Result<()> {
     let dir = kiln_trainer::run_dir::model_dir(&a.model)?;
     let dirs = Dirs::from_env(a.common.data_root);
     let mut tasks: Vec<Box<dyn kiln_evals::Task>> = a.tasks.iter().map(|t| kiln_evals::parse_task(t, &dirs.data_root)).collect::<Result<_, _>>()?;
+    let fusion = a.fusion.fusion()?;
+    for t in &mut tasks {
+        t.set_fusion(fusion);
+    }
     if let Some(index) = &a.retrieval {
-        let opened = std::sync::Arc::new(kiln_trainer::embedder::open_index(index, None, a.embed.as_deref(), false, None)?);
+        let mut opened = kiln_trainer::embedder::open_index(index, None, a.embed.as_deref(), false, None)?;
+        opened.set_fusion(fusion);
+        let opened = std::sync::Arc::new(opened);
         let used = tasks.iter_mut().map(|t| t.set_retrieval(&opened)).fold(false, |a, b| a | b);
         if !used {
             anyhow::bail!("--retrieval {}: none of the tasks retrieves passages\n  hint: squad-rag:200@38:top3 answers from the index's 3 best passages", index.display());
@@ -52,17 +60,17 @@ pub fn run(a: Args) -> Result<()> {
     // kernels (the same numbers as Burn's forward pass, faster).
     let engine = EngineKind::choose(&be, Precision::F32, true);
     let threads = kiln_trainer::plan::threads();
-    let results = kiln_trainer::with_backend!(be, B, device, {
+    let (results, cfg) = kiln_trainer::with_backend!(be, B, device, {
         type I = <B as AutodiffBackend>::InnerBackend;
         let (m, cfg, tok) = kiln_models::checkpoint::load::<I>(&dir, &device)?;
         let lm = kiln_evals::ModelScorer::<I> { model: &m, tok: &tok, context: cfg.max_position_embeddings, device };
-        with_scorer(lm, &cfg, engine, threads, |lm| run_evals(&tasks, lm, &be))?
+        (with_scorer(lm, &cfg, engine, threads, |lm| run_evals(&tasks, lm, &be))?, cfg)
     });
     // On a finished run, the evals also join report.json, report.md and report.svg.
     if let (true, Ok(recipe)) = (a.model.join("report.json").is_file(), kiln_trainer::run_dir::load_plan(&a.model)) {
         let mut rep = Report::load(&a.model)?;
         rep.evals.extend(results.clone());
-        let cfg = kiln_models::checkpoint::read_config(&dir.join("config.json"))?;
+        // The loaded model's configuration: an adapter run's final/ has no config.json.
         rep.write(&a.model, &recipe.name, &cfg)?;
         println!("updated report.json, report.md and report.svg in {}", a.model.display());
     }

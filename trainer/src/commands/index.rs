@@ -75,6 +75,8 @@ pub enum Args {
         /// Dense search checks every vector, even where the index has an HNSW graph.
         #[arg(long)]
         exact: bool,
+        #[command(flatten)]
+        fusion: super::FusionArgs,
         #[arg(long)]
         device: Option<DeviceSpec>,
     },
@@ -116,12 +118,13 @@ pub fn run(a: Args) -> Result<()> {
             );
             Ok(())
         }
-        Args::Query { index, question, queries, k, format, kind, embed, exact, device } => {
+        Args::Query { index, question, queries, k, format, kind, embed, exact, fusion, device } => {
             if !["text", "json"].contains(&format.as_str()) {
                 bail!("--format {format}: text or json");
             }
             let kind = kind.as_deref().map(Kind::parse).transpose()?;
-            let idx = open_index(&index, kind, embed.as_deref(), exact, device)?;
+            let mut idx = open_index(&index, kind, embed.as_deref(), exact, device)?;
+            idx.set_fusion(fusion.fusion()?);
             let questions = match (question, queries) {
                 (Some(q), None) => vec![q],
                 (None, Some(file)) => read_queries(&file)?,

@@ -48,6 +48,25 @@ pub struct Sampling {
     pub seed: u64,
 }
 
+/// How a hybrid index fuses BM25's and the dense ranking (`kiln index query`, `ask`, `eval`).
+#[derive(clap::Args, Clone)]
+pub struct FusionArgs {
+    /// Hybrid fusion: convex (each ranking's scores min-max normalised, then weighted) or rrf
+    /// (reciprocal rank). Also the hybrid the squad-retrieval eval reports.
+    #[arg(long, default_value = "convex")]
+    pub fusion: String,
+    /// The dense ranking's weight in the fusion, 0 to 1 (BM25 gets 1 minus it); default 0.4 for
+    /// convex (chosen on validation questions), 0.5 for rrf (the unweighted sum).
+    #[arg(long)]
+    pub dense_weight: Option<f64>,
+}
+
+impl FusionArgs {
+    pub fn fusion(&self) -> Result<kiln_retrieval::Fusion> {
+        kiln_retrieval::Fusion::parse(&self.fusion, self.dense_weight).map_err(|e| anyhow::anyhow!("--fusion/--dense-weight: {e}"))
+    }
+}
+
 /// Set by Ctrl-C or SIGTERM: the training loop checkpoints after the current step and stops.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 

@@ -57,9 +57,51 @@ impl Batches {
     pub fn pos(&self) -> LoaderPos {
         match self {
             Batches::Windows(l) => l.pos,
-            Batches::Examples(l) => l.pos,
-            Batches::Pairs(l) => l.pos,
+            Batches::Examples(l) => l.epochs.pos,
+            Batches::Pairs(l) => l.epochs.pos,
         }
+    }
+}
+
+/// Shuffled epochs over `len` items (SFT rows, retriever pairs): each epoch a permutation
+/// seeded by the seed and the epoch's number, so `pos` is all a resume needs.
+pub struct Epochs {
+    seed: u64,
+    pub pos: LoaderPos,
+    order: Vec<u32>,
+}
+
+impl Epochs {
+    pub fn new(len: usize, seed: u64, pos: LoaderPos) -> Self {
+        let mut e = Self { seed, pos, order: (0..len as u32).collect() };
+        e.shuffle();
+        e
+    }
+
+    /// This epoch's order of the items.
+    pub fn order(&self) -> &[u32] {
+        &self.order
+    }
+
+    /// Draws the current epoch's order.
+    fn shuffle(&mut self) {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ self.pos.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        self.order = (0..self.order.len() as u32).collect();
+        self.order.shuffle(&mut rng);
+    }
+
+    /// The next `n` items, continuing into the next epoch where this one ends.
+    pub fn take(&mut self, n: usize) -> Vec<usize> {
+        let mut picked = Vec::with_capacity(n);
+        for _ in 0..n {
+            if self.pos.index as usize >= self.order.len() {
+                self.pos = LoaderPos { epoch: self.pos.epoch + 1, index: 0 };
+                self.shuffle();
+            }
+            picked.push(self.order[self.pos.index as usize] as usize);
+            self.pos.index += 1;
+        }
+        picked
     }
 }
 

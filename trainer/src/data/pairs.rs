@@ -10,12 +10,9 @@ use kiln_models::chat::Message;
 use kiln_models::contrastive::{Pairs, Rows};
 use kiln_models::Tokenizer;
 use kiln_retrieval::dense::{passage_text, query_text};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::loader::{Batch, LoaderPos};
+use super::loader::{Batch, Epochs, LoaderPos};
 
 /// One tokenized pair.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,36 +112,19 @@ pub fn pair_batch(pairs: &[&Pair], pad: u32, tau: f32) -> Batch {
 pub struct PairLoader {
     pairs: Vec<Pair>,
     batch: usize,
-    seed: u64,
     pad: u32,
     tau: f32,
-    pub pos: LoaderPos,
-    order: Vec<u32>,
+    pub epochs: Epochs,
 }
 
 impl PairLoader {
     pub fn new(pairs: Vec<Pair>, batch: usize, seed: u64, pad: u32, tau: f32, pos: LoaderPos) -> Self {
-        let mut l = Self { pairs, batch, seed, pad, tau, pos, order: Vec::new() };
-        l.start_epoch();
-        l
-    }
-
-    fn start_epoch(&mut self) {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ self.pos.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        self.order = (0..self.pairs.len() as u32).collect();
-        self.order.shuffle(&mut rng);
+        let epochs = Epochs::new(pairs.len(), seed, pos);
+        Self { pairs, batch, pad, tau, epochs }
     }
 
     pub fn next_batch(&mut self) -> Batch {
-        let mut picked = Vec::with_capacity(self.batch);
-        for _ in 0..self.batch {
-            if self.pos.index as usize >= self.order.len() {
-                self.pos = LoaderPos { epoch: self.pos.epoch + 1, index: 0 };
-                self.start_epoch();
-            }
-            picked.push(self.order[self.pos.index as usize] as usize);
-            self.pos.index += 1;
-        }
+        let picked = self.epochs.take(self.batch);
         pair_batch(&picked.iter().map(|&i| &self.pairs[i]).collect::<Vec<_>>(), self.pad, self.tau)
     }
 

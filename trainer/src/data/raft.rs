@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use kiln_recipes::RetrievalSection;
 use kiln_retrieval::prompt::{assemble, Assembly};
-use kiln_retrieval::raft::{example, Qa, RaftSpec};
+use kiln_retrieval::raft::{example, Fallback, Qa, RaftSpec};
 use kiln_retrieval::{ChunkSpec, Hit, Index, Splitter};
 use serde_json::Value;
 
@@ -49,6 +49,8 @@ pub struct Raft {
     pub splitter: Splitter,
     /// The documents distractors may come from: the training records' (`data.join` keys).
     pub allowed: HashSet<String>,
+    /// `allowed`, sorted: random distractors when BM25 finds too few (made at the first example).
+    fallback: std::cell::OnceCell<Vec<String>>,
     /// Examples that kept their gold passage, and all examples.
     pub kept: std::cell::Cell<(usize, usize)>,
 }
@@ -66,6 +68,7 @@ impl Raft {
             passage_template: r.passage_template.clone(),
             splitter: Splitter::model(tok.clone())?,
             allowed: HashSet::new(),
+            fallback: Default::default(),
             kept: Default::default(),
         })
     }
@@ -82,7 +85,14 @@ impl Raft {
         };
         let gold = Hit { doc_id: key.to_string(), chunk: 0, score: 0.0, title: joined.get("title").and_then(Value::as_str).map(str::to_string), text: text.to_string(), start: 0, end: text.len() };
         let qa = Qa { id: at.to_string(), question: question.to_string(), answers: Vec::new(), doc_id: key.to_string() };
-        let ex = example(&qa, &gold, &self.index, &|d: &str| self.allowed.contains(d), &self.spec)?;
+        let docs = self.fallback.get_or_init(|| {
+            let mut v: Vec<String> = self.allowed.iter().cloned().collect();
+            v.sort();
+            v
+        });
+        let first_chunk = |d: &str| self.index.bm25().chunk(d, 0, 0.0);
+        let fallback = Fallback { docs, first_chunk: &first_chunk };
+        let ex = example(&qa, &gold, &self.index, &|d: &str| self.allowed.contains(d), &self.spec, Some(&fallback))?;
         let (kept, all) = self.kept.get();
         self.kept.set((kept + usize::from(ex.gold), all + 1));
         let a = Assembly { passage: &self.passage_template, prompt: "{passages}", budget: self.budget.saturating_sub(fixed) };

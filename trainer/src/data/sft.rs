@@ -6,13 +6,10 @@ use anyhow::{bail, Context, Result};
 use kiln_models::chat::{ChatTemplate, TrainOn};
 use kiln_models::Tokenizer;
 use kiln_recipes::{DataFormat, DataSection, Overlong};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::conversations::{detect, Converter};
-use super::loader::{Batch, LoaderPos};
+use super::loader::{Batch, Epochs, LoaderPos};
 use super::packing::{best_fit_decreasing, packed_batch};
 use super::records::{join_table, read_records, select_groups, Record};
 use super::sources::Dirs;
@@ -186,25 +183,16 @@ pub struct ExampleLoader {
     rows: Vec<Vec<usize>>,
     packed: bool,
     batch: usize,
-    seed: u64,
     pad: u32,
-    pub pos: LoaderPos,
-    order: Vec<u32>,
+    pub epochs: Epochs,
 }
 
 impl ExampleLoader {
     /// With `packed`, examples share rows of `context` positions (best-fit decreasing).
     pub fn new(examples: Vec<Example>, packed: bool, context: usize, batch: usize, seed: u64, pad: u32, pos: LoaderPos) -> Self {
         let rows = if packed { best_fit_decreasing(&examples, context) } else { (0..examples.len()).map(|i| vec![i]).collect() };
-        let mut l = Self { examples, rows, packed, batch, seed, pad, pos, order: Vec::new() };
-        l.start_epoch();
-        l
-    }
-
-    fn start_epoch(&mut self) {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ self.pos.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        self.order = (0..self.rows.len() as u32).collect();
-        self.order.shuffle(&mut rng);
+        let epochs = Epochs::new(rows.len(), seed, pos);
+        Self { examples, rows, packed, batch, pad, epochs }
     }
 
     /// Rows per epoch.
@@ -213,15 +201,7 @@ impl ExampleLoader {
     }
 
     pub fn next_batch(&mut self) -> Batch {
-        let mut picked = Vec::with_capacity(self.batch);
-        for _ in 0..self.batch {
-            if self.pos.index as usize >= self.order.len() {
-                self.pos = LoaderPos { epoch: self.pos.epoch + 1, index: 0 };
-                self.start_epoch();
-            }
-            picked.push(self.order[self.pos.index as usize] as usize);
-            self.pos.index += 1;
-        }
+        let picked = self.epochs.take(self.batch);
         self.batch_of(&picked)
     }
 
@@ -244,7 +224,7 @@ impl ExampleLoader {
     pub fn padding_share(&self) -> f64 {
         let width = |r: usize| self.rows[r].iter().map(|&i| self.examples[i].ids.len() - 1).sum::<usize>();
         let (mut real, mut total) = (0usize, 0usize);
-        for chunk in self.order.chunks(self.batch) {
+        for chunk in self.epochs.order().chunks(self.batch) {
             let w: Vec<usize> = chunk.iter().map(|&r| width(r as usize)).collect();
             real += w.iter().sum::<usize>();
             total += w.iter().max().unwrap_or(&0) * w.len();
