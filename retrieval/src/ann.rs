@@ -29,13 +29,14 @@ pub struct AnnSpec {
     pub m: usize,
     /// Candidates considered when inserting a node.
     pub ef_construction: usize,
-    /// Candidates considered when searching (at least the k asked for).
+    /// Candidates considered when searching (at least the k asked for). 256: at a million
+    /// vectors, recall@10 86% against 74% at 128 for 0.2 ms more at the median (BENCHMARKS.md).
     pub ef_search: usize,
 }
 
 impl Default for AnnSpec {
     fn default() -> Self {
-        Self { m: 24, ef_construction: 200, ef_search: 128 }
+        Self { m: 24, ef_construction: 200, ef_search: 256 }
     }
 }
 
