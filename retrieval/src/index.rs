@@ -2,8 +2,8 @@
 //! (`bm25/`, `bm25.rs`) and, for `dense` and `hybrid` indexes, the chunks' embeddings
 //! (`dense/`, `dense.rs`, with an HNSW graph from `ann::THRESHOLD` chunks, `ann.rs`). The
 //! index is one [`Retriever`] of its kind: BM25, dense, or the two fused (`fusion.rs`: a convex
-//! combination of normalised scores by default, or reciprocal rank). Building writes into a temporary folder beside the target and renames
-//! it into place, so a failed build leaves nothing behind and never replaces an index; adding
+//! combination of normalised scores by default, or reciprocal rank). Building writes into a
+//! temporary folder beside the target and renames it into place, so a failed build leaves nothing behind and never replaces an index; adding
 //! documents is one tantivy commit followed by the manifest's atomic rewrite, and the two are
 //! checked against each other whenever the index is opened.
 
@@ -194,10 +194,6 @@ impl Index {
     /// How hybrid queries fuse the two rankings (default: [`Fusion::default`]).
     pub fn set_fusion(&mut self, fusion: Fusion) {
         self.fusion = fusion;
-    }
-
-    pub fn fusion(&self) -> Fusion {
-        self.fusion
     }
 
     /// The embedding model this dense or hybrid index was built with (the manifest's `model`).

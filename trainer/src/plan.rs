@@ -340,12 +340,13 @@ fn recipe_fusion(ret: &kiln_recipes::RetrievalSection) -> Result<kiln_retrieval:
 /// lists prompts.
 fn recipe_tasks(r: &Recipe, dirs: &Dirs) -> Result<Vec<Box<dyn kiln_evals::Task>>> {
     let mut v = Vec::new();
+    let fusion = r.retrieval.as_ref().map(recipe_fusion).transpose()?;
     let index = match &r.retrieval {
         Some(ret) if !r.eval.tasks.is_empty() => {
             let dir = crate::data::raft::index_dir(ret, dirs).context("[retrieval]")?;
             let kind = kiln_retrieval::Kind::parse(&ret.kind).context("retrieval.kind")?;
             let mut index = crate::embedder::open_index(&dir, Some(kind), None, false, None).context("[retrieval]")?;
-            index.set_fusion(recipe_fusion(ret)?);
+            index.set_fusion(fusion.unwrap_or_default());
             Some(std::sync::Arc::new(index))
         }
         _ => None,
@@ -355,8 +356,8 @@ fn recipe_tasks(r: &Recipe, dirs: &Dirs) -> Result<Vec<Box<dyn kiln_evals::Task>
         if let Some(index) = &index {
             task.set_retrieval(index);
         }
-        if let Some(ret) = &r.retrieval {
-            task.set_fusion(recipe_fusion(ret)?);
+        if let (Some(ret), Some(fusion)) = (&r.retrieval, fusion) {
+            task.set_fusion(fusion);
             task.set_budget(ret.budget);
         }
         kiln_evals::check_files(task.as_ref()).with_context(|| format!("eval.tasks[{i}] = \"{spec}\""))?;

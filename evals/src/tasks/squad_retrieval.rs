@@ -49,6 +49,14 @@ pub struct SquadRetrieval {
 /// The dense weights a sweep scores.
 const SWEEP: [f64; 9] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
 
+/// Both fusions at every weight of [`SWEEP`], each with its metrics' prefix.
+fn sweep_grid() -> Vec<(String, Fusion)> {
+    [(Method::Convex, "convex"), (Method::Rrf, "rrf")]
+        .into_iter()
+        .flat_map(|(method, m)| SWEEP.map(|w| (format!("sweep_{m}_w{w}"), Fusion { method, dense_weight: w })))
+        .collect()
+}
+
 /// Recall@1/5/20 and reciprocal rank, summed over questions.
 #[derive(Default)]
 struct Tally {
@@ -135,14 +143,7 @@ impl Task for SquadRetrieval {
         let result = (|| -> Result<TaskResult, EvalError> {
             let bm25 = bm25.map_err(data)?;
             let (mut dense, mut sparse, mut hybrid) = (Tally::default(), Tally::default(), Tally::default());
-            let grid: Vec<(String, Fusion)> = if self.sweep {
-                [(Method::Convex, "convex"), (Method::Rrf, "rrf")]
-                    .into_iter()
-                    .flat_map(|(method, m)| SWEEP.map(|w| (format!("sweep_{m}_w{w}"), Fusion { method, dense_weight: w })))
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            let grid = if self.sweep { sweep_grid() } else { Vec::new() };
             let mut swept: Vec<Tally> = grid.iter().map(|_| Tally::default()).collect();
             let mut r = TaskResult::default();
             let ids = |h: &[Hit]| h.iter().map(|x| x.doc_id.clone()).collect::<Vec<_>>();
