@@ -456,10 +456,12 @@ fn embeddings_match_burn_and_ignore_padding() {
 }
 
 /// The retriever's contrastive loss (`contrastive.rs`) on both engines: Burn's autodiff of
-/// InfoNCE over mean-pooled unit embeddings against the kernels' gradient cache (embeddings
-/// first, their gradient back to the hidden states on the host, then a second pass down the
-/// model), for the whole model and for LoRA adapters with and without dropout, on 1 and 3
-/// threads. Two pairs share a passage, so neither is the other's negative.
+/// InfoNCE over mean-pooled unit embeddings against the kernels' (embeddings first, their
+/// gradient back to the hidden states on the host, then down the model from the kept
+/// activations), for the whole model and for LoRA adapters with and without dropout (and
+/// gradient checkpointing), on 1, 2 and 3 threads. The kernels' gradient cache (a second
+/// forward instead of kept activations) gives the same gradients, bit for bit. Two pairs share
+/// a passage, so neither is the other's negative.
 #[test]
 fn contrastive_kernels_match_burn() {
     use kiln_models::contrastive::{loss, Pairs, Rows};
@@ -508,6 +510,10 @@ fn contrastive_kernels_match_burn() {
         let mut twice = g.clone();
         kern.contrastive(Weights::F32(&w), None, &pairs, Some(&mut twice), true);
         assert!(max_rel(&twice, &g.iter().map(|x| 2.0 * x).collect::<Vec<_>>()) < 1e-6);
+        let cache = Kernels::new(Dims::from_config(&cfg), rope_tables(&model).0, rope_tables(&model).1, threads).gradient_cache(true);
+        let mut gc = vec![1.0f32; kern.layout.len];
+        assert_eq!(cache.contrastive(Weights::F32(&w), None, &pairs, Some(&mut gc), false).loss, pass.loss);
+        assert!(gc == g, "threads {threads}: the gradient cache's gradients differ");
     }
 
     // LoRA adapters, without and with dropout.
@@ -533,6 +539,10 @@ fn contrastive_kernels_match_burn() {
         let mut g = vec![0.0f32; al.len];
         let pass = kern.contrastive(Weights::F32(&w), Some(ad), &pairs, Some(&mut g), false);
         assert!((pass.loss - burn_loss).abs() < 1e-5 * burn_loss, "dropout {p}: loss {} vs {burn_loss}", pass.loss);
+        let cache = Kernels::new(dims, rope_tables(&model).0, rope_tables(&model).1, 2).checkpointing(p > 0.0).gradient_cache(true);
+        let mut gc = vec![0.0f32; al.len];
+        cache.contrastive(Weights::F32(&w), Some(ad), &pairs, Some(&mut gc), false);
+        assert!(gc == g, "dropout {p}: the gradient cache's gradients differ");
         for s in &al.slots {
             let e = max_rel(&s.get(&g), &find_grad(&model, &grads, &s.name));
             assert!(e < 1e-4, "dropout {p}: gradient of {} differs by {e}", s.name);

@@ -439,11 +439,16 @@ pub struct RetrieverSection {
     pub temperature: f64,
     /// A query's tokens beyond this are cut (passages are cut at `model.context`).
     pub query_tokens: usize,
+    /// The fused CPU kernels compute the loss as a gradient cache: the embeddings from forward
+    /// passes that keep nothing, then each side forward again, kept, before its backward pass.
+    /// A third more work for the activations of one side at a time (the passages') instead of
+    /// both; the same gradients. For batches whose activations do not fit.
+    pub gradient_cache: bool,
 }
 
 impl Default for RetrieverSection {
     fn default() -> Self {
-        Self { temperature: 0.05, query_tokens: 64 }
+        Self { temperature: 0.05, query_tokens: 64, gradient_cache: false }
     }
 }
 

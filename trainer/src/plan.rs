@@ -212,8 +212,16 @@ impl Plan {
         // Gradient checkpointing in the kernels keeps each layer's input, and one layer's values
         // at a time.
         let stack = if t.gradient_checkpointing && self.engine == EngineKind::CpuKernels { d * layers + per_layer } else { per_layer * layers };
-        let act_per_tok = stack + 2.0 * c.vocab_size as f64;
-        (state, t.batch_size as f64 * ctx * act_per_tok * 4.0)
+        // A retriever runs no head, and keeps both sides' activations (one side's, the
+        // passages', as a gradient cache).
+        let (tokens, act_per_tok) = if self.recipe.stage == Stage::Retriever {
+            let r = self.recipe.retriever.clone().unwrap_or_default();
+            let q = if r.gradient_cache && self.engine == EngineKind::CpuKernels { 0.0 } else { r.query_tokens.min(ctx as usize) as f64 };
+            (ctx + q, stack)
+        } else {
+            (ctx, stack + 2.0 * c.vocab_size as f64)
+        };
+        (state, t.batch_size as f64 * tokens * act_per_tok * 4.0)
     }
 
     /// Refuses a run whose memory estimate exceeds the memory it would run in: this machine's on

@@ -187,7 +187,8 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             None => None,
         };
         configure(&mut model, plan);
-        let engine = Engine::new(plan.engine, model, opt, &plan.model, plan.threads, plan.recipe.train.gradient_checkpointing);
+        let cache = plan.recipe.retriever.as_ref().is_some_and(|r| r.gradient_cache);
+        let engine = Engine::new(plan.engine, model, opt, &plan.model, plan.threads, plan.recipe.train.gradient_checkpointing, cache);
         let speed = Speed::new(plan.model.flops_per_token(), crate::perf::peak_flops(plan.device.gpu_name(), plan.precision));
         let wall0 = state.wall_s;
         Ok(Self { plan, run, device: device.clone(), engine, state, loader, val, metrics, energy, speed, progress, dist, stop: Stop::Steps, reached: None, last_val: None, started: Instant::now(), wall0 })
@@ -405,6 +406,11 @@ fn configure<B: AutodiffBackend>(model: &mut Llama<B>, plan: &Plan) {
         }
     } else if t.gradient_checkpointing {
         tracing::warn!("train.gradient_checkpointing applies to the fused CPU kernels only; Burn's graph keeps its activations");
+    }
+    match &plan.recipe.retriever {
+        Some(r) if r.gradient_cache && !graph => tracing::info!("gradient cache (retriever.gradient_cache): the embeddings first, then each side forward again for its backward pass"),
+        Some(r) if r.gradient_cache => tracing::warn!("retriever.gradient_cache applies to the fused CPU kernels only; Burn's graph keeps both sides' activations"),
+        _ => {}
     }
 }
 

@@ -161,7 +161,7 @@ fn cpu_kernels_train_like_burn() {
     let model_cfg = preset("tiny", 24).unwrap();
     let mut burn = tiny();
     let mut ob = AdamW::new(cfg.clone());
-    let mut fused = Engine::new(EngineKind::CpuKernels, tiny(), AdamW::new(cfg), &model_cfg, 2, false);
+    let mut fused = Engine::new(EngineKind::CpuKernels, tiny(), AdamW::new(cfg), &model_cfg, 2, false, false);
     let mut b2 = batch();
     b2.mask[3] = 0.0;
     b2.inputs.reverse();
@@ -195,7 +195,7 @@ fn gradient_checkpointing_and_the_emptied_model_change_no_bit() {
     use kiln_trainer::engine::{Engine, EngineKind};
     let cfg = OptimSection { lr: 3e-3, warmup_steps: 0, grad_clip: 0.5, ..Default::default() };
     let model_cfg = preset("tiny", 24).unwrap();
-    let engine = |on| Engine::<B>::new(EngineKind::CpuKernels, tiny(), AdamW::new(cfg.clone()), &model_cfg, 2, on);
+    let engine = |on| Engine::<B>::new(EngineKind::CpuKernels, tiny(), AdamW::new(cfg.clone()), &model_cfg, 2, on, false);
     let (mut plain, mut ckpt) = (engine(false), engine(true));
     let mut b2 = batch();
     b2.mask[3] = 0.0;
@@ -222,7 +222,7 @@ fn gradient_checkpointing_and_the_emptied_model_change_no_bit() {
     let mut fresh = engine(true);
     let before = kiln_models::checkpoint::burn_tensors(fresh.model());
     assert_eq!(before, kiln_models::checkpoint::burn_tensors(&tiny()));
-    let mut graph = Engine::<B>::new(EngineKind::Graph, tiny(), AdamW::new(cfg.clone()), &model_cfg, 2, false);
+    let mut graph = Engine::<B>::new(EngineKind::Graph, tiny(), AdamW::new(cfg.clone()), &model_cfg, 2, false, false);
     let _ = graph.model();
     graph.step(&micro, 3e-3, &Default::default(), None).unwrap();
     assert_eq!(kiln_models::checkpoint::burn_tensors(graph.model()).len(), filled.len());

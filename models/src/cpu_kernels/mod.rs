@@ -21,17 +21,17 @@
 //! The parts: `layout.rs` (the flat buffer and its named slots), `adapters.rs` (LoRA adapters'
 //! buffer and their forward and backward), `pool.rs` (per-thread buffers),
 //! `model.rs` (forward, loss, backward), `ops.rs` (the primitives), `sink.rs` (the threads'
-//! gradients into one buffer), `decode.rs` (inference with a KV cache, for generation). This
+//! gradients into one buffer), `decode.rs` (inference with a KV cache, for generation),
+//! `contrastive.rs` (the retriever's loss on the final hidden states). This
 //! file splits a batch across threads.
 
 use burn::tensor::backend::Backend;
 use rayon::prelude::*;
 
-use crate::contrastive::{pool_backward, scores_loss, Pairs, Rows};
-use crate::embed::mean_pool_host;
 use crate::llama::{Llama, LlamaConfig};
 
 mod adapters;
+mod contrastive;
 mod decode;
 mod frozen;
 mod layout;
@@ -44,7 +44,7 @@ pub use adapters::{Adapt, AdapterLayout};
 pub use decode::KvRow;
 pub use frozen::{bf16_to_f32, Half, Weights};
 pub use layout::{rope_tables, Dims, Layout, Slot};
-use model::{forward, shard, shard_given, Acts, Keep, Rope};
+use model::{forward, shard, Acts, Keep, Rope};
 use pool::Pool;
 use sink::Sink;
 
@@ -81,6 +81,9 @@ pub struct Kernels {
     wide: bool,
     /// Keep only each layer's input for the backward pass (see [`Kernels::checkpointing`]).
     checkpointing: bool,
+    /// The retriever's loss forwards twice rather than keep both sides' activations (see
+    /// [`Kernels::gradient_cache`]).
+    gradient_cache: bool,
 }
 
 impl Kernels {
@@ -88,7 +91,7 @@ impl Kernels {
     pub fn new(dims: Dims, cos: Vec<f32>, sin: Vec<f32>, threads: usize) -> Self {
         let threads = threads.max(1);
         let pools = (0..threads).map(|_| Default::default()).collect();
-        Self { layout: Layout::new(dims), cos, sin, threads, pools, wide: true, checkpointing: false }
+        Self { layout: Layout::new(dims), cos, sin, threads, pools, wide: true, checkpointing: false, gradient_cache: false }
     }
 
     /// Kernels for `model` (its RoPE tables), with sizes from `cfg`.
@@ -111,6 +114,25 @@ impl Kernels {
     pub fn checkpointing(mut self, on: bool) -> Self {
         self.checkpointing = on;
         self
+    }
+
+    /// The retriever's contrastive loss (`contrastive.rs`) as a gradient cache: the embeddings
+    /// come from forward passes that keep no activations, and each side (queries, then
+    /// passages) runs forward again, kept, just before its backward pass. Two forwards and a
+    /// backward instead of one of each, for the activations of one side at a time instead of
+    /// both; the same gradients, bit for bit.
+    pub fn gradient_cache(mut self, on: bool) -> Self {
+        self.gradient_cache = on;
+        self
+    }
+
+    /// What a forward pass keeps for the backward pass.
+    fn keep(&self) -> Keep {
+        if self.checkpointing {
+            Keep::Inputs
+        } else {
+            Keep::All
+        }
     }
 
     /// Mean masked cross-entropy of `batch` and, when `grads` is given, its gradient with
@@ -145,7 +167,7 @@ impl Kernels {
         let bounds = self.bounds(batch.b);
         let shards = bounds.len();
         let rope = Rope { cos: &self.cos, sin: &self.sin };
-        let keep = if self.checkpointing { Keep::Inputs } else { Keep::All };
+        let keep = self.keep();
         let run = |i: usize, grads| {
             let (s0, s1) = bounds[i];
             let rows = s0 * batch.t..s1 * batch.t;
@@ -264,67 +286,6 @@ impl Kernels {
             })
             .collect();
         parts.concat()
-    }
-}
-
-impl Kernels {
-    /// The contrastive loss of `pairs` (`contrastive.rs`: InfoNCE with in-batch negatives over
-    /// unit-length mean-pooled embeddings) and, when `grads` is given, its gradient with respect
-    /// to every parameter, or with `ad` every adapter (written there, or added with
-    /// `accumulate`). The embeddings come from a forward pass without activations; their
-    /// gradient goes back to each token's hidden state on the host, then down the model in a
-    /// second forward and backward pass per side (exact: a gradient cache).
-    pub fn contrastive(&self, w: Weights, ad: Option<Adapt>, pairs: &Pairs, grads: Option<&mut [f32]>, accumulate: bool) -> Pass {
-        let t0 = std::time::Instant::now();
-        let d = self.layout.dims.d;
-        let (q, p) = (&pairs.queries, &pairs.passages);
-        let hq = self.hidden_with(w, ad, &q.ids, q.b, q.t); // [Bq·Tq, D]
-        let hp = self.hidden_with(w, ad, &p.ids, p.b, p.t); // [Bp·Tp, D]
-        let eq = mean_pool_host(&hq, &q.lens, q.t, d); // [N, D]
-        let ep = mean_pool_host(&hp, &p.lens, p.t, d); // [N, D]
-        let (loss, deq, dep) = scores_loss(&eq, &ep, pairs, d);
-        let forward_s = t0.elapsed().as_secs_f64();
-        if let Some(g) = grads {
-            let dhq = pool_backward(&hq, &q.lens, q.t, d, &deq); // [Bq·Tq, D]
-            self.hidden_grads(w, ad, q, &dhq, g, accumulate);
-            let dhp = pool_backward(&hp, &p.lens, p.t, d, &dep); // [Bp·Tp, D]
-            self.hidden_grads(w, ad, p, &dhp, g, true);
-        }
-        Pass { loss, forward_s }
-    }
-
-    /// The gradient of `rows` whose final hidden states' gradient is `dh` (`[B·T, D]`), into
-    /// `out` (every parameter's, or with `ad` every adapter's), added with `accumulate`.
-    fn hidden_grads(&self, w: Weights, ad: Option<Adapt>, rows: &Rows, dh: &[f32], out: &mut [f32], accumulate: bool) {
-        let t = rows.t;
-        self.check(w, ad, rows.ids.iter(), t);
-        let d = self.layout.dims.d;
-        assert_eq!(dh.len(), rows.b * t * d);
-        let rope = Rope { cos: &self.cos, sin: &self.sin };
-        let bounds = self.bounds(rows.b);
-        let keep = if self.checkpointing { Keep::Inputs } else { Keep::All };
-        let regions = match ad {
-            Some(a) => a.layout.regions(),
-            None => self.layout.regions(),
-        };
-        assert_eq!(out.len(), regions.last().map_or(0, |r| r.end), "the gradient buffer does not fit the layout");
-        if !accumulate {
-            out.fill(0.0);
-        }
-        let sink = Sink::new(out, regions);
-        let done: Vec<()> = (0..bounds.len())
-            .into_par_iter()
-            .map(|i| {
-                let (s0, s1) = bounds[i];
-                let r = s0 * t..s1 * t;
-                let (zeros, mask) = (vec![0i64; r.len()], vec![0.0f32; r.len()]);
-                let batch = BatchRef { inputs: &rows.ids[r.clone()], targets: &zeros, mask: &mask, b: s1 - s0, t, starts: None };
-                let mut pool = self.pool(i);
-                let ad = ad.map(|a| a.from_row(r.start));
-                shard_given(&self.layout, w, ad, &rope, &batch, &dh[r.start * d..r.end * d], sink.writer(i), keep, &mut pool, self.wide)
-            })
-            .collect();
-        debug_assert_eq!(done.len(), bounds.len());
     }
 }
 

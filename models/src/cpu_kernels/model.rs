@@ -286,28 +286,49 @@ fn shard_impl(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch
     (loss, forward_s)
 }
 
-/// The backward pass from a gradient `dh` (`[N, D]`) of the final norm's output, for one
-/// thread's sequences: a forward pass kept for the backward (no head: `batch.mask` is all 0),
-/// then the backward with `dh` where the head's gradient would enter.
+/// [`forward`] without the head (`batch.mask` is all 0) for one thread's sequences, its
+/// activations kept as `keep` says, in the AVX-512 build where the CPU has it (as [`shard`]).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn shard_given(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, dh: &[f32], grads: Grads, keep: Keep, pool: &mut Pool, wide: bool) {
+pub(super) fn shard_forward(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, keep: Keep, pool: &mut Pool, wide: bool) -> Acts {
+    debug_assert!(batch.mask.iter().all(|&m| m == 0.0));
     #[cfg(target_arch = "x86_64")]
     if wide && std::arch::is_x86_feature_detected!("avx512f") {
         #[target_feature(enable = "avx512f,avx2,fma")]
-        unsafe fn wide(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, dh: &[f32], grads: Grads, keep: Keep, pool: &mut Pool) {
-            given_impl(layout, w, ad, rope, batch, dh, grads, keep, pool)
+        unsafe fn wide(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, keep: Keep, pool: &mut Pool) -> Acts {
+            forward(layout, w, ad, rope, batch, pool, false, keep)
         }
         // SAFETY: the CPU supports the features `wide` is compiled for (checked just above).
-        return unsafe { wide(layout, w, ad, rope, batch, dh, grads, keep, pool) };
+        return unsafe { wide(layout, w, ad, rope, batch, keep, pool) };
     }
-    given_impl(layout, w, ad, rope, batch, dh, grads, keep, pool)
+    forward(layout, w, ad, rope, batch, pool, false, keep)
+}
+
+/// The backward pass from a gradient `dh` (`[N, D]`) of the final norm's output, for one
+/// thread's sequences: from the activations of [`shard_forward`] when `kept`, else after a
+/// forward pass kept as `keep` says (no head: `batch.mask` is all 0); `dh` enters where the
+/// head's gradient would.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn shard_given(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, kept: Option<Acts>, dh: &[f32], grads: Grads, keep: Keep, pool: &mut Pool, wide: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if wide && std::arch::is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn wide(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, kept: Option<Acts>, dh: &[f32], grads: Grads, keep: Keep, pool: &mut Pool) {
+            given_impl(layout, w, ad, rope, batch, kept, dh, grads, keep, pool)
+        }
+        // SAFETY: the CPU supports the features `wide` is compiled for (checked just above).
+        return unsafe { wide(layout, w, ad, rope, batch, kept, dh, grads, keep, pool) };
+    }
+    given_impl(layout, w, ad, rope, batch, kept, dh, grads, keep, pool)
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn given_impl(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, dh: &[f32], mut g: Grads, keep: Keep, pool: &mut Pool) {
+fn given_impl(layout: &Layout, w: Weights, ad: Option<Adapt>, rope: &Rope, batch: &BatchRef, kept: Option<Acts>, dh: &[f32], mut g: Grads, keep: Keep, pool: &mut Pool) {
     debug_assert!(batch.mask.iter().all(|&m| m == 0.0));
-    let mut acts = forward(layout, w, ad, rope, batch, pool, false, keep);
+    let mut acts = match kept {
+        Some(acts) => acts,
+        None => forward(layout, w, ad, rope, batch, pool, false, keep),
+    };
     acts.given = Some(pool.copy(dh));
     backward(layout, w, ad, rope, batch, &acts, &mut g, pool);
     acts.recycle(pool);

@@ -57,8 +57,8 @@ fn batch_ref(b: &Batch) -> BatchRef<'_> {
 }
 
 impl Kernels {
-    pub(super) fn new<B: Backend>(model: &Llama<B>, cfg: &LlamaConfig, threads: usize, checkpointing: bool) -> Self {
-        let kern = Fused::for_model(model, cfg, threads).checkpointing(checkpointing);
+    pub(super) fn new<B: Backend>(model: &Llama<B>, cfg: &LlamaConfig, threads: usize, checkpointing: bool, gradient_cache: bool) -> Self {
+        let kern = Fused::for_model(model, cfg, threads).checkpointing(checkpointing).gradient_cache(gradient_cache);
         let index = kern.layout.slots.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
         let lora = model.lora.as_ref().map(|l| (AdapterLayout::new(&kern.layout.dims, &l.spec), Vec::new()));
         // A base stored in a half type (lora_params::store_base) stays so here.

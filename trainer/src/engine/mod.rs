@@ -77,11 +77,12 @@ pub struct Engine<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> Engine<B> {
     /// An engine of `kind` for `model` (sizes from `cfg`) and `opt` (fresh, or restored from a
-    /// checkpoint), the kernels on `threads` threads, with gradient checkpointing or not.
-    pub fn new(kind: EngineKind, model: Llama<B>, opt: AdamW<B::InnerBackend>, cfg: &LlamaConfig, threads: usize, checkpointing: bool) -> Self {
+    /// checkpoint), the kernels on `threads` threads, with gradient checkpointing or not, and
+    /// the retriever's loss as a gradient cache or not.
+    pub fn new(kind: EngineKind, model: Llama<B>, opt: AdamW<B::InnerBackend>, cfg: &LlamaConfig, threads: usize, checkpointing: bool, gradient_cache: bool) -> Self {
         let kind = match kind {
             EngineKind::Graph => Kind::Graph,
-            EngineKind::CpuKernels => Kind::Kernels(Box::new(kernels::Kernels::new(&model, cfg, threads, checkpointing))),
+            EngineKind::CpuKernels => Kind::Kernels(Box::new(kernels::Kernels::new(&model, cfg, threads, checkpointing, gradient_cache))),
         };
         Self { model: Some(model), opt, kind, device: None }
     }
