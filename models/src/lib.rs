@@ -21,6 +21,7 @@ pub mod presets;
 pub mod registry;
 pub mod skip;
 pub mod tokenizer;
+pub mod vocab_pad;
 
 pub use llama::{Llama, LlamaConfig};
 pub use tokenizer::Tokenizer;

@@ -178,6 +178,10 @@ pub struct Llama<B: Backend> {
     /// LoRA adapters on some projections (`lora_params.rs`), trained while the base is frozen;
     /// `None` for a plain model.
     pub lora: Option<crate::lora_params::Lora<B>>,
+    /// The vocabulary's true size. The embedding and head may hold more rows and columns
+    /// (`vocab_pad.rs`), which the logits leave out.
+    #[module(skip)]
+    pub vocab: usize,
 }
 
 /// Where initial weights come from: a random initialiser or a checkpoint.
@@ -273,6 +277,7 @@ impl<B: Backend> Llama<B> {
             fused_attention: false,
             fused_loss: false,
             lora: None,
+            vocab: v,
         })
     }
 
@@ -316,9 +321,13 @@ impl<B: Backend> Llama<B> {
     /// packed rows the positions each query must not see (`hide`, `[B, H, T, T]`).
     fn decode(&self, tokens: Tensor<B, 2, Int>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>, cache: Option<&mut KvCache<B>>, hide: Option<&Tensor<B, 4, Bool>>) -> Tensor<B, 3> {
         let x = self.trunk(tokens, cos, sin, cache, hide); // [B, T, D]
-        match &self.lm_head {
-            Some(w) => self.mm(x, w.val()), // [B, T, V]
-            None => self.mm(x, self.model.embed_tokens.val().transpose()), // [B, T, V]
+        let logits = match &self.lm_head {
+            Some(w) => self.mm(x, w.val()), // [B, T, Vp]
+            None => self.mm(x, self.model.embed_tokens.val().transpose()), // [B, T, Vp]
+        };
+        match logits.dims()[2] {
+            vp if vp > self.vocab => logits.narrow(2, 0, self.vocab), // [B, T, V]: a padded vocabulary's true columns
+            _ => logits,
         }
     }
 

@@ -7,6 +7,9 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use crate::llama::Llama;
+use crate::vocab_pad::VocabPad;
+
 /// Sees each float parameter with its Hugging Face name.
 pub trait VisitNamed<B: Backend> {
     fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<B, D>>);
@@ -27,18 +30,24 @@ pub fn map_named<B: Backend, M: Module<B>, V: MapNamed<B>>(module: M, v: &mut V)
     module.map(&mut Named { path: Vec::new(), inner: v })
 }
 
-/// Visits the base model's parameters only: LoRA adapters' (`lora_params.rs`) are skipped.
+/// Visits the base model's parameters only: LoRA adapters' (`lora_params.rs`) are skipped, and
+/// a padded vocabulary's embedding and head are seen at their true size (`vocab_pad.rs`).
 /// Checkpoints of the model, its export and the kernels' layout see the base through this.
-pub fn visit_base<B: Backend, M: Module<B>, V: VisitNamed<B>>(module: &M, v: &mut V) {
-    visit_named(module, &mut Base(v));
+pub fn visit_base<B: Backend, V: VisitNamed<B>>(model: &Llama<B>, v: &mut V) {
+    visit_named(model, &mut Base { inner: v, pad: model.vocab_pad() });
 }
 
-struct Base<'a, V>(&'a mut V);
+struct Base<'a, V> {
+    inner: &'a mut V,
+    pad: Option<VocabPad>,
+}
 
 impl<B: Backend, V: VisitNamed<B>> VisitNamed<B> for Base<'_, V> {
     fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<B, D>>) {
-        if !crate::lora_params::is_adapter(name) {
-            self.0.visit(name, param);
+        match self.pad {
+            _ if crate::lora_params::is_adapter(name) => {}
+            Some(pad) if VocabPad::pads(name) => self.inner.visit(name, &Param::initialized(param.id, pad.narrow(name, param.val()))),
+            _ => self.inner.visit(name, param),
         }
     }
 }

@@ -323,6 +323,11 @@ pub struct TrainSection {
     /// activation memory for about a fifth more compute, and the same gradients, bit for bit.
     /// Burn's graph (the GPUs, `cpu_kernels = false`) ignores it, with a warning.
     pub gradient_checkpointing: bool,
+    /// On Burn's graph, hold the embedding and head padded to a multiple of this many tokens
+    /// (zero rows and columns the logits leave out), for aligned matmuls on a GPU; checkpoints,
+    /// exports and the loss keep the true vocabulary. Absent: 128 on a GPU backend, 64 on the
+    /// CPU backends; 1 turns it off. The fused CPU kernels never pad.
+    pub pad_vocab: Option<usize>,
     /// Evaluate validation loss every N steps (and at the end); 0 means only at the end.
     pub eval_every: usize,
     /// Validation batches per evaluation.
@@ -352,6 +357,7 @@ impl Default for TrainSection {
             fused_attention: true,
             fused_loss: true,
             gradient_checkpointing: false,
+            pad_vocab: None,
             eval_every: 250,
             eval_batches: 50,
             checkpoint_every: 500,

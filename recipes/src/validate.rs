@@ -171,6 +171,9 @@ fn train(t: &TrainSection) -> Check {
     }
     in_range("train.keep_checkpoints", t.keep_checkpoints, 1, 1000)
         .map_err(|(k, m)| (k, format!("{m} (the last checkpoint is what resume uses)")))?;
+    if let Some(m) = t.pad_vocab {
+        in_range("train.pad_vocab", m, 1, 1024).map_err(|(k, m)| (k, format!("{m} (1 turns padding off; 64 or 128 is usual)")))?;
+    }
     for (k, v) in [("train.max_energy_j", t.max_energy_j), ("train.target_val_loss", t.target_val_loss)] {
         if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
             return err(k, "must be a positive number");

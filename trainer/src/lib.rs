@@ -8,11 +8,13 @@
 //! - `run_dir.rs`, `report.rs`: the run directory (checkpoints, metrics, manifest) and the typed
 //!   report (report.json/md/svg, compare).
 //! - `optim.rs`, `optim_cube.rs`: AdamW (one formula) and the schedule; the fused GPU update.
+//! - `cublaslt.rs`: row-major matmuls as cuBLASLt's column-major arguments, with a CPU emulation.
 //! - `lora.rs`: a LoRA run's frozen base and adapters.
 //! - `data/`, `hub.rs`, `export.rs`, `dist.rs`, `device.rs`, `perf.rs`: data sources and shards,
 //!   the Hugging Face Hub, export, data parallelism, devices, throughput.
 
 pub mod accounting;
+pub mod cublaslt;
 pub mod data;
 pub mod device;
 pub mod embedder;

@@ -26,6 +26,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
 use kiln_models::checkpoint::HostTensor;
 use kiln_models::params::{map_named, MapNamed};
+use kiln_models::vocab_pad::VocabPad;
 use kiln_recipes::OptimSection;
 
 /// Linear warmup from 0 to `lr`, then cosine decay to `min_lr` at `total` steps.
@@ -104,6 +105,9 @@ pub struct AdamW<B: Backend> {
     pub t: u64,
     /// Moments as Burn tensors, by parameter name.
     pub state: HashMap<String, Moments<B>>,
+    /// A padded vocabulary (`kiln_models::vocab_pad`): the embedding's and head's moments are
+    /// held padded, and saved at the true size.
+    pub pad: Option<VocabPad>,
 }
 
 /// Sums the squares of every gradient, on the device; or, with `collected` (for a backend's
@@ -211,7 +215,7 @@ impl<B: AutodiffBackend> MapNamed<B> for Step<'_, B> {
 
 impl<B: Backend> AdamW<B> {
     pub fn new(cfg: OptimSection) -> Self {
-        Self { cfg, t: 0, state: HashMap::new() }
+        Self { cfg, t: 0, state: HashMap::new(), pad: None }
     }
 
     /// Clips `grads` to the global norm `cfg.grad_clip` (when positive) and takes one step.
@@ -243,7 +247,23 @@ impl<B: Backend> AdamW<B> {
         (model, early.unwrap_or_else(|| read(norm)))
     }
 
-    /// The moments as host tensors, `<name>.exp_avg` and `<name>.exp_avg_sq`, sorted by name.
+    /// Holds the moments of a model whose vocabulary is padded as `pad`: the embedding's and
+    /// head's, restored at their true size, are padded with zeros (what a padded row or column's
+    /// moments always are), and [`AdamW::to_host`] saves them at the true size again.
+    pub fn pad_vocab(&mut self, pad: Option<VocabPad>, device: &B::Device) {
+        self.pad = pad;
+        let Some(p) = pad else { return };
+        for (name, s) in self.state.iter_mut().filter(|(n, _)| VocabPad::pads(n)) {
+            for t in [&mut s.m, &mut s.v] {
+                let v = p.pad_flat(name, t.to_data().convert::<f32>().to_vec().unwrap_or_default());
+                let len = v.len();
+                *t = Tensor::from_data(TensorData::new(v, [len]), device);
+            }
+        }
+    }
+
+    /// The moments as host tensors, `<name>.exp_avg` and `<name>.exp_avg_sq`, sorted by name
+    /// (a padded vocabulary's at the true size).
     pub fn to_host(&self) -> Vec<HostTensor> {
         let mut names: Vec<&String> = self.state.keys().collect();
         names.sort();
@@ -252,6 +272,10 @@ impl<B: Backend> AdamW<B> {
             let s = &self.state[n];
             for (suffix, t) in [("exp_avg", &s.m), ("exp_avg_sq", &s.v)] {
                 let v: Vec<f32> = t.to_data().convert::<f32>().to_vec().unwrap_or_default();
+                let v = match self.pad {
+                    Some(p) => p.unpad_flat(n, v),
+                    None => v,
+                };
                 out.push((format!("{n}.{suffix}"), vec![v.len()], v));
             }
         }

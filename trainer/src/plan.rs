@@ -224,6 +224,17 @@ impl Plan {
         (state, t.batch_size as f64 * tokens * act_per_tok * 4.0)
     }
 
+    /// The multiple `train.pad_vocab` pads the vocabulary to on Burn's graph: the recipe's, else
+    /// 128 on a GPU backend and 64 on the CPU; 1 (none) on the fused CPU kernels.
+    pub fn vocab_multiple(&self) -> usize {
+        match self.recipe.train.pad_vocab {
+            _ if self.engine == EngineKind::CpuKernels => 1,
+            Some(m) => m,
+            None if self.device.gpu_name().is_some() => 128,
+            None => 64,
+        }
+    }
+
     /// Refuses a run whose memory estimate exceeds the memory it would run in: this machine's on
     /// the CPU backends, a CUDA GPU's through NVML (a wgpu adapter's is not known before its
     /// backend starts).

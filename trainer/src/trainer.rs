@@ -156,7 +156,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         Self::new(plan, run, model, opt, state, None, device)
     }
 
-    fn new(plan: &'a Plan, run: &'a RunDir, mut model: Llama<B>, opt: AdamW<B::InnerBackend>, state: TrainState, dist: Option<&DistOptions>, device: &B::Device) -> Result<Self> {
+    fn new(plan: &'a Plan, run: &'a RunDir, mut model: Llama<B>, mut opt: AdamW<B::InnerBackend>, state: TrainState, dist: Option<&DistOptions>, device: &B::Device) -> Result<Self> {
         let t = &plan.recipe.train;
         let context = plan.model.max_position_embeddings;
         let (loader, val) = match &plan.data.corpus {
@@ -187,6 +187,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             None => None,
         };
         configure(&mut model, plan);
+        let model = pad_vocab(model, &mut opt, plan, device);
         let cache = plan.recipe.retriever.as_ref().is_some_and(|r| r.gradient_cache);
         let engine = Engine::new(plan.engine, model, opt, &plan.model, plan.threads, plan.recipe.train.gradient_checkpointing, cache);
         let speed = Speed::new(plan.model.flops_per_token(), crate::perf::peak_flops(plan.device.gpu_name(), plan.precision));
@@ -377,6 +378,22 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             },
         }
     }
+}
+
+/// `train.pad_vocab` on Burn's graph: the model's embedding and head, and their moments, padded
+/// (`kiln_models::vocab_pad`).
+fn pad_vocab<B: AutodiffBackend>(model: Llama<B>, opt: &mut AdamW<B::InnerBackend>, plan: &Plan, device: &B::Device) -> Llama<B> {
+    let multiple = plan.vocab_multiple();
+    if plan.engine == EngineKind::CpuKernels && plan.recipe.train.pad_vocab.is_some_and(|m| m > 1) {
+        tracing::warn!("train.pad_vocab applies to Burn's graph only; the fused CPU kernels take any vocabulary");
+    }
+    let model = model.pad_vocab(multiple);
+    let pad = model.vocab_pad();
+    opt.pad_vocab(pad, device);
+    if let Some(p) = pad {
+        tracing::info!("vocabulary padded from {} to {} tokens for aligned matmuls (train.pad_vocab); the logits, loss, checkpoints and exports keep {}", p.vocab, p.padded, p.vocab);
+    }
+    model
 }
 
 /// The model's compute settings from the plan: precision, and the fused attention and loss ops

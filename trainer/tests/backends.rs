@@ -266,3 +266,97 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// `train.pad_vocab` on Burn's graph: the tiny model's 24 tokens held as 64 (tied and untied
+/// head, the loss fused or not) give the logits and 3 AdamW steps of the unpadded model (within
+/// `tol`); the padded rows and columns stay zero; checkpoint tensors and optimizer state come out
+/// at the true size with the unpadded run's values, and the state restores padded.
+fn padded_trains_like_unpadded<B: burn::tensor::backend::AutodiffBackend>(device: &B::Device, fused: bool, tol: f64) {
+    use kiln_models::checkpoint::{hf_tensors, param_sizes};
+    for tied in [false, true] {
+        let mut cfg = preset("tiny", 24).unwrap();
+        cfg.tie_word_embeddings = tied;
+        let build = || {
+            let mut m: Llama<B> = Llama::build(&cfg, &mut RandomInit::new(7, cfg.num_hidden_layers), device).unwrap();
+            m.fused_attention = fused;
+            m.fused_loss = fused;
+            m
+        };
+        let (mut plain, mut padded) = (build(), build().pad_vocab(64));
+        let pad = padded.vocab_pad();
+        assert_eq!(pad.map(|p| (p.vocab, p.padded)), Some((24, 64)));
+        assert_eq!(padded.model.embed_tokens.val().dims(), [64, cfg.hidden_size]);
+        assert_eq!(padded.lm_head.as_ref().map(|h| h.val().dims()), (!tied).then_some([cfg.hidden_size, 64]));
+        assert_eq!(build().pad_vocab(8).vocab_pad(), None, "24 is a multiple of 8");
+
+        let b = batch(0);
+        let x = Tensor::<B, 2, Int>::from_data(TensorData::new(b.inputs.clone(), [b.batch, b.context]), device);
+        let (lp, lq) = (plain.forward(x.clone()), padded.forward(x));
+        assert_eq!(lq.dims(), [b.batch, b.context, 24], "the logits are the true columns");
+        let (lp, lq): (Vec<f32>, Vec<f32>) = (lp.into_data().convert::<f32>().to_vec().unwrap(), lq.into_data().convert::<f32>().to_vec().unwrap());
+        let scale = lp.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let e = lp.iter().zip(&lq).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        assert!((e as f64) < tol, "tied {tied}: logits differ by {e}");
+
+        let ocfg = OptimSection { lr: 3e-3, warmup_steps: 0, ..Default::default() };
+        let (mut op, mut oq) = (AdamW::new(ocfg.clone()), AdamW::new(ocfg.clone()));
+        oq.pad_vocab(pad, device);
+        for step in 0..3 {
+            let (m, a) = train_step(plain, &mut op, &[batch(step)], 3e-3, device);
+            plain = m;
+            let (m, q) = train_step(padded, &mut oq, &[batch(step)], 3e-3, device);
+            padded = m;
+            assert!((a.loss - q.loss).abs() < tol * a.loss, "tied {tied}, step {step}: loss {} vs {}", a.loss, q.loss);
+            assert!((a.grad_norm - q.grad_norm).abs() < tol * a.grad_norm, "tied {tied}, step {step}: gradient norm {} vs {}", a.grad_norm, q.grad_norm);
+        }
+        let zero = |t: Tensor<B, 2>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap().iter().all(|&x| x == 0.0);
+        assert!(zero(padded.model.embed_tokens.val().narrow(0, 24, 40)), "tied {tied}: padded embedding rows moved");
+        if let Some(h) = &padded.lm_head {
+            assert!(zero(h.val().narrow(1, 24, 40)), "padded head columns moved");
+        }
+        // What checkpoints and exports write: the true sizes, the unpadded run's values.
+        let close = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| ((x - y).abs() as f64) < tol.max(1e-6) * 10.0 * (1.0 + x.abs() as f64));
+        let (tp, tq) = (hf_tensors(&plain), hf_tensors(&padded));
+        assert_eq!(tp.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>(), tq.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>());
+        for (a, b) in tp.iter().zip(&tq) {
+            assert!(close(&a.2, &b.2), "tied {tied}: {} differs from the unpadded run's", a.0);
+        }
+        assert_eq!(param_sizes(&padded), param_sizes(&plain));
+        let (sp, sq) = (op.to_host(), oq.to_host());
+        assert_eq!(sp.len(), sq.len());
+        for (a, b) in sp.iter().zip(&sq) {
+            assert!(a.0 == b.0 && a.1 == b.1 && close(&a.2, &b.2), "tied {tied}: optimizer state {} differs", a.0);
+        }
+        // Restored (at the true size) and padded again: the same state, one more step alike.
+        let mut back = AdamW::new(ocfg);
+        back.load_host(sq.iter().map(|t| (t.0.clone(), (t.1.clone(), t.2.clone()))).collect(), &param_sizes(&padded), device).unwrap();
+        back.pad_vocab(pad, device);
+        back.t = oq.t;
+        assert!(back.to_host().iter().zip(&sq).all(|(a, b)| a.0 == b.0 && a.2 == b.2));
+        let (_, q) = train_step(padded.clone(), &mut oq, &[batch(3)], 3e-3, device);
+        let (_, r) = train_step(padded, &mut back, &[batch(3)], 3e-3, device);
+        assert_eq!(q.loss.to_bits(), r.loss.to_bits());
+        assert_eq!(oq.to_host().iter().map(|t| t.2.clone()).collect::<Vec<_>>(), back.to_host().iter().map(|t| t.2.clone()).collect::<Vec<_>>(), "tied {tied}: the restored state stepped differently");
+    }
+}
+
+#[test]
+fn a_padded_vocabulary_trains_like_the_true_one_on_flex() {
+    kiln_models::register_fused_ops::<Flex, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>();
+    for fused in [false, true] {
+        padded_trains_like_unpadded::<Autodiff<Flex>>(&Default::default(), fused, 1e-5);
+    }
+}
+
+#[test]
+fn a_padded_vocabulary_trains_like_the_true_one_on_wgpu() {
+    if no_adapter("vocabulary padding on wgpu") {
+        return;
+    }
+    let Device::Wgpu { kind, index, .. } = device::resolve(kiln_recipes::DeviceSpec::Wgpu(None)).unwrap() else { unreachable!() };
+    let wd = Device::wgpu_device(kind, index);
+    kiln_models::register_fused_ops::<Wgpu, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>();
+    for fused in [false, true] {
+        padded_trains_like_unpadded::<Autodiff<Wgpu>>(&wd, fused, 1e-4);
+    }
+}

@@ -642,3 +642,43 @@ fn shipped_finetune_recipe_lowers_the_loss_of_an_imported_model() {
     let tc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(env.path("hf/tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(tc["chat_template"], template);
 }
+
+/// `train.pad_vocab` through a run on Burn's graph: the log says so, the checkpoint's weights
+/// and AdamW moments have the true vocabulary, and a resume from a mid-run checkpoint (the
+/// moments padded again) repeats the losses bit for bit.
+#[test]
+fn a_padded_vocabulary_checkpoints_at_its_true_size_and_resumes_exactly() {
+    let env = Env::new();
+    let recipe = env.write("tiny.toml", TINY);
+    let r = recipe.to_str().unwrap();
+    let sets = ["train.cpu_kernels=false", "train.pad_vocab=64", "train.steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=5", "train.eval_every=4"];
+    let mut args = vec!["run", r, "--runs-dir", "full"];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    let o = env.run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("vocabulary padded from"), "{}", stderr(&o));
+    let full = only_run(&env.path("full"));
+    let want = losses(&full);
+    assert_eq!(want.iter().filter(|l| l.1.starts_with("loss")).count(), 8);
+
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(full.join("final/config.json")).unwrap()).unwrap();
+    let (v, d) = (cfg["vocab_size"].as_u64().unwrap() as usize, cfg["hidden_size"].as_u64().unwrap() as usize);
+    assert!(v % 64 != 0, "the tokenizer's {v} tokens need no padding: the test checks nothing");
+    let ck = full.join("checkpoints/step-0000004");
+    let w = kiln_models::checkpoint::read_safetensors(&ck.join("model.safetensors")).unwrap();
+    assert_eq!(w["model.embed_tokens.weight"].0, vec![v, d]);
+    let m = kiln_models::checkpoint::read_safetensors(&ck.join("optimizer.safetensors")).unwrap();
+    assert_eq!(m["model.embed_tokens.weight.exp_avg"].1.len(), v * d);
+    let f = kiln_models::checkpoint::read_safetensors(&full.join("final/model.safetensors")).unwrap();
+    assert_eq!(f["model.embed_tokens.weight"].0, vec![v, d]);
+
+    let again = env.path("again");
+    assert!(Command::new("cp").args(["-r", full.to_str().unwrap(), again.to_str().unwrap()]).status().unwrap().success());
+    std::fs::remove_dir_all(again.join("final")).unwrap();
+    std::fs::remove_dir_all(again.join("checkpoints/step-0000008")).unwrap();
+    let o = env.run(&["resume", again.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(losses(&again), want);
+}
