@@ -29,6 +29,26 @@ struct Side {
     kept: Option<Vec<Acts>>,
 }
 
+/// One thread's share of a side: sequences `s0..s1`, token rows `r`, and the batch of them with
+/// no loss (the head does not run).
+struct Share {
+    r: std::ops::Range<usize>,
+    b: usize,
+    zeros: Vec<i64>,
+    mask: Vec<f32>,
+}
+
+impl Share {
+    fn new((s0, s1): (usize, usize), t: usize) -> Self {
+        let r = s0 * t..s1 * t;
+        Self { zeros: vec![0; r.len()], mask: vec![0.0; r.len()], b: s1 - s0, r }
+    }
+
+    fn batch<'a>(&'a self, rows: &'a Rows) -> BatchRef<'a> {
+        BatchRef { inputs: &rows.ids[self.r.clone()], targets: &self.zeros, mask: &self.mask, b: self.b, t: rows.t, starts: None }
+    }
+}
+
 impl Kernels {
     /// The contrastive loss of `pairs` and, when `grads` is given, its gradient with respect to
     /// every parameter, or with `ad` every adapter (written there, or added with `accumulate`).
@@ -65,12 +85,10 @@ impl Kernels {
         let parts: Vec<(Vec<f32>, Option<Acts>)> = (0..bounds.len())
             .into_par_iter()
             .map(|i| {
-                let (s0, s1) = bounds[i];
-                let r = s0 * t..s1 * t;
-                let (zeros, mask) = (vec![0i64; r.len()], vec![0.0f32; r.len()]);
-                let batch = BatchRef { inputs: &rows.ids[r.clone()], targets: &zeros, mask: &mask, b: s1 - s0, t, starts: None };
+                let share = Share::new(bounds[i], t);
+                let batch = share.batch(rows);
                 let mut pool = self.pool(i);
-                let ad = ad.map(|a| a.from_row(r.start));
+                let ad = ad.map(|a| a.from_row(share.r.start));
                 let mut acts = shard_forward(&self.layout, w, ad, &rope, &batch, keep, &mut pool, self.wide);
                 let hidden = acts.take_hidden(); // [b·T, D]
                 if keep == Keep::Nothing {
@@ -118,13 +136,12 @@ impl Kernels {
             .into_par_iter()
             .enumerate()
             .map(|(i, acts)| {
-                let (s0, s1) = bounds[i];
-                let r = s0 * t..s1 * t;
-                let (zeros, mask) = (vec![0i64; r.len()], vec![0.0f32; r.len()]);
-                let batch = BatchRef { inputs: &rows.ids[r.clone()], targets: &zeros, mask: &mask, b: s1 - s0, t, starts: None };
+                let share = Share::new(bounds[i], t);
+                let batch = share.batch(rows);
                 let mut pool = self.pool(i);
-                let ad = ad.map(|a| a.from_row(r.start));
-                shard_given(&self.layout, w, ad, &rope, &batch, acts, &dh[r.start * d..r.end * d], sink.writer(i), keep, &mut pool, self.wide)
+                let ad = ad.map(|a| a.from_row(share.r.start));
+                let dh = &dh[share.r.start * d..share.r.end * d]; // [b·T, D]
+                shard_given(&self.layout, w, ad, &rope, &batch, acts, dh, sink.writer(i), keep, &mut pool, self.wide)
             })
             .collect();
         debug_assert_eq!(done.len(), bounds.len());
