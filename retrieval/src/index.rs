@@ -3,9 +3,10 @@
 //! (`dense/`, `dense.rs`, with an HNSW graph from `ann::THRESHOLD` chunks, `ann.rs`). The
 //! index is one [`Retriever`] of its kind: BM25, dense, or the two fused (`fusion.rs`: a convex
 //! combination of normalised scores by default, or reciprocal rank). Building writes into a
-//! temporary folder beside the target and renames it into place, so a failed build leaves nothing behind and never replaces an index; adding
-//! documents is one tantivy commit followed by the manifest's atomic rewrite, and the two are
-//! checked against each other whenever the index is opened.
+//! temporary folder beside the target and renames it into place, so a failed build leaves
+//! nothing behind and never replaces an index; adding documents is one tantivy commit followed
+//! by the manifest's atomic rewrite, and the two are checked against each other whenever the
+//! index is opened.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

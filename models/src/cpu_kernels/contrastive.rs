@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::model::{shard_forward, shard_given, Acts, Keep, Rope};
 use super::sink::Sink;
-use super::{BatchRef, Kernels, Pass, Weights};
+use super::{Kernels, Pass, Share, Weights};
 use super::Adapt;
 use crate::contrastive::{pool_backward, scores_loss, Pairs, Rows};
 use crate::embed::mean_pool_host;
@@ -29,25 +29,6 @@ struct Side {
     kept: Option<Vec<Acts>>,
 }
 
-/// One thread's share of a side: sequences `s0..s1`, token rows `r`, and the batch of them with
-/// no loss (the head does not run).
-struct Share {
-    r: std::ops::Range<usize>,
-    b: usize,
-    zeros: Vec<i64>,
-    mask: Vec<f32>,
-}
-
-impl Share {
-    fn new((s0, s1): (usize, usize), t: usize) -> Self {
-        let r = s0 * t..s1 * t;
-        Self { zeros: vec![0; r.len()], mask: vec![0.0; r.len()], b: s1 - s0, r }
-    }
-
-    fn batch<'a>(&'a self, rows: &'a Rows) -> BatchRef<'a> {
-        BatchRef { inputs: &rows.ids[self.r.clone()], targets: &self.zeros, mask: &self.mask, b: self.b, t: rows.t, starts: None }
-    }
-}
 
 impl Kernels {
     /// The contrastive loss of `pairs` and, when `grads` is given, its gradient with respect to
@@ -86,7 +67,7 @@ impl Kernels {
             .into_par_iter()
             .map(|i| {
                 let share = Share::new(bounds[i], t);
-                let batch = share.batch(rows);
+                let batch = share.batch(&rows.ids);
                 let mut pool = self.pool(i);
                 let ad = ad.map(|a| a.from_row(share.r.start));
                 let mut acts = shard_forward(&self.layout, w, ad, &rope, &batch, keep, &mut pool, self.wide);
@@ -137,7 +118,7 @@ impl Kernels {
             .enumerate()
             .map(|(i, acts)| {
                 let share = Share::new(bounds[i], t);
-                let batch = share.batch(rows);
+                let batch = share.batch(&rows.ids);
                 let mut pool = self.pool(i);
                 let ad = ad.map(|a| a.from_row(share.r.start));
                 let dh = &dh[share.r.start * d..share.r.end * d]; // [b·T, D]

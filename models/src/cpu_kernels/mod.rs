@@ -273,12 +273,10 @@ impl Kernels {
         let parts: Vec<Vec<f32>> = (0..bounds.len())
             .into_par_iter()
             .map(|i| {
-                let (s0, s1) = bounds[i];
-                let rows = s0 * t..s1 * t;
-                let (zeros, mask) = (vec![0i64; rows.len()], vec![0.0f32; rows.len()]);
-                let batch = BatchRef { inputs: &inputs[rows], targets: &zeros, mask: &mask, b: s1 - s0, t, starts: None };
+                let share = Share::new(bounds[i], t);
+                let batch = share.batch(inputs);
                 let mut pool = self.pool(i);
-                let ad = ad.map(|a| a.from_row(s0 * t));
+                let ad = ad.map(|a| a.from_row(share.r.start));
                 let mut acts = forward(&self.layout, w, ad, &rope, &batch, &mut pool, logits, Keep::Nothing);
                 let out = take(&mut acts);
                 acts.recycle(&mut pool);
@@ -286,6 +284,28 @@ impl Kernels {
             })
             .collect();
         parts.concat()
+    }
+}
+
+/// One thread's share of a forward pass without loss (the head runs on every row or on none):
+/// sequences `s0..s1` of `t` tokens, token rows `r`, and their batch with no targets.
+struct Share {
+    r: std::ops::Range<usize>,
+    b: usize,
+    t: usize,
+    zeros: Vec<i64>,
+    mask: Vec<f32>,
+}
+
+impl Share {
+    fn new((s0, s1): (usize, usize), t: usize) -> Self {
+        let r = s0 * t..s1 * t;
+        Self { zeros: vec![0; r.len()], mask: vec![0.0; r.len()], b: s1 - s0, t, r }
+    }
+
+    /// The share's rows of `ids` (`[B·T]`, all the sequences) as a batch.
+    fn batch<'a>(&'a self, ids: &'a [i64]) -> BatchRef<'a> {
+        BatchRef { inputs: &ids[self.r.clone()], targets: &self.zeros, mask: &self.mask, b: self.b, t: self.t, starts: None }
     }
 }
 
