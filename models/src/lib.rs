@@ -11,15 +11,18 @@ pub mod generate;
 pub mod gguf;
 pub mod hf_config;
 pub mod init;
+pub mod linear;
 pub mod llama;
 pub mod lora;
 pub mod lora_dropout;
 pub mod lora_params;
 pub mod loss;
+pub mod norm;
 pub mod params;
 pub mod presets;
 pub mod registry;
 pub mod skip;
+pub mod swiglu;
 pub mod tokenizer;
 pub mod vocab_pad;
 
@@ -28,11 +31,14 @@ pub use tokenizer::Tokenizer;
 
 use std::path::PathBuf;
 
-/// Registers Kiln's fused ops (attention.rs, loss.rs) for `Autodiff<B, C>` (and the loss's
-/// forward alone for `B`, used by evaluation), in `registry.rs`'s table.
+/// Registers Kiln's fused ops (attention.rs, loss.rs, norm.rs, swiglu.rs, linear.rs) for `Autodiff<B, C>`
+/// (and the forward passes alone for `B`, used by evaluation), in `registry.rs`'s table.
 pub fn register_fused_ops<B: burn::tensor::backend::Backend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>() {
     attention::register_autodiff::<B, C>();
     loss::register_autodiff::<B, C>();
+    norm::register_autodiff::<B, C>();
+    swiglu::register_autodiff::<B, C>();
+    linear::register_autodiff::<B, C>();
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -10,13 +10,15 @@
 //! F = SwiGLU hidden, V = vocabulary.
 
 use burn::module::{Module, Param, ParamId};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{attention, embedding};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::linear::matmul;
+use crate::norm::rms_norm;
+use crate::swiglu::swiglu;
 use crate::ModelError;
 
 /// The longest context a config may declare (RoPE tables and attention are sized by it).
@@ -175,6 +177,17 @@ pub struct Llama<B: Backend> {
     /// Read by the trainer's loss, not by `forward`.
     #[module(skip)]
     pub fused_loss: bool,
+    /// RMSNorm through the custom autodiff op of `norm.rs` (written-out backward pass; one kernel
+    /// each way where the backend registers them) when one is registered; else Burn's ops.
+    #[module(skip)]
+    pub fused_norm: bool,
+    /// The MLP's `silu(gate) · up` through the op of `swiglu.rs`, likewise.
+    #[module(skip)]
+    pub fused_swiglu: bool,
+    /// Linear layers' matmuls through the op of `linear.rs` (the backend's own GEMM, cuBLASLt on
+    /// CUDA, for the forward and both backward products) when one is registered; else Burn's.
+    #[module(skip)]
+    pub cublaslt: bool,
     /// LoRA adapters on some projections (`lora_params.rs`), trained while the base is frozen;
     /// `None` for a plain model.
     pub lora: Option<crate::lora_params::Lora<B>>,
@@ -276,6 +289,9 @@ impl<B: Backend> Llama<B> {
             compute: None,
             fused_attention: false,
             fused_loss: false,
+            fused_norm: false,
+            fused_swiglu: false,
+            cublaslt: false,
             lora: None,
             vocab: v,
         })
@@ -345,7 +361,7 @@ impl<B: Backend> Llama<B> {
         if let Some(c) = cache {
             c.pos += t;
         }
-        rms_norm(x, &self.model.norm.val(), self.eps) // [B, T, D]
+        rms_norm(x, self.model.norm.val(), self.eps, self.fused_norm) // [B, T, D]
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -364,7 +380,7 @@ impl<B: Backend> Llama<B> {
         let hd = d / h;
         let a = &l.self_attn;
 
-        let hn = rms_norm(x.clone(), &l.input_layernorm.val(), self.eps); // [B, T, D]
+        let hn = rms_norm(x.clone(), l.input_layernorm.val(), self.eps, self.fused_norm); // [B, T, D]
         let q = self.proj(hn.clone(), a.q_proj.val(), i, 0).reshape([b, t, h, hd]).swap_dims(1, 2); // [B, H, T, Hd]
         let kk = self.proj(hn.clone(), a.k_proj.val(), i, 1).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
         let v = self.proj(hn, a.v_proj.val(), i, 2).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
@@ -402,11 +418,11 @@ impl<B: Backend> Llama<B> {
         let y = y.swap_dims(1, 2).reshape([b, t, d]); // [B, T, D]
         let x = x + self.proj(y, a.o_proj.val(), i, 3); // [B, T, D]
 
-        let hn = rms_norm(x.clone(), &l.post_attention_layernorm.val(), self.eps); // [B, T, D]
+        let hn = rms_norm(x.clone(), l.post_attention_layernorm.val(), self.eps, self.fused_norm); // [B, T, D]
         let m = &l.mlp;
-        let gate = silu(self.proj(hn.clone(), m.gate_proj.val(), i, 4)); // [B, T, F]
+        let gate = self.proj(hn.clone(), m.gate_proj.val(), i, 4); // [B, T, F]
         let up = self.proj(hn, m.up_proj.val(), i, 5); // [B, T, F]
-        x + self.proj(gate * up, m.down_proj.val(), i, 6) // [B, T, D]
+        x + self.proj(swiglu(gate, up, self.fused_swiglu), m.down_proj.val(), i, 6) // [B, T, D]
     }
 
     /// Projection `m` (`lora::TARGETS`' index: q k v o gate up down) of layer `l`: `x @ w`,
@@ -427,19 +443,13 @@ impl<B: Backend> Llama<B> {
         let d_out = w.dims()[1];
         match self.compute {
             // A base stored in half precision (lora_params::store_base) computes in f32.
-            None if w.dtype() != DType::F32 => x.reshape([b * t, d_in]).matmul(w.cast(DType::F32)).reshape([b, t, d_out]),
-            None => x.reshape([b * t, d_in]).matmul(w).reshape([b, t, d_out]),
+            None if w.dtype() != DType::F32 => matmul(x.reshape([b * t, d_in]), w.cast(DType::F32), self.cublaslt).reshape([b, t, d_out]),
+            None => matmul(x.reshape([b * t, d_in]), w, self.cublaslt).reshape([b, t, d_out]),
             // Cast before flattening and after unflattening, so that Burn's fusion can merge the
             // casts with the element-wise ops around them.
-            Some(dt) => x.cast(dt).reshape([b * t, d_in]).matmul(w.cast(dt)).reshape([b, t, d_out]).cast(DType::F32),
+            Some(dt) => matmul(x.cast(dt).reshape([b * t, d_in]), w.cast(dt), self.cublaslt).reshape([b, t, d_out]).cast(DType::F32),
         }
     }
-}
-
-/// `x * rsqrt(mean(x²) + eps) * w` over the last dimension.
-fn rms_norm<B: Backend>(x: Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
-    let rms = (x.clone().square().mean_dim(2) + eps).sqrt(); // [B, T, 1]
-    x / rms * w.clone().unsqueeze::<3>() // [B, T, D]
 }
 
 /// RoPE tables in the half-split convention: `[T, Hd]`, the frequencies repeated twice.

@@ -18,7 +18,9 @@
 //! the masked mean. The op keeps the logits (the decomposed graph keeps their exponentials, the
 //! same size) and `lse`. Like the fused attention it is found per backend through `registry.rs`;
 //! for a backend without autodiff (evaluation) the registered function is the forward alone,
-//! which never forms the log-probabilities.
+//! which never forms the log-probabilities. A backend may register each pass as one kernel
+//! ([`LossKernels`]: the trainer's CubeCL kernels, `trainer/src/cube_kernels/loss.rs`, read the
+//! logits once each way); elsewhere the passes run as tensor ops.
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -27,10 +29,33 @@ use burn::backend::Autodiff;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorPrimitive};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
 
 /// `Σ_i w_i · −log softmax(x_i)[y_i]` for logits `[N, V]`, targets `[N, 1]` and weights `[N, 1]`.
 pub type CrossEntropyFn<B> = fn(Tensor<B, 2>, Tensor<B, 2, Int>, Tensor<B, 2>) -> Tensor<B, 1>;
+
+/// The two passes as kernels of backend `B`, for f32 logits and i32 targets.
+pub struct LossKernels<B: Backend> {
+    /// `(x [N, V], y [N, 1], w [N, 1]) -> (loss [1], lse [N, 1])`.
+    pub forward: fn(FloatTensor<B>, IntTensor<B>, FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>),
+    /// `(x [N, V], y [N, 1], lse [N, 1], w [N, 1], g [1]) -> dx [N, V]`.
+    pub backward: fn(FloatTensor<B>, IntTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+}
+
+impl<B: Backend> Clone for LossKernels<B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for LossKernels<B> {}
+
+/// The kernels registered for `B`, for f32 logits and i32 targets (else the tensor ops).
+fn kernels<B: Backend>(x: &Tensor<B, 2>, y: &Tensor<B, 2, Int>) -> Option<LossKernels<B>> {
+    if x.dtype() != DType::F32 || y.dtype() != DType::I32 {
+        return None;
+    }
+    crate::registry::registered::<LossKernels<B>>()
+}
 
 /// The weighted cross-entropy: by the op registered for `B` when `fused` (see the module docs),
 /// else through Burn's `log_softmax` and `gather`. Returns a `[1]` tensor.
@@ -70,6 +95,10 @@ pub fn target_logprobs<B: Backend, const D: usize>(logits: Tensor<B, D>, targets
 
 /// The op's forward pass on any backend: the loss `[1]` and `lse` `[N, 1]`.
 fn forward<B: Backend>(x: Tensor<B, 2>, targets: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> (Tensor<B, 1>, Tensor<B, 2>) {
+    if let Some(k) = kernels(&x, &targets) {
+        let (loss, lse) = (k.forward)(x.into_primitive().tensor(), targets.into_primitive(), weights.into_primitive().tensor());
+        return (Tensor::from_primitive(TensorPrimitive::Float(loss)), Tensor::from_primitive(TensorPrimitive::Float(lse)));
+    }
     let (lse, picked) = lse_and_target(x, targets); // [N, 1], [N, 1]
     (((lse.clone() - picked) * weights).sum(), lse) // [1], [N, 1]
 }
@@ -109,10 +138,16 @@ pub fn fused_cross_entropy<B: Backend, C: CheckpointStrategy>(
             let g = grads.consume::<B>(&ops.node); // [1]
             let [Some(node)] = ops.parents else { return };
             let f = |p| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(p));
+            let (x, y) = (f(x), Tensor::<B, 2, Int>::from_primitive(y));
+            if let Some(k) = kernels(&x, &y) {
+                let dx = (k.backward)(x.into_primitive().tensor(), y.into_primitive(), lse, w, g);
+                grads.register::<B>(node.id, dx);
+                return;
+            }
             let g = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(g)).unsqueeze::<2>(); // [1, 1]
             let coef = f(w) * g; // [N, 1]
-            let dx = (f(x) - f(lse)).exp() * coef.clone(); // [N, V]: softmax · g · w
-            let dx = dx.scatter(1, Tensor::<B, 2, Int>::from_primitive(y), coef.neg(), IndexingUpdateOp::Add); // [N, V]
+            let dx = (x - f(lse)).exp() * coef.clone(); // [N, V]: softmax · g · w
+            let dx = dx.scatter(1, y, coef.neg(), IndexingUpdateOp::Add); // [N, V]
             grads.register::<B>(node.id, dx.into_primitive().tensor());
         }
     }

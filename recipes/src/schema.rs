@@ -318,6 +318,17 @@ pub struct TrainSection {
     /// Burn's `log_softmax` and `gather`, which write several more `[tokens, vocab]` tensors each
     /// way. Same gradients (tested); `false` keeps Burn's composition.
     pub fused_loss: bool,
+    /// RMSNorm on Burn's graph as one custom autodiff op (models/src/norm.rs) with a written-out
+    /// backward pass; on wgpu and CUDA each pass is one CubeCL kernel. `false` keeps Burn's ops.
+    pub fused_norm: bool,
+    /// The MLP's `silu(gate) · up` on Burn's graph as one custom autodiff op
+    /// (models/src/swiglu.rs); on wgpu and CUDA each pass is one CubeCL kernel. `false` keeps
+    /// Burn's ops.
+    pub fused_swiglu: bool,
+    /// On CUDA, linear layers' matmuls (forward and both backward GEMMs) through cuBLASLt, as one
+    /// custom autodiff op (models/src/linear.rs, trainer/src/cublaslt_cuda.rs); checked before
+    /// the run that the machine has libcublasLt. Other devices keep Burn's matmul (warned).
+    pub cublaslt: bool,
     /// Gradient checkpointing in the fused CPU kernels: the forward pass keeps only each
     /// layer's input, and the backward pass runs each layer's forward again. Some 12 times less
     /// activation memory for about a fifth more compute, and the same gradients, bit for bit.
@@ -356,6 +367,9 @@ impl Default for TrainSection {
             cpu_kernels: true,
             fused_attention: true,
             fused_loss: true,
+            fused_norm: true,
+            fused_swiglu: true,
+            cublaslt: false,
             gradient_checkpointing: false,
             pad_vocab: None,
             eval_every: 250,

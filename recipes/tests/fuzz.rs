@@ -15,7 +15,7 @@ const KEYS: &[&str] = &[
     "data.val_fraction", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.beta1",
     "optim.beta2", "optim.eps", "optim.grad_clip", "optim.fused", "train.steps", "train.batch_size", "train.grad_accum",
     "train.seed", "train.device", "train.precision", "train.cpu_kernels", "train.fused_attention", "train.fused_loss",
-    "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+    "train.fused_norm", "train.fused_swiglu", "train.cublaslt", "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
     "train.max_energy_j", "train.target_val_loss", "eval.tasks", "eval.every", "eval.prompts", "eval.sample_tokens",
     "energy.meter", "energy.watts_per_core", "energy.idle_watts", "energy.grid_gco2_per_kwh", "energy.powercap_root",
     "train", "model", "optim.lrr", "bogus", "a.b.c", "",

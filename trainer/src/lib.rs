@@ -15,17 +15,24 @@
 
 pub mod accounting;
 pub mod cublaslt;
+#[cfg(feature = "cuda")]
+pub mod cublaslt_cuda;
 pub mod data;
 pub mod device;
 pub mod embedder;
 pub mod dist;
 pub mod engine;
 pub mod export;
+pub mod gemm_bench;
 pub mod hub;
 pub mod lora;
 pub mod optim;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod optim_cube;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod cube_kernels;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub(crate) mod fusion_op;
 pub mod perf;
 pub mod plan;
 pub mod progress;
@@ -69,9 +76,10 @@ macro_rules! with_backend {
     };
 }
 
-/// The fused attention and cross-entropy ops (`train.fused_attention`, `train.fused_loss`;
-/// models/src/attention.rs, loss.rs) for every autodiff backend [`with_backend!`] builds, and the
-/// one-kernel AdamW for the GPU ones.
+/// The fused attention, cross-entropy, RMSNorm and SwiGLU ops (`train.fused_attention`,
+/// `fused_loss`, `fused_norm`, `fused_swiglu`; models/src/attention.rs, loss.rs, norm.rs,
+/// swiglu.rs) for every autodiff backend [`with_backend!`] builds, and for the GPU ones the
+/// one-kernel AdamW and the ops' passes as CubeCL kernels.
 pub fn register_fused_ops() {
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use kiln_models::register_fused_ops;
@@ -89,4 +97,12 @@ pub fn register_fused_ops() {
     optim_cube::register::<cubecl::wgpu::WgpuRuntime, f32, i32, u32>();
     #[cfg(feature = "cuda")]
     optim_cube::register::<cubecl::cuda::CudaRuntime, f32, i32, u8>();
+    // The fused ops' passes as CubeCL kernels (`train.fused_norm`, `fused_swiglu`, `fused_loss`).
+    #[cfg(feature = "wgpu")]
+    cube_kernels::register::<cubecl::wgpu::WgpuRuntime, u32>();
+    #[cfg(feature = "cuda")]
+    cube_kernels::register::<cubecl::cuda::CudaRuntime, u8>();
+    // Linear layers' GEMMs through cuBLASLt on CUDA (`train.cublaslt`).
+    #[cfg(feature = "cuda")]
+    cublaslt_cuda::register::<u8>();
 }

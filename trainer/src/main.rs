@@ -59,6 +59,9 @@ enum Command {
         #[command(subcommand)]
         command: commands::index::Args,
     },
+    /// Time a linear layer's three GEMMs at given shapes through Burn's matmul and, on CUDA,
+    /// cuBLASLt (train.cublaslt), with the largest difference between the two: one JSON line a GEMM.
+    BenchGemm(commands::bench_gemm::Args),
     /// Tokenizer tools.
     Tokenizer {
         #[command(subcommand)]
@@ -102,6 +105,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Ask(a) => commands::ask::run(a),
         Command::Index { command } => commands::index::run(command),
         Command::Tokenizer { command } => commands::tokenizer::run(command),
+        Command::BenchGemm(a) => commands::bench_gemm::run(a),
     }
 }
 

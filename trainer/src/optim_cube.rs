@@ -19,23 +19,20 @@
 //! gradients instead of three per gradient.
 
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
-use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Shape, Tensor};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::fusion::FusionCubeRuntime;
-use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use burn_fusion::stream::{Operation, OperationStreams};
-use burn_fusion::{Fusion, FusionRuntime};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use burn_cubecl::{BoolElement, CubeRuntime, FloatElement, IntElement};
 use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
 
+use crate::fusion_op::{float, queue_n, Cube, Gpu};
 use crate::optim::{AdamWFn, AdamWScalars, SquaredNormFn};
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn adamw_kernel(
+pub(crate) fn adamw_kernel(
     p: &Array<f32>,
     g: &Array<f32>,
     m: &Array<f32>,
@@ -102,69 +99,6 @@ fn launch<R: CubeRuntime>(inputs: [CubeTensor<R>; 5], s: &AdamWScalars) -> [Cube
     [p_out, m_out, v_out]
 }
 
-type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
-/// Kiln's GPU inner backends: Burn's `Wgpu` and `Cuda` are `Gpu<runtime, f32, i32, _>`.
-type Gpu<R, F, I, BT> = Fusion<Cube<R, F, I, BT>>;
-/// The fusion stream's tensor handles on runtime `R` (`FusionCubeRuntime` is that of every `Cube`).
-type Handles<R> = HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>;
-
-/// A custom op of the fusion stream: when the stream executes it, `run` gets the op's description
-/// (its input and output tensors), the op's scalars `S` and the handles, and registers every
-/// output.
-struct CustomOp<R: CubeRuntime, S> {
-    desc: CustomOpIr,
-    scalars: S,
-    run: fn(&CustomOpIr, &S, &mut Handles<R>),
-}
-
-impl<R: CubeRuntime, S> core::fmt::Debug for CustomOp<R, S> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "CustomOp({})", self.desc.id)
-    }
-}
-
-impl<R: CubeRuntime, S: Send + Sync + 'static> Operation<FusionCubeRuntime<R>> for CustomOp<R, S> {
-    fn execute(&self, handles: &mut Handles<R>) {
-        (self.run)(&self.desc, &self.scalars, handles)
-    }
-}
-
-/// Queues `run` on the fusion stream as op `id` over `inputs` (at least one), with one new f32
-/// tensor of each shape in `outputs`; returns those outputs.
-fn queue<R, F, I, BT, S>(
-    id: &'static str,
-    inputs: Vec<FloatTensor<Gpu<R, F, I, BT>>>,
-    outputs: Vec<Shape>,
-    scalars: S,
-    run: fn(&CustomOpIr, &S, &mut Handles<R>),
-) -> Vec<FloatTensor<Gpu<R, F, I, BT>>>
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-    S: Send + Sync + 'static,
-{
-    let client = inputs[0].client.clone();
-    let streams = OperationStreams::with_inputs(inputs.iter());
-    let outputs: Vec<TensorIr> = outputs.into_iter().map(|s| TensorIr::uninit(client.create_empty_handle(), s, DType::F32)).collect();
-    let inputs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
-    let desc = CustomOpIr::new(id, &inputs, &outputs);
-    let op = CustomOp::<R, S> { desc: desc.clone(), scalars, run };
-    client.register(streams, OperationIr::Custom(desc), op)
-}
-
-/// A fusion primitive as a `[N]` tensor.
-fn float<R, F, I, BT>(t: FloatTensor<Gpu<R, F, I, BT>>) -> Tensor<Gpu<R, F, I, BT>, 1>
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
-
 /// The update as a custom op of the fusion stream: `(p, g, m, v, scale) -> (p', m', v')`.
 fn adamw<R, F, I, BT>(
     p: Tensor<Gpu<R, F, I, BT>, 1>,
@@ -182,17 +116,14 @@ where
 {
     let shape = p.shape();
     let inputs = [p, g, m, v, scale].map(|t| t.into_primitive().tensor()).into();
-    let outs = queue::<R, F, I, BT, _>("kiln_adamw", inputs, vec![shape; 3], s, |desc, s, handles| {
+    let outs = queue_n::<R, F, I, BT, _, 3>("kiln_adamw", inputs, [shape.clone(), shape.clone(), shape], s, |desc, s, handles| {
         let ([p, g, m, v, scale], outs) = desc.as_fixed::<5, 3>();
         let inputs = [p, g, m, v, scale].map(|t| handles.get_float_tensor::<Cube<R, F, I, BT>>(t));
         for (out, t) in outs.iter().zip(launch(inputs, s)) {
             handles.register_float_tensor::<Cube<R, F, I, BT>>(&out.id, t);
         }
     });
-    match <[_; 3]>::try_from(outs) {
-        Ok(o) => o.map(float),
-        Err(o) => unreachable!("the op declares 3 outputs, fusion returned {}", o.len()),
-    }
+    outs.map(float)
 }
 
 /// The sum of the squares of every gradient, `[1]`, as one custom op of the fusion stream: inside
@@ -206,7 +137,7 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    let mut outs = queue::<R, F, I, BT, _>("kiln_squared_norm", grads, vec![Shape::new([1])], (), |desc, (), handles| {
+    let [total] = queue_n::<R, F, I, BT, _, 1>("kiln_squared_norm", grads, [Shape::new([1])], (), |desc, (), handles| {
         let sums: Vec<_> = desc
             .inputs
             .iter()
@@ -220,10 +151,7 @@ where
         let total = Cube::<R, F, I, BT>::float_sum(Cube::<R, F, I, BT>::float_cat(sums, 0)); // [P] -> [1]
         handles.register_float_tensor::<Cube<R, F, I, BT>>(&desc.outputs[0].id, total);
     });
-    match outs.pop() {
-        Some(t) if outs.is_empty() => float(t),
-        _ => unreachable!("the op declares 1 output"),
-    }
+    float(total)
 }
 
 /// Registers the kernel as the AdamW update of `Fusion<CubeBackend<R, ..>>` (Burn's `Wgpu` and

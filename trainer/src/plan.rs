@@ -138,6 +138,9 @@ impl Plan {
         };
         let t = &recipe.train;
         let engine = EngineKind::choose(&device, t.precision, t.cpu_kernels);
+        if t.cublaslt {
+            check_cublaslt(&device)?;
+        }
         Ok(Plan { precision: t.precision, engine, model, tok, data, data_root: dirs.data_root.clone(), init_dir, init_vocab, tasks, device, threads: threads(), lora, recipe })
     }
 
@@ -395,6 +398,19 @@ pub fn threads() -> usize {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+/// `train.cublaslt`: on a CUDA device the machine must have libcublasLt (checked by opening it);
+/// other devices train with Burn's matmul, with a warning.
+fn check_cublaslt(device: &Device) -> Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda { index, .. } => crate::cublaslt_cuda::available(*index).map_err(|e| anyhow::anyhow!("train.cublaslt on {}: {e}\n  hint: --set train.cublaslt=false trains with Burn's matmul", device.describe())),
+        _ => {
+            tracing::warn!("train.cublaslt applies to CUDA devices; {} trains with Burn's matmul", device.describe());
+            Ok(())
+        }
+    }
 }
 
 /// The compute type of a precision (`None`: f32).

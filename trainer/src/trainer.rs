@@ -77,13 +77,23 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
     pub fn run(mut self, interrupt: &AtomicBool) -> Result<Outcome> {
         let plan = self.plan;
         let t = &plan.recipe.train;
+        let mut first = true;
         while self.state.step < t.steps {
             if interrupt.load(Ordering::SeqCst) {
                 return self.interrupted();
             }
             let step = self.state.step + 1;
             let lr = learning_rate(&plan.recipe.optim, step, t.steps);
+            // A GPU's first step compiles every kernel it launches and autotunes the matmuls and
+            // reductions (minutes on a GPU Kiln has not run on): say so before it, and after it how long it took.
+            let gpu = std::mem::take(&mut first).then(|| plan.device.gpu_name()).flatten().map(|name| {
+                tracing::info!("step {step}: compiling and autotuning GPU kernels for {name} (each new kernel once; cached in $KILN_CACHE/cubecl for later runs)");
+                std::time::Instant::now()
+            });
             let out = self.step(step, lr)?;
+            if let Some(start) = gpu {
+                tracing::info!("step {step} took {:.1} s, kernel compilation and autotuning included; the following steps run at steady speed", start.elapsed().as_secs_f64());
+            }
             self.log_step(step, lr, &out)?;
             if (t.eval_every > 0 && step % t.eval_every == 0) || step == t.steps {
                 self.validate(step)?;
@@ -415,6 +425,18 @@ fn configure<B: AutodiffBackend>(model: &mut Llama<B>, plan: &Plan) {
     model.fused_loss = t.fused_loss && graph;
     if model.fused_loss && kiln_models::loss::registered::<B>().is_none() {
         tracing::warn!("train.fused_loss: no fused cross-entropy op for this backend; using Burn's log_softmax");
+    }
+    model.fused_norm = t.fused_norm && graph;
+    if model.fused_norm && kiln_models::registry::registered::<kiln_models::norm::RmsNormFn<B>>().is_none() {
+        tracing::warn!("train.fused_norm: no fused RMSNorm op for this backend; using Burn's ops");
+    }
+    model.cublaslt = t.cublaslt && graph && kiln_models::linear::has_kernel::<B::InnerBackend>();
+    if model.cublaslt {
+        tracing::info!("linear layers through cuBLASLt (train.cublaslt): forward and both backward GEMMs, transposes as flags");
+    }
+    model.fused_swiglu = t.fused_swiglu && graph;
+    if model.fused_swiglu && kiln_models::registry::registered::<kiln_models::swiglu::SwigluFn<B>>().is_none() {
+        tracing::warn!("train.fused_swiglu: no fused SwiGLU op for this backend; using Burn's ops");
     }
     if !graph {
         tracing::info!("forward and backward by Kiln's fused CPU kernels on {} threads (train.cpu_kernels)", plan.threads);

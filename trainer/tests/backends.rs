@@ -32,8 +32,7 @@ fn batch(seed: i64) -> Batch {
 fn run<B: burn::tensor::backend::AutodiffBackend>(device: &B::Device, fused: bool) -> (Vec<f32>, Vec<f64>) {
     let cfg = preset("tiny", 24).unwrap();
     let mut model: Llama<B> = Llama::build(&cfg, &mut RandomInit::new(7, cfg.num_hidden_layers), device).unwrap();
-    model.fused_attention = fused;
-    model.fused_loss = fused;
+    (model.fused_attention, model.fused_loss, model.fused_norm, model.fused_swiglu, model.cublaslt) = (fused, fused, fused, fused, fused);
     let b = batch(0);
     let x = Tensor::<B, 2, Int>::from_data(TensorData::new(b.inputs.clone(), [b.batch, b.context]), device);
     let logits: Vec<f32> = model.forward(x).into_data().convert::<f32>().to_vec().unwrap();
@@ -78,9 +77,11 @@ fn flex_and_wgpu_agree_on_logits_and_training() {
 
     // train.fused_attention and train.fused_loss on wgpu: the backend's attention forward and
     // Kiln's backward; the cross-entropy op.
+    // With them RMSNorm and SwiGLU, and the CubeCL kernels of the loss, norm and SwiGLU passes.
     kiln_models::register_fused_ops::<Wgpu, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>();
+    kiln_trainer::cube_kernels::register::<burn::backend::wgpu::WgpuRuntime, u32>();
     let (lwf, swf) = run::<Autodiff<Wgpu>>(&wd, true);
-    println!("fused attention and loss on wgpu: losses {swf:?}");
+    println!("fused attention, loss, norm and SwiGLU on wgpu: losses {swf:?}");
     let relf = lf.iter().zip(&lwf).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / max_ref;
     assert!(relf < 1e-3, "logits through the fused op differ: {relf}");
     for (a, b) in sf.iter().zip(&swf) {
@@ -278,8 +279,7 @@ fn padded_trains_like_unpadded<B: burn::tensor::backend::AutodiffBackend>(device
         cfg.tie_word_embeddings = tied;
         let build = || {
             let mut m: Llama<B> = Llama::build(&cfg, &mut RandomInit::new(7, cfg.num_hidden_layers), device).unwrap();
-            m.fused_attention = fused;
-            m.fused_loss = fused;
+            (m.fused_attention, m.fused_loss, m.fused_norm, m.fused_swiglu) = (fused, fused, fused, fused);
             m
         };
         let (mut plain, mut padded) = (build(), build().pad_vocab(64));
@@ -356,7 +356,98 @@ fn a_padded_vocabulary_trains_like_the_true_one_on_wgpu() {
     let Device::Wgpu { kind, index, .. } = device::resolve(kiln_recipes::DeviceSpec::Wgpu(None)).unwrap() else { unreachable!() };
     let wd = Device::wgpu_device(kind, index);
     kiln_models::register_fused_ops::<Wgpu, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>();
+    // The loss kernel then reads the narrowed (strided) logits of the padded model.
+    kiln_trainer::cube_kernels::register::<burn::backend::wgpu::WgpuRuntime, u32>();
     for fused in [false, true] {
         padded_trains_like_unpadded::<Autodiff<Wgpu>>(&wd, fused, 1e-4);
     }
+}
+
+/// Flex data on the wgpu device.
+fn on_wgpu<const D: usize>(t: Tensor<Flex, D>, device: &burn::backend::wgpu::WgpuDevice) -> Tensor<Autodiff<Wgpu>, D> {
+    Tensor::from_data(t.into_data(), device)
+}
+
+/// The largest difference between `a` and `b`, relative to `b`'s largest value (at least 1).
+fn rel<const D: usize>(a: Tensor<Autodiff<Wgpu>, D>, b: Tensor<Autodiff<Wgpu>, D>) -> f32 {
+    let scale = b.clone().abs().max().into_scalar().max(1.0);
+    (a - b).abs().max().into_scalar() / scale
+}
+
+/// The CubeCL kernels of the fused ops (trainer/src/cube_kernels/: RMSNorm, SwiGLU and the
+/// cross-entropy, each pass one kernel) against Burn's composition, both on wgpu: the outputs and
+/// the gradients of every input, on shapes wider than a kernel's cube and not multiples of it.
+#[test]
+fn cube_kernels_match_burns_ops_on_wgpu() {
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+    use burn::tensor::Distribution;
+    use kiln_models::{loss, norm, swiglu};
+    if no_adapter("the fused ops' CubeCL kernels") {
+        return;
+    }
+    let wd = wgpu_with_fused_adamw();
+    kiln_trainer::cube_kernels::register::<burn::backend::wgpu::WgpuRuntime, u32>();
+    assert!(kiln_models::registry::registered::<norm::NormKernels<Wgpu>>().is_some());
+    let random = |shape: Vec<usize>, sd: f64, offset: f32, seed: u64| {
+        let device = Default::default();
+        <Flex as burn::tensor::backend::Backend>::seed(&device, seed);
+        Tensor::<Flex, 1>::random([shape.iter().product::<usize>()], Distribution::Normal(0.0, sd), &device) + offset
+    };
+    let tol = 1e-4;
+
+    // RMSNorm: rows of 300 (more than a cube's 256 units) and of 64, many rows.
+    for (shape, offset) in [([3, 7, 300], 0.0), ([2, 70, 64], 30.0)] {
+        let x = on_wgpu(random(shape.to_vec(), 2.0, offset, 1).reshape(shape), &wd);
+        let w = on_wgpu(random(vec![shape[2]], 0.5, 1.0, 2), &wd);
+        let probe = on_wgpu(random(shape.to_vec(), 1.0, 0.0, 3).reshape(shape), &wd);
+        let grads = |fused: bool| {
+            let (xa, wa) = (x.clone().require_grad(), w.clone().require_grad());
+            let y = if fused { norm::fused_rms_norm::<Wgpu, NoCheckpointing>(xa.clone(), wa.clone(), 1e-5) } else { norm::decomposed(xa.clone(), wa.clone(), 1e-5) };
+            let g = (y.clone() * probe.clone()).sum().backward();
+            (y, Tensor::from_inner(xa.grad(&g).unwrap()), Tensor::from_inner(wa.grad(&g).unwrap()))
+        };
+        let ((yf, dxf, dwf), (yd, dxd, dwd)) = (grads(true), grads(false));
+        let (ey, ex, ew) = (rel(yf, yd), rel(dxf, dxd), rel::<1>(dwf, dwd));
+        println!("RMSNorm {shape:?}: output {ey:.1e}, dx {ex:.1e}, dw {ew:.1e}");
+        assert!(ey < tol && ex < tol && ew < tol, "RMSNorm {shape:?}: output {ey}, dx {ex}, dw {ew}");
+    }
+
+    // SwiGLU: gates deep in both tails of the sigmoid.
+    let shape = [2, 5, 77];
+    let g = on_wgpu(random(shape.to_vec(), 8.0, 0.0, 4).reshape(shape), &wd);
+    let u = on_wgpu(random(shape.to_vec(), 1.0, 0.0, 5).reshape(shape), &wd);
+    let probe = on_wgpu(random(shape.to_vec(), 1.0, 0.0, 6).reshape(shape), &wd);
+    let grads = |fused: bool| {
+        let (ga, ua) = (g.clone().require_grad(), u.clone().require_grad());
+        let h = if fused { swiglu::fused_swiglu::<Wgpu, NoCheckpointing>(ga.clone(), ua.clone()) } else { swiglu::decomposed(ga.clone(), ua.clone()) };
+        let gr = (h.clone() * probe.clone()).sum().backward();
+        [h, Tensor::from_inner(ga.grad(&gr).unwrap()), Tensor::from_inner(ua.grad(&gr).unwrap())]
+    };
+    for (name, (a, b)) in ["output", "dg", "du"].iter().zip(grads(true).into_iter().zip(grads(false))) {
+        let e = rel(a, b);
+        println!("SwiGLU {name}: {e:.1e}");
+        assert!(e < tol, "SwiGLU {name} differs by {e}");
+    }
+
+    // Cross-entropy: a 5,003-wide vocabulary, masked tokens, and rows of logits far from zero.
+    let (n, v) = (40, 5003);
+    let offsets: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { 120.0 } else { 0.0 }).collect();
+    let x = on_wgpu(random(vec![n, v], 3.0, 0.0, 7).reshape([n, v]) + Tensor::<Flex, 1>::from_floats(offsets.as_slice(), &Default::default()).reshape([n, 1]), &wd);
+    let y: Vec<i32> = (0..n).map(|i| ((i * 7919) % v) as i32).collect();
+    let y = Tensor::<Autodiff<Wgpu>, 2, Int>::from_data(TensorData::new(y, [n, 1]), &wd);
+    let mask: Vec<f32> = (0..n).map(|i| if i % 5 == 3 { 0.0 } else { 1.0 / 32.0 }).collect();
+    let w = Tensor::<Autodiff<Wgpu>, 2>::from_data(TensorData::new(mask, [n, 1]), &wd);
+    let grads = |fused: bool| {
+        let xa = x.clone().require_grad();
+        let l = if fused { loss::fused_cross_entropy::<Wgpu, NoCheckpointing>(xa.clone(), y.clone(), w.clone()) } else { loss::decomposed(xa.clone(), y.clone(), w.clone()) };
+        let g = l.clone().backward();
+        (l.into_scalar(), Tensor::<Autodiff<Wgpu>, 2>::from_inner(xa.grad(&g).unwrap()))
+    };
+    let ((lf, gf), (ld, gd)) = (grads(true), grads(false));
+    let scale = gd.clone().abs().max().into_scalar();
+    let e = (gf.clone() - gd).abs().max().into_scalar() / scale;
+    println!("cross-entropy: loss {lf} vs {ld}; gradient {e:.1e}");
+    assert!((lf - ld).abs() <= 1e-5 * ld.abs().max(1.0), "loss {lf} vs {ld}");
+    assert!(e < tol, "the logits' gradients differ by {e} (largest {scale})");
+    assert_eq!(gf.narrow(0, 3, 1).abs().max().into_scalar(), 0.0, "a masked token got a gradient");
 }

@@ -682,3 +682,30 @@ fn a_padded_vocabulary_checkpoints_at_its_true_size_and_resumes_exactly() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(losses(&again), want);
 }
+
+/// `kiln bench-gemm` on the CPU: one JSON line a GEMM (a layer's forward, grad-input and
+/// grad-weight), Burn's figures only (cuBLASLt is a CUDA kernel), and clear errors for bad flags.
+/// With `train.cublaslt` asked for on the CPU, a run warns and trains with Burn's matmul.
+#[test]
+fn bench_gemm_reports_each_gemm_and_refuses_bad_flags() {
+    let env = Env::new();
+    let o = env.run(&["bench-gemm", "--device", "cpu", "--dtype", "f32", "--iters", "2", "--layer", "64,32,48", "--layer", "8,16,8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 6, "three GEMMs a layer");
+    let names: Vec<&str> = rows.iter().map(|r| r["gemm"].as_str().unwrap()).collect();
+    assert_eq!(names[..3], ["forward", "grad_input", "grad_weight"]);
+    assert_eq!(rows[0]["layer"], serde_json::json!([64, 32, 48]));
+    for r in &rows {
+        assert!(r["burn_tflops"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["kernel_tflops"].is_null() && r["kernel_rel_diff"].is_null(), "the CPU has no GEMM kernel of its own: {r}");
+    }
+    assert_clean_error(&env.run(&["bench-gemm", "--device", "cpu", "--layer", "64,32"]), &["--layer", "ROWS,IN,OUT"]);
+    assert_clean_error(&env.run(&["bench-gemm", "--device", "cpu", "--layer", "64,0,8"]), &["--layer", "positive"]);
+    assert_clean_error(&env.run(&["bench-gemm", "--device", "cpu", "--dtype", "f8", "--layer", "4,4,4"]), &["--dtype f8", "f32, bf16 or f16"]);
+
+    let recipe = env.write("tiny.toml", TINY);
+    let o = env.run(&["run", recipe.to_str().unwrap(), "--device", "cpu", "--set", "train.steps=1", "--set", "train.cublaslt=true", "--runs-dir", env.path("runs").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("train.cublaslt applies to CUDA devices"), "{}", stderr(&o));
+}

@@ -125,8 +125,7 @@ fn mixed_precision_tracks_f32() {
     let run_with = |dt: Option<burn::tensor::DType>, fused: bool| {
         let mut model = tiny();
         model.compute = dt;
-        model.fused_attention = fused;
-        model.fused_loss = fused;
+        (model.fused_attention, model.fused_loss, model.fused_norm, model.fused_swiglu) = (fused, fused, fused, fused);
         let mut opt = AdamW::new(OptimSection { lr: 3e-3, warmup_steps: 0, ..Default::default() });
         let mut losses = Vec::new();
         for _ in 0..60 {
@@ -230,21 +229,24 @@ fn gradient_checkpointing_and_the_emptied_model_change_no_bit() {
 
 #[test]
 fn fused_ops_train_like_burn() {
-    // train.fused_attention and train.fused_loss on Burn's graph (flex): ten AdamW steps with two
+    // train.fused_attention, fused_loss, fused_norm, fused_swiglu and the linear op of
+    // train.cublaslt (Burn's matmul inside it on flex) on Burn's graph: ten AdamW steps with two
     // micro-batches (one with a masked token) give the decomposed ops' losses, gradient norms and
-    // weights within float rounding, each op alone and both together.
+    // weights within float rounding, each op alone and all together.
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     kiln_models::register_fused_ops::<burn::backend::Flex, NoCheckpointing>();
-    for (attn, loss) in [(true, false), (false, true), (true, true)] {
-        fused_trains_like_burn(attn, loss);
+    for on in 0..6 {
+        // One op at a time (attention, loss, norm, SwiGLU, the linear op), then all five.
+        let flags: [bool; 5] = std::array::from_fn(|i| on == i || on == 5);
+        fused_trains_like_burn(flags);
     }
 }
 
-fn fused_trains_like_burn(attn: bool, loss: bool) {
+fn fused_trains_like_burn(flags: [bool; 5]) {
     let cfg = OptimSection { lr: 3e-3, warmup_steps: 0, grad_clip: 0.5, ..Default::default() };
     let (mut plain, mut fused) = (tiny(), tiny());
-    fused.fused_attention = attn;
-    fused.fused_loss = loss;
+    let [attn, loss, norm, swiglu, linear] = flags;
+    (fused.fused_attention, fused.fused_loss, fused.fused_norm, fused.fused_swiglu, fused.cublaslt) = (attn, loss, norm, swiglu, linear);
     let (mut op, mut of) = (AdamW::new(cfg.clone()), AdamW::new(cfg));
     let mut b2 = batch();
     b2.mask[3] = 0.0;
@@ -255,14 +257,14 @@ fn fused_trains_like_burn(attn: bool, loss: bool) {
         plain = m;
         let (m, b) = train_step(fused, &mut of, &micro, 3e-3, &Default::default());
         fused = m;
-        assert_eq!((fused.fused_attention, fused.fused_loss), (attn, loss), "the flags survive a step");
-        let what = format!("attention {attn}, loss {loss}, step {step}");
+        assert_eq!([fused.fused_attention, fused.fused_loss, fused.fused_norm, fused.fused_swiglu, fused.cublaslt], flags, "the flags survive a step");
+        let what = format!("fused attention, loss, norm, SwiGLU, linear {flags:?}, step {step}");
         assert!((a.loss - b.loss).abs() < 1e-5 * a.loss, "{what}: loss {} vs {}", a.loss, b.loss);
         assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm, "{what}: norm {} vs {}", a.grad_norm, b.grad_norm);
     }
     let (wp, wf) = (kiln_models::checkpoint::burn_tensors(&plain), kiln_models::checkpoint::burn_tensors(&fused));
     for ((np, _, vp), (_, _, vf)) in wp.iter().zip(&wf) {
         let diff = vp.iter().zip(vf).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(diff < 1e-5, "attention {attn}, loss {loss}: {np}: weights differ by {diff}");
+        assert!(diff < 1e-5, "fused {flags:?}: {np}: weights differ by {diff}");
     }
 }

@@ -2,6 +2,7 @@
 //! data-root flags, data-parallel flags, Ctrl-C handling.
 
 pub mod ask;
+pub mod bench_gemm;
 pub mod chat;
 pub mod compare;
 pub mod data;

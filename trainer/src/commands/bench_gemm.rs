@@ -1,0 +1,58 @@
+//! `kiln bench-gemm`: a linear layer's three GEMMs timed through Burn's matmul and, on CUDA,
+//! through cuBLASLt (`train.cublaslt`), with their difference (`kiln_trainer::gemm_bench`). One
+//! JSON object a GEMM on stdout.
+
+use anyhow::{bail, Result};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::DType;
+use kiln_recipes::DeviceSpec;
+
+use super::resolve_device;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A layer as ROWS,IN,OUT (repeat the flag): its forward, grad-input and grad-weight GEMMs.
+    #[arg(long = "layer", required = true, value_parser = parse_layer)]
+    layers: Vec<[usize; 3]>,
+    /// Element type of the operands: f32, bf16 or f16 (f32 accumulation).
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Timed calls a GEMM (after 2 untimed ones).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Compute device: auto, cpu, ndarray, wgpu[:N], cuda[:N].
+    #[arg(long)]
+    device: Option<DeviceSpec>,
+}
+
+fn parse_layer(s: &str) -> Result<[usize; 3], String> {
+    let dims: Vec<usize> = s.split(',').map(|d| d.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|e| format!("{s:?}: {e} (expected ROWS,IN,OUT, e.g. 16384,768,2304)"))?;
+    match dims[..] {
+        [r, i, o] if r > 0 && i > 0 && o > 0 => Ok([r, i, o]),
+        _ => Err(format!("{s:?}: expected three positive sizes ROWS,IN,OUT, e.g. 16384,768,2304")),
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let dtype = match a.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        other => bail!("--dtype {other}: expected f32, bf16 or f16"),
+    };
+    if a.iters == 0 {
+        bail!("--iters 0: at least one timed call is needed");
+    }
+    let be = resolve_device(a.device.unwrap_or(DeviceSpec::Auto))?;
+    let rows = kiln_trainer::with_backend!(be, B, device, {
+        type I = <B as AutodiffBackend>::InnerBackend;
+        if dtype != DType::F32 && !<I as burn::tensor::backend::Backend>::supports_dtype(&device, dtype) {
+            bail!("--dtype {}: {} cannot compute in {dtype:?}\n  hint: --dtype f32", a.dtype, be.describe());
+        }
+        kiln_trainer::gemm_bench::run::<I>(&device, &a.layers, dtype, a.iters)?
+    });
+    for r in rows {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
