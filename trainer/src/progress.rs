@@ -21,7 +21,7 @@ impl Progress {
         );
         bar.set_position(pos as u64);
         if gpu {
-            let msg = "first step: compiling GPU kernels (minutes on a new GPU; cached for later runs)";
+            let msg = "first step: compiling GPU kernels and autotuning matmuls and reductions (minutes on a GPU Kiln has not run on; cached for later runs)";
             bar.set_message(msg);
             bar.enable_steady_tick(std::time::Duration::from_millis(500));
             if !tty {

@@ -85,14 +85,11 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             let step = self.state.step + 1;
             let lr = learning_rate(&plan.recipe.optim, step, t.steps);
             // A GPU's first step compiles every kernel it launches and autotunes the matmuls and
-            // reductions (minutes on a GPU Kiln has not run on): say so before it, and after it how long it took.
-            let gpu = std::mem::take(&mut first).then(|| plan.device.gpu_name()).flatten().map(|name| {
-                tracing::info!("step {step}: compiling and autotuning GPU kernels for {name} (each new kernel once; cached in $KILN_CACHE/cubecl for later runs)");
-                std::time::Instant::now()
-            });
+            // reductions (the progress bar says so before it); say after it how long that took.
+            let gpu = (std::mem::take(&mut first) && plan.device.gpu_name().is_some()).then(std::time::Instant::now);
             let out = self.step(step, lr)?;
             if let Some(start) = gpu {
-                tracing::info!("step {step} took {:.1} s, kernel compilation and autotuning included; the following steps run at steady speed", start.elapsed().as_secs_f64());
+                tracing::info!("step {step} took {:.1} s, compiling and autotuning its GPU kernels included (cached in $KILN_CACHE/cubecl for later runs); the next steps run at steady speed", start.elapsed().as_secs_f64());
             }
             self.log_step(step, lr, &out)?;
             if (t.eval_every > 0 && step % t.eval_every == 0) || step == t.steps {

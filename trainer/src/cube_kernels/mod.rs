@@ -24,10 +24,11 @@ use cubecl::prelude::*;
 /// Units of a cube that works on one row (a norm's row, a row of logits): a power of two.
 pub(crate) const ROW_UNITS: usize = 256;
 
-/// The sum of `v` over the cube's units, by a tree in shared memory; every unit gets it. All
-/// units of the cube call it (it synchronizes them); `units` is the cube's size, a power of two.
+/// The sum (or with `max`, the maximum) of `v` over the cube's units, by a tree in shared
+/// memory; every unit gets it. All units of the cube call it (it synchronizes them); `units` is
+/// the cube's size, a power of two.
 #[cube]
-pub(crate) fn cube_sum(v: f32, #[comptime] units: usize) -> f32 {
+fn cube_reduce(v: f32, #[comptime] units: usize, #[comptime] max: bool) -> f32 {
     let mut shared = SharedMemory::<f32>::new(units);
     let t = UNIT_POS_X as usize;
     shared[t] = v;
@@ -35,7 +36,12 @@ pub(crate) fn cube_sum(v: f32, #[comptime] units: usize) -> f32 {
     let mut stride = CUBE_DIM_X / 2;
     while stride > 0 {
         if UNIT_POS_X < stride {
-            shared[t] = shared[t] + shared[t + stride as usize];
+            let other = shared[t + stride as usize];
+            if max {
+                shared[t] = f32::max(shared[t], other);
+            } else {
+                shared[t] = shared[t] + other;
+            }
         }
         sync_cube();
         stride /= 2;
@@ -43,22 +49,16 @@ pub(crate) fn cube_sum(v: f32, #[comptime] units: usize) -> f32 {
     shared[0]
 }
 
-/// The maximum of `v` over the cube's units, as [`cube_sum`].
+/// The sum of `v` over the cube's units (see [`cube_reduce`]).
+#[cube]
+pub(crate) fn cube_sum(v: f32, #[comptime] units: usize) -> f32 {
+    cube_reduce(v, units, false)
+}
+
+/// The maximum of `v` over the cube's units (see [`cube_reduce`]).
 #[cube]
 pub(crate) fn cube_max(v: f32, #[comptime] units: usize) -> f32 {
-    let mut shared = SharedMemory::<f32>::new(units);
-    let t = UNIT_POS_X as usize;
-    shared[t] = v;
-    sync_cube();
-    let mut stride = CUBE_DIM_X / 2;
-    while stride > 0 {
-        if UNIT_POS_X < stride {
-            shared[t] = f32::max(shared[t], shared[t + stride as usize]);
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    shared[0]
+    cube_reduce(v, units, true)
 }
 
 /// One cube of [`ROW_UNITS`] units a row, for `rows` rows: a grid of at most 65,535 cubes a side
