@@ -50,8 +50,8 @@ impl<B: Backend> Clone for LossKernels<B> {
 impl<B: Backend> Copy for LossKernels<B> {}
 
 /// The kernels registered for `B`, for f32 logits and i32 targets (else the tensor ops).
-fn kernels<B: Backend>(x: &Tensor<B, 2>, y: &Tensor<B, 2, Int>) -> Option<LossKernels<B>> {
-    if x.dtype() != DType::F32 || y.dtype() != DType::I32 {
+fn kernels<B: Backend>(x: &Tensor<B, 2>, y: &Tensor<B, 2, Int>, w: &Tensor<B, 2>) -> Option<LossKernels<B>> {
+    if x.dtype() != DType::F32 || y.dtype() != DType::I32 || w.dtype() != DType::F32 {
         return None;
     }
     crate::registry::registered::<LossKernels<B>>()
@@ -95,7 +95,7 @@ pub fn target_logprobs<B: Backend, const D: usize>(logits: Tensor<B, D>, targets
 
 /// The op's forward pass on any backend: the loss `[1]` and `lse` `[N, 1]`.
 fn forward<B: Backend>(x: Tensor<B, 2>, targets: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> (Tensor<B, 1>, Tensor<B, 2>) {
-    if let Some(k) = kernels(&x, &targets) {
+    if let Some(k) = kernels(&x, &targets, &weights) {
         let (loss, lse) = (k.forward)(x.into_primitive().tensor(), targets.into_primitive(), weights.into_primitive().tensor());
         return (Tensor::from_primitive(TensorPrimitive::Float(loss)), Tensor::from_primitive(TensorPrimitive::Float(lse)));
     }
@@ -138,14 +138,14 @@ pub fn fused_cross_entropy<B: Backend, C: CheckpointStrategy>(
             let g = grads.consume::<B>(&ops.node); // [1]
             let [Some(node)] = ops.parents else { return };
             let f = |p| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(p));
-            let (x, y) = (f(x), Tensor::<B, 2, Int>::from_primitive(y));
-            if let Some(k) = kernels(&x, &y) {
-                let dx = (k.backward)(x.into_primitive().tensor(), y.into_primitive(), lse, w, g);
+            let (x, y, w) = (f(x), Tensor::<B, 2, Int>::from_primitive(y), f(w));
+            if let Some(k) = kernels(&x, &y, &w) {
+                let dx = (k.backward)(x.into_primitive().tensor(), y.into_primitive(), lse, w.into_primitive().tensor(), g);
                 grads.register::<B>(node.id, dx);
                 return;
             }
             let g = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(g)).unsqueeze::<2>(); // [1, 1]
-            let coef = f(w) * g; // [N, 1]
+            let coef = w * g; // [N, 1]
             let dx = (x - f(lse)).exp() * coef.clone(); // [N, V]: softmax · g · w
             let dx = dx.scatter(1, y, coef.neg(), IndexingUpdateOp::Add); // [N, V]
             grads.register::<B>(node.id, dx.into_primitive().tensor());

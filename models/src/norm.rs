@@ -65,8 +65,8 @@ pub fn register_autodiff<B: Backend, C: CheckpointStrategy>() {
 }
 
 /// The kernels registered for `B`, for f32 tensors (other types take the tensor ops).
-fn kernels<B: Backend>(x: &Tensor<B, 2>) -> Option<NormKernels<B>> {
-    if x.dtype() != DType::F32 {
+fn kernels<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 1>) -> Option<NormKernels<B>> {
+    if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return None;
     }
     crate::registry::registered::<NormKernels<B>>()
@@ -82,7 +82,7 @@ fn tensor<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
 
 /// The forward pass on rows: `(y [N, D], r [N, 1])`.
 pub fn forward<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    if let Some(k) = kernels(&x) {
+    if let Some(k) = kernels(&x, &w) {
         let (y, r) = (k.forward)(prim(x), prim(w), eps as f32);
         return (tensor(y), tensor(r));
     }
@@ -92,7 +92,7 @@ pub fn forward<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64) -> (Tenso
 
 /// The backward pass on rows: `(dx [N, D], dw [D])`.
 pub fn backward<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, r: Tensor<B, 2>, dy: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 1>) {
-    if let Some(k) = kernels(&x) {
+    if let Some(k) = kernels(&x, &w).filter(|_| dy.dtype() == DType::F32) {
         let (dx, dw) = (k.backward)(prim(x), prim(w), prim(r), prim(dy));
         return (tensor(dx), tensor(dw));
     }

@@ -61,8 +61,8 @@ pub fn register_autodiff<B: Backend, C: CheckpointStrategy>() {
 }
 
 /// The kernels registered for `B`, for f32 tensors (other types take the tensor ops).
-fn kernels<B: Backend>(g: &Tensor<B, 3>) -> Option<SwigluKernels<B>> {
-    if g.dtype() != DType::F32 {
+fn kernels<B: Backend>(g: &Tensor<B, 3>, u: &Tensor<B, 3>) -> Option<SwigluKernels<B>> {
+    if g.dtype() != DType::F32 || u.dtype() != DType::F32 {
         return None;
     }
     crate::registry::registered::<SwigluKernels<B>>()
@@ -78,7 +78,7 @@ fn tensor<B: Backend>(p: FloatTensor<B>) -> Tensor<B, 3> {
 
 /// The forward pass: `h = silu(g) · u`.
 pub fn forward<B: Backend>(g: Tensor<B, 3>, u: Tensor<B, 3>) -> Tensor<B, 3> {
-    match kernels(&g) {
+    match kernels(&g, &u) {
         Some(k) => tensor((k.forward)(prim(g), prim(u))),
         None => silu(g) * u,
     }
@@ -86,7 +86,7 @@ pub fn forward<B: Backend>(g: Tensor<B, 3>, u: Tensor<B, 3>) -> Tensor<B, 3> {
 
 /// The backward pass: `(dg, du)`.
 pub fn backward<B: Backend>(g: Tensor<B, 3>, u: Tensor<B, 3>, dh: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
-    if let Some(k) = kernels(&g) {
+    if let Some(k) = kernels(&g, &u).filter(|_| dh.dtype() == DType::F32) {
         let (dg, du) = (k.backward)(prim(g), prim(u), prim(dh));
         return (tensor(dg), tensor(du));
     }

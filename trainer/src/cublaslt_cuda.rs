@@ -121,6 +121,13 @@ unsafe fn matmul(lt: &Lt, call: &LtCall, first: u64, second: u64, d: u64, ty: sy
         let size = WORKSPACE;
         lt::set_matmul_pref_attribute(pref, sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, (&size) as *const usize as *const _, std::mem::size_of::<usize>())
             .map_err(err("workspace size"))?;
+        // The heuristic assumes 256-byte-aligned operands unless told otherwise; a tensor that is
+        // a row slice of a larger buffer may start less aligned.
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        for (attr, ptr) in [(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, first), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, second), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, d), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, d)] {
+            let align: u32 = 1 << ptr.trailing_zeros().min(8);
+            lt::set_matmul_pref_attribute(pref, attr, (&align) as *const u32 as *const _, std::mem::size_of::<u32>()).map_err(err("alignment"))?;
+        }
         let heuristic = lt::get_matmul_algo_heuristic(lt.handle, desc, la, lb, ld, ld, pref).map_err(err("no algorithm for this GEMM"))?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         lt::matmul(
@@ -158,8 +165,11 @@ unsafe fn matmul(lt: &Lt, call: &LtCall, first: u64, second: u64, d: u64, ty: sy
 /// `kiln_models::linear::GemmKernel` of Burn's `Cuda` (f32, bf16 and f16 tensors).
 pub fn gemm<BT: BoolElement>(a: FloatTensor<G<BT>>, b: FloatTensor<G<BT>>, trans_a: bool, trans_b: bool) -> FloatTensor<G<BT>> {
     let ([a0, a1], [b0, b1]) = (a.shape.dims::<2>(), b.shape.dims::<2>());
-    let m = if trans_a { a1 } else { a0 };
-    let n = if trans_b { b0 } else { b1 };
+    let (m, k) = if trans_a { (a1, a0) } else { (a0, a1) };
+    let (kb, n) = if trans_b { (b1, b0) } else { (b0, b1) };
+    // A caller's mistake, caught here rather than as an out-of-bounds read on the GPU.
+    assert_eq!(k, kb, "GEMM of [{m}, {k}] by [{kb}, {n}] (transposes {trans_a}, {trans_b}): the inner sizes differ");
+    assert_eq!(a.dtype, b.dtype, "GEMM of {:?} by {:?}: one type for both operands", a.dtype, b.dtype);
     let dtype = a.dtype;
     let [out] = queue_typed::<CudaRuntime, f32, i32, BT, _, 1>("kiln_cublaslt_gemm", vec![a, b], [(Shape::new([m, n]), dtype)], (trans_a, trans_b), |desc, &(ta, tb), handles| {
         let ([a, b], [out]) = desc.as_fixed::<2, 1>();

@@ -55,9 +55,10 @@ fn time<B: Backend>(device: &B::Device, iters: usize, mut f: impl FnMut() -> Ten
     Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
 }
 
-/// The three GEMMs of each layer `[rows, in, out]` in `dtype`, `iters` timed calls each.
-pub fn run<B: Backend>(device: &B::Device, layers: &[[usize; 3]], dtype: DType, iters: usize) -> Result<Vec<GemmRow>> {
-    let kernel = kiln_models::linear::has_kernel::<B>();
+/// The three GEMMs of each layer `[rows, in, out]` in `dtype`, `iters` timed calls each; with
+/// `kernel` (the backend's GEMM works here) through it too.
+pub fn run<B: Backend>(device: &B::Device, layers: &[[usize; 3]], dtype: DType, iters: usize, kernel: bool) -> Result<Vec<GemmRow>> {
+    let kernel = kernel && kiln_models::linear::has_kernel::<B>();
     let mut rows = Vec::new();
     for &[n, i, o] in layers {
         let make = |shape: [usize; 2]| Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype);

@@ -387,7 +387,10 @@ fn cube_kernels_match_burns_ops_on_wgpu() {
     }
     let wd = wgpu_with_fused_adamw();
     kiln_trainer::cube_kernels::register::<burn::backend::wgpu::WgpuRuntime, u32>();
+    // Registered, so the ops below run them (f32 tensors, i32 targets), not their tensor-op passes.
     assert!(kiln_models::registry::registered::<norm::NormKernels<Wgpu>>().is_some());
+    assert!(kiln_models::registry::registered::<swiglu::SwigluKernels<Wgpu>>().is_some());
+    assert!(kiln_models::registry::registered::<loss::LossKernels<Wgpu>>().is_some());
     let random = |shape: Vec<usize>, sd: f64, offset: f32, seed: u64| {
         let device = Default::default();
         <Flex as burn::tensor::backend::Backend>::seed(&device, seed);

@@ -44,12 +44,24 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--iters 0: at least one timed call is needed");
     }
     let be = resolve_device(a.device.unwrap_or(DeviceSpec::Auto))?;
+    // cuBLASLt is loaded at run time: without it, Burn's figures alone (the reason on stderr).
+    let kernel = match &be {
+        #[cfg(feature = "cuda")]
+        kiln_trainer::device::Device::Cuda { index, .. } => match kiln_trainer::cublaslt_cuda::available(*index) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("cuBLASLt not timed: {e}");
+                false
+            }
+        },
+        _ => false,
+    };
     let rows = kiln_trainer::with_backend!(be, B, device, {
         type I = <B as AutodiffBackend>::InnerBackend;
         if dtype != DType::F32 && !<I as burn::tensor::backend::Backend>::supports_dtype(&device, dtype) {
             bail!("--dtype {}: {} cannot compute in {dtype:?}\n  hint: --dtype f32", a.dtype, be.describe());
         }
-        kiln_trainer::gemm_bench::run::<I>(&device, &a.layers, dtype, a.iters)?
+        kiln_trainer::gemm_bench::run::<I>(&device, &a.layers, dtype, a.iters, kernel)?
     });
     for r in rows {
         println!("{}", serde_json::to_string(&r)?);

@@ -46,7 +46,10 @@ fn cube_reduce(v: f32, #[comptime] units: usize, #[comptime] max: bool) -> f32 {
         sync_cube();
         stride /= 2;
     }
-    shared[0]
+    let total = shared[0];
+    // Every unit has read the result before any may write shared memory again.
+    sync_cube();
+    total
 }
 
 /// The sum of `v` over the cube's units (see [`cube_reduce`]).
