@@ -171,12 +171,9 @@ pub fn gemm<BT: BoolElement>(a: FloatTensor<G<BT>>, b: FloatTensor<G<BT>>, trans
     assert_eq!(k, kb, "GEMM of [{m}, {k}] by [{kb}, {n}] (transposes {trans_a}, {trans_b}): the inner sizes differ");
     assert_eq!(a.dtype, b.dtype, "GEMM of {:?} by {:?}: one type for both operands", a.dtype, b.dtype);
     let dtype = a.dtype;
-    let [out] = queue_typed::<CudaRuntime, f32, i32, BT, _, 1>("kiln_cublaslt_gemm", vec![a, b], [(Shape::new([m, n]), dtype)], (trans_a, trans_b), |desc, &(ta, tb), handles| {
+    let [out] = queue_typed::<CudaRuntime, f32, i32, BT, _, 1>("kiln_cublaslt_gemm", vec![a, b], [(Shape::new([m, n]), dtype)], (trans_a, trans_b, m, n, k), |desc, &(ta, tb, m, n, k), handles| {
         let ([a, b], [out]) = desc.as_fixed::<2, 1>();
         let [a, b] = [a, b].map(|t| into_contiguous(handles.get_float_tensor::<Inner<BT>>(t)));
-        let ([a0, a1], [b0, b1]) = (a.meta.shape().dims::<2>(), b.meta.shape().dims::<2>());
-        let (m, k) = if ta { (a1, a0) } else { (a0, a1) };
-        let n = if tb { b0 } else { b1 };
         let d = empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), Shape::new([m, n]), a.dtype);
         let ty = data_type(a.dtype);
         let result = match ty {

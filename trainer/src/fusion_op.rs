@@ -43,13 +43,13 @@ impl<R: CubeRuntime, S: Send + Sync + 'static> Operation<FusionCubeRuntime<R>> f
 
 /// Queues `run` on the fusion stream as op `id` over `inputs` (at least one; float or int
 /// tensors), with one new tensor of each shape and type in `outputs`; returns those outputs.
-pub(crate) fn queue<R, F, I, BT, S>(
+pub(crate) fn queue_typed<R, F, I, BT, S, const N: usize>(
     id: &'static str,
     inputs: Vec<FloatTensor<Gpu<R, F, I, BT>>>,
-    outputs: Vec<(Shape, DType)>,
+    outputs: [(Shape, DType); N],
     scalars: S,
     run: fn(&CustomOpIr, &S, &mut Handles<R>),
-) -> Vec<FloatTensor<Gpu<R, F, I, BT>>>
+) -> [FloatTensor<Gpu<R, F, I, BT>>; N]
 where
     R: CubeRuntime,
     F: FloatElement,
@@ -59,14 +59,17 @@ where
 {
     let client = inputs[0].client.clone();
     let streams = OperationStreams::with_inputs(inputs.iter());
-    let outputs: Vec<TensorIr> = outputs.into_iter().map(|(s, dt)| TensorIr::uninit(client.create_empty_handle(), s, dt)).collect();
+    let outputs = outputs.map(|(s, dt)| TensorIr::uninit(client.create_empty_handle(), s, dt));
     let inputs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
     let desc = CustomOpIr::new(id, &inputs, &outputs);
     let op = CustomOp::<R, S> { desc: desc.clone(), scalars, run };
-    client.register(streams, OperationIr::Custom(desc), op)
+    match <[_; N]>::try_from(client.register(streams, OperationIr::Custom(desc), op)) {
+        Ok(o) => o,
+        Err(o) => unreachable!("op {id} declares {N} outputs, fusion returned {}", o.len()),
+    }
 }
 
-/// [`queue`] for an op of exactly `N` f32 outputs.
+/// [`queue_typed`] for an op whose `N` outputs are all f32.
 pub(crate) fn queue_n<R, F, I, BT, S, const N: usize>(
     id: &'static str,
     inputs: Vec<FloatTensor<Gpu<R, F, I, BT>>>,
@@ -82,28 +85,6 @@ where
     S: Send + Sync + 'static,
 {
     queue_typed::<R, F, I, BT, S, N>(id, inputs, outputs.map(|s| (s, DType::F32)), scalars, run)
-}
-
-/// [`queue`] for an op of exactly `N` outputs of the given types.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) fn queue_typed<R, F, I, BT, S, const N: usize>(
-    id: &'static str,
-    inputs: Vec<FloatTensor<Gpu<R, F, I, BT>>>,
-    outputs: [(Shape, DType); N],
-    scalars: S,
-    run: fn(&CustomOpIr, &S, &mut Handles<R>),
-) -> [FloatTensor<Gpu<R, F, I, BT>>; N]
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-    S: Send + Sync + 'static,
-{
-    match <[_; N]>::try_from(queue::<R, F, I, BT, S>(id, inputs, outputs.into(), scalars, run)) {
-        Ok(o) => o,
-        Err(o) => unreachable!("op {id} declares {N} outputs, fusion returned {}", o.len()),
-    }
 }
 
 /// A fusion primitive as a `[N]` tensor.

@@ -47,6 +47,8 @@ fn time<B: Backend>(device: &B::Device, iters: usize, mut f: impl FnMut() -> Ten
     }
     B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
     let start = Instant::now();
+    // Every output stays live until the sync, so none of the calls can be elided or its memory
+    // recycled by the fusion layer before it is timed.
     let mut keep = Vec::with_capacity(iters);
     for _ in 0..iters {
         keep.push(f());

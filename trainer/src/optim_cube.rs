@@ -24,7 +24,6 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeRuntime, FloatElement, IntElement};
-use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
 
 use crate::fusion_op::{float, queue_n, Cube, Gpu};
@@ -69,8 +68,7 @@ fn launch<R: CubeRuntime>(inputs: [CubeTensor<R>; 5], s: &AdamWScalars) -> [Cube
     let client = p.client.clone();
     let out = || empty_device_dtype(client.clone(), p.device.clone(), p.meta.shape().clone(), DType::F32);
     let (p_out, m_out, v_out) = (out(), out(), out());
-    let cube_dim = CubeDim::new(&client, n);
-    let cube_count = calculate_cube_count_elemwise(&client, n, cube_dim);
+    let (cube_count, cube_dim) = crate::cube_kernels::elementwise_grid(&client, n);
     // SAFETY: p, g, m, v and the three outputs hold `n` f32 values each (the optimizer calls
     // this only for f32 tensors of one parameter's size; the outputs are allocated above with p's
     // shape), `scale` holds one, and the kernel touches index `i` only when `i < n`.

@@ -77,20 +77,13 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
     pub fn run(mut self, interrupt: &AtomicBool) -> Result<Outcome> {
         let plan = self.plan;
         let t = &plan.recipe.train;
-        let mut first = true;
         while self.state.step < t.steps {
             if interrupt.load(Ordering::SeqCst) {
                 return self.interrupted();
             }
             let step = self.state.step + 1;
             let lr = learning_rate(&plan.recipe.optim, step, t.steps);
-            // A GPU's first step compiles every kernel it launches and autotunes the matmuls and
-            // reductions (the progress bar says so before it); say after it how long that took.
-            let gpu = (std::mem::take(&mut first) && plan.device.gpu_name().is_some()).then(std::time::Instant::now);
             let out = self.step(step, lr)?;
-            if let Some(start) = gpu {
-                tracing::info!("step {step} took {:.1} s, compiling and autotuning its GPU kernels included (cached in $KILN_CACHE/cubecl for later runs); the next steps run at steady speed", start.elapsed().as_secs_f64());
-            }
             self.log_step(step, lr, &out)?;
             if (t.eval_every > 0 && step % t.eval_every == 0) || step == t.steps {
                 self.validate(step)?;
@@ -248,7 +241,13 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         self.state.optimizer_steps = self.engine.optimizer_steps();
         self.state.joules = self.energy.training_joules();
         self.state.energy_method = self.energy.method.clone();
+        let first = self.speed.first_step_s.is_none();
         let tps = self.speed.record(out.tokens, dt, &self.plan.device);
+        // A GPU's first step compiles every kernel it launches and autotunes the matmuls and
+        // reductions (the progress bar says so before it); say how long that took.
+        if first && self.plan.device.gpu_name().is_some() {
+            tracing::info!("step {step} took {dt:.1} s, compiling and autotuning its GPU kernels included (cached in $KILN_CACHE/cubecl for later runs); the next steps run at steady speed");
+        }
         self.progress.step(step, out.loss, lr, out.grad_norm, tps);
         Ok(out)
     }

@@ -14,10 +14,9 @@ use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::{BoolElement, CubeRuntime};
-use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
 
-use super::{cube_max, cube_sum, empty_like, row_grid, ROW_UNITS};
+use super::{cube_max, cube_sum, elementwise_grid, empty_like, row_grid, ROW_UNITS};
 use crate::fusion_op::{queue_n, Cube, Gpu};
 
 type B<R, BT> = Gpu<R, f32, i32, BT>;
@@ -115,8 +114,7 @@ pub fn backward<R: CubeRuntime, BT: BoolElement>(
         let [n, v] = x.meta.shape().dims::<2>();
         let dx = empty_like(&x, x.meta.shape().clone());
         let client = x.client.clone();
-        let dim = CubeDim::new(&client, n * v);
-        let count = calculate_cube_count_elemwise(&client, n * v, dim);
+        let (count, dim) = elementwise_grid(&client, n * v);
         // SAFETY: x and dx hold n·v f32 values, y n i32 targets, lse and w n values, g one; a
         // unit touches index pos of x and dx and row pos / v of the rest, when pos < n·v.
         unsafe {

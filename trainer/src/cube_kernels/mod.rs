@@ -72,6 +72,12 @@ pub(crate) fn row_grid(rows: usize) -> (CubeCount, CubeDim) {
     (CubeCount::Static(x as u32, y as u32, 1), CubeDim::new_1d(ROW_UNITS as u32))
 }
 
+/// One unit an element over `n` elements, on `client`'s device.
+pub(crate) fn elementwise_grid<R: CubeRuntime>(client: &ComputeClient<R>, n: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new(client, n);
+    (cubecl::calculate_cube_count_elemwise(client, n, dim), dim)
+}
+
 /// A new contiguous f32 tensor on `like`'s device.
 pub(crate) fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape) -> CubeTensor<R> {
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)

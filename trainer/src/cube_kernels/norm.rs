@@ -11,10 +11,9 @@ use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::{BoolElement, CubeRuntime};
-use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
 
-use super::{cube_sum, empty_like, row_grid, ROW_UNITS};
+use super::{cube_sum, elementwise_grid, empty_like, row_grid, ROW_UNITS};
 use crate::fusion_op::{queue_n, Cube, Gpu};
 
 type B<R, BT> = Gpu<R, f32, i32, BT>;
@@ -139,8 +138,7 @@ pub fn backward<R: CubeRuntime, BT: BoolElement>(
         let (count, dim) = row_grid(n);
         let chunks = n.div_ceil(CHUNK);
         let partial = empty_like(&x, Shape::new([chunks, d]));
-        let dim_w = CubeDim::new(&client, chunks * d);
-        let count_w = calculate_cube_count_elemwise(&client, chunks * d, dim_w);
+        let (count_w, dim_w) = elementwise_grid(&client, chunks * d);
         // SAFETY: x, dy and dx hold n·d f32 values, w holds d, r holds n and partial
         // chunks·d; a row cube touches only its row, and the weight kernel's unit `pos` only
         // index pos of partial and rows of its chunk, when pos < chunks·d.

@@ -7,12 +7,10 @@
 
 use burn::tensor::ops::FloatTensor;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeRuntime};
-use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
 
-use super::empty_like;
+use super::{elementwise_grid, empty_like};
 use crate::fusion_op::{queue_n, Cube, Gpu};
 
 type B<R, BT> = Gpu<R, f32, i32, BT>;
@@ -40,12 +38,6 @@ pub(crate) fn backward_kernel(g: &Array<f32>, u: &Array<f32>, dh: &Array<f32>, d
     }
 }
 
-/// The element-wise grid over `n` elements of `t`'s device.
-fn grid<R: CubeRuntime>(t: &CubeTensor<R>, n: usize) -> (CubeCount, CubeDim) {
-    let dim = CubeDim::new(&t.client, n);
-    (calculate_cube_count_elemwise(&t.client, n, dim), dim)
-}
-
 /// `(g, u) -> h = silu(g)·u` as one kernel.
 pub fn forward<R: CubeRuntime, BT: BoolElement>(g: FloatTensor<B<R, BT>>, u: FloatTensor<B<R, BT>>) -> FloatTensor<B<R, BT>> {
     let shape = g.shape.clone();
@@ -54,7 +46,7 @@ pub fn forward<R: CubeRuntime, BT: BoolElement>(g: FloatTensor<B<R, BT>>, u: Flo
         let [g, u] = [g, u].map(|t| into_contiguous(handles.get_float_tensor::<Inner<R, BT>>(t)));
         let n = g.meta.num_elements();
         let h = empty_like(&g, g.meta.shape().clone());
-        let (count, dim) = grid(&g, n);
+        let (count, dim) = elementwise_grid(&g.client, n);
         // SAFETY: g, u and h hold n f32 values each (one shape, h allocated here); a unit
         // touches index i only when i < n.
         unsafe {
@@ -77,7 +69,7 @@ pub fn backward<R: CubeRuntime, BT: BoolElement>(
         let [g, u, dh] = [g, u, dh].map(|t| into_contiguous(handles.get_float_tensor::<Inner<R, BT>>(t)));
         let n = g.meta.num_elements();
         let (dg, du) = (empty_like(&g, g.meta.shape().clone()), empty_like(&g, g.meta.shape().clone()));
-        let (count, dim) = grid(&g, n);
+        let (count, dim) = elementwise_grid(&g.client, n);
         // SAFETY: as the forward: five tensors of n f32 values, index i < n only.
         unsafe {
             backward_kernel::launch_unchecked::<R>(&g.client, count, dim, g.clone().into_array_arg(), u.into_array_arg(), dh.into_array_arg(), dg.clone().into_array_arg(), du.clone().into_array_arg());
