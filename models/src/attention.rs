@@ -17,6 +17,13 @@
 //! `Llama::layer` is generic over any backend, so the op is found through `registry.rs`: the
 //! trainer registers [`causal_attention`] for the autodiff backends it builds, and a model with
 //! `fused_attention` set uses it when its backend is registered.
+//!
+//! **Flash attention** (`train.flash_attention`): a backend may register both passes as tiled
+//! kernels ([`AttentionKernels`]: `trainer/src/cube_kernels/attention.rs` for wgpu and CUDA). The
+//! forward then also returns the rows' log-sum-exp `L = m + ln Σ exp(S − m)` `[B, H, T]`, and the
+//! backward recomputes `P = exp(S − L)` a tile at a time, so no `[B, H, T, T]` tensor exists in
+//! either pass. They take causal attention without a packing mask, in f32, f16 or bf16 (f32
+//! accumulation), head dims up to [`FLASH_MAX_HEAD_DIM`]; anything else takes the path above.
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -25,11 +32,39 @@ use burn::backend::Autodiff;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor};
-use burn::tensor::{Bool, Tensor, TensorPrimitive};
+use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
 
 /// Causal attention over `q, k, v: [B, H, T, Hd]` (keys and values already repeated to H heads),
 /// or with `hide: [B, H, T, T]` (packed rows), attention where `hide` is false.
-pub type AttentionFn<B> = fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4, Bool>>) -> Tensor<B, 4>;
+/// The last argument asks for the flash kernels where the backend has them.
+pub type AttentionFn<B> = fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4, Bool>>, bool) -> Tensor<B, 4>;
+
+/// The largest head dimension the flash kernels take.
+pub const FLASH_MAX_HEAD_DIM: usize = 128;
+
+/// Flash attention's two passes as kernels of backend `B`: causal, scale `1/√Hd`, `q, k, v`
+/// `[B, H, T, Hd]` of one float type.
+pub struct AttentionKernels<B: Backend> {
+    /// `(q, k, v) -> (o [B, H, T, Hd], lse [B, H, T] f32)`.
+    #[allow(clippy::type_complexity)]
+    pub forward: fn(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>),
+    /// `(q, k, v, o, lse, dO) -> (dq, dk, dv)`, each `[B, H, T, Hd]`.
+    #[allow(clippy::type_complexity)]
+    pub backward: fn(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
+}
+
+impl<B: Backend> Clone for AttentionKernels<B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for AttentionKernels<B> {}
+
+/// The flash kernels registered for `B`, if they take `q` (see the module docs).
+pub fn flash_kernels<B: Backend>(q: &Tensor<B, 4>) -> Option<AttentionKernels<B>> {
+    let ok = matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16) && q.dims()[3] <= FLASH_MAX_HEAD_DIM;
+    ok.then(crate::registry::registered::<AttentionKernels<B>>).flatten()
+}
 
 /// Makes `f` the fused attention of backend `B` (idempotent).
 pub fn register<B: Backend>(f: AttentionFn<B>) {
@@ -46,26 +81,36 @@ pub fn registered<B: Backend>() -> Option<AttentionFn<B>> {
     crate::registry::registered::<AttentionFn<B>>()
 }
 
-/// `softmax(Q Kᵀ / √Hd + causal mask) V` with the backward pass above.
+/// `softmax(Q Kᵀ / √Hd + causal mask) V` with the backward pass above; with `flash`, by the
+/// backend's flash kernels where they take the call.
 pub fn causal_attention<B: Backend, C: CheckpointStrategy>(
     q: Tensor<Autodiff<B, C>, 4>, // [B, H, T, Hd]
     k: Tensor<Autodiff<B, C>, 4>, // [B, H, T, Hd]
     v: Tensor<Autodiff<B, C>, 4>, // [B, H, T, Hd]
     hide: Option<Tensor<Autodiff<B, C>, 4, Bool>>, // [B, H, T, T], packed rows
+    flash: bool,
 ) -> Tensor<Autodiff<B, C>, 4> {
     #[derive(Debug)]
     struct CausalAttention;
 
     impl<B: Backend> Backward<B, 3> for CausalAttention {
-        // q, k, v, the output and the mask, on the inner backend.
-        type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, Option<BoolTensor<B>>);
+        // q, k, v, the output, the mask and (flash) the log-sum-exp, on the inner backend.
+        type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, Option<BoolTensor<B>>, Option<FloatTensor<B>>);
 
         fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-            let (q, k, v, o, hide) = ops.state;
+            let (q, k, v, o, hide, lse) = ops.state;
             let d_o = grads.consume::<B>(&ops.node);
             let t = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
             let hide = hide.map(Tensor::<B, 4, Bool>::from_primitive);
-            let (dq, dk, dv) = attention_backward(t(q), t(k), t(v), t(o), t(d_o), hide);
+            let kernels = lse.as_ref().and(crate::registry::registered::<AttentionKernels<B>>());
+            let (dq, dk, dv) = match (kernels, lse) {
+                (Some(kern), Some(lse)) => {
+                    let d_o = t(d_o).cast(t(q.clone()).dtype()).into_primitive().tensor();
+                    let (dq, dk, dv) = (kern.backward)(q, k, v, o, lse, d_o);
+                    (t(dq), t(dk), t(dv))
+                }
+                _ => attention_backward(t(q), t(k), t(v), t(o), t(d_o), hide),
+            };
             let [nq, nk, nv] = ops.parents;
             for (node, g) in [(nq, dq), (nk, dk), (nv, dv)] {
                 if let Some(node) = node {
@@ -76,14 +121,21 @@ pub fn causal_attention<B: Backend, C: CheckpointStrategy>(
     }
 
     let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: hide.is_none() };
+    let kernels = (flash && hide.is_none()).then(|| flash_kernels(&q.clone().inner())).flatten();
     let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
     let hide: Option<BoolTensor<B>> = hide.map(|h| h.into_primitive());
-    let out = match CausalAttention.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => {
-            let o = B::attention(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), hide.clone(), None, opts);
-            prep.finish((q.primitive, k.primitive, v.primitive, o.clone(), hide), o)
+    let prep = CausalAttention.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful();
+    let out = match (prep, kernels) {
+        (OpsKind::Tracked(prep), Some(kern)) => {
+            let (o, lse) = (kern.forward)(q.primitive.clone(), k.primitive.clone(), v.primitive.clone());
+            prep.finish((q.primitive, k.primitive, v.primitive, o.clone(), None, Some(lse)), o)
         }
-        OpsKind::UnTracked(prep) => prep.finish(B::attention(q.primitive, k.primitive, v.primitive, hide, None, opts)),
+        (OpsKind::Tracked(prep), None) => {
+            let o = B::attention(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), hide.clone(), None, opts);
+            prep.finish((q.primitive, k.primitive, v.primitive, o.clone(), hide, None), o)
+        }
+        (OpsKind::UnTracked(prep), Some(kern)) => prep.finish((kern.forward)(q.primitive, k.primitive, v.primitive).0),
+        (OpsKind::UnTracked(prep), None) => prep.finish(B::attention(q.primitive, k.primitive, v.primitive, hide, None, opts)),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }

@@ -21,6 +21,7 @@ pub mod norm;
 pub mod params;
 pub mod presets;
 pub mod registry;
+pub mod rope;
 pub mod skip;
 pub mod swiglu;
 pub mod tokenizer;
@@ -38,6 +39,7 @@ pub fn register_fused_ops<B: burn::tensor::backend::Backend, C: burn::backend::a
     loss::register_autodiff::<B, C>();
     norm::register_autodiff::<B, C>();
     swiglu::register_autodiff::<B, C>();
+    rope::register_autodiff::<B, C>();
     linear::register_autodiff::<B, C>();
 }
 

@@ -16,6 +16,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::rope::{rope, rope_tables};
 use crate::linear::matmul;
 use crate::norm::rms_norm;
 use crate::swiglu::swiglu;
@@ -172,6 +173,10 @@ pub struct Llama<B: Backend> {
     /// decomposed attention. Only the training (causal, no KV cache) path uses it.
     #[module(skip)]
     pub fused_attention: bool,
+    /// Within the fused attention op, the backend's tiled flash kernels (`attention.rs`'s
+    /// `AttentionKernels`) where it registers them and they take the call.
+    #[module(skip)]
+    pub flash_attention: bool,
     /// Compute the training loss through the cross-entropy op of `loss.rs` (no `[N, V]`
     /// log-probabilities) when one is registered for this backend; else Burn's `log_softmax`.
     /// Read by the trainer's loss, not by `forward`.
@@ -184,6 +189,10 @@ pub struct Llama<B: Backend> {
     /// The MLP's `silu(gate) · up` through the op of `swiglu.rs`, likewise.
     #[module(skip)]
     pub fused_swiglu: bool,
+    /// Projections that share an input (q, k, v; gate, up) as one matmul of their weights side
+    /// by side, split after (`projs`); else one matmul each.
+    #[module(skip)]
+    pub fused_proj: bool,
     /// Linear layers' matmuls through the op of `linear.rs` (the backend's own GEMM, cuBLASLt on
     /// CUDA, for the forward and both backward products) when one is registered; else Burn's.
     #[module(skip)]
@@ -288,9 +297,11 @@ impl<B: Backend> Llama<B> {
             eps: cfg.rms_norm_eps,
             compute: None,
             fused_attention: false,
+            flash_attention: false,
             fused_loss: false,
             fused_norm: false,
             fused_swiglu: false,
+            fused_proj: false,
             cublaslt: false,
             lora: None,
             vocab: v,
@@ -381,12 +392,22 @@ impl<B: Backend> Llama<B> {
         let a = &l.self_attn;
 
         let hn = rms_norm(x.clone(), l.input_layernorm.val(), self.eps, self.fused_norm); // [B, T, D]
-        let q = self.proj(hn.clone(), a.q_proj.val(), i, 0).reshape([b, t, h, hd]).swap_dims(1, 2); // [B, H, T, Hd]
-        let kk = self.proj(hn.clone(), a.k_proj.val(), i, 1).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
-        let v = self.proj(hn, a.v_proj.val(), i, 2).reshape([b, t, k, hd]).swap_dims(1, 2); // [B, K, T, Hd]
-        let q = rope(q, cos, sin); // [B, H, T, Hd]
-        let mut kk = rope(kk, cos, sin); // [B, K, T, Hd]
-        let mut v = v;
+        let ws = [a.q_proj.val(), a.k_proj.val(), a.v_proj.val()];
+        let joined = self.fused_proj && (0..3).all(|m| !self.adapted(i, m));
+        let (q, mut kk, mut v) = match joined.then(crate::rope::registered::<B>).flatten() {
+            // One matmul, then RoPE on q's and k's heads of its output as one op (rope.rs).
+            Some(turn) => {
+                let y = self.mm(hn, Tensor::cat(Vec::from(ws), 1)); // [B, T, (H + 2K)·Hd]
+                let y = turn(y, cos.clone(), sin.clone(), h + k).reshape([b, t, h + 2 * k, hd]).swap_dims(1, 2); // [B, H + 2K, T, Hd]
+                (y.clone().narrow(1, 0, h), y.clone().narrow(1, h, k), y.narrow(1, h + k, k)) // [B, H, T, Hd], [B, K, T, Hd] x2
+            }
+            None => {
+                let [q, kk, v] = self.projs(hn, ws, i, [0, 1, 2]); // [B, T, H·Hd], [B, T, K·Hd] x2
+                let q = rope(q.reshape([b, t, h, hd]).swap_dims(1, 2), cos, sin); // [B, H, T, Hd]
+                let kk = rope(kk.reshape([b, t, k, hd]).swap_dims(1, 2), cos, sin); // [B, K, T, Hd]
+                (q, kk, v.reshape([b, t, k, hd]).swap_dims(1, 2)) // .., [B, K, T, Hd]
+            }
+        };
         let causal = match kv {
             Some((ck, cv)) => {
                 let first = ck.is_none();
@@ -408,7 +429,7 @@ impl<B: Backend> Llama<B> {
         let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
         let fused = (self.fused_attention && (causal || hide.is_some()) && t == kk.dims()[2]).then(crate::attention::registered::<B>).flatten();
         let attend = |q, k, v| match fused {
-            Some(f) => f(q, k, v, hide.cloned()),
+            Some(f) => f(q, k, v, hide.cloned(), self.flash_attention),
             None => attention(q, k, v, hide.cloned(), None, opts),
         };
         let y = match self.compute {
@@ -420,8 +441,7 @@ impl<B: Backend> Llama<B> {
 
         let hn = rms_norm(x.clone(), l.post_attention_layernorm.val(), self.eps, self.fused_norm); // [B, T, D]
         let m = &l.mlp;
-        let gate = self.proj(hn.clone(), m.gate_proj.val(), i, 4); // [B, T, F]
-        let up = self.proj(hn, m.up_proj.val(), i, 5); // [B, T, F]
+        let [gate, up] = self.projs(hn, [m.gate_proj.val(), m.up_proj.val()], i, [4, 5]); // [B, T, F] x2
         x + self.proj(swiglu(gate, up, self.fused_swiglu), m.down_proj.val(), i, 6) // [B, T, D]
     }
 
@@ -429,10 +449,51 @@ impl<B: Backend> Llama<B> {
     /// plus the adapter's `s·(x'·Aᵀ)·Bᵀ` where one adapts it (`x'` is `x`, or `x ⊙ mask` under
     /// LoRA dropout): `x: [B, T, In]`, `w: [In, Out]`, `A: [r, In]`, `B: [Out, r]`.
     fn proj(&self, x: Tensor<B, 3>, w: Tensor<B, 2>, l: usize, m: usize) -> Tensor<B, 3> {
-        let Some((lora, p)) = self.lora.as_ref().and_then(|lo| lo.layers[l].pairs()[m].1.map(|p| (lo, p))) else { return self.mm(x, w) };
-        let y = self.mm(x.clone(), w); // [B, T, Out]
+        if self.adapted(l, m) {
+            let y = self.mm(x.clone(), w); // [B, T, Out]
+            return y + self.adapter(x, l, m);
+        }
+        self.mm(x, w)
+    }
+
+    /// Whether projection `m` of layer `l` has an adapter.
+    fn adapted(&self, l: usize, m: usize) -> bool {
+        self.lora.as_ref().is_some_and(|lo| lo.layers[l].pairs()[m].1.is_some())
+    }
+
+    /// The adapter's `s·(x'·Aᵀ)·Bᵀ` of projection `m` of layer `l`, which has one ([`Self::adapted`]).
+    fn adapter(&self, x: Tensor<B, 3>, l: usize, m: usize) -> Tensor<B, 3> {
+        let (lora, p) = match self.lora.as_ref().and_then(|lo| lo.layers[l].pairs()[m].1.map(|p| (lo, p))) {
+            Some(found) => found,
+            None => unreachable!("projection {m} of layer {l} has no adapter (check `adapted` first)"),
+        };
         let u = self.mm(lora.input(x, l, m), p.lora_A.val().transpose()); // [B, T, r]
-        y + self.mm(u, p.lora_B.val().transpose()) * lora.scale() // [B, T, Out]
+        self.mm(u, p.lora_B.val().transpose()) * lora.scale() // [B, T, Out]
+    }
+
+    /// Projections `ms` of layer `l` over the same input: with `fused_proj`, one matmul of the
+    /// weights side by side (`x @ [w_1 | w_2 | ..]`, `[B, T, ΣOut]`) split into its parts, each
+    /// part plus its adapter; else one [`Self::proj`] each. One GEMM instead of N each way (and
+    /// under mixed precision one weight cast), for a copy of the weights into the joined one.
+    fn projs<const N: usize>(&self, x: Tensor<B, 3>, ws: [Tensor<B, 2>; N], l: usize, ms: [usize; N]) -> [Tensor<B, 3>; N] {
+        if !self.fused_proj {
+            let mut ws = ws.into_iter();
+            return ms.map(|m| match ws.next() {
+                Some(w) => self.proj(x.clone(), w, l, m),
+                None => unreachable!("one weight a projection"),
+            });
+        }
+        let widths = ws.each_ref().map(|w| w.dims()[1]);
+        let y = self.mm(x.clone(), Tensor::cat(Vec::from(ws), 1)); // [B, T, ΣOut]
+        let mut start = 0;
+        std::array::from_fn(|i| {
+            let part = y.clone().narrow(2, start, widths[i]); // [B, T, Out_i]
+            start += widths[i];
+            match self.adapted(l, ms[i]) {
+                true => part + self.adapter(x.clone(), l, ms[i]),
+                false => part,
+            }
+        })
     }
 
     /// `x @ w` for `x: [B, T, In]`, `w: [In, Out]`, in the compute precision; the result is f32.
@@ -450,35 +511,6 @@ impl<B: Backend> Llama<B> {
             Some(dt) => matmul(x.cast(dt).reshape([b * t, d_in]), w.cast(dt), self.cublaslt).reshape([b, t, d_out]).cast(DType::F32),
         }
     }
-}
-
-/// RoPE tables in the half-split convention: `[T, Hd]`, the frequencies repeated twice.
-fn rope_tables<B: Backend>(max_t: usize, hd: usize, theta: f64, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let half = hd / 2;
-    let mut cos = Vec::with_capacity(max_t * hd);
-    let mut sin = Vec::with_capacity(max_t * hd);
-    for pos in 0..max_t {
-        for j in 0..hd {
-            let inv = 1.0 / theta.powf((2 * (j % half)) as f64 / hd as f64);
-            let a = pos as f64 * inv;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
-        }
-    }
-    (
-        Tensor::from_data(TensorData::new(cos, [max_t, hd]), device),
-        Tensor::from_data(TensorData::new(sin, [max_t, hd]), device),
-    )
-}
-
-/// `x * cos + rotate_half(x) * sin`, with `rotate_half([a, b]) = [-b, a]` on the head dim;
-/// `cos` and `sin` broadcast over the heads (and over the batch when they are `[1, 1, T, Hd]`).
-fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
-    let hd = x.dims()[3];
-    let a = x.clone().narrow(3, 0, hd / 2); // [B, H, T, Hd/2]
-    let b = x.clone().narrow(3, hd / 2, hd / 2); // [B, H, T, Hd/2]
-    let rot = Tensor::cat(vec![b.neg(), a], 3); // [B, H, T, Hd]
-    x * cos.clone() + rot * sin.clone()
 }
 
 /// Packed rows for [`Llama::forward_packed`]: each position's RoPE position and, per row, the

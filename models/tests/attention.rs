@@ -28,7 +28,7 @@ fn fused_attention_matches_the_decomposed_one() {
             let k = Tensor::<B, 4>::from_inner(k0.clone()).require_grad();
             let v = Tensor::<B, 4>::from_inner(v0.clone()).require_grad();
             let o = if fused {
-                causal_attention::<Flex, NoCheckpointing>(q.clone(), k.clone(), v.clone(), None)
+                causal_attention::<Flex, NoCheckpointing>(q.clone(), k.clone(), v.clone(), None, true)
             } else {
                 let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
                 attention(q.clone(), k.clone(), v.clone(), None, None, opts)

@@ -121,3 +121,40 @@ fn fused_matmul_matches_burns_matmul() {
     assert!(!linear::has_kernel::<Flex>(), "flex has no GEMM kernel of its own");
     assert!(rel(linear::matmul(a.clone(), b.clone(), true), a.clone().matmul(b.clone())) < 1e-6);
 }
+
+/// RoPE on the joined q/k/v projection (models/src/rope.rs) against `rope` on q and k apart,
+/// differentiated by autodiff: output and gradient, with tables shared by the batch and with a
+/// row of its own each (packed rows' positions), GQA (3 query heads, 1 key/value head).
+#[test]
+fn joined_rope_matches_rope_on_each_head() {
+    use kiln_models::rope::{joined_rope, rope, rope_tables};
+    let (b, t, h, k, hd) = (2, 5, 3, 1, 8);
+    let device = Default::default();
+    let (cos, sin) = rope_tables::<B>(16, hd, 10000.0, &device);
+    let shared = (cos.clone().narrow(0, 0, t).unsqueeze::<4>(), sin.clone().narrow(0, 0, t).unsqueeze::<4>()); // [1, 1, T, Hd]
+    let own = (Tensor::cat(vec![cos.clone().narrow(0, 0, t), cos.narrow(0, 3, t)], 0).reshape([b, 1, t, hd]), Tensor::cat(vec![sin.clone().narrow(0, 0, t), sin.narrow(0, 3, t)], 0).reshape([b, 1, t, hd]));
+    let y = random([b, t, (h + 2 * k) * hd], 1.0, 0.0, 9);
+    let probe = random([b, t, (h + 2 * k) * hd], 1.0, 0.0, 10);
+    for (name, (cos, sin)) in [("shared tables", shared), ("a row each", own)] {
+        let grads = |fused: bool| {
+            let ya = Tensor::<B, 3>::from_inner(y.clone()).require_grad();
+            let out = if fused {
+                joined_rope::<Flex, NoCheckpointing>(ya.clone(), cos.clone(), sin.clone(), h + k)
+            } else {
+                let heads = ya.clone().reshape([b, t, h + 2 * k, hd]).swap_dims(1, 2); // [B, NH, T, Hd]
+                let q = rope(heads.clone().narrow(1, 0, h), &cos, &sin);
+                let kk = rope(heads.clone().narrow(1, h, k), &cos, &sin);
+                Tensor::cat(vec![q, kk, heads.narrow(1, h + k, k)], 1).swap_dims(1, 2).reshape([b, t, (h + 2 * k) * hd])
+            };
+            let g = (out.clone() * Tensor::from_inner(probe.clone())).sum().backward();
+            (out.inner(), ya.grad(&g).unwrap())
+        };
+        let ((of, gf), (od, gd)) = (grads(true), grads(false));
+        let (eo, eg) = (rel(of.clone(), od), rel(gf, gd));
+        println!("joined RoPE, {name}: output {eo:.1e}, gradient {eg:.1e}");
+        assert!(eo < 1e-6 && eg < 1e-6, "joined RoPE, {name}: output {eo}, gradient {eg}");
+        // v's heads pass through untouched.
+        let v_part = |x: Tensor<Flex, 3>| x.reshape([b, t, h + 2 * k, hd]).narrow(2, h + k, k);
+        assert_eq!(rel(v_part(of), v_part(y.clone())), 0.0);
+    }
+}

@@ -313,6 +313,12 @@ pub struct TrainSection {
     /// per layer. Same gradients (tested); on lavapipe 43% less device memory and 28% more
     /// tokens/s at context 512; `false` keeps Burn's decomposed attention.
     pub fused_attention: bool,
+    /// Within the fused attention op on wgpu and CUDA, Kiln's tiled flash-attention kernels
+    /// (trainer/src/cube_kernels/attention.rs): causal, f32/f16/bf16, head dims up to 128; the
+    /// forward keeps each row's log-sum-exp and the backward recomputes the probabilities a tile
+    /// at a time, so neither pass writes a `[B, H, T, T]` tensor. Same gradients (tested on
+    /// wgpu). Off until measured on a GPU; packed rows and other backends keep the op's path.
+    pub flash_attention: bool,
     /// Compute the loss on Burn's graph as one custom autodiff op (models/src/loss.rs): the
     /// log-sum-exp and the target's logit forward, `softmax − one-hot` backward, instead of
     /// Burn's `log_softmax` and `gather`, which write several more `[tokens, vocab]` tensors each
@@ -325,6 +331,11 @@ pub struct TrainSection {
     /// (models/src/swiglu.rs); on wgpu and CUDA each pass is one CubeCL kernel. `false` keeps
     /// Burn's ops.
     pub fused_swiglu: bool,
+    /// On Burn's graph, projections that share an input (q, k and v; the MLP's gate and up) as
+    /// one matmul of their weights side by side, split after: one GEMM instead of three (two)
+    /// each way, for a copy of the weights a step. Same gradients (tested); `false`: a matmul
+    /// each.
+    pub fused_proj: bool,
     /// On CUDA, linear layers' matmuls (forward and both backward GEMMs) through cuBLASLt, as one
     /// custom autodiff op (models/src/linear.rs, trainer/src/cublaslt_cuda.rs); checked before
     /// the run that the machine has libcublasLt. Other devices keep Burn's matmul (warned).
@@ -366,9 +377,11 @@ impl Default for TrainSection {
             precision: Precision::F32,
             cpu_kernels: true,
             fused_attention: true,
+            flash_attention: false,
             fused_loss: true,
             fused_norm: true,
             fused_swiglu: true,
+            fused_proj: true,
             cublaslt: false,
             gradient_checkpointing: false,
             pad_vocab: None,

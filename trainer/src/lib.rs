@@ -14,6 +14,7 @@
 //!   the Hugging Face Hub, export, data parallelism, devices, throughput.
 
 pub mod accounting;
+pub mod attention_bench;
 pub mod cublaslt;
 #[cfg(feature = "cuda")]
 pub mod cublaslt_cuda;
@@ -26,6 +27,7 @@ pub mod export;
 pub mod gemm_bench;
 pub mod hub;
 pub mod lora;
+pub mod model_setup;
 pub mod optim;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod optim_cube;

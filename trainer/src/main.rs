@@ -62,6 +62,10 @@ enum Command {
     /// Time a linear layer's three GEMMs at given shapes through Burn's matmul and, on CUDA,
     /// cuBLASLt (train.cublaslt), with the largest difference between the two: one JSON line a GEMM.
     BenchGemm(commands::bench_gemm::Args),
+    /// Time causal attention's forward and backward at given shapes through the fused op's
+    /// recomputing path and, on wgpu and CUDA, Kiln's flash kernels (train.flash_attention), with
+    /// the largest difference between the two: one JSON line a path and shape.
+    BenchAttention(commands::bench_attention::Args),
     /// Tokenizer tools.
     Tokenizer {
         #[command(subcommand)]
@@ -106,6 +110,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Index { command } => commands::index::run(command),
         Command::Tokenizer { command } => commands::tokenizer::run(command),
         Command::BenchGemm(a) => commands::bench_gemm::run(a),
+        Command::BenchAttention(a) => commands::bench_attention::run(a),
     }
 }
 

@@ -21,7 +21,7 @@ use crate::data::sft::ExampleLoader;
 use crate::dist::{Dist, DistOptions};
 use crate::engine::{Engine, EngineKind, StepOutput};
 use crate::optim::{learning_rate, AdamW};
-use crate::plan::{compute_dtype, Corpus, Plan};
+use crate::plan::{Corpus, Plan};
 use crate::progress::Progress;
 use crate::report::{self, Reached, Report};
 use crate::run_dir::{RunDir, TrainState, Weights, CHECKPOINT_FORMAT};
@@ -186,8 +186,8 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             Some(o) => Some((Dist::join::<B::InnerBackend>(o, device)?, o.step_timeout)),
             None => None,
         };
-        configure(&mut model, plan);
-        let model = pad_vocab(model, &mut opt, plan, device);
+        crate::model_setup::configure(&mut model, plan);
+        let model = crate::model_setup::pad_vocab(model, &mut opt, plan, device);
         let cache = plan.recipe.retriever.as_ref().is_some_and(|r| r.gradient_cache);
         let engine = Engine::new(plan.engine, model, opt, &plan.model, plan.threads, plan.recipe.train.gradient_checkpointing, cache);
         let speed = Speed::new(plan.model.flops_per_token(), crate::perf::peak_flops(plan.device.gpu_name(), plan.precision));
@@ -383,69 +383,6 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
                 crate::plan::Corpus::Tokens { .. } | crate::plan::Corpus::Pairs(_) => None,
             },
         }
-    }
-}
-
-/// `train.pad_vocab` on Burn's graph: the model's embedding and head, and their moments, padded
-/// (`kiln_models::vocab_pad`).
-fn pad_vocab<B: AutodiffBackend>(model: Llama<B>, opt: &mut AdamW<B::InnerBackend>, plan: &Plan, device: &B::Device) -> Llama<B> {
-    let multiple = plan.vocab_multiple();
-    if plan.engine == EngineKind::CpuKernels && plan.recipe.train.pad_vocab.is_some_and(|m| m > 1) {
-        tracing::warn!("train.pad_vocab applies to Burn's graph only; the fused CPU kernels take any vocabulary");
-    }
-    let model = model.pad_vocab(multiple);
-    let pad = model.vocab_pad();
-    opt.pad_vocab(pad, device);
-    if let Some(p) = pad {
-        tracing::info!("vocabulary padded from {} to {} tokens for aligned matmuls (train.pad_vocab); the logits, loss, checkpoints and exports keep {}", p.vocab, p.padded, p.vocab);
-    }
-    model
-}
-
-/// The model's compute settings from the plan: precision, and the fused attention and loss ops
-/// where Burn's graph trains (the kernels have their own).
-fn configure<B: AutodiffBackend>(model: &mut Llama<B>, plan: &Plan) {
-    let t = &plan.recipe.train;
-    let graph = plan.engine == EngineKind::Graph;
-    model.compute = compute_dtype(plan.precision);
-    if model.compute.is_some() {
-        tracing::info!("precision {}: matmuls and attention in half precision, master weights and AdamW in f32", plan.precision);
-    }
-    model.fused_attention = t.fused_attention && graph;
-    if model.fused_attention {
-        match kiln_models::attention::registered::<B>() {
-            Some(_) => tracing::info!("attention trained as one fused op (train.fused_attention): probabilities recomputed in the backward pass"),
-            None => tracing::warn!("train.fused_attention: no fused attention op for this backend; using Burn's decomposed attention"),
-        }
-    }
-    model.fused_loss = t.fused_loss && graph;
-    if model.fused_loss && kiln_models::loss::registered::<B>().is_none() {
-        tracing::warn!("train.fused_loss: no fused cross-entropy op for this backend; using Burn's log_softmax");
-    }
-    model.fused_norm = t.fused_norm && graph;
-    if model.fused_norm && kiln_models::registry::registered::<kiln_models::norm::RmsNormFn<B>>().is_none() {
-        tracing::warn!("train.fused_norm: no fused RMSNorm op for this backend; using Burn's ops");
-    }
-    model.cublaslt = t.cublaslt && graph && kiln_models::linear::has_kernel::<B::InnerBackend>();
-    if model.cublaslt {
-        tracing::info!("linear layers through cuBLASLt (train.cublaslt): forward and both backward GEMMs, transposes as flags");
-    }
-    model.fused_swiglu = t.fused_swiglu && graph;
-    if model.fused_swiglu && kiln_models::registry::registered::<kiln_models::swiglu::SwigluFn<B>>().is_none() {
-        tracing::warn!("train.fused_swiglu: no fused SwiGLU op for this backend; using Burn's ops");
-    }
-    if !graph {
-        tracing::info!("forward and backward by Kiln's fused CPU kernels on {} threads (train.cpu_kernels)", plan.threads);
-        if t.gradient_checkpointing {
-            tracing::info!("gradient checkpointing (train.gradient_checkpointing): each layer's forward runs again in the backward pass");
-        }
-    } else if t.gradient_checkpointing {
-        tracing::warn!("train.gradient_checkpointing applies to the fused CPU kernels only; Burn's graph keeps its activations");
-    }
-    match &plan.recipe.retriever {
-        Some(r) if r.gradient_cache && !graph => tracing::info!("gradient cache (retriever.gradient_cache): the embeddings first, then each side forward again for its backward pass"),
-        Some(r) if r.gradient_cache => tracing::warn!("retriever.gradient_cache applies to the fused CPU kernels only; Burn's graph keeps both sides' activations"),
-        _ => {}
     }
 }
 

@@ -33,6 +33,7 @@ fn run<B: burn::tensor::backend::AutodiffBackend>(device: &B::Device, fused: boo
     let cfg = preset("tiny", 24).unwrap();
     let mut model: Llama<B> = Llama::build(&cfg, &mut RandomInit::new(7, cfg.num_hidden_layers), device).unwrap();
     (model.fused_attention, model.fused_loss, model.fused_norm, model.fused_swiglu, model.cublaslt) = (fused, fused, fused, fused, fused);
+    (model.flash_attention, model.fused_proj) = (fused, fused);
     let b = batch(0);
     let x = Tensor::<B, 2, Int>::from_data(TensorData::new(b.inputs.clone(), [b.batch, b.context]), device);
     let logits: Vec<f32> = model.forward(x).into_data().convert::<f32>().to_vec().unwrap();
@@ -432,6 +433,28 @@ fn cube_kernels_match_burns_ops_on_wgpu() {
         assert!(e < tol, "SwiGLU {name} differs by {e}");
     }
 
+    // RoPE on a joined q/k/v projection (GQA: 4 query heads, 2 key/value heads), with tables
+    // shared by the batch and a row of its own each.
+    let (b, t, h, k, hd) = (2, 9, 4, 2, 16);
+    let (cos, sin) = kiln_models::rope::rope_tables::<Autodiff<Wgpu>>(32, hd, 10000.0, &wd);
+    let y = on_wgpu(random(vec![b * t * (h + 2 * k) * hd], 1.0, 0.0, 11).reshape([b, t, (h + 2 * k) * hd]), &wd);
+    let probe = on_wgpu(random(vec![b * t * (h + 2 * k) * hd], 1.0, 0.0, 12).reshape([b, t, (h + 2 * k) * hd]), &wd);
+    let shared = (cos.clone().narrow(0, 0, t).unsqueeze::<4>(), sin.clone().narrow(0, 0, t).unsqueeze::<4>());
+    let own = (cos.narrow(0, 2, b * t).reshape([b, 1, t, hd]), sin.narrow(0, 2, b * t).reshape([b, 1, t, hd]));
+    assert!(kiln_models::registry::registered::<kiln_models::rope::RopeKernels<Wgpu>>().is_some());
+    for (name, (cos, sin)) in [("shared tables", shared), ("a row each", own)] {
+        let grads = |fused: bool| {
+            let ya = y.clone().require_grad();
+            let out = if fused { kiln_models::rope::joined_rope::<Wgpu, NoCheckpointing>(ya.clone(), cos.clone(), sin.clone(), h + k) } else { kiln_models::rope::decomposed(ya.clone(), cos.clone(), sin.clone(), h + k) };
+            let g = (out.clone() * probe.clone()).sum().backward();
+            (out, Tensor::<Autodiff<Wgpu>, 3>::from_inner(ya.grad(&g).unwrap()))
+        };
+        let ((of, gf), (od, gd)) = (grads(true), grads(false));
+        let (eo, eg) = (rel(of, od), rel(gf, gd));
+        println!("RoPE, {name}: output {eo:.1e}, gradient {eg:.1e}");
+        assert!(eo < tol && eg < tol, "RoPE, {name}: output {eo}, gradient {eg}");
+    }
+
     // Cross-entropy: a 5,003-wide vocabulary, masked tokens, and rows of logits far from zero.
     let (n, v) = (40, 5003);
     let offsets: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { 120.0 } else { 0.0 }).collect();
@@ -453,4 +476,86 @@ fn cube_kernels_match_burns_ops_on_wgpu() {
     assert!((lf - ld).abs() <= 1e-5 * ld.abs().max(1.0), "loss {lf} vs {ld}");
     assert!(e < tol, "the logits' gradients differ by {e} (largest {scale})");
     assert_eq!(gf.narrow(0, 3, 1).abs().max().into_scalar(), 0.0, "a masked token got a gradient");
+}
+
+/// Causal attention by tensor ops on wgpu, the reference for the flash kernels: the output and
+/// each row's log-sum-exp of the scaled, masked scores.
+fn attention_reference(q: Tensor<Wgpu, 4>, k: Tensor<Wgpu, 4>, v: Tensor<Wgpu, 4>) -> (Tensor<Wgpu, 4>, Tensor<Wgpu, 3>) {
+    use burn::tensor::Bool;
+    let [b, h, t, hd] = q.dims();
+    let hide = Tensor::<Wgpu, 2, Bool>::tril_mask([t, t], 0, &q.device()).unsqueeze::<4>().expand([b, h, t, t]);
+    let s = (q.matmul(k.swap_dims(2, 3)) / (hd as f32).sqrt()).mask_fill(hide, -1e30); // [B, H, T, T]
+    let m = s.clone().max_dim(3); // [B, H, T, 1]
+    let e = (s - m.clone()).exp();
+    let sum = e.clone().sum_dim(3); // [B, H, T, 1]
+    let o = (e / sum.clone()).matmul(v); // [B, H, T, Hd]
+    (o, (m + sum.log()).squeeze_dim::<3>(3))
+}
+
+/// `train.flash_attention`: the tiled kernels (trainer/src/cube_kernels/attention.rs) against
+/// attention by tensor ops on wgpu: the output, the rows' log-sum-exp and the gradients of q, k
+/// and v, for several tiles (every tile size is the same code), sequences shorter than a tile and
+/// not a multiple of one, and head dims 16 to 128; then through the autodiff op, flash against
+/// the op's own recomputing path.
+#[test]
+fn flash_attention_kernels_match_tensor_ops_on_wgpu() {
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+    use burn::backend::wgpu::WgpuRuntime;
+    use burn::tensor::{Distribution, TensorPrimitive};
+    use kiln_models::attention::{self, AttentionKernels};
+    use kiln_trainer::cube_kernels::attention::{backward_tiled, forward_tiled, tile};
+    if no_adapter("flash attention's CubeCL kernels") {
+        return;
+    }
+    let wd = wgpu_with_fused_adamw();
+    kiln_trainer::cube_kernels::register::<WgpuRuntime, u32>();
+    assert!(kiln_models::registry::registered::<AttentionKernels<Wgpu>>().is_some());
+    // The tiles the device's shared memory allows: bench-gpu's head dim 64 on an H100 takes 64
+    // rows, on lavapipe (32 KiB) 16.
+    assert_eq!((tile(64, 227 * 1024), tile(128, 227 * 1024), tile(64, 32 * 1024), tile(128, 32 * 1024)), (64, 32, 16, 8));
+    let random = |shape: [usize; 4], seed: u64| {
+        <Wgpu as burn::tensor::backend::Backend>::seed(&wd, seed);
+        Tensor::<Wgpu, 4>::random(shape, Distribution::Normal(0.0, 1.0), &wd)
+    };
+    let prim = |t: Tensor<Wgpu, 4>| t.into_primitive().tensor();
+    let tensor = |p| Tensor::<Wgpu, 4>::from_primitive(TensorPrimitive::Float(p));
+    let rel4 = |a: Tensor<Wgpu, 4>, b: Tensor<Wgpu, 4>| rel(Tensor::from_inner(a), Tensor::from_inner(b));
+    let tol = 1e-4;
+    // (batch, heads, T, head dim, tile; 0: the device's). Each (head dim, tile) is a kernel
+    // compiled (slowly, on lavapipe): three of them, tiles 8, 16 and 32.
+    for (b, h, t, hd, tl) in [(1, 2, 5, 64, 16), (2, 3, 70, 64, 0), (2, 1, 40, 128, 8), (1, 1, 33, 24, 32)] {
+        let shape = [b, h, t, hd];
+        // Scores well away from 0 (queries scaled up), so the softmax is far from uniform.
+        let (q, k, v, d_o) = (random(shape, 1) * 3.0, random(shape, 2), random(shape, 3), random(shape, 4));
+        let (o_ref, lse_ref) = attention_reference(q.clone(), k.clone(), v.clone());
+        let (dq_ref, dk_ref, dv_ref) = attention::attention_backward(q.clone(), k.clone(), v.clone(), o_ref.clone(), d_o.clone(), None);
+        let (o, lse) = forward_tiled::<WgpuRuntime, u32>(prim(q.clone()), prim(k.clone()), prim(v.clone()), tl);
+        let lse = Tensor::<Wgpu, 3>::from_primitive(TensorPrimitive::Float(lse));
+        let (dq, dk, dv) = backward_tiled::<WgpuRuntime, u32>(prim(q), prim(k), prim(v), o.clone(), lse.clone().into_primitive().tensor(), prim(d_o), tl);
+        let errs = [
+            rel4(tensor(o), o_ref),
+            rel::<3>(Tensor::from_inner(lse), Tensor::from_inner(lse_ref)),
+            rel4(tensor(dq), dq_ref),
+            rel4(tensor(dk), dk_ref),
+            rel4(tensor(dv), dv_ref),
+        ];
+        println!("flash attention {shape:?} tile {tl}: output {:.1e}, lse {:.1e}, dq {:.1e}, dk {:.1e}, dv {:.1e}", errs[0], errs[1], errs[2], errs[3], errs[4]);
+        assert!(errs.iter().all(|e| *e < tol), "flash attention {shape:?} tile {tl}: {errs:?}");
+    }
+
+    // Through the autodiff op (what the model calls with train.flash_attention).
+    let shape = [2, 2, 45, 64];
+    let inputs: Vec<Tensor<Autodiff<Wgpu>, 4>> = (5..8).map(|s| Tensor::from_inner(random(shape, s))).collect();
+    let probe = Tensor::<Autodiff<Wgpu>, 4>::from_inner(random(shape, 8));
+    let grads = |flash: bool| {
+        let [q, k, v] = [0, 1, 2].map(|i| inputs[i].clone().require_grad());
+        let y = attention::causal_attention::<Wgpu, NoCheckpointing>(q.clone(), k.clone(), v.clone(), None, flash);
+        let g = (y.clone() * probe.clone()).sum().backward();
+        [y, Tensor::from_inner(q.grad(&g).unwrap()), Tensor::from_inner(k.grad(&g).unwrap()), Tensor::from_inner(v.grad(&g).unwrap())]
+    };
+    for (name, (a, b)) in ["output", "dq", "dk", "dv"].iter().zip(grads(true).into_iter().zip(grads(false))) {
+        let e = rel(a, b);
+        println!("flash attention op {name}: {e:.1e}");
+        assert!(e < tol, "flash attention op {name} differs by {e}");
+    }
 }

@@ -709,3 +709,37 @@ fn bench_gemm_reports_each_gemm_and_refuses_bad_flags() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("train.cublaslt applies to CUDA devices"), "{}", stderr(&o));
 }
+
+#[test]
+fn bench_attention_reports_each_path_and_refuses_bad_flags() {
+    let env = Env::new();
+    let o = env.run(&["bench-attention", "--device", "cpu", "--dtype", "f32", "--iters", "2", "--shape", "2,3,40,16", "--shape", "1,2,8,8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2, "the CPU has the recomputing path alone: {rows:?}");
+    assert_eq!(rows[0]["shape"], serde_json::json!([2, 3, 40, 16]));
+    for r in &rows {
+        assert_eq!(r["path"], "recompute");
+        assert!(r["tflops"].as_f64().unwrap() > 0.0 && r["rel_diff"].is_null(), "{r}");
+    }
+    assert!(stderr(&o).contains("no flash-attention kernels"), "{}", stderr(&o));
+    // On wgpu the flash kernels run too, checked against the recomputing path.
+    #[cfg(feature = "wgpu")]
+    if !kiln_trainer::device::wgpu_adapters().is_empty() {
+        let o = env.run(&["bench-attention", "--device", "wgpu", "--dtype", "f32", "--iters", "1", "--shape", "1,2,70,32"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(rows[1]["path"], "flash");
+        let diff = rows[1]["rel_diff"].as_f64().unwrap();
+        assert!(diff < 1e-4, "flash against the recomputing path on wgpu: {diff}");
+    }
+    assert_clean_error(&env.run(&["bench-attention", "--device", "cpu", "--shape", "2,3,40"]), &["--shape", "BATCH,HEADS,T,HEAD_DIM"]);
+    assert_clean_error(&env.run(&["bench-attention", "--device", "cpu", "--shape", "2,0,40,16"]), &["--shape", "positive"]);
+    assert_clean_error(&env.run(&["bench-attention", "--device", "cpu", "--dtype", "f8", "--shape", "1,1,4,4"]), &["--dtype f8", "f32, bf16 or f16"]);
+
+    let recipe = env.write("tiny.toml", TINY);
+    let o = env.run(&["run", recipe.to_str().unwrap(), "--device", "cpu", "--set", "train.steps=1", "--set", "train.flash_attention=true", "--runs-dir", env.path("runs").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("train.flash_attention applies to the fused attention op"), "{}", stderr(&o));
+}

@@ -229,24 +229,25 @@ fn gradient_checkpointing_and_the_emptied_model_change_no_bit() {
 
 #[test]
 fn fused_ops_train_like_burn() {
-    // train.fused_attention, fused_loss, fused_norm, fused_swiglu and the linear op of
-    // train.cublaslt (Burn's matmul inside it on flex) on Burn's graph: ten AdamW steps with two
+    // train.fused_attention, fused_loss, fused_norm, fused_swiglu, fused_proj and the linear op
+    // of train.cublaslt (Burn's matmul inside it on flex) on Burn's graph: ten AdamW steps with two
     // micro-batches (one with a masked token) give the decomposed ops' losses, gradient norms and
     // weights within float rounding, each op alone and all together.
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     kiln_models::register_fused_ops::<burn::backend::Flex, NoCheckpointing>();
-    for on in 0..6 {
-        // One op at a time (attention, loss, norm, SwiGLU, the linear op), then all five.
-        let flags: [bool; 5] = std::array::from_fn(|i| on == i || on == 5);
+    for on in 0..7 {
+        // One op at a time (attention, loss, norm, SwiGLU, the joined projections, the linear
+        // op), then all six.
+        let flags: [bool; 6] = std::array::from_fn(|i| on == i || on == 6);
         fused_trains_like_burn(flags);
     }
 }
 
-fn fused_trains_like_burn(flags: [bool; 5]) {
+fn fused_trains_like_burn(flags: [bool; 6]) {
     let cfg = OptimSection { lr: 3e-3, warmup_steps: 0, grad_clip: 0.5, ..Default::default() };
     let (mut plain, mut fused) = (tiny(), tiny());
-    let [attn, loss, norm, swiglu, linear] = flags;
-    (fused.fused_attention, fused.fused_loss, fused.fused_norm, fused.fused_swiglu, fused.cublaslt) = (attn, loss, norm, swiglu, linear);
+    let [attn, loss, norm, swiglu, proj, linear] = flags;
+    (fused.fused_attention, fused.fused_loss, fused.fused_norm, fused.fused_swiglu, fused.fused_proj, fused.cublaslt) = (attn, loss, norm, swiglu, proj, linear);
     let (mut op, mut of) = (AdamW::new(cfg.clone()), AdamW::new(cfg));
     let mut b2 = batch();
     b2.mask[3] = 0.0;
@@ -257,8 +258,8 @@ fn fused_trains_like_burn(flags: [bool; 5]) {
         plain = m;
         let (m, b) = train_step(fused, &mut of, &micro, 3e-3, &Default::default());
         fused = m;
-        assert_eq!([fused.fused_attention, fused.fused_loss, fused.fused_norm, fused.fused_swiglu, fused.cublaslt], flags, "the flags survive a step");
-        let what = format!("fused attention, loss, norm, SwiGLU, linear {flags:?}, step {step}");
+        assert_eq!([fused.fused_attention, fused.fused_loss, fused.fused_norm, fused.fused_swiglu, fused.fused_proj, fused.cublaslt], flags, "the flags survive a step");
+        let what = format!("fused attention, loss, norm, SwiGLU, projections, linear {flags:?}, step {step}");
         assert!((a.loss - b.loss).abs() < 1e-5 * a.loss, "{what}: loss {} vs {}", a.loss, b.loss);
         assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm, "{what}: norm {} vs {}", a.grad_norm, b.grad_norm);
     }

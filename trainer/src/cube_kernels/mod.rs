@@ -1,5 +1,7 @@
 //! Kiln's CubeCL kernels for the fused ops of Burn's graph on wgpu and CUDA: RMSNorm
-//! (`norm.rs`), SwiGLU (`swiglu.rs`) and the cross-entropy (`loss.rs`), one kernel a pass each.
+//! (`norm.rs`), SwiGLU (`swiglu.rs`) and the cross-entropy (`loss.rs`), one kernel a pass each,
+//! RoPE on the joined q/k/v projection (`rope.rs`), and flash attention (`attention.rs`, tiled,
+//! f32/f16/bf16).
 //!
 //! `kiln-models` defines each op's autodiff and its passes as tensor ops; a backend that has a
 //! pass as one kernel registers it there ([`kiln_models::norm::NormKernels`] and the like). The
@@ -9,8 +11,10 @@
 //! `Fusion<CubeBackend<runtime, f32, i32, _>>`. Each is tested against the tensor ops on wgpu
 //! (`trainer/tests/backends.rs`).
 
+pub mod attention;
 pub mod loss;
 pub mod norm;
+pub mod rope;
 pub mod swiglu;
 #[cfg(all(test, feature = "cuda"))]
 mod ptx;
@@ -91,4 +95,6 @@ pub fn register<R: CubeRuntime, BT: BoolElement>() {
     register(kiln_models::norm::NormKernels::<G<R, BT>> { forward: norm::forward::<R, BT>, backward: norm::backward::<R, BT> });
     register(kiln_models::swiglu::SwigluKernels::<G<R, BT>> { forward: swiglu::forward::<R, BT>, backward: swiglu::backward::<R, BT> });
     register(kiln_models::loss::LossKernels::<G<R, BT>> { forward: loss::forward::<R, BT>, backward: loss::backward::<R, BT> });
+    register(kiln_models::rope::RopeKernels::<G<R, BT>> { rotate: rope::rotate::<R, BT> });
+    register(kiln_models::attention::AttentionKernels::<G<R, BT>> { forward: attention::forward::<R, BT>, backward: attention::backward::<R, BT> });
 }

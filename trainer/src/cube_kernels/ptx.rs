@@ -32,7 +32,10 @@ impl Params {
         <Array<T> as LaunchArg>::expand(&ArrayCompilationArg { inplace: None }, &mut self.b)
     }
     fn output(&mut self) -> <Array<f32> as CubeType>::ExpandType {
-        <Array<f32> as LaunchArg>::expand_output(&ArrayCompilationArg { inplace: None }, &mut self.b)
+        self.output_of::<f32>()
+    }
+    fn output_of<T: CubePrimitive>(&mut self) -> <Array<T> as CubeType>::ExpandType {
+        <Array<T> as LaunchArg>::expand_output(&ArrayCompilationArg { inplace: None }, &mut self.b)
     }
     fn u32(&mut self) -> <u32 as CubeType>::ExpandType {
         <u32 as LaunchArg>::expand(&(), &mut self.b)
@@ -40,7 +43,7 @@ impl Params {
     fn f32(&mut self) -> <f32 as CubeType>::ExpandType {
         <f32 as LaunchArg>::expand(&(), &mut self.b)
     }
-    fn build(self, name: &'static str, units: u32) -> KernelDefinition {
+    fn build(self, name: &str, units: u32) -> KernelDefinition {
         self.b.build(KernelSettings::default().cube_dim(CubeDim::new_1d(units)).address_type(AddressType::U32).kernel_name(name))
     }
 }
@@ -91,6 +94,50 @@ fn definitions() -> Vec<KernelDefinition> {
     let (lr, shrink, b1, b2, k1, k2, e) = (p.f32(), p.f32(), p.f32(), p.f32(), p.f32(), p.f32(), p.f32());
     crate::optim_cube::adamw_kernel::expand(&mut p.b.scope, pp, g, m, v, scale, po, mo, vo, lr, shrink, b1, b2, k1, k2, e);
     defs.push(p.build("adamw", 256));
+
+    let mut p = Params::new();
+    let (y, cos, sin, out) = (p.input::<f32>(), p.input::<f32>(), p.input::<f32>(), p.output());
+    let (t, nh, hd, rot, cb, sign) = (p.u32(), p.u32(), p.u32(), p.u32(), p.u32(), p.f32());
+    super::rope::rope_kernel::expand(&mut p.b.scope, y, cos, sin, out, t, nh, hd, rot, cb, sign);
+    defs.push(p.build("rope", 256));
+
+    // Flash attention at bench-gpu's head dim (64) and at 128, with each one's tile for an H100
+    // (`attention::tile` with 227 KiB of shared memory a block).
+    defs.extend(attention_definitions::<f32>("f32"));
+    defs.extend(attention_definitions::<burn::tensor::bf16>("bf16"));
+    defs
+}
+
+/// Flash attention's four kernels on element type `F`, at head dims 64 and 128.
+fn attention_definitions<F: Float + CubeElement>(ty: &str) -> Vec<KernelDefinition> {
+    use super::attention::{self as a, UNITS};
+    let mut defs = Vec::new();
+    for hd in [64, 128] {
+        let b = a::tile(hd, 227 * 1024);
+        let name = |k: &str| format!("flash_{k}_{ty}_hd{hd}_b{b}");
+
+        let mut p = Params::new();
+        let (q, k, v, o, lse, t, scale) = (p.input::<F>(), p.input::<F>(), p.input::<F>(), p.output_of::<F>(), p.output(), p.u32(), p.f32());
+        a::forward_kernel::expand::<F>(&mut p.b.scope, q, k, v, o, lse, t, scale, hd, b);
+        defs.push(p.build(&name("forward"), UNITS as u32));
+
+        let mut p = Params::new();
+        let (o, d_o, delta, hdv) = (p.input::<F>(), p.input::<F>(), p.output(), p.u32());
+        a::delta_kernel::expand::<F>(&mut p.b.scope, o, d_o, delta, hdv);
+        defs.push(p.build(&name("delta"), 256));
+
+        let mut p = Params::new();
+        let (q, k, v, d_o, lse, delta) = (p.input::<F>(), p.input::<F>(), p.input::<F>(), p.input::<F>(), p.input::<f32>(), p.input::<f32>());
+        let (dk, dv, t, scale) = (p.output_of::<F>(), p.output_of::<F>(), p.u32(), p.f32());
+        a::backward_kv_kernel::expand::<F>(&mut p.b.scope, q, k, v, d_o, lse, delta, dk, dv, t, scale, hd, b);
+        defs.push(p.build(&name("backward_kv"), UNITS as u32));
+
+        let mut p = Params::new();
+        let (q, k, v, d_o, lse, delta) = (p.input::<F>(), p.input::<F>(), p.input::<F>(), p.input::<F>(), p.input::<f32>(), p.input::<f32>());
+        let (dq, t, scale) = (p.output_of::<F>(), p.u32(), p.f32());
+        a::backward_q_kernel::expand::<F>(&mut p.b.scope, q, k, v, d_o, lse, delta, dq, t, scale, hd, b);
+        defs.push(p.build(&name("backward_q"), UNITS as u32));
+    }
     defs
 }
 
@@ -144,7 +191,8 @@ fn kernels_compile_to_ptx_with_nvrtc() {
     // SAFETY: probes cudarc's library names; the one above is already loaded.
     assert!(unsafe { cudarc::nvrtc::sys::is_culib_present() }, "cudarc does not find {lib} by name");
     let defs = definitions();
-    assert_eq!(defs.len(), 8);
+    // 9 of the fused ops and AdamW, 16 of flash attention (4 kernels, 2 head dims, 2 types).
+    assert_eq!(defs.len(), 25);
     for def in defs {
         let name = def.options.kernel_name.clone();
         let src = cuda_source(def);

@@ -1,0 +1,96 @@
+//! `kiln bench-attention`: causal attention's forward and backward at a step's shapes, timed on a
+//! device through the fused attention op's recomputing path and, where the backend has them
+//! (wgpu, CUDA), Kiln's flash kernels (`train.flash_attention`), with the largest difference
+//! between the two. For issue 17's attention figure (`scripts/gpu-checks` puts PyTorch's SDPA
+//! beside it) and as a parity check of the flash kernels on the device itself.
+//!
+//! One call is what a training step runs for one layer: `O = attention(Q, K, V)` forward, then
+//! the gradients of Q, K and V from `dO`. FLOPs count the causal half of the four `T × T × Hd`
+//! products (`QKᵀ` and `PV` forward, and `2.5×` that backward): `3.5 · 2·B·H·T²·Hd`.
+
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Distribution, ElementConversion, Tensor};
+use serde::Serialize;
+
+/// One path's figures at one shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttentionRow {
+    /// `recompute` (the fused op's backward from `[B, H, T, T]` probabilities) or `flash`.
+    pub path: &'static str,
+    /// `[batch, heads, T, head dim]`.
+    pub shape: [usize; 4],
+    pub dtype: String,
+    /// Mean seconds a forward and backward, and TFLOP/s at the module docs' count.
+    pub seconds: f64,
+    pub tflops: f64,
+    /// For `flash`: max |flash − recompute| / max |recompute| over the output and the three
+    /// gradients.
+    pub rel_diff: Option<f64>,
+}
+
+/// The output and the gradients of q, k and v, on the inner backend.
+type Outputs<B> = [Tensor<<B as AutodiffBackend>::InnerBackend, 4>; 4];
+
+/// Forward and backward of the fused op over `q, k, v` with `dO = probe`.
+fn step<B: AutodiffBackend>(inputs: &[Tensor<B::InnerBackend, 4>; 4], flash: bool) -> Result<Outputs<B>> {
+    let op = kiln_models::attention::registered::<B>().ok_or_else(|| anyhow!("this backend has no fused attention op"))?;
+    let [q, k, v] = [0, 1, 2].map(|i| Tensor::<B, 4>::from_inner(inputs[i].clone()).require_grad());
+    let y = op(q.clone(), k.clone(), v.clone(), None, flash);
+    let grads = (y.clone() * Tensor::<B, 4>::from_inner(inputs[3].clone())).sum().backward();
+    let grad = |t: &Tensor<B, 4>| t.grad(&grads).ok_or_else(|| anyhow!("attention left an input without a gradient"));
+    Ok([y.inner(), grad(&q)?, grad(&k)?, grad(&v)?])
+}
+
+/// Mean seconds of `iters` calls of `f` after 2 untimed ones, the device synchronised around them.
+fn time<B: AutodiffBackend>(device: &B::Device, iters: usize, mut f: impl FnMut() -> Result<Outputs<B>>) -> Result<f64> {
+    let sync = || B::sync(device).map_err(|e| anyhow!("device sync: {e:?}"));
+    for _ in 0..2 {
+        f()?;
+    }
+    sync()?;
+    let start = Instant::now();
+    // Every result stays live until the sync, so no call is elided or its memory recycled early.
+    let mut keep = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        keep.push(f()?);
+    }
+    sync()?;
+    Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
+}
+
+/// Times both paths at each shape `[B, H, T, Hd]` in `dtype`, `iters` timed calls each; the flash
+/// path only where the backend registers its kernels and they take the shape and type.
+pub fn run<B: AutodiffBackend>(device: &B::Device, shapes: &[[usize; 4]], dtype: DType, iters: usize) -> Result<Vec<AttentionRow>> {
+    let mut rows = Vec::new();
+    for &shape in shapes {
+        let [b, h, t, hd] = shape;
+        let flops = 3.5 * 2.0 * (b * h * t * t * hd) as f64 / 2.0;
+        let make = || Tensor::<B::InnerBackend, 4>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype);
+        let inputs = [make(), make(), make(), make()];
+        let row = |path, seconds: f64, rel_diff| AttentionRow { path, shape, dtype: format!("{dtype:?}").to_lowercase(), seconds, tflops: flops / seconds / 1e12, rel_diff };
+        let seconds = time::<B>(device, iters, || step::<B>(&inputs, false))?;
+        rows.push(row("recompute", seconds, None));
+        if kiln_models::attention::flash_kernels(&inputs[0]).is_none() {
+            tracing::warn!("{shape:?} {dtype:?}: no flash-attention kernels for this backend, shape or type; the recomputing path alone");
+            continue;
+        }
+        let seconds = time::<B>(device, iters, || step::<B>(&inputs, true))?;
+        let (want, got) = (step::<B>(&inputs, false)?, step::<B>(&inputs, true)?);
+        let mut worst = 0.0f64;
+        for (w, g) in want.into_iter().zip(got) {
+            let (w, g) = (w.cast(DType::F32), g.cast(DType::F32));
+            let scale = w.clone().abs().max().into_scalar().elem::<f64>().max(f64::MIN_POSITIVE);
+            worst = worst.max((g - w).abs().max().into_scalar().elem::<f64>() / scale);
+        }
+        rows.push(row("flash", seconds, Some(worst)));
+    }
+    Ok(rows)
+}
+
+/// Whether `B` computes in `dtype`.
+pub fn supports<B: Backend>(device: &B::Device, dtype: DType) -> bool {
+    dtype == DType::F32 || B::supports_dtype(device, dtype)
+}
