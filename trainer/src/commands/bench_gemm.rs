@@ -34,15 +34,7 @@ fn parse_layer(s: &str) -> Result<[usize; 3], String> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let dtype = match a.dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        other => bail!("--dtype {other}: expected f32, bf16 or f16"),
-    };
-    if a.iters == 0 {
-        bail!("--iters 0: at least one timed call is needed");
-    }
+    let dtype = super::bench_dtype(&a.dtype, a.iters)?;
     let be = resolve_device(a.device.unwrap_or(DeviceSpec::Auto))?;
     // cuBLASLt is loaded at run time: without it, Burn's figures alone (the reason on stderr).
     let kernel = match &be {

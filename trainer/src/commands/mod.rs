@@ -2,6 +2,7 @@
 //! data-root flags, data-parallel flags, Ctrl-C handling.
 
 pub mod ask;
+pub mod bench_attention;
 pub mod bench_gemm;
 pub mod chat;
 pub mod compare;
@@ -81,6 +82,20 @@ pub fn install_signal_handler() {
     });
     if let Err(e) = r {
         tracing::warn!("cannot install the Ctrl-C/SIGTERM handler: {e}");
+    }
+}
+
+/// A bench command's `--dtype` (f32, bf16 or f16), with its `--iters` checked (at least one).
+pub fn bench_dtype(dtype: &str, iters: usize) -> Result<burn::tensor::DType> {
+    use burn::tensor::DType;
+    if iters == 0 {
+        anyhow::bail!("--iters 0: at least one timed call is needed");
+    }
+    match dtype {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => anyhow::bail!("--dtype {other}: expected f32, bf16 or f16"),
     }
 }
 

@@ -89,6 +89,16 @@ fn load_rows(src: &Array<f32>, dst: &mut SharedMemory<f32>, base: usize, first: 
     }
 }
 
+/// The key tiles query tile `qb` sees under the causal mask: those up to its last row below `t`.
+#[cube]
+fn causal_tiles(qb: usize, t: usize, #[comptime] b: usize) -> usize {
+    let mut end = (qb + 1) * b;
+    if end > t {
+        end = t;
+    }
+    (end + b - 1) / b
+}
+
 /// `P = exp(s·q_r·k_c − L_r)` and `dS = P·(dO_r·v_c − D_r)·s` for every entry `(r, c)` of a
 /// query tile `qb` against key tile `kb` (0 where the key follows the query or the query is
 /// past `t`), into `ps` (when `keep_p`) and `dss`.
@@ -168,12 +178,7 @@ pub(crate) fn forward_kernel<F: Float>(q: &Array<F>, k: &Array<F>, v: &Array<F>,
     for dd in 0..dpu {
         acc[dd] = 0.0;
     }
-    // Causal: key tiles up to this query tile's last row.
-    let mut end = (qb + 1) * b;
-    if end > t {
-        end = t;
-    }
-    let blocks = (end + b - 1) / b;
+    let blocks = causal_tiles(qb, t, b);
     let mut kb: usize = 0;
     while kb < blocks {
         sync_cube();
@@ -393,11 +398,7 @@ pub(crate) fn backward_q_kernel<F: Float>(
     for dd in 0..dpu {
         acc[dd] = 0.0;
     }
-    let mut end = (qb + 1) * b;
-    if end > t {
-        end = t;
-    }
-    let blocks = (end + b - 1) / b;
+    let blocks = causal_tiles(qb, t, b);
     let mut kb: usize = 0;
     while kb < blocks {
         sync_cube();
