@@ -441,8 +441,17 @@ impl<B: Backend> Llama<B> {
 
         let hn = rms_norm(x.clone(), l.post_attention_layernorm.val(), self.eps, self.fused_norm); // [B, T, D]
         let m = &l.mlp;
-        let [gate, up] = self.projs(hn, [m.gate_proj.val(), m.up_proj.val()], i, [4, 5]); // [B, T, F] x2
-        x + self.proj(swiglu(gate, up, self.fused_swiglu), m.down_proj.val(), i, 6) // [B, T, D]
+        let ws = [m.gate_proj.val(), m.up_proj.val()];
+        let joined = self.fused_proj && self.fused_swiglu && !self.adapted(i, 4) && !self.adapted(i, 5);
+        let h = match joined.then(crate::swiglu::registered_joined::<B>).flatten() {
+            // One matmul, and SwiGLU reading both halves of its output in place (swiglu.rs).
+            Some(gate_up) => gate_up(self.mm(hn, Tensor::cat(Vec::from(ws), 1))), // [B, T, 2F] -> [B, T, F]
+            None => {
+                let [gate, up] = self.projs(hn, ws, i, [4, 5]); // [B, T, F] x2
+                swiglu(gate, up, self.fused_swiglu)
+            }
+        };
+        x + self.proj(h, m.down_proj.val(), i, 6) // [B, T, D]
     }
 
     /// Projection `m` (`lora::TARGETS`' index: q k v o gate up down) of layer `l`: `x @ w`,

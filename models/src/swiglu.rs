@@ -13,6 +13,11 @@
 //! The op keeps `g` and `u` only. A backend may register each pass as one kernel
 //! ([`SwigluKernels`]: the trainer's CubeCL kernels, `trainer/src/cube_kernels/swiglu.rs`);
 //! elsewhere they run as the tensor ops above.
+//!
+//! With the gate and up projections joined (`train.fused_proj`: one matmul, `y = [g | u]`,
+//! `[B, T, 2F]`), [`fused_swiglu_joined`] reads both halves of `y` in place and writes its
+//! gradient as one `[B, T, 2F]` tensor, so neither the halves' copies nor their narrows'
+//! backward (a fill and a slice-assign each) exist.
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -32,7 +37,14 @@ pub struct SwigluKernels<B: Backend> {
     pub forward: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
     /// `(g, u, dh) -> (dg, du)`.
     pub backward: fn(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>),
+    /// The joined forward: `y = [g | u] [N, 2F] -> h [N, F]`.
+    pub joined_forward: fn(FloatTensor<B>) -> FloatTensor<B>,
+    /// The joined backward: `(y [N, 2F], dh [N, F]) -> dy = [dg | du] [N, 2F]`.
+    pub joined_backward: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
 }
+
+/// `silu(g) · u` for the joined `y = [g | u]: [B, T, 2F]`.
+pub type SwigluJoinedFn<B> = fn(Tensor<B, 3>) -> Tensor<B, 3>;
 
 impl<B: Backend> Clone for SwigluKernels<B> {
     fn clone(&self) -> Self {
@@ -54,10 +66,18 @@ pub fn decomposed<B: Backend>(g: Tensor<B, 3>, u: Tensor<B, 3>) -> Tensor<B, 3> 
     silu(g) * u
 }
 
-/// Registers [`fused_swiglu`] for `Autodiff<B, C>` and [`forward`] for `B`.
+/// Registers [`fused_swiglu`] and [`fused_swiglu_joined`] for `Autodiff<B, C>`, and
+/// [`forward`] and [`joined_forward`] for `B`.
 pub fn register_autodiff<B: Backend, C: CheckpointStrategy>() {
     crate::registry::register::<SwigluFn<Autodiff<B, C>>>(fused_swiglu::<B, C>);
     crate::registry::register::<SwigluFn<B>>(forward::<B>);
+    crate::registry::register::<SwigluJoinedFn<Autodiff<B, C>>>(fused_swiglu_joined::<B, C>);
+    crate::registry::register::<SwigluJoinedFn<B>>(joined_forward::<B>);
+}
+
+/// The joined op registered for `B`, if any.
+pub fn registered_joined<B: Backend>() -> Option<SwigluJoinedFn<B>> {
+    crate::registry::registered::<SwigluJoinedFn<B>>()
 }
 
 /// The kernels registered for `B`, for f32 tensors (other types take the tensor ops).
@@ -128,6 +148,64 @@ pub fn fused_swiglu<B: Backend, C: CheckpointStrategy>(
             prep.finish((g.primitive, u.primitive), prim(h))
         }
         OpsKind::UnTracked(prep) => prep.finish(prim(forward(tensor::<B>(g.primitive), tensor(u.primitive)))),
+    };
+    tensor(out)
+}
+
+/// A kernel's `[N, _]` output as a tensor.
+fn rows<B: Backend>(p: FloatTensor<B>) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// The joined forward: `h = silu(y[.., :F]) · y[.., F:]` for `y: [B, T, 2F]`.
+pub fn joined_forward<B: Backend>(y: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, t, w] = y.dims();
+    let f = w / 2;
+    match kernels(&y, &y) {
+        Some(k) => rows::<B>((k.joined_forward)(y.reshape([b * t, w]).into_primitive().tensor())).reshape([b, t, f]),
+        None => silu(y.clone().narrow(2, 0, f)) * y.narrow(2, f, f),
+    }
+}
+
+/// The joined backward: `dy = [dg | du]: [B, T, 2F]` from `y` and `dh: [B, T, F]`.
+pub fn joined_backward<B: Backend>(y: Tensor<B, 3>, dh: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, t, w] = y.dims();
+    let f = w / 2;
+    if let Some(k) = kernels(&y, &dh) {
+        let (y, dh) = (y.reshape([b * t, w]).into_primitive().tensor(), dh.reshape([b * t, f]).into_primitive().tensor());
+        return rows::<B>((k.joined_backward)(y, dh)).reshape([b, t, w]);
+    }
+    let (dg, du) = backward(y.clone().narrow(2, 0, f), y.narrow(2, f, f), dh);
+    Tensor::cat(vec![dg, du], 2)
+}
+
+/// `silu(g) · u` on the joined `y = [g | u]` as one autodiff op; it keeps `y`.
+pub fn fused_swiglu_joined<B: Backend, C: CheckpointStrategy>(
+    y: Tensor<Autodiff<B, C>, 3>, // [B, T, 2F]
+) -> Tensor<Autodiff<B, C>, 3> {
+    #[derive(Debug)]
+    struct SwigluJoined;
+
+    impl<B: Backend> Backward<B, 1> for SwigluJoined {
+        type State = FloatTensor<B>;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let dh = tensor::<B>(grads.consume::<B>(&ops.node));
+            let dy = joined_backward(tensor(ops.state), dh);
+            let [ny] = ops.parents;
+            if let Some(node) = ny {
+                grads.register::<B>(node.id, prim(dy));
+            }
+        }
+    }
+
+    let y = y.into_primitive().tensor();
+    let out = match SwigluJoined.prepare::<C>([y.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let h = joined_forward(tensor::<B>(y.primitive.clone()));
+            prep.finish(y.primitive, prim(h))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(prim(joined_forward(tensor::<B>(y.primitive)))),
     };
     tensor(out)
 }

@@ -158,3 +158,26 @@ fn joined_rope_matches_rope_on_each_head() {
         assert_eq!(rel(v_part(of), v_part(y.clone())), 0.0);
     }
 }
+
+/// SwiGLU on the joined `[g | u]` (models/src/swiglu.rs) against SwiGLU on its halves: output
+/// and gradient, gates deep in both tails of the sigmoid.
+#[test]
+fn joined_swiglu_matches_swiglu_on_its_halves() {
+    let (b, t, f) = (2, 3, 11);
+    let y = random([b, t, 2 * f], 6.0, 0.0, 21);
+    let probe = random([b, t, f], 1.0, 0.0, 22);
+    let grads = |joined: bool| {
+        let ya = Tensor::<B, 3>::from_inner(y.clone()).require_grad();
+        let h = if joined {
+            swiglu::fused_swiglu_joined::<Flex, NoCheckpointing>(ya.clone())
+        } else {
+            swiglu::decomposed(ya.clone().narrow(2, 0, f), ya.clone().narrow(2, f, f))
+        };
+        let g = (h.clone() * Tensor::from_inner(probe.clone())).sum().backward();
+        (h.inner(), ya.grad(&g).unwrap())
+    };
+    let ((hj, gj), (hd, gd)) = (grads(true), grads(false));
+    let (eh, eg) = (rel(hj, hd), rel(gj, gd));
+    println!("joined SwiGLU: output {eh:.1e}, gradient {eg:.1e}");
+    assert!(eh < 1e-6 && eg < 1e-5, "joined SwiGLU: output {eh}, gradient {eg}");
+}

@@ -433,6 +433,21 @@ fn cube_kernels_match_burns_ops_on_wgpu() {
         assert!(e < tol, "SwiGLU {name} differs by {e}");
     }
 
+    // SwiGLU on the joined [g | u] (train.fused_proj): the kernels against Burn's ops on its halves.
+    let (n, f) = (7, 45);
+    let y = on_wgpu(random(vec![n * 2 * f], 8.0, 0.0, 13).reshape([1, n, 2 * f]), &wd);
+    let probe = on_wgpu(random(vec![n * f], 1.0, 0.0, 14).reshape([1, n, f]), &wd);
+    let grads = |joined: bool| {
+        let ya = y.clone().require_grad();
+        let h = if joined { swiglu::fused_swiglu_joined::<Wgpu, NoCheckpointing>(ya.clone()) } else { swiglu::decomposed(ya.clone().narrow(2, 0, f), ya.clone().narrow(2, f, f)) };
+        let gr = (h.clone() * probe.clone()).sum().backward();
+        (h, Tensor::<Autodiff<Wgpu>, 3>::from_inner(ya.grad(&gr).unwrap()))
+    };
+    let ((hj, gj), (hd, gd)) = (grads(true), grads(false));
+    let (eh, eg) = (rel(hj, hd), rel(gj, gd));
+    println!("joined SwiGLU: output {eh:.1e}, gradient {eg:.1e}");
+    assert!(eh < tol && eg < tol, "joined SwiGLU: output {eh}, gradient {eg}");
+
     // RoPE on a joined q/k/v projection (GQA: 4 query heads, 2 key/value heads), with tables
     // shared by the batch and a row of its own each.
     let (b, t, h, k, hd) = (2, 9, 4, 2, 16);

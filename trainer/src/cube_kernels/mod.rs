@@ -93,7 +93,12 @@ pub fn register<R: CubeRuntime, BT: BoolElement>() {
     use kiln_models::registry::register;
     type G<R, BT> = crate::fusion_op::Gpu<R, f32, i32, BT>;
     register(kiln_models::norm::NormKernels::<G<R, BT>> { forward: norm::forward::<R, BT>, backward: norm::backward::<R, BT> });
-    register(kiln_models::swiglu::SwigluKernels::<G<R, BT>> { forward: swiglu::forward::<R, BT>, backward: swiglu::backward::<R, BT> });
+    register(kiln_models::swiglu::SwigluKernels::<G<R, BT>> {
+        forward: swiglu::forward::<R, BT>,
+        backward: swiglu::backward::<R, BT>,
+        joined_forward: swiglu::joined_forward::<R, BT>,
+        joined_backward: swiglu::joined_backward::<R, BT>,
+    });
     register(kiln_models::loss::LossKernels::<G<R, BT>> { forward: loss::forward::<R, BT>, backward: loss::backward::<R, BT> });
     register(kiln_models::rope::RopeKernels::<G<R, BT>> { rotate: rope::rotate::<R, BT> });
     register(kiln_models::attention::AttentionKernels::<G<R, BT>> { forward: attention::forward::<R, BT>, backward: attention::backward::<R, BT> });

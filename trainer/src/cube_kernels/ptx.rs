@@ -96,6 +96,16 @@ fn definitions() -> Vec<KernelDefinition> {
     defs.push(p.build("adamw", 256));
 
     let mut p = Params::new();
+    let (y, h, f) = (p.input::<f32>(), p.output(), p.u32());
+    swiglu::joined_forward_kernel::expand(&mut p.b.scope, y, h, f);
+    defs.push(p.build("swiglu_joined_forward", 256));
+
+    let mut p = Params::new();
+    let (y, dh, dy, f) = (p.input::<f32>(), p.input::<f32>(), p.output(), p.u32());
+    swiglu::joined_backward_kernel::expand(&mut p.b.scope, y, dh, dy, f);
+    defs.push(p.build("swiglu_joined_backward", 256));
+
+    let mut p = Params::new();
     let (y, cos, sin, out) = (p.input::<f32>(), p.input::<f32>(), p.input::<f32>(), p.output());
     let (t, nh, hd, rot, cb, sign) = (p.u32(), p.u32(), p.u32(), p.u32(), p.u32(), p.f32());
     super::rope::rope_kernel::expand(&mut p.b.scope, y, cos, sin, out, t, nh, hd, rot, cb, sign);
@@ -191,8 +201,8 @@ fn kernels_compile_to_ptx_with_nvrtc() {
     // SAFETY: probes cudarc's library names; the one above is already loaded.
     assert!(unsafe { cudarc::nvrtc::sys::is_culib_present() }, "cudarc does not find {lib} by name");
     let defs = definitions();
-    // 9 of the fused ops and AdamW, 16 of flash attention (4 kernels, 2 head dims, 2 types).
-    assert_eq!(defs.len(), 25);
+    // 11 of the fused ops and AdamW, 16 of flash attention (4 kernels, 2 head dims, 2 types).
+    assert_eq!(defs.len(), 27);
     for def in defs {
         let name = def.options.kernel_name.clone();
         let src = cuda_source(def);
