@@ -8,12 +8,12 @@
 //! the gradients of Q, K and V from `dO`. FLOPs count the causal half of the four `T × T × Hd`
 //! products (`QKᵀ` and `PV` forward, and `2.5×` that backward): `3.5 · 2·B·H·T²·Hd`.
 
-use std::time::Instant;
-
 use anyhow::{anyhow, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Distribution, ElementConversion, Tensor};
 use serde::Serialize;
+
+use crate::gemm_bench::time;
 
 /// One path's figures at one shape.
 #[derive(Debug, Clone, Serialize)]
@@ -44,23 +44,6 @@ fn step<B: AutodiffBackend>(inputs: &[Tensor<B::InnerBackend, 4>; 4], flash: boo
     Ok([y.inner(), grad(&q)?, grad(&k)?, grad(&v)?])
 }
 
-/// Mean seconds of `iters` calls of `f` after 2 untimed ones, the device synchronised around them.
-fn time<B: AutodiffBackend>(device: &B::Device, iters: usize, mut f: impl FnMut() -> Result<Outputs<B>>) -> Result<f64> {
-    let sync = || B::sync(device).map_err(|e| anyhow!("device sync: {e:?}"));
-    for _ in 0..2 {
-        f()?;
-    }
-    sync()?;
-    let start = Instant::now();
-    // Every result stays live until the sync, so no call is elided or its memory recycled early.
-    let mut keep = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        keep.push(f()?);
-    }
-    sync()?;
-    Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
-}
-
 /// Times both paths at each shape `[B, H, T, Hd]` in `dtype`, `iters` timed calls each; the flash
 /// path only where the backend registers its kernels and they take the shape and type.
 pub fn run<B: AutodiffBackend>(device: &B::Device, shapes: &[[usize; 4]], dtype: DType, iters: usize) -> Result<Vec<AttentionRow>> {
@@ -71,13 +54,13 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, shapes: &[[usize; 4]], dtype:
         let make = || Tensor::<B::InnerBackend, 4>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype);
         let inputs = [make(), make(), make(), make()];
         let row = |path, seconds: f64, rel_diff| AttentionRow { path, shape, dtype: format!("{dtype:?}").to_lowercase(), seconds, tflops: flops / seconds / 1e12, rel_diff };
-        let seconds = time::<B>(device, iters, || step::<B>(&inputs, false))?;
+        let seconds = time::<B, _>(device, iters, || step::<B>(&inputs, false))?;
         rows.push(row("recompute", seconds, None));
         if kiln_models::attention::flash_kernels(&inputs[0]).is_none() {
             tracing::warn!("{shape:?} {dtype:?}: no flash-attention kernels for this backend, shape or type; the recomputing path alone");
             continue;
         }
-        let seconds = time::<B>(device, iters, || step::<B>(&inputs, true))?;
+        let seconds = time::<B, _>(device, iters, || step::<B>(&inputs, true))?;
         let (want, got) = (step::<B>(&inputs, false)?, step::<B>(&inputs, true)?);
         let mut worst = 0.0f64;
         for (w, g) in want.into_iter().zip(got) {

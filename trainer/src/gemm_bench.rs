@@ -40,10 +40,10 @@ pub struct GemmRow {
 }
 
 /// Times `f` (`iters` calls after 2 untimed ones), synchronising the device around them; mean
-/// seconds a call.
-fn time<B: Backend>(device: &B::Device, iters: usize, mut f: impl FnMut() -> Tensor<B, 2>) -> Result<f64> {
+/// seconds a call. (`attention_bench` times with it too.)
+pub(crate) fn time<B: Backend, T>(device: &B::Device, iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     for _ in 0..2 {
-        let _ = f();
+        f()?;
     }
     B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
     let start = Instant::now();
@@ -51,7 +51,7 @@ fn time<B: Backend>(device: &B::Device, iters: usize, mut f: impl FnMut() -> Ten
     // recycled by the fusion layer before it is timed.
     let mut keep = Vec::with_capacity(iters);
     for _ in 0..iters {
-        keep.push(f());
+        keep.push(f()?);
     }
     B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
     Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
@@ -74,11 +74,11 @@ pub fn run<B: Backend>(device: &B::Device, layers: &[[usize; 3]], dtype: DType, 
                 a.matmul(b)
             };
             let flops = 2.0 * (n * i * o) as f64;
-            let burn_s = time(device, iters, burn)?;
+            let burn_s = time::<B, _>(device, iters, || Ok(burn()))?;
             let (mut kernel_s, mut kernel_rel_diff) = (None, None);
             if kernel {
                 let own = || kiln_models::linear::gemm(a.clone(), b.clone(), ta, tb);
-                kernel_s = Some(time(device, iters, own)?);
+                kernel_s = Some(time::<B, _>(device, iters, || Ok(own()))?);
                 let (want, got) = (burn().cast(DType::F32), own().cast(DType::F32));
                 let scale = want.clone().abs().max().into_scalar().elem::<f64>().max(f64::MIN_POSITIVE);
                 kernel_rel_diff = Some((got - want).abs().max().into_scalar().elem::<f64>() / scale);

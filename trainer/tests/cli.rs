@@ -725,7 +725,9 @@ fn bench_attention_reports_each_path_and_refuses_bad_flags() {
     assert!(stderr(&o).contains("no flash-attention kernels"), "{}", stderr(&o));
     // On wgpu the flash kernels run too, checked against the recomputing path.
     #[cfg(feature = "wgpu")]
-    if !kiln_trainer::device::wgpu_adapters().is_empty() {
+    if kiln_trainer::device::wgpu_adapters().is_empty() {
+        kiln_models::skip::skip("wgpu", "no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe); bench-attention's flash row not checked");
+    } else {
         let o = env.run(&["bench-attention", "--device", "wgpu", "--dtype", "f32", "--iters", "1", "--shape", "1,2,70,32"]);
         assert!(o.status.success(), "{}", stderr(&o));
         let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();

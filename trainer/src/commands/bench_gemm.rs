@@ -4,7 +4,6 @@
 
 use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::DType;
 use kiln_recipes::DeviceSpec;
 
 use super::resolve_device;
@@ -50,7 +49,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let rows = kiln_trainer::with_backend!(be, B, device, {
         type I = <B as AutodiffBackend>::InnerBackend;
-        if dtype != DType::F32 && !<I as burn::tensor::backend::Backend>::supports_dtype(&device, dtype) {
+        if !kiln_trainer::attention_bench::supports::<I>(&device, dtype) {
             bail!("--dtype {}: {} cannot compute in {dtype:?}\n  hint: --dtype f32", a.dtype, be.describe());
         }
         kiln_trainer::gemm_bench::run::<I>(&device, &a.layers, dtype, a.iters, kernel)?
