@@ -34,21 +34,24 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor};
 use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
 
-/// Causal attention over `q, k, v: [B, H, T, Hd]` (keys and values already repeated to H heads),
-/// or with `hide: [B, H, T, T]` (packed rows), attention where `hide` is false.
-/// The last argument asks for the flash kernels where the backend has them.
+/// Causal attention over `q: [B, H, T, Hd]` and `k, v: [B, K, T, Hd]` (grouped-query attention:
+/// `K` divides `H`, and query head `h` reads kv head `h / (H / K)`), or with `hide: [B, H, T, T]`
+/// (packed rows), attention where `hide` is false. The last argument asks for the flash kernels
+/// where the backend has them; they read each kv head in place for its query heads, where the
+/// other paths repeat it ([`repeat_kv`]).
 pub type AttentionFn<B> = fn(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4, Bool>>, bool) -> Tensor<B, 4>;
 
 /// The largest head dimension the flash kernels take.
 pub const FLASH_MAX_HEAD_DIM: usize = 128;
 
-/// Flash attention's two passes as kernels of backend `B`: causal, scale `1/√Hd`, `q, k, v`
-/// `[B, H, T, Hd]` of one float type.
+/// Flash attention's two passes as kernels of backend `B`: causal, scale `1/√Hd`, `q: [B, H, T,
+/// Hd]`, `k, v: [B, K, T, Hd]` with `K` dividing `H`, of one float type.
 pub struct AttentionKernels<B: Backend> {
     /// `(q, k, v) -> (o [B, H, T, Hd], lse [B, H, T] f32)`.
     #[allow(clippy::type_complexity)]
     pub forward: fn(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>),
-    /// `(q, k, v, o, lse, dO) -> (dq, dk, dv)`, each `[B, H, T, Hd]`.
+    /// `(q, k, v, o, lse, dO) -> (dq, dk, dv)`, each shaped as its input (dk and dv summed over
+    /// each kv head's query heads).
     #[allow(clippy::type_complexity)]
     pub backward: fn(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
 }
@@ -85,8 +88,8 @@ pub fn registered<B: Backend>() -> Option<AttentionFn<B>> {
 /// backend's flash kernels where they take the call.
 pub fn causal_attention<B: Backend, C: CheckpointStrategy>(
     q: Tensor<Autodiff<B, C>, 4>, // [B, H, T, Hd]
-    k: Tensor<Autodiff<B, C>, 4>, // [B, H, T, Hd]
-    v: Tensor<Autodiff<B, C>, 4>, // [B, H, T, Hd]
+    k: Tensor<Autodiff<B, C>, 4>, // [B, K, T, Hd]
+    v: Tensor<Autodiff<B, C>, 4>, // [B, K, T, Hd]
     hide: Option<Tensor<Autodiff<B, C>, 4, Bool>>, // [B, H, T, T], packed rows
     flash: bool,
 ) -> Tensor<Autodiff<B, C>, 4> {
@@ -94,7 +97,8 @@ pub fn causal_attention<B: Backend, C: CheckpointStrategy>(
     struct CausalAttention;
 
     impl<B: Backend> Backward<B, 3> for CausalAttention {
-        // q, k, v, the output, the mask and (flash) the log-sum-exp, on the inner backend.
+        // q, k and v (kv heads not repeated), the output, the mask and (flash) the
+        // log-sum-exp, on the inner backend.
         type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, Option<BoolTensor<B>>, Option<FloatTensor<B>>);
 
         fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
@@ -109,7 +113,11 @@ pub fn causal_attention<B: Backend, C: CheckpointStrategy>(
                     let (dq, dk, dv) = (kern.backward)(q, k, v, o, lse, d_o);
                     (t(dq), t(dk), t(dv))
                 }
-                _ => attention_backward(t(q), t(k), t(v), t(o), t(d_o), hide),
+                _ => {
+                    let group = t(q.clone()).dims()[1] / t(k.clone()).dims()[1];
+                    let (dq, dk, dv) = attention_backward(t(q), repeat_kv(t(k), group), repeat_kv(t(v), group), t(o), t(d_o), hide);
+                    (dq, fold_kv(dk, group), fold_kv(dv, group))
+                }
             };
             let [nq, nk, nv] = ops.parents;
             for (node, g) in [(nq, dq), (nk, dk), (nv, dv)] {
@@ -121,6 +129,9 @@ pub fn causal_attention<B: Backend, C: CheckpointStrategy>(
     }
 
     let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: hide.is_none() };
+    let group = q.dims()[1] / k.dims()[1];
+    // Burn's attention takes as many kv heads as query heads.
+    let repeat = |x: FloatTensor<B>| repeat_kv(Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(x)), group).into_primitive().tensor();
     let kernels = (flash && hide.is_none()).then(|| flash_kernels(&q.clone().inner())).flatten();
     let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
     let hide: Option<BoolTensor<B>> = hide.map(|h| h.into_primitive());
@@ -131,13 +142,33 @@ pub fn causal_attention<B: Backend, C: CheckpointStrategy>(
             prep.finish((q.primitive, k.primitive, v.primitive, o.clone(), None, Some(lse)), o)
         }
         (OpsKind::Tracked(prep), None) => {
-            let o = B::attention(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), hide.clone(), None, opts);
+            let o = B::attention(q.primitive.clone(), repeat(k.primitive.clone()), repeat(v.primitive.clone()), hide.clone(), None, opts);
             prep.finish((q.primitive, k.primitive, v.primitive, o.clone(), hide, None), o)
         }
         (OpsKind::UnTracked(prep), Some(kern)) => prep.finish((kern.forward)(q.primitive, k.primitive, v.primitive).0),
-        (OpsKind::UnTracked(prep), None) => prep.finish(B::attention(q.primitive, k.primitive, v.primitive, hide, None, opts)),
+        (OpsKind::UnTracked(prep), None) => prep.finish(B::attention(q.primitive, repeat(k.primitive), repeat(v.primitive), hide, None, opts)),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// `[B, K, T, Hd]` -> `[B, K·n, T, Hd]`, each kv head repeated for its `n` query heads
+/// (Hugging Face's `repeat_kv`).
+pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
+    if n == 1 {
+        return x;
+    }
+    let [b, k, t, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2).repeat_dim(2, n).reshape([b, k * n, t, hd])
+}
+
+/// `[B, K·n, T, Hd]` -> `[B, K, T, Hd]`: the gradient of [`repeat_kv`], each kv head's `n`
+/// query heads summed.
+pub fn fold_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
+    if n == 1 {
+        return x;
+    }
+    let [b, kn, t, hd] = x.dims();
+    x.reshape([b, kn / n, n, t, hd]).sum_dim(2).reshape([b, kn / n, t, hd])
 }
 
 /// The gradients of causal attention with respect to q, k and v, recomputing the probabilities.

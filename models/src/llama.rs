@@ -16,11 +16,13 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::attention::repeat_kv;
 use crate::rope::{rope, rope_tables};
-use crate::linear::matmul;
 use crate::norm::rms_norm;
 use crate::swiglu::swiglu;
 use crate::ModelError;
+
+mod projection;
 
 /// The longest context a config may declare (RoPE tables and attention are sized by it).
 pub const MAX_CONTEXT: usize = 1 << 20;
@@ -397,7 +399,7 @@ impl<B: Backend> Llama<B> {
         let (q, mut kk, mut v) = match joined.then(crate::rope::registered::<B>).flatten() {
             // One matmul, then RoPE on q's and k's heads of its output as one op (rope.rs).
             Some(turn) => {
-                let y = self.mm(hn, Tensor::cat(Vec::from(ws), 1)); // [B, T, (H + 2K)·Hd]
+                let y = self.mm_joined(hn, ws); // [B, T, (H + 2K)·Hd]
                 let y = turn(y, cos.clone(), sin.clone(), h + k).reshape([b, t, h + 2 * k, hd]).swap_dims(1, 2); // [B, H + 2K, T, Hd]
                 (y.clone().narrow(1, 0, h), y.clone().narrow(1, h, k), y.narrow(1, h + k, k)) // [B, H, T, Hd], [B, K, T, Hd] x2
             }
@@ -422,15 +424,14 @@ impl<B: Backend> Llama<B> {
             }
             None => true,
         };
-        let kk = repeat_kv(kk, h / k); // [B, H, S, Hd]
-        let v = repeat_kv(v, h / k); // [B, H, S, Hd]
         // A packed batch's mask holds the causal triangle too.
         let causal = causal && hide.is_none();
         let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
         let fused = (self.fused_attention && (causal || hide.is_some()) && t == kk.dims()[2]).then(crate::attention::registered::<B>).flatten();
+        // The fused op takes the K kv heads as they are; Burn's attention takes H.
         let attend = |q, k, v| match fused {
-            Some(f) => f(q, k, v, hide.cloned(), self.flash_attention),
-            None => attention(q, k, v, hide.cloned(), None, opts),
+            Some(f) => f(q, k, v, hide.cloned(), self.flash_attention), // q [B, H, T, Hd], k, v [B, K, S, Hd]
+            None => attention(q, repeat_kv(k, h / self.n_kv_heads), repeat_kv(v, h / self.n_kv_heads), hide.cloned(), None, opts),
         };
         let y = match self.compute {
             None => attend(q, kk, v), // [B, H, T, Hd]
@@ -445,80 +446,13 @@ impl<B: Backend> Llama<B> {
         let joined = self.fused_proj && self.fused_swiglu && !self.adapted(i, 4) && !self.adapted(i, 5);
         let h = match joined.then(crate::swiglu::registered_joined::<B>).flatten() {
             // One matmul, and SwiGLU reading both halves of its output in place (swiglu.rs).
-            Some(gate_up) => gate_up(self.mm(hn, Tensor::cat(Vec::from(ws), 1))), // [B, T, 2F] -> [B, T, F]
+            Some(gate_up) => gate_up(self.mm_joined(hn, ws)), // [B, T, 2F] -> [B, T, F]
             None => {
                 let [gate, up] = self.projs(hn, ws, i, [4, 5]); // [B, T, F] x2
                 swiglu(gate, up, self.fused_swiglu)
             }
         };
         x + self.proj(h, m.down_proj.val(), i, 6) // [B, T, D]
-    }
-
-    /// Projection `m` (`lora::TARGETS`' index: q k v o gate up down) of layer `l`: `x @ w`,
-    /// plus the adapter's `s·(x'·Aᵀ)·Bᵀ` where one adapts it (`x'` is `x`, or `x ⊙ mask` under
-    /// LoRA dropout): `x: [B, T, In]`, `w: [In, Out]`, `A: [r, In]`, `B: [Out, r]`.
-    fn proj(&self, x: Tensor<B, 3>, w: Tensor<B, 2>, l: usize, m: usize) -> Tensor<B, 3> {
-        if self.adapted(l, m) {
-            let y = self.mm(x.clone(), w); // [B, T, Out]
-            return y + self.adapter(x, l, m);
-        }
-        self.mm(x, w)
-    }
-
-    /// Whether projection `m` of layer `l` has an adapter.
-    fn adapted(&self, l: usize, m: usize) -> bool {
-        self.lora.as_ref().is_some_and(|lo| lo.layers[l].pairs()[m].1.is_some())
-    }
-
-    /// The adapter's `s·(x'·Aᵀ)·Bᵀ` of projection `m` of layer `l`, which has one ([`Self::adapted`]).
-    fn adapter(&self, x: Tensor<B, 3>, l: usize, m: usize) -> Tensor<B, 3> {
-        let (lora, p) = match self.lora.as_ref().and_then(|lo| lo.layers[l].pairs()[m].1.map(|p| (lo, p))) {
-            Some(found) => found,
-            None => unreachable!("projection {m} of layer {l} has no adapter (check `adapted` first)"),
-        };
-        let u = self.mm(lora.input(x, l, m), p.lora_A.val().transpose()); // [B, T, r]
-        self.mm(u, p.lora_B.val().transpose()) * lora.scale() // [B, T, Out]
-    }
-
-    /// Projections `ms` of layer `l` over the same input: with `fused_proj`, one matmul of the
-    /// weights side by side (`x @ [w_1 | w_2 | ..]`, `[B, T, ΣOut]`) split into its parts, each
-    /// part plus its adapter; else one [`Self::proj`] each. One GEMM instead of N each way (and
-    /// under mixed precision one weight cast), for a copy of the weights into the joined one.
-    fn projs<const N: usize>(&self, x: Tensor<B, 3>, ws: [Tensor<B, 2>; N], l: usize, ms: [usize; N]) -> [Tensor<B, 3>; N] {
-        if !self.fused_proj {
-            let mut ws = ws.into_iter();
-            return ms.map(|m| match ws.next() {
-                Some(w) => self.proj(x.clone(), w, l, m),
-                None => unreachable!("one weight a projection"),
-            });
-        }
-        let widths = ws.each_ref().map(|w| w.dims()[1]);
-        let y = self.mm(x.clone(), Tensor::cat(Vec::from(ws), 1)); // [B, T, ΣOut]
-        let mut start = 0;
-        std::array::from_fn(|i| {
-            let part = y.clone().narrow(2, start, widths[i]); // [B, T, Out_i]
-            start += widths[i];
-            match self.adapted(l, ms[i]) {
-                true => part + self.adapter(x.clone(), l, ms[i]),
-                false => part,
-            }
-        })
-    }
-
-    /// `x @ w` for `x: [B, T, In]`, `w: [In, Out]`, in the compute precision; the result is f32.
-    /// One 2-D matmul over all `B·T` rows: a batched `[B, T, In] @ [1, In, Out]` would make the
-    /// weight's gradient `B` matmuls of depth `T` into a `[B, In, Out]` tensor, then a sum over `B`.
-    fn mm(&self, x: Tensor<B, 3>, w: Tensor<B, 2>) -> Tensor<B, 3> {
-        let [b, t, d_in] = x.dims();
-        let d_out = w.dims()[1];
-        match self.compute {
-            // A base stored in half precision (lora_params::store_base) computes in f32.
-            None if w.dtype() != DType::F32 => matmul(x.reshape([b * t, d_in]), w.cast(DType::F32), self.cublaslt).reshape([b, t, d_out]),
-            None => matmul(x.reshape([b * t, d_in]), w, self.cublaslt).reshape([b, t, d_out]),
-            // Cast before flattening and after unflattening, so that Burn's fusion can merge the
-            // casts with the element-wise ops around them.
-            Some(dt) => matmul(x.cast(dt).reshape([b * t, d_in]), w.cast(dt), self.cublaslt).reshape([b, t, d_out]).cast(DType::F32),
-        }
     }
 }
 
@@ -545,16 +479,6 @@ impl<B: Backend> Packed<B> {
             hide: Tensor::from_data(TensorData::new(hide, [b, 1, t, t]), device),
         }
     }
-}
-
-/// `[B, K, T, Hd]` -> `[B, K*n, T, Hd]`, each kv head repeated for its `n` query heads
-/// (Hugging Face's `repeat_kv`).
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
-    if n == 1 {
-        return x;
-    }
-    let [b, k, t, hd] = x.dims();
-    x.unsqueeze_dim::<5>(2).repeat_dim(2, n).reshape([b, k * n, t, hd])
 }
 
 /// Per-layer cached keys and values, `[B, K, S, Hd]` each.

@@ -24,7 +24,7 @@
 
 /// The arguments of one `cublasLtMatmul` (as cudarc's `MatmulConfig` names them) and which
 /// row-major buffer is its first operand.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LtCall {
     pub transa: bool,
     pub transb: bool,

@@ -5,13 +5,17 @@
 //!
 //! cuBLASLt is loaded at run time (cudarc's dynamic loading): nothing is needed to build, and
 //! [`available`] says whether a machine has the library before any step. A GEMM is queued on
-//! Burn's fusion stream like Kiln's other kernels (`fusion_op.rs`). CubeCL's CUDA stream is
-//! private to cubecl-cuda, so the op orders itself by synchronising: CubeCL's stream before the
-//! call (every kernel that wrote the inputs has finished), Kiln's own stream after it (the output
-//! is written before CubeCL's next kernel reads it). Correct, at the cost of two host round trips
-//! a GEMM; a cubecl-cuda patched to expose its stream would remove them. The fusion thread is not
-//! CubeCL's, so the op makes the device's primary context (CubeCL's) current first.
+//! Burn's fusion stream like Kiln's other kernels (`fusion_op.rs`), and runs on CubeCL's own CUDA
+//! stream, which the vendored cubecl-cuda hands out with each buffer's pointer
+//! (`vendor/README.md`): stream order alone puts it after the kernels that wrote its inputs and
+//! before those that read its output, with no host round trip. The fusion thread is not CubeCL's,
+//! so the op makes the device's primary context (CubeCL's) current first.
+//!
+//! Each distinct GEMM (shape, transposes, type, operand alignment) asks cuBLASLt's heuristic for
+//! an algorithm once; its descriptors and the algorithm are kept for the next step's same call.
+//! cuBLASLt needs no autotuning, so the first step pays only the heuristic queries.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -33,24 +37,42 @@ type Inner<BT> = Cube<CudaRuntime, f32, i32, BT>;
 /// cuBLASLt's workspace: 32 MiB, what cuBLAS itself takes on Hopper.
 const WORKSPACE: usize = 32 << 20;
 
-/// One device's cuBLASLt state.
+/// What makes two GEMMs the same to cuBLASLt's heuristic: the call, the operands' type, and the
+/// alignment of the three pointers (A, B, D) in bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    call: LtCall,
+    ty: u32,
+    align: [u32; 3],
+}
+
+/// One GEMM's descriptors and the algorithm the heuristic picked for it.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    layouts: [sys::cublasLtMatrixLayout_t; 3],
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+/// cuBLASLt's state for one CUDA stream of one device: a handle, the workspace the stream's
+/// GEMMs share (one at a time, in stream order), and the plans made so far.
 struct Lt {
     ctx: Arc<CudaContext>,
     handle: sys::cublasLtHandle_t,
-    stream: drv_sys::CUstream,
     workspace: drv_sys::CUdeviceptr,
+    plans: HashMap<PlanKey, Plan>,
 }
 
-// SAFETY: the handle, stream and workspace are used only while the table's lock is held.
+// SAFETY: the handle, workspace and plans are used only while the table's lock is held.
 unsafe impl Send for Lt {}
 
-fn table() -> &'static Mutex<HashMap<usize, Lt>> {
-    static T: OnceLock<Mutex<HashMap<usize, Lt>>> = OnceLock::new();
+/// The state of each (device, stream) used so far; stream 0 is `available`'s probe.
+fn table() -> &'static Mutex<HashMap<(usize, usize), Lt>> {
+    static T: OnceLock<Mutex<HashMap<(usize, usize), Lt>>> = OnceLock::new();
     T.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// Opens cuBLASLt on CUDA device `index`: the library, the primary context, a handle, a stream and
-/// the workspace.
+/// Opens cuBLASLt on CUDA device `index`: the library, the primary context, a handle and a
+/// workspace.
 fn open(index: usize) -> Result<Lt, String> {
     // SAFETY: only tries to load the library by its usual names.
     if !unsafe { sys::is_culib_present() } {
@@ -59,20 +81,19 @@ fn open(index: usize) -> Result<Lt, String> {
     let ctx = CudaContext::new(index).map_err(|e| format!("CUDA device {index}: {e:?}"))?;
     ctx.bind_to_thread().map_err(|e| format!("CUDA device {index}: {e:?}"))?;
     let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
-    let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| format!("a CUDA stream: {e:?}"))?;
-    // SAFETY: a plain device allocation in the context bound above; freed never (one a device).
+    // SAFETY: a plain device allocation in the context bound above; freed never (one a stream).
     let workspace = unsafe { drv::malloc_sync(WORKSPACE) }.map_err(|e| format!("cuBLASLt's workspace: {e:?}"))?;
-    Ok(Lt { ctx, handle, stream, workspace })
+    Ok(Lt { ctx, handle, workspace, plans: HashMap::new() })
 }
 
-/// Runs `f` with device `index`'s cuBLASLt state (opened on first use), its context current.
-fn with_lt<T>(index: usize, f: impl FnOnce(&Lt) -> Result<T, String>) -> Result<T, String> {
+/// Runs `f` with the cuBLASLt state of device `index`'s stream `stream` (opened on first use),
+/// the device's context current.
+fn with_lt<T>(index: usize, stream: usize, f: impl FnOnce(&mut Lt) -> Result<T, String>) -> Result<T, String> {
     let mut t = table().lock().map_err(|_| "cuBLASLt's state was poisoned by an earlier panic".to_string())?;
-    if !t.contains_key(&index) {
-        let opened = open(index)?;
-        t.insert(index, opened);
-    }
-    let lt = &t[&index];
+    let lt = match t.entry((index, stream)) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(open(index)?),
+    };
     lt.ctx.bind_to_thread().map_err(|e| format!("CUDA device {index}: {e:?}"))?;
     f(lt)
 }
@@ -80,7 +101,7 @@ fn with_lt<T>(index: usize, f: impl FnOnce(&Lt) -> Result<T, String>) -> Result<
 /// Whether cuBLASLt works on CUDA device `index` (the library loads, a handle and a workspace are
 /// made); the error says why not.
 pub fn available(index: usize) -> Result<(), String> {
-    with_lt(index, |_| Ok(()))
+    with_lt(index, 0, |_| Ok(()))
 }
 
 /// cuBLASLt's type for a tensor's dtype, where it has one Kiln uses.
@@ -93,46 +114,93 @@ fn data_type(dtype: DType) -> Option<sys::cudaDataType> {
     }
 }
 
-/// One `cublasLtMatmul`: `D = op(first) · op(second)` column-major as `call` describes it, the
-/// operands of type `ty`, D of type `ty` too, accumulated in f32, on `lt`'s stream.
-///
-/// # Safety
-/// `first`, `second` and `d` point at device memory of `lt`'s device holding the matrices `call`
-/// describes (with its leading dimensions), and nothing else writes them until the stream is done.
-unsafe fn matmul(lt: &Lt, call: &LtCall, first: u64, second: u64, d: u64, ty: sys::cudaDataType) -> Result<(), String> {
-    fn err(what: &'static str) -> impl Fn(lt::CublasError) -> String {
-        move |e| format!("{what}: {e:?}")
-    }
+fn err(what: &'static str) -> impl Fn(lt::CublasError) -> String {
+    move |e| format!("{what}: {e:?}")
+}
+
+/// The largest power of two (at most 256) that divides a pointer: the alignment cuBLASLt's
+/// heuristic may assume of it. It assumes 256 unless told; a tensor that is a row slice of a
+/// larger buffer may start less aligned.
+fn alignment(ptr: u64) -> u32 {
+    1 << ptr.trailing_zeros().min(8)
+}
+
+/// Makes the plan of GEMM `key`: its descriptors (f32 accumulation, the transposes as flags) and
+/// the heuristic's first algorithm within the workspace.
+fn plan(lt: &Lt, key: &PlanKey, ty: sys::cudaDataType) -> Result<Plan, String> {
+    let call = &key.call;
     let (ar, ac) = if call.transa { (call.k, call.m) } else { (call.m, call.k) };
     let (br, bc) = if call.transb { (call.n, call.k) } else { (call.k, call.n) };
     let la = lt::create_matrix_layout(ty, ar as u64, ac as u64, call.lda as i64).map_err(err("layout A"))?;
     let lb = lt::create_matrix_layout(ty, br as u64, bc as u64, call.ldb as i64).map_err(err("layout B"))?;
     let ld = lt::create_matrix_layout(ty, call.m as u64, call.n as u64, call.ldc as i64).map_err(err("layout D"))?;
     let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F).map_err(err("matmul desc"))?;
-    let pref = lt::create_matmul_pref().map_err(err("preference"))?;
-    let run = || -> Result<(), String> {
+    let made = Plan { desc, layouts: [la, lb, ld], algo: unsafe { std::mem::zeroed() } };
+    let pref = lt::create_matmul_pref().map_err(err("preference"));
+    let chosen = pref.clone().and_then(|pref| -> Result<sys::cublasLtMatmulAlgo_t, String> {
         for (attr, flag) in [
             (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, call.transa),
             (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, call.transb),
         ] {
             let op = flag as i32; // CUBLAS_OP_T = 1, CUBLAS_OP_N = 0
-            lt::set_matmul_desc_attribute(desc, attr, (&op) as *const i32 as *const _, std::mem::size_of::<i32>()).map_err(err("transpose"))?;
+            // SAFETY: `desc` was created above; the attribute is an i32, passed with its size.
+            unsafe { lt::set_matmul_desc_attribute(desc, attr, (&op) as *const i32 as *const _, std::mem::size_of::<i32>()) }.map_err(err("transpose"))?;
         }
         let size = WORKSPACE;
-        lt::set_matmul_pref_attribute(pref, sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, (&size) as *const usize as *const _, std::mem::size_of::<usize>())
-            .map_err(err("workspace size"))?;
-        // The heuristic assumes 256-byte-aligned operands unless told otherwise; a tensor that is
-        // a row slice of a larger buffer may start less aligned.
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
-        for (attr, ptr) in [(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, first), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, second), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, d), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, d)] {
-            let align: u32 = 1 << ptr.trailing_zeros().min(8);
-            lt::set_matmul_pref_attribute(pref, attr, (&align) as *const u32 as *const _, std::mem::size_of::<u32>()).map_err(err("alignment"))?;
+        // SAFETY: `pref` was created above; each attribute is passed with its type's size.
+        unsafe { lt::set_matmul_pref_attribute(pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, (&size) as *const usize as *const _, std::mem::size_of::<usize>()) }.map_err(err("workspace size"))?;
+        let [a, b, d] = key.align;
+        for (attr, align) in [(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, a), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, b), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, d), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, d)] {
+            unsafe { lt::set_matmul_pref_attribute(pref, attr, (&align) as *const u32 as *const _, std::mem::size_of::<u32>()) }.map_err(err("alignment"))?;
         }
-        let heuristic = lt::get_matmul_algo_heuristic(lt.handle, desc, la, lb, ld, ld, pref).map_err(err("no algorithm for this GEMM"))?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: every descriptor was created above and is alive.
+        let heuristic = unsafe { lt::get_matmul_algo_heuristic(lt.handle, desc, la, lb, ld, ld, pref) }.map_err(err("no algorithm for this GEMM"))?;
+        Ok(heuristic.algo)
+    });
+    if let Ok(pref) = pref {
+        // SAFETY: created above, not used after.
+        let _ = unsafe { lt::destroy_matmul_pref(pref) };
+    }
+    match chosen {
+        Ok(algo) => Ok(Plan { algo, ..made }),
+        Err(e) => {
+            destroy(made);
+            Err(e)
+        }
+    }
+}
+
+fn destroy(plan: Plan) {
+    // SAFETY: the plan's descriptors were created by `plan` and are not used after.
+    unsafe {
+        let _ = lt::destroy_matmul_desc(plan.desc);
+        for l in plan.layouts {
+            let _ = lt::destroy_matrix_layout(l);
+        }
+    }
+}
+
+/// One `cublasLtMatmul`: `D = op(first) · op(second)` column-major as `call` describes it, the
+/// operands of type `ty`, D of type `ty` too, accumulated in f32, queued on `stream`.
+///
+/// # Safety
+/// `first`, `second` and `d` point at device memory of `lt`'s device holding the matrices `call`
+/// describes (with its leading dimensions), and `stream` is the stream `lt` was opened for, on
+/// which every write of the operands was queued before.
+unsafe fn matmul(lt: &mut Lt, call: &LtCall, first: u64, second: u64, d: u64, ty: sys::cudaDataType, stream: drv_sys::CUstream) -> Result<(), String> {
+    let key = PlanKey { call: *call, ty: ty as u32, align: [alignment(first), alignment(second), alignment(d)] };
+    if !lt.plans.contains_key(&key) {
+        let made = plan(lt, &key, ty)?;
+        lt.plans.insert(key, made);
+    }
+    let p = &lt.plans[&key];
+    let [la, lb, ld] = p.layouts;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    unsafe {
         lt::matmul(
             lt.handle,
-            desc,
+            p.desc,
             (&alpha) as *const f32 as *const _,
             (&beta) as *const f32 as *const _,
             first as *const _,
@@ -143,21 +211,13 @@ unsafe fn matmul(lt: &Lt, call: &LtCall, first: u64, second: u64, d: u64, ty: sy
             ld,
             d as *mut _,
             ld,
-            &heuristic.algo,
+            &p.algo,
             lt.workspace as *mut _,
             WORKSPACE,
-            lt.stream as _,
+            stream as _,
         )
-        .map_err(err("cublasLtMatmul"))?;
-        drv::stream::synchronize(lt.stream).map_err(|e| format!("the GEMM's stream: {e:?}"))
-    };
-    let result = run();
-    let _ = lt::destroy_matmul_pref(pref);
-    let _ = lt::destroy_matmul_desc(desc);
-    for l in [la, lb, ld] {
-        let _ = lt::destroy_matrix_layout(l);
     }
-    result
+    .map_err(err("cublasLtMatmul"))
 }
 
 /// `op(a) · op(b)` through cuBLASLt: `a: [M, K]` (stored `[K, M]` when `trans_a`), `b: [K, N]`
@@ -184,14 +244,19 @@ pub fn gemm<BT: BoolElement>(a: FloatTensor<G<BT>>, b: FloatTensor<G<BT>>, trans
                 let call = row_major(m, n, k, ta, tb);
                 (|| {
                     let (ra, rb, rd) = (res(&a)?, res(&b)?, res(&d)?);
-                    cubecl::future::block_on(a.client.sync()).map_err(|e| format!("CubeCL's stream: {e:?}"))?;
+                    // The stream CubeCL queued the inputs' writes on (`get_resource` aligned the
+                    // three buffers' streams with it); its next kernels follow the GEMM there.
+                    let stream = rd.resource().stream;
+                    if stream.is_null() {
+                        return Err("cubecl-cuda gave no stream with the buffer (Kiln needs the vendored cubecl-cuda, vendor/README.md)".to_string());
+                    }
                     // cuBLASLt's first operand is B's buffer, its second A's (cublaslt.rs).
                     let (pa, pb, pd) = (ra.resource().ptr, rb.resource().ptr, rd.resource().ptr);
-                    // SAFETY: the three pointers are live CubeCL allocations on this device (the
-                    // resources held until the stream is synchronised), contiguous, of the shapes
-                    // `call` was mapped from; CubeCL's stream was synchronised, so nothing else
-                    // writes them while the GEMM runs.
-                    with_lt(a.device.index, |lt| unsafe { matmul(lt, &call, pb, pa, pd, ty) })
+                    // SAFETY: the three pointers are live CubeCL allocations on this device,
+                    // contiguous, of the shapes `call` was mapped from. The GEMM is queued on
+                    // CubeCL's stream after every kernel that wrote them; a buffer freed after
+                    // this closure is reused only by work queued later on the same stream.
+                    with_lt(a.device.index, stream as usize, |lt| unsafe { matmul(lt, &call, pb, pa, pd, ty, stream) })
                 })()
             }
         };

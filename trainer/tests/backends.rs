@@ -536,14 +536,18 @@ fn flash_attention_kernels_match_tensor_ops_on_wgpu() {
     let tensor = |p| Tensor::<Wgpu, 4>::from_primitive(TensorPrimitive::Float(p));
     let rel4 = |a: Tensor<Wgpu, 4>, b: Tensor<Wgpu, 4>| rel(Tensor::from_inner(a), Tensor::from_inner(b));
     let tol = 1e-4;
-    // (batch, heads, T, head dim, tile; 0: the device's). Each (head dim, tile) is a kernel
-    // compiled (slowly, on lavapipe): three of them, tiles 8, 16 and 32.
-    for (b, h, t, hd, tl) in [(1, 2, 5, 64, 16), (2, 3, 70, 64, 0), (2, 1, 40, 128, 8), (1, 1, 33, 24, 32)] {
-        let shape = [b, h, t, hd];
+    // (batch, heads, kv heads, T, head dim, tile; 0: the device's). Each (head dim, tile) is a
+    // kernel compiled (slowly, on lavapipe): three of them, tiles 8, 16 and 32. Fewer kv heads
+    // than heads (grouped-query attention) in two.
+    for (b, h, kv, t, hd, tl) in [(1, 2, 2, 5, 64, 16), (2, 3, 3, 70, 64, 0), (2, 1, 1, 40, 128, 8), (1, 1, 1, 33, 24, 32), (2, 6, 2, 37, 64, 16), (1, 3, 1, 20, 128, 8)] {
+        let (shape, kv_shape) = ([b, h, t, hd], [b, kv, t, hd]);
         // Scores well away from 0 (queries scaled up), so the softmax is far from uniform.
-        let (q, k, v, d_o) = (random(shape, 1) * 3.0, random(shape, 2), random(shape, 3), random(shape, 4));
-        let (o_ref, lse_ref) = attention_reference(q.clone(), k.clone(), v.clone());
-        let (dq_ref, dk_ref, dv_ref) = attention::attention_backward(q.clone(), k.clone(), v.clone(), o_ref.clone(), d_o.clone(), None);
+        let (q, k, v, d_o) = (random(shape, 1) * 3.0, random(kv_shape, 2), random(kv_shape, 3), random(shape, 4));
+        // The references on the kv heads repeated, their gradients folded back.
+        let g = h / kv;
+        let (o_ref, lse_ref) = attention_reference(q.clone(), attention::repeat_kv(k.clone(), g), attention::repeat_kv(v.clone(), g));
+        let (dq_ref, dk_ref, dv_ref) = attention::attention_backward(q.clone(), attention::repeat_kv(k.clone(), g), attention::repeat_kv(v.clone(), g), o_ref.clone(), d_o.clone(), None);
+        let (dk_ref, dv_ref) = (attention::fold_kv(dk_ref, g), attention::fold_kv(dv_ref, g));
         let (o, lse) = forward_tiled::<WgpuRuntime, u32>(prim(q.clone()), prim(k.clone()), prim(v.clone()), tl);
         let lse = Tensor::<Wgpu, 3>::from_primitive(TensorPrimitive::Float(lse));
         let (dq, dk, dv) = backward_tiled::<WgpuRuntime, u32>(prim(q), prim(k), prim(v), o.clone(), lse.clone().into_primitive().tensor(), prim(d_o), tl);
@@ -554,13 +558,15 @@ fn flash_attention_kernels_match_tensor_ops_on_wgpu() {
             rel4(tensor(dk), dk_ref),
             rel4(tensor(dv), dv_ref),
         ];
-        println!("flash attention {shape:?} tile {tl}: output {:.1e}, lse {:.1e}, dq {:.1e}, dk {:.1e}, dv {:.1e}", errs[0], errs[1], errs[2], errs[3], errs[4]);
-        assert!(errs.iter().all(|e| *e < tol), "flash attention {shape:?} tile {tl}: {errs:?}");
+        println!("flash attention {shape:?} kv heads {kv} tile {tl}: output {:.1e}, lse {:.1e}, dq {:.1e}, dk {:.1e}, dv {:.1e}", errs[0], errs[1], errs[2], errs[3], errs[4]);
+        assert!(errs.iter().all(|e| *e < tol), "flash attention {shape:?} kv heads {kv} tile {tl}: {errs:?}");
     }
 
-    // Through the autodiff op (what the model calls with train.flash_attention).
-    let shape = [2, 2, 45, 64];
-    let inputs: Vec<Tensor<Autodiff<Wgpu>, 4>> = (5..8).map(|s| Tensor::from_inner(random(shape, s))).collect();
+    // Through the autodiff op (what the model calls with train.flash_attention), with two kv
+    // heads for four query heads.
+    let shape = [2, 4, 45, 64];
+    let kv_shape = [2, 2, 45, 64];
+    let inputs: Vec<Tensor<Autodiff<Wgpu>, 4>> = (5..8).map(|s| Tensor::from_inner(random(if s == 5 { shape } else { kv_shape }, s))).collect();
     let probe = Tensor::<Autodiff<Wgpu>, 4>::from_inner(random(shape, 8));
     let grads = |flash: bool| {
         let [q, k, v] = [0, 1, 2].map(|i| inputs[i].clone().require_grad());
@@ -573,4 +579,12 @@ fn flash_attention_kernels_match_tensor_ops_on_wgpu() {
         println!("flash attention op {name}: {e:.1e}");
         assert!(e < tol, "flash attention op {name} differs by {e}");
     }
+    // What ran is this file's FMA kernels: the tensor-core ones (attention_mma.rs) need
+    // cooperative matrices, which Burn's wgpu (WGSL) never reports; their shared memory fits a
+    // Hopper block at both head dims.
+    use kiln_trainer::cube_kernels::{attention::took_tensor_cores, attention_mma};
+    let client = <WgpuRuntime as cubecl::Runtime>::client(&wd);
+    assert!(!attention_mma::supported(&client, burn::tensor::DType::BF16, 64));
+    assert!(!took_tensor_cores());
+    assert!(attention_mma::shared_bytes(64) < attention_mma::shared_bytes(128) && attention_mma::shared_bytes(128) <= 227 * 1024);
 }

@@ -36,15 +36,17 @@ fn parse_shape(s: &str) -> Result<[usize; 4], String> {
 pub fn run(a: Args) -> Result<()> {
     let dtype = super::bench_dtype(&a.dtype, a.iters)?;
     let be = resolve_device(a.device.unwrap_or(DeviceSpec::Auto))?;
-    let rows = kiln_trainer::with_backend!(be, B, device, {
+    // Each row printed as it is measured, so that a kernel failing on a device leaves the rows before it.
+    let mut emit = |r: kiln_trainer::attention_bench::AttentionRow| -> Result<()> {
+        println!("{}", serde_json::to_string(&r)?);
+        Ok(())
+    };
+    kiln_trainer::with_backend!(be, B, device, {
         type I = <B as AutodiffBackend>::InnerBackend;
         if !kiln_trainer::attention_bench::supports::<I>(&device, dtype) {
             bail!("--dtype {}: {} cannot compute in {dtype:?}\n  hint: --dtype f32", a.dtype, be.describe());
         }
-        kiln_trainer::attention_bench::run::<B>(&device, &a.shapes, dtype, a.iters)?
+        kiln_trainer::attention_bench::run::<B>(&device, &a.shapes, dtype, a.iters, &mut emit)?
     });
-    for r in rows {
-        println!("{}", serde_json::to_string(&r)?);
-    }
     Ok(())
 }

@@ -1,6 +1,9 @@
 //! Flash attention's two passes as tiled kernels (the op and its fallbacks:
 //! `kiln_models::attention`): causal, scale `s = 1/√Hd`, for `q, k, v, o: [B, H, T, Hd]` in f32,
-//! f16 or bf16, with f32 arithmetic in shared memory. No `[T, T]` tensor is ever written.
+//! f16 or bf16, with f32 arithmetic in shared memory. No `[T, T]` tensor is ever written. Keys and
+//! values may have fewer heads than queries (grouped-query attention, `k, v: [B, K, T, Hd]`, `K`
+//! dividing `H`): query head `h` reads kv head `h / (H/K)` in place, and a dK/dV cube walks its kv
+//! head's `H/K` query heads in turn, so dK and dV come out summed over the group.
 //!
 //! A cube of [`UNITS`] units takes a tile of `b` query rows (or, for dK and dV, `b` key rows) of
 //! one batch-and-head, and walks the tiles of the other side in shared memory, skipping the
@@ -26,6 +29,10 @@
 //! padded by one float so that units reading different rows hit different banks. The tile size
 //! `b` is the largest of 64, 32, 16 and 8 whose backward fits the device's shared memory
 //! ([`tile`]); every `b` is the same code (the tests run several).
+//!
+//! Where the device has tensor cores for the tensors' type (f16, bf16) and the head dim is a
+//! multiple of 16, [`forward`] and [`backward`] run `attention_mma.rs`'s kernels instead, the same
+//! passes with the `T × T × Hd` products on tensor cores ([`set_tensor_cores`] turns that off).
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{bf16, f16, DType, Shape};
@@ -35,7 +42,9 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeRuntime};
 use cubecl::prelude::*;
 
-use super::{elementwise_grid, empty_like};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{attention_mma, elementwise_grid, empty_like};
 use crate::fusion_op::{queue_typed, Cube, Gpu};
 
 type B<R, BT> = Gpu<R, f32, i32, BT>;
@@ -91,7 +100,7 @@ fn load_rows(src: &Array<f32>, dst: &mut SharedMemory<f32>, base: usize, first: 
 
 /// The key tiles query tile `qb` sees under the causal mask: those up to its last row below `t`.
 #[cube]
-fn causal_tiles(qb: usize, t: usize, #[comptime] b: usize) -> usize {
+pub(super) fn causal_tiles(qb: usize, t: usize, #[comptime] b: usize) -> usize {
     let mut end = (qb + 1) * b;
     if end > t {
         end = t;
@@ -151,11 +160,12 @@ fn grad_scores(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_kernel<F: Float>(q: &Array<F>, k: &Array<F>, v: &Array<F>, o: &mut Array<F>, lse: &mut Array<f32>, t: u32, scale: f32, #[comptime] hd: usize, #[comptime] b: usize) {
+pub(crate) fn forward_kernel<F: Float>(q: &Array<F>, k: &Array<F>, v: &Array<F>, o: &mut Array<F>, lse: &mut Array<f32>, t: u32, group: u32, scale: f32, #[comptime] hd: usize, #[comptime] b: usize) {
     let t = t as usize;
     let qb = CUBE_POS_X as usize;
     let bh = CUBE_POS_Y as usize;
     let base = bh * t * hd;
+    let kv_base = (bh / group as usize) * t * hd;
     let upr = comptime!(UNITS / b);
     let dpu = comptime!(hd.div_ceil(UNITS / b));
     let hs = comptime!(hd + 1);
@@ -182,8 +192,8 @@ pub(crate) fn forward_kernel<F: Float>(q: &Array<F>, k: &Array<F>, v: &Array<F>,
     let mut kb: usize = 0;
     while kb < blocks {
         sync_cube();
-        load_tile::<F>(k, &mut ks, base, kb * b, t, 1.0, b, hd);
-        load_tile::<F>(v, &mut vs, base, kb * b, t, 1.0, b, hd);
+        load_tile::<F>(k, &mut ks, kv_base, kb * b, t, 1.0, b, hd);
+        load_tile::<F>(v, &mut vs, kv_base, kb * b, t, 1.0, b, hd);
         sync_cube();
         // S for the whole tile.
         let mut e = unit;
@@ -280,14 +290,16 @@ pub(crate) fn backward_kv_kernel<F: Float>(
     dk: &mut Array<F>,
     dv: &mut Array<F>,
     t: u32,
+    group: u32,
     scale: f32,
     #[comptime] hd: usize,
     #[comptime] b: usize,
 ) {
     let t = t as usize;
+    let group = group as usize;
     let kb = CUBE_POS_X as usize;
-    let bh = CUBE_POS_Y as usize;
-    let base = bh * t * hd;
+    let bk = CUBE_POS_Y as usize; // batch and kv head
+    let kv_base = bk * t * hd;
     let upk = comptime!(UNITS / b);
     let dpu = comptime!(hd.div_ceil(UNITS / b));
     let hs = comptime!(hd + 1);
@@ -304,8 +316,8 @@ pub(crate) fn backward_kv_kernel<F: Float>(
     let mut dss = SharedMemory::<f32>::new(comptime!(b * (b + 1)));
     let mut ls = SharedMemory::<f32>::new(b);
     let mut ds = SharedMemory::<f32>::new(b);
-    load_tile::<F>(k, &mut ks, base, kb * b, t, 1.0, b, hd);
-    load_tile::<F>(v, &mut vs, base, kb * b, t, 1.0, b, hd);
+    load_tile::<F>(k, &mut ks, kv_base, kb * b, t, 1.0, b, hd);
+    load_tile::<F>(v, &mut vs, kv_base, kb * b, t, 1.0, b, hd);
     let mut acc_k = Array::<f32>::new(dpu);
     let mut acc_v = Array::<f32>::new(dpu);
     #[unroll]
@@ -313,41 +325,48 @@ pub(crate) fn backward_kv_kernel<F: Float>(
         acc_k[dd] = 0.0;
         acc_v[dd] = 0.0;
     }
-    // Causal: query tiles from this key tile's first row on.
+    // The kv head's query heads in turn, and causally the query tiles from this key tile's
+    // first row on.
     let blocks = (t + b - 1) / b;
-    let mut qb = kb;
-    while qb < blocks {
-        sync_cube();
-        load_tile::<F>(q, &mut qs, base, qb * b, t, 1.0, b, hd);
-        load_tile::<F>(d_o, &mut dos, base, qb * b, t, 1.0, b, hd);
-        load_rows(lse, &mut ls, bh * t, qb * b, t, b);
-        load_rows(delta, &mut ds, bh * t, qb * b, t, b);
-        sync_cube();
-        grad_scores(&qs, &dos, &ks, &vs, &ls, &ds, &mut ps, &mut dss, qb, kb, t, scale, b, hd, true);
-        sync_cube();
-        #[unroll]
-        for dd in 0..dpu {
-            let j = sub + dd * upk;
-            if j < hd {
-                let mut a = acc_v[dd];
-                let mut g = acc_k[dd];
-                for r in 0..b {
-                    a += ps[r * pstride + c] * dos[r * hs + j];
-                    g += dss[r * pstride + c] * qs[r * hs + j];
+    let mut gi: usize = 0;
+    while gi < group {
+        let bh = bk * group + gi;
+        let base = bh * t * hd;
+        let mut qb = kb;
+        while qb < blocks {
+            sync_cube();
+            load_tile::<F>(q, &mut qs, base, qb * b, t, 1.0, b, hd);
+            load_tile::<F>(d_o, &mut dos, base, qb * b, t, 1.0, b, hd);
+            load_rows(lse, &mut ls, bh * t, qb * b, t, b);
+            load_rows(delta, &mut ds, bh * t, qb * b, t, b);
+            sync_cube();
+            grad_scores(&qs, &dos, &ks, &vs, &ls, &ds, &mut ps, &mut dss, qb, kb, t, scale, b, hd, true);
+            sync_cube();
+            #[unroll]
+            for dd in 0..dpu {
+                let j = sub + dd * upk;
+                if j < hd {
+                    let mut a = acc_v[dd];
+                    let mut g = acc_k[dd];
+                    for r in 0..b {
+                        a += ps[r * pstride + c] * dos[r * hs + j];
+                        g += dss[r * pstride + c] * qs[r * hs + j];
+                    }
+                    acc_v[dd] = a;
+                    acc_k[dd] = g;
                 }
-                acc_v[dd] = a;
-                acc_k[dd] = g;
             }
+            qb += 1;
         }
-        qb += 1;
+        gi += 1;
     }
     if key < t {
         #[unroll]
         for dd in 0..dpu {
             let j = sub + dd * upk;
             if j < hd {
-                dk[base + key * hd + j] = F::cast_from(acc_k[dd]);
-                dv[base + key * hd + j] = F::cast_from(acc_v[dd]);
+                dk[kv_base + key * hd + j] = F::cast_from(acc_k[dd]);
+                dv[kv_base + key * hd + j] = F::cast_from(acc_v[dd]);
             }
         }
     }
@@ -364,6 +383,7 @@ pub(crate) fn backward_q_kernel<F: Float>(
     delta: &Array<f32>,
     dq: &mut Array<F>,
     t: u32,
+    group: u32,
     scale: f32,
     #[comptime] hd: usize,
     #[comptime] b: usize,
@@ -372,6 +392,7 @@ pub(crate) fn backward_q_kernel<F: Float>(
     let qb = CUBE_POS_X as usize;
     let bh = CUBE_POS_Y as usize;
     let base = bh * t * hd;
+    let kv_base = (bh / group as usize) * t * hd;
     let upr = comptime!(UNITS / b);
     let dpu = comptime!(hd.div_ceil(UNITS / b));
     let hs = comptime!(hd + 1);
@@ -402,8 +423,8 @@ pub(crate) fn backward_q_kernel<F: Float>(
     let mut kb: usize = 0;
     while kb < blocks {
         sync_cube();
-        load_tile::<F>(k, &mut ks, base, kb * b, t, 1.0, b, hd);
-        load_tile::<F>(v, &mut vs, base, kb * b, t, 1.0, b, hd);
+        load_tile::<F>(k, &mut ks, kv_base, kb * b, t, 1.0, b, hd);
+        load_tile::<F>(v, &mut vs, kv_base, kb * b, t, 1.0, b, hd);
         sync_cube();
         grad_scores(&qs, &dos, &ks, &vs, &ls, &ds, &mut unused, &mut dss, qb, kb, t, scale, b, hd, false);
         sync_cube();
@@ -432,7 +453,7 @@ pub(crate) fn backward_q_kernel<F: Float>(
 }
 
 /// A new contiguous tensor of `dtype` on `like`'s device.
-fn empty_dtype<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
+pub(super) fn empty_dtype<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
 }
 
@@ -453,6 +474,61 @@ macro_rules! launch_float {
     };
 }
 
+/// What both backward launches (this file's and `attention_mma.rs`'s) start with: the gradients'
+/// buffers (dq shaped as q, dk and dv as k), the rows' `D = rowsum(dO ∘ O)` `[B, H, T]` (its kernel
+/// launched), the query heads a kv head serves, and the scale.
+pub(super) struct BackwardStart<R: CubeRuntime> {
+    pub dq: CubeTensor<R>,
+    pub dk: CubeTensor<R>,
+    pub dv: CubeTensor<R>,
+    pub delta: CubeTensor<R>,
+    pub group: u32,
+    pub scale: f32,
+}
+
+/// Allocates the backward's outputs for contiguous `q: [B, H, T, Hd]`, `k: [B, K, T, Hd]` and
+/// launches the delta kernel over `o` and `d_o` (q's shape and type).
+pub(super) fn backward_start<R: CubeRuntime>(q: &CubeTensor<R>, k: &CubeTensor<R>, o: CubeTensor<R>, d_o: &CubeTensor<R>) -> BackwardStart<R> {
+    let [bb, h, t, hd] = q.meta.shape().dims::<4>();
+    let kv = k.meta.shape().dims::<4>()[1];
+    let dq = empty_dtype(q, q.meta.shape().clone(), q.dtype);
+    let [dk, dv] = [0; 2].map(|_| empty_dtype(q, k.meta.shape().clone(), q.dtype));
+    let delta = empty_like(q, Shape::new([bb, h, t]));
+    let (count, dim) = elementwise_grid(&q.client, bb * h * t);
+    // SAFETY: o and dO hold bb·h·t·hd elements of q's type and delta bb·h·t; a unit reads and
+    // writes only its row, when below bb·h·t.
+    unsafe {
+        launch_float!(delta_kernel, q.dtype, &q.client, count, dim, o.into_array_arg(), d_o.clone().into_array_arg(), delta.clone().into_array_arg(), hd as u32);
+    }
+    BackwardStart { dq, dk, dv, delta, group: (h / kv) as u32, scale: 1.0 / (hd as f32).sqrt() }
+}
+
+/// Whether a call may take the tensor-core kernels (`attention_mma.rs`) where they apply: true
+/// unless [`set_tensor_cores`] turned them off.
+static TENSOR_CORES: AtomicBool = AtomicBool::new(true);
+/// Whether the last call took them.
+static TOOK_TENSOR_CORES: AtomicBool = AtomicBool::new(false);
+
+/// Lets the flash kernels' calls take the tensor-core kernels where the device, type and head
+/// dim allow (`on`, the default), or keeps them on the FMA kernels of this file (`kiln
+/// bench-attention` times both).
+pub fn set_tensor_cores(on: bool) {
+    TENSOR_CORES.store(on, Ordering::Relaxed);
+}
+
+/// Whether the last forward or backward ran on the tensor-core kernels.
+pub fn took_tensor_cores() -> bool {
+    TOOK_TENSOR_CORES.load(Ordering::Relaxed)
+}
+
+/// Whether a call with tile `forced` (0: the device's choice) on `x` takes the tensor-core
+/// kernels, recorded for [`took_tensor_cores`].
+fn tensor_cores<R: CubeRuntime>(x: &CubeTensor<R>, hd: usize, forced: usize) -> bool {
+    let take = forced == 0 && TENSOR_CORES.load(Ordering::Relaxed) && attention_mma::supported(&x.client, x.dtype, hd);
+    TOOK_TENSOR_CORES.store(take, Ordering::Relaxed);
+    take
+}
+
 /// The tile for `x`'s head dim on its device, or `forced` when non-zero (tests).
 fn pick_tile<R: CubeRuntime>(x: &CubeTensor<R>, hd: usize, forced: usize) -> usize {
     if forced > 0 {
@@ -461,12 +537,13 @@ fn pick_tile<R: CubeRuntime>(x: &CubeTensor<R>, hd: usize, forced: usize) -> usi
     tile(hd, x.client.properties().hardware.max_shared_memory_size)
 }
 
-/// `(q, k, v) -> (o [B, H, T, Hd], lse [B, H, T])` as one kernel; the tile by [`tile`].
+/// `(q, k, v) -> (o [B, H, T, Hd], lse [B, H, T])` as one kernel: the tensor-core kernel where
+/// it applies (`attention_mma.rs`), else this file's with the tile by [`tile`].
 pub fn forward<R: CubeRuntime, BT: BoolElement>(q: FloatTensor<B<R, BT>>, k: FloatTensor<B<R, BT>>, v: FloatTensor<B<R, BT>>) -> (FloatTensor<B<R, BT>>, FloatTensor<B<R, BT>>) {
     forward_tiled::<R, BT>(q, k, v, 0)
 }
 
-/// [`forward`] with tile `b` (0: by [`tile`]); `b` divides [`UNITS`].
+/// [`forward`] with tile `b` (0: the device's choice); `b` divides [`UNITS`].
 pub fn forward_tiled<R: CubeRuntime, BT: BoolElement>(q: FloatTensor<B<R, BT>>, k: FloatTensor<B<R, BT>>, v: FloatTensor<B<R, BT>>, b: usize) -> (FloatTensor<B<R, BT>>, FloatTensor<B<R, BT>>) {
     let shape = q.shape.clone();
     let [bb, h, t, _] = shape.dims::<4>();
@@ -475,17 +552,25 @@ pub fn forward_tiled<R: CubeRuntime, BT: BoolElement>(q: FloatTensor<B<R, BT>>, 
         let ([q, k, v], [o_out, lse_out]) = desc.as_fixed::<3, 2>();
         let [q, k, v] = [q, k, v].map(|t| into_contiguous(handles.get_float_tensor::<Inner<R, BT>>(t)));
         let [bb, h, t, hd] = q.meta.shape().dims::<4>();
+        if tensor_cores(&q, hd, *forced) {
+            let (o, lse) = attention_mma::launch_forward(&q, k, v);
+            handles.register_float_tensor::<Inner<R, BT>>(&o_out.id, o);
+            handles.register_float_tensor::<Inner<R, BT>>(&lse_out.id, lse);
+            return;
+        }
         let b = pick_tile(&q, hd, *forced);
         let o = empty_dtype(&q, q.meta.shape().clone(), q.dtype);
         let lse = empty_like(&q, Shape::new([bb, h, t]));
         let (count, dim) = tile_grid(bb * h, t, b);
         let scale = 1.0 / (hd as f32).sqrt();
+        let group = (h / k.meta.shape().dims::<4>()[1]) as u32;
         let client = q.client.clone();
-        // SAFETY: q, k, v and o hold bb·h·t·hd elements of q's type (checked by the op's shapes
-        // and allocated here), lse bb·h·t; cube (x, y) reads rows of head y only, every index is
-        // checked against t, and it writes only its tile's rows below t.
+        // SAFETY: q and o hold bb·h·t·hd elements of q's type, k and v bb·(h/group)·t·hd (checked
+        // by the op's shapes and allocated here), lse bb·h·t; cube (x, y) reads rows of query head
+        // y and its kv head only, every index is checked against t, and it writes only its tile's
+        // rows below t.
         unsafe {
-            launch_float!(forward_kernel, q.dtype, &client, count, dim, q.clone().into_array_arg(), k.into_array_arg(), v.into_array_arg(), o.clone().into_array_arg(), lse.clone().into_array_arg(), t as u32, scale, hd, b);
+            launch_float!(forward_kernel, q.dtype, &client, count, dim, q.clone().into_array_arg(), k.into_array_arg(), v.into_array_arg(), o.clone().into_array_arg(), lse.clone().into_array_arg(), t as u32, group, scale, hd, b);
         }
         handles.register_float_tensor::<Inner<R, BT>>(&o_out.id, o);
         handles.register_float_tensor::<Inner<R, BT>>(&lse_out.id, lse);
@@ -494,7 +579,8 @@ pub fn forward_tiled<R: CubeRuntime, BT: BoolElement>(q: FloatTensor<B<R, BT>>, 
 }
 
 /// `(q, k, v, o, lse, dO) -> (dq, dk, dv)`: the rows' `D = rowsum(dO ∘ O)`, then the dK/dV and
-/// dQ kernels; the tile by [`tile`].
+/// dQ kernels: the tensor-core ones where they apply (`attention_mma.rs`), else this file's with
+/// the tile by [`tile`].
 #[allow(clippy::type_complexity)]
 pub fn backward<R: CubeRuntime, BT: BoolElement>(
     q: FloatTensor<B<R, BT>>,
@@ -507,7 +593,7 @@ pub fn backward<R: CubeRuntime, BT: BoolElement>(
     backward_tiled::<R, BT>(q, k, v, o, lse, d_o, 0)
 }
 
-/// [`backward`] with tile `b` (0: by [`tile`]); `b` divides [`UNITS`].
+/// [`backward`] with tile `b` (0: the device's choice); `b` divides [`UNITS`].
 #[allow(clippy::type_complexity)]
 pub fn backward_tiled<R: CubeRuntime, BT: BoolElement>(
     q: FloatTensor<B<R, BT>>,
@@ -518,32 +604,34 @@ pub fn backward_tiled<R: CubeRuntime, BT: BoolElement>(
     d_o: FloatTensor<B<R, BT>>,
     b: usize,
 ) -> (FloatTensor<B<R, BT>>, FloatTensor<B<R, BT>>, FloatTensor<B<R, BT>>) {
-    let out = (q.shape.clone(), q.dtype);
-    let outputs = [out.clone(), out.clone(), out];
+    let outputs = [(q.shape.clone(), q.dtype), (k.shape.clone(), k.dtype), (v.shape.clone(), v.dtype)];
     let [dq, dk, dv] = queue_typed::<R, f32, i32, BT, _, 3>("kiln_flash_attention_backward", vec![q, k, v, o, lse, d_o], outputs, b, |desc, forced, handles| {
         let ([q, k, v, o, lse, d_o], [dq_out, dk_out, dv_out]) = desc.as_fixed::<6, 3>();
         let [q, k, v, o, lse, d_o] = [q, k, v, o, lse, d_o].map(|t| into_contiguous(handles.get_float_tensor::<Inner<R, BT>>(t)));
         let [bb, h, t, hd] = q.meta.shape().dims::<4>();
+        if tensor_cores(&q, hd, *forced) {
+            let (dq, dk, dv) = attention_mma::launch_backward(q, k, v, o, lse, d_o);
+            handles.register_float_tensor::<Inner<R, BT>>(&dq_out.id, dq);
+            handles.register_float_tensor::<Inner<R, BT>>(&dk_out.id, dk);
+            handles.register_float_tensor::<Inner<R, BT>>(&dv_out.id, dv);
+            return;
+        }
         let b = pick_tile(&q, hd, *forced);
-        let client = q.client.clone();
-        let (shape, dtype) = (q.meta.shape().clone(), q.dtype);
-        let [dq, dk, dv] = [0; 3].map(|_| empty_dtype(&q, shape.clone(), dtype));
-        let delta = empty_like(&q, Shape::new([bb, h, t]));
-        let (count_d, dim_d) = elementwise_grid(&client, bb * h * t);
+        let (client, dtype) = (q.client.clone(), q.dtype);
+        let BackwardStart { dq, dk, dv, delta, group, scale } = backward_start(&q, &k, o, &d_o);
         let (count, dim) = tile_grid(bb * h, t, b);
-        let scale = 1.0 / (hd as f32).sqrt();
-        // SAFETY: q, k, v, o, dO and the gradients hold bb·h·t·hd elements of q's type (checked
-        // by the op's shapes and allocated here), lse and delta bb·h·t; the delta kernel's unit
-        // reads and writes only its row when below bb·h·t; a tiled cube reads rows of its head,
-        // checked against t, and writes only its tile's rows below t.
+        let (count_kv, dim_kv) = tile_grid(bb * (h / group as usize), t, b);
+        // SAFETY: q, dO and dq hold bb·h·t·hd elements of q's type, k, v, dk and dv
+        // bb·(h/group)·t·hd (checked by the op's shapes and allocated here), lse and delta
+        // bb·h·t; a tiled cube reads rows of its query head and kv head (a dK/dV cube: its kv
+        // head's group of query heads), checked against t, and writes only its tile's rows below t.
         unsafe {
-            launch_float!(delta_kernel, dtype, &client, count_d, dim_d, o.into_array_arg(), d_o.clone().into_array_arg(), delta.clone().into_array_arg(), hd as u32);
             launch_float!(
                 backward_kv_kernel,
                 dtype,
                 &client,
-                count.clone(),
-                dim,
+                count_kv,
+                dim_kv,
                 q.clone().into_array_arg(),
                 k.clone().into_array_arg(),
                 v.clone().into_array_arg(),
@@ -553,6 +641,7 @@ pub fn backward_tiled<R: CubeRuntime, BT: BoolElement>(
                 dk.clone().into_array_arg(),
                 dv.clone().into_array_arg(),
                 t as u32,
+                group,
                 scale,
                 hd,
                 b,
@@ -571,6 +660,7 @@ pub fn backward_tiled<R: CubeRuntime, BT: BoolElement>(
                 delta.into_array_arg(),
                 dq.clone().into_array_arg(),
                 t as u32,
+                group,
                 scale,
                 hd,
                 b,

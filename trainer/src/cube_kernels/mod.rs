@@ -1,7 +1,8 @@
 //! Kiln's CubeCL kernels for the fused ops of Burn's graph on wgpu and CUDA: RMSNorm
 //! (`norm.rs`), SwiGLU (`swiglu.rs`) and the cross-entropy (`loss.rs`), one kernel a pass each,
 //! RoPE on the joined q/k/v projection (`rope.rs`), and flash attention (`attention.rs`, tiled,
-//! f32/f16/bf16).
+//! f32/f16/bf16, FMA arithmetic; `attention_mma.rs` on tensor cores, f16/bf16, where the device
+//! has them).
 //!
 //! `kiln-models` defines each op's autodiff and its passes as tensor ops; a backend that has a
 //! pass as one kernel registers it there ([`kiln_models::norm::NormKernels`] and the like). The
@@ -12,6 +13,7 @@
 //! (`trainer/tests/backends.rs`).
 
 pub mod attention;
+pub mod attention_mma;
 pub mod loss;
 pub mod norm;
 pub mod rope;

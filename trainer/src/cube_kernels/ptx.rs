@@ -7,8 +7,9 @@
 //! outputs, scalars), the kernel's `expand` over them, the launch's cube size.
 //!
 //! NVRTC comes from the Python environment's NVIDIA wheels (torch's `nvidia-cuda-nvrtc`, and
-//! `cuda_runtime.h` from the runtime wheel), found through `KILN_PYTHON`. Without them the test
-//! skips (need `nvrtc`; `.ci/run` requires it).
+//! `cuda_runtime.h` from the runtime wheel; wmma's `crt/mma.h` from Triton's copy of the
+//! toolkit's headers), found through `KILN_PYTHON`. Without them the test skips (need `nvrtc`;
+//! `.ci/run` requires it).
 
 use cubecl::cuda::{CudaCompiler, CudaRuntime};
 use cubecl::prelude::*;
@@ -44,7 +45,10 @@ impl Params {
         <f32 as LaunchArg>::expand(&(), &mut self.b)
     }
     fn build(self, name: &str, units: u32) -> KernelDefinition {
-        self.b.build(KernelSettings::default().cube_dim(CubeDim::new_1d(units)).address_type(AddressType::U32).kernel_name(name))
+        self.build_dim(name, CubeDim::new_1d(units))
+    }
+    fn build_dim(self, name: &str, dim: CubeDim) -> KernelDefinition {
+        self.b.build(KernelSettings::default().cube_dim(dim).address_type(AddressType::U32).kernel_name(name))
     }
 }
 
@@ -115,6 +119,37 @@ fn definitions() -> Vec<KernelDefinition> {
     // (`attention::tile` with 227 KiB of shared memory a block).
     defs.extend(attention_definitions::<f32>("f32"));
     defs.extend(attention_definitions::<burn::tensor::bf16>("bf16"));
+    // The tensor-core kernels: bf16 at both head dims, f16 at 64.
+    defs.extend(mma_definitions::<burn::tensor::bf16>("bf16", &[64, 128]));
+    defs.extend(mma_definitions::<burn::tensor::f16>("f16", &[64]));
+    defs
+}
+
+/// The tensor-core flash attention's three tiled kernels on element type `F` at head dims `hds`.
+fn mma_definitions<F: Float + CubeElement>(ty: &str, hds: &[usize]) -> Vec<KernelDefinition> {
+    use super::attention_mma::{self as a, PLANES};
+    let dim = CubeDim::new_2d(32, PLANES as u32);
+    let mut defs = Vec::new();
+    for &hd in hds {
+        let name = |k: &str| format!("flash_mma_{k}_{ty}_hd{hd}");
+
+        let mut p = Params::new();
+        let (q, k, v, o, lse, t, group, scale) = (p.input::<F>(), p.input::<F>(), p.input::<F>(), p.output_of::<F>(), p.output(), p.u32(), p.u32(), p.f32());
+        a::forward_kernel::expand::<F>(&mut p.b.scope, q, k, v, o, lse, t, group, scale, hd);
+        defs.push(p.build_dim(&name("forward"), dim));
+
+        let mut p = Params::new();
+        let (q, k, v, d_o, lse, delta) = (p.input::<F>(), p.input::<F>(), p.input::<F>(), p.input::<F>(), p.input::<f32>(), p.input::<f32>());
+        let (dk, dv, t, group, scale) = (p.output_of::<F>(), p.output_of::<F>(), p.u32(), p.u32(), p.f32());
+        a::backward_kv_kernel::expand::<F>(&mut p.b.scope, q, k, v, d_o, lse, delta, dk, dv, t, group, scale, hd);
+        defs.push(p.build_dim(&name("backward_kv"), dim));
+
+        let mut p = Params::new();
+        let (q, k, v, d_o, lse, delta) = (p.input::<F>(), p.input::<F>(), p.input::<F>(), p.input::<F>(), p.input::<f32>(), p.input::<f32>());
+        let (dq, t, group, scale) = (p.output_of::<F>(), p.u32(), p.u32(), p.f32());
+        a::backward_q_kernel::expand::<F>(&mut p.b.scope, q, k, v, d_o, lse, delta, dq, t, group, scale, hd);
+        defs.push(p.build_dim(&name("backward_q"), dim));
+    }
     defs
 }
 
@@ -127,8 +162,8 @@ fn attention_definitions<F: Float + CubeElement>(ty: &str) -> Vec<KernelDefiniti
         let name = |k: &str| format!("flash_{k}_{ty}_hd{hd}_b{b}");
 
         let mut p = Params::new();
-        let (q, k, v, o, lse, t, scale) = (p.input::<F>(), p.input::<F>(), p.input::<F>(), p.output_of::<F>(), p.output(), p.u32(), p.f32());
-        a::forward_kernel::expand::<F>(&mut p.b.scope, q, k, v, o, lse, t, scale, hd, b);
+        let (q, k, v, o, lse, t, group, scale) = (p.input::<F>(), p.input::<F>(), p.input::<F>(), p.output_of::<F>(), p.output(), p.u32(), p.u32(), p.f32());
+        a::forward_kernel::expand::<F>(&mut p.b.scope, q, k, v, o, lse, t, group, scale, hd, b);
         defs.push(p.build(&name("forward"), UNITS as u32));
 
         let mut p = Params::new();
@@ -138,14 +173,14 @@ fn attention_definitions<F: Float + CubeElement>(ty: &str) -> Vec<KernelDefiniti
 
         let mut p = Params::new();
         let (q, k, v, d_o, lse, delta) = (p.input::<F>(), p.input::<F>(), p.input::<F>(), p.input::<F>(), p.input::<f32>(), p.input::<f32>());
-        let (dk, dv, t, scale) = (p.output_of::<F>(), p.output_of::<F>(), p.u32(), p.f32());
-        a::backward_kv_kernel::expand::<F>(&mut p.b.scope, q, k, v, d_o, lse, delta, dk, dv, t, scale, hd, b);
+        let (dk, dv, t, group, scale) = (p.output_of::<F>(), p.output_of::<F>(), p.u32(), p.u32(), p.f32());
+        a::backward_kv_kernel::expand::<F>(&mut p.b.scope, q, k, v, d_o, lse, delta, dk, dv, t, group, scale, hd, b);
         defs.push(p.build(&name("backward_kv"), UNITS as u32));
 
         let mut p = Params::new();
         let (q, k, v, d_o, lse, delta) = (p.input::<F>(), p.input::<F>(), p.input::<F>(), p.input::<F>(), p.input::<f32>(), p.input::<f32>());
-        let (dq, t, scale) = (p.output_of::<F>(), p.u32(), p.f32());
-        a::backward_q_kernel::expand::<F>(&mut p.b.scope, q, k, v, d_o, lse, delta, dq, t, scale, hd, b);
+        let (dq, t, group, scale) = (p.output_of::<F>(), p.u32(), p.u32(), p.f32());
+        a::backward_q_kernel::expand::<F>(&mut p.b.scope, q, k, v, d_o, lse, delta, dq, t, group, scale, hd, b);
         defs.push(p.build(&name("backward_q"), UNITS as u32));
     }
     defs
@@ -166,29 +201,41 @@ fn cuda_source(def: KernelDefinition) -> String {
     }
 }
 
-/// NVRTC's library and the folder holding `cuda_runtime.h`, from `KILN_PYTHON`'s NVIDIA wheels.
-fn nvrtc_from_python() -> Result<(String, String), String> {
+/// NVRTC's library and the include folders, from `KILN_PYTHON`'s NVIDIA wheels: the one holding
+/// `cuda_runtime.h`, and where that lacks `crt/mma.h` (wmma's, for the tensor-core kernels; the
+/// runtime wheel leaves it to nvcc's), a folder that has it (Triton, which torch brings, ships
+/// the toolkit's headers).
+fn nvrtc_from_python() -> Result<(String, Vec<String>), String> {
     let py = kiln_models::skip::python_with("site")?;
     let script = r#"
 import glob, os, site
-roots = [os.path.join(s, "nvidia") for s in site.getsitepackages()]
+sites = site.getsitepackages()
+roots = [os.path.join(s, "nvidia") for s in sites]
 libs = [l for r in roots for l in sorted(glob.glob(os.path.join(r, "*", "lib", "libnvrtc.so*"))) if "builtins" not in l]
 incs = [os.path.dirname(h) for r in roots for h in sorted(glob.glob(os.path.join(r, "*", "include", "cuda_runtime.h")))]
+crt = [os.path.dirname(os.path.dirname(h)) for s in sites for pat in ("nvidia/*/include/crt/mma.h", "triton/backends/nvidia/include/crt/mma.h") for h in sorted(glob.glob(os.path.join(s, pat)))]
 print(libs[0] if libs else "")
 print(incs[0] if incs else "")
+print(crt[0] if crt else "")
 "#;
     let out = std::process::Command::new(&py).args(["-c", script]).output().map_err(|e| format!("{py}: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let mut lines = text.lines();
-    match (lines.next(), lines.next()) {
-        (Some(lib), Some(inc)) if !lib.is_empty() && !inc.is_empty() => Ok((lib.to_string(), inc.to_string())),
-        _ => Err(format!("{py}'s environment has no NVIDIA NVRTC wheel with cuda_runtime.h (pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12; torch's CUDA wheels bring both)")),
+    match (lines.next(), lines.next(), lines.next()) {
+        (Some(lib), Some(inc), Some(crt)) if !lib.is_empty() && !inc.is_empty() && !crt.is_empty() => {
+            let mut incs = vec![inc.to_string()];
+            if crt != inc {
+                incs.push(crt.to_string());
+            }
+            Ok((lib.to_string(), incs))
+        }
+        _ => Err(format!("{py}'s environment has no NVIDIA NVRTC wheel with cuda_runtime.h and crt/mma.h (pip install torch: its CUDA wheels bring NVRTC and the runtime's headers, and Triton crt/mma.h)")),
     }
 }
 
 #[test]
 fn kernels_compile_to_ptx_with_nvrtc() {
-    let (lib, include) = match nvrtc_from_python() {
+    let (lib, includes) = match nvrtc_from_python() {
         Ok(found) => found,
         Err(why) => {
             kiln_models::skip::skip("nvrtc", &format!("{why}; the CubeCL kernels' CUDA compilation not checked"));
@@ -201,12 +248,13 @@ fn kernels_compile_to_ptx_with_nvrtc() {
     // SAFETY: probes cudarc's library names; the one above is already loaded.
     assert!(unsafe { cudarc::nvrtc::sys::is_culib_present() }, "cudarc does not find {lib} by name");
     let defs = definitions();
-    // 11 of the fused ops and AdamW, 16 of flash attention (4 kernels, 2 head dims, 2 types).
-    assert_eq!(defs.len(), 27);
+    // 11 of the fused ops and AdamW, 16 of flash attention (4 kernels, 2 head dims, 2 types), 9
+    // of the tensor-core flash attention (3 kernels: bf16 at 2 head dims, f16 at 1).
+    assert_eq!(defs.len(), 36);
     for def in defs {
         let name = def.options.kernel_name.clone();
         let src = cuda_source(def);
-        let opts = cudarc::nvrtc::CompileOptions { arch: Some("sm_90a"), include_paths: vec![include.clone()], options: vec!["-lineinfo".into()], ..Default::default() };
+        let opts = cudarc::nvrtc::CompileOptions { arch: Some("sm_90a"), include_paths: includes.clone(), options: vec!["-lineinfo".into()], ..Default::default() };
         let ptx = match cudarc::nvrtc::compile_ptx_with_opts(&src, opts) {
             Ok(p) => p.to_src(),
             Err(e) => panic!("{name}: NVRTC: {e:?}\n{src}"),
