@@ -193,6 +193,7 @@ unsafe fn matmul(lt: &mut Lt, call: &LtCall, first: u64, second: u64, d: u64, ty
     if !lt.plans.contains_key(&key) {
         let made = plan(lt, &key, ty)?;
         lt.plans.insert(key, made);
+        tracing::debug!("cuBLASLt: plan {} made, for {call:?} of {ty:?} (alignments {:?})", lt.plans.len(), key.align);
     }
     let p = &lt.plans[&key];
     let [la, lb, ld] = p.layouts;

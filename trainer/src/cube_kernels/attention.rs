@@ -524,7 +524,17 @@ pub fn took_tensor_cores() -> bool {
 /// Whether a call with tile `forced` (0: the device's choice) on `x` takes the tensor-core
 /// kernels, recorded for [`took_tensor_cores`].
 fn tensor_cores<R: CubeRuntime>(x: &CubeTensor<R>, hd: usize, forced: usize) -> bool {
-    let take = forced == 0 && TENSOR_CORES.load(Ordering::Relaxed) && attention_mma::supported(&x.client, x.dtype, hd);
+    let allowed = TENSOR_CORES.load(Ordering::Relaxed);
+    let take = forced == 0 && allowed && attention_mma::supported(&x.client, x.dtype, hd);
+    // Said once a run, so that a run's log shows which kernels its attention took.
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if forced == 0 && !SAID.swap(true, Ordering::Relaxed) {
+        match (take, allowed) {
+            (true, _) => tracing::info!("flash attention on tensor cores ({:?}, head dim {hd}: cube_kernels/attention_mma.rs)", x.dtype),
+            (false, false) => tracing::info!("flash attention on the FMA kernels (tensor cores turned off)"),
+            (false, true) => tracing::info!("flash attention on the FMA kernels ({:?}, head dim {hd}; tensor cores need f16/bf16, a head dim a multiple of 16 and cooperative matrices on the device)", x.dtype),
+        }
+    }
     TOOK_TENSOR_CORES.store(take, Ordering::Relaxed);
     take
 }
