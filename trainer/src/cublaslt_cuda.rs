@@ -53,26 +53,26 @@ struct Plan {
     algo: sys::cublasLtMatmulAlgo_t,
 }
 
-/// cuBLASLt's state for one CUDA stream of one device: a handle, the workspace the stream's
-/// GEMMs share (one at a time, in stream order), and the plans made so far.
+/// cuBLASLt's state for one device: its context, a handle, the plans made so far, and for each
+/// CUDA stream its GEMMs ran on, the workspace that stream's GEMMs share (one at a time, in
+/// stream order; allocated at its first GEMM).
 struct Lt {
     ctx: Arc<CudaContext>,
     handle: sys::cublasLtHandle_t,
-    workspace: drv_sys::CUdeviceptr,
     plans: HashMap<PlanKey, Plan>,
+    workspaces: HashMap<usize, drv_sys::CUdeviceptr>,
 }
 
-// SAFETY: the handle, workspace and plans are used only while the table's lock is held.
+// SAFETY: the handle, plans and workspaces are used only while the table's lock is held.
 unsafe impl Send for Lt {}
 
-/// The state of each (device, stream) used so far; stream 0 is `available`'s probe.
-fn table() -> &'static Mutex<HashMap<(usize, usize), Lt>> {
-    static T: OnceLock<Mutex<HashMap<(usize, usize), Lt>>> = OnceLock::new();
+/// The state of each device used so far.
+fn table() -> &'static Mutex<HashMap<usize, Lt>> {
+    static T: OnceLock<Mutex<HashMap<usize, Lt>>> = OnceLock::new();
     T.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// Opens cuBLASLt on CUDA device `index`: the library, the primary context, a handle and a
-/// workspace.
+/// Opens cuBLASLt on CUDA device `index`: the library, the primary context and a handle.
 fn open(index: usize) -> Result<Lt, String> {
     // SAFETY: only tries to load the library by its usual names.
     if !unsafe { sys::is_culib_present() } {
@@ -81,16 +81,13 @@ fn open(index: usize) -> Result<Lt, String> {
     let ctx = CudaContext::new(index).map_err(|e| format!("CUDA device {index}: {e:?}"))?;
     ctx.bind_to_thread().map_err(|e| format!("CUDA device {index}: {e:?}"))?;
     let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
-    // SAFETY: a plain device allocation in the context bound above; freed never (one a stream).
-    let workspace = unsafe { drv::malloc_sync(WORKSPACE) }.map_err(|e| format!("cuBLASLt's workspace: {e:?}"))?;
-    Ok(Lt { ctx, handle, workspace, plans: HashMap::new() })
+    Ok(Lt { ctx, handle, plans: HashMap::new(), workspaces: HashMap::new() })
 }
 
-/// Runs `f` with the cuBLASLt state of device `index`'s stream `stream` (opened on first use),
-/// the device's context current.
-fn with_lt<T>(index: usize, stream: usize, f: impl FnOnce(&mut Lt) -> Result<T, String>) -> Result<T, String> {
+/// Runs `f` with device `index`'s cuBLASLt state (opened on first use), its context current.
+fn with_lt<T>(index: usize, f: impl FnOnce(&mut Lt) -> Result<T, String>) -> Result<T, String> {
     let mut t = table().lock().map_err(|_| "cuBLASLt's state was poisoned by an earlier panic".to_string())?;
-    let lt = match t.entry((index, stream)) {
+    let lt = match t.entry(index) {
         Entry::Occupied(e) => e.into_mut(),
         Entry::Vacant(e) => e.insert(open(index)?),
     };
@@ -98,10 +95,10 @@ fn with_lt<T>(index: usize, stream: usize, f: impl FnOnce(&mut Lt) -> Result<T, 
     f(lt)
 }
 
-/// Whether cuBLASLt works on CUDA device `index` (the library loads, a handle and a workspace are
-/// made); the error says why not.
+/// Whether cuBLASLt works on CUDA device `index` (the library loads, a handle is made); the
+/// error says why not.
 pub fn available(index: usize) -> Result<(), String> {
-    with_lt(index, 0, |_| Ok(()))
+    with_lt(index, |_| Ok(()))
 }
 
 /// cuBLASLt's type for a tensor's dtype, where it has one Kiln uses.
@@ -186,8 +183,8 @@ fn destroy(plan: Plan) {
 ///
 /// # Safety
 /// `first`, `second` and `d` point at device memory of `lt`'s device holding the matrices `call`
-/// describes (with its leading dimensions), and `stream` is the stream `lt` was opened for, on
-/// which every write of the operands was queued before.
+/// describes (with its leading dimensions), and `stream` is a stream of that device on which
+/// every write of the operands was queued before.
 unsafe fn matmul(lt: &mut Lt, call: &LtCall, first: u64, second: u64, d: u64, ty: sys::cudaDataType, stream: drv_sys::CUstream) -> Result<(), String> {
     let key = PlanKey { call: *call, ty: ty as u32, align: [alignment(first), alignment(second), alignment(d)] };
     if !lt.plans.contains_key(&key) {
@@ -195,6 +192,12 @@ unsafe fn matmul(lt: &mut Lt, call: &LtCall, first: u64, second: u64, d: u64, ty
         lt.plans.insert(key, made);
         tracing::debug!("cuBLASLt: plan {} made, for {call:?} of {ty:?} (alignments {:?})", lt.plans.len(), key.align);
     }
+    let workspace = match lt.workspaces.entry(stream as usize) {
+        Entry::Occupied(e) => *e.get(),
+        // SAFETY: a plain device allocation in the device's context (current: `with_lt`); freed
+        // never (one a stream).
+        Entry::Vacant(e) => *e.insert(unsafe { drv::malloc_sync(WORKSPACE) }.map_err(|e| format!("cuBLASLt's workspace: {e:?}"))?),
+    };
     let p = &lt.plans[&key];
     let [la, lb, ld] = p.layouts;
     let (alpha, beta) = (1.0f32, 0.0f32);
@@ -213,7 +216,7 @@ unsafe fn matmul(lt: &mut Lt, call: &LtCall, first: u64, second: u64, d: u64, ty
             d as *mut _,
             ld,
             &p.algo,
-            lt.workspace as *mut _,
+            workspace as *mut _,
             WORKSPACE,
             stream as _,
         )
@@ -257,7 +260,7 @@ pub fn gemm<BT: BoolElement>(a: FloatTensor<G<BT>>, b: FloatTensor<G<BT>>, trans
                     // contiguous, of the shapes `call` was mapped from. The GEMM is queued on
                     // CubeCL's stream after every kernel that wrote them; a buffer freed after
                     // this closure is reused only by work queued later on the same stream.
-                    with_lt(a.device.index, stream as usize, |lt| unsafe { matmul(lt, &call, pb, pa, pd, ty, stream) })
+                    with_lt(a.device.index, |lt| unsafe { matmul(lt, &call, pb, pa, pd, ty, stream) })
                 })()
             }
         };

@@ -273,7 +273,7 @@ pub(crate) fn forward_kernel<F: Float>(q: &Array<F>, k: &Array<F>, v: &Array<F>,
 
 /// The element-wise step of both backward kernels for one plane: from the scores `S` (at `at`)
 /// and `dP` (at `at + 16·SLD`) of its 16 rows against a tile's columns, `P = exp(s·S − L)` and
-/// `dS = P ∘ (dP − D) · s` in half precision into `pts` and `dss` (from `pat`), 0 where the
+/// `dS = P ∘ (dP − D) · s` in half precision into `pts` (when `keep_p`) and `dss` (from `pat`), 0 where the
 /// causal mask hides the pair or the query is past `t`. `row_pos` and `col_pos` are the
 /// positions of the plane's first row and the tile's first column. `L` and `D` (in `ls`, `ds`
 /// for the queries' tile) belong to the queries: the columns' when `transposed` (the rows are
@@ -294,6 +294,7 @@ fn grad_step<F: Float>(
     t: usize,
     scale: f32,
     #[comptime] transposed: bool,
+    #[comptime] keep_p: bool,
 ) {
     let lane = UNIT_POS_X as usize;
     let r = lane / 2;
@@ -315,7 +316,9 @@ fn grad_step<F: Float>(
             p = f32::exp(scratch[at + r * SLD + c] * scale - ls[stat]);
             dsv = p * (scratch[at + comptime!(16 * SLD) + r * SLD + c] - ds[stat]) * scale;
         }
-        pts[pat + r * PLD + c] = F::cast_from(p);
+        if keep_p {
+            pts[pat + r * PLD + c] = F::cast_from(p);
+        }
         dss[pat + r * PLD + c] = F::cast_from(dsv);
     }
 }
@@ -376,7 +379,7 @@ pub(crate) fn backward_kv_kernel<F: Float>(
             plane_abt::<F>(&ks, plane * 16, &qs, &mut scratch, at, hd);
             plane_abt::<F>(&vs, plane * 16, &dos, &mut scratch, at + comptime!(16 * SLD), hd);
             sync_plane();
-            grad_step::<F>(&scratch, at, &ls, &ds, &mut pts, &mut dss, pat, kb * TILE + plane * 16, qb * TILE, 0, t, scale, true);
+            grad_step::<F>(&scratch, at, &ls, &ds, &mut pts, &mut dss, pat, kb * TILE + plane * 16, qb * TILE, 0, t, scale, true, true);
             sync_plane();
             plane_ab::<F>(&pts, pat, &dos, &acc_v, hd);
             plane_ab::<F>(&dss, pat, &qs, &acc_k, hd);
@@ -417,8 +420,8 @@ pub(crate) fn backward_q_kernel<F: Float>(
     let mut ks = SharedMemory::<F>::new(comptime!(TILE * hd));
     let mut vs = SharedMemory::<F>::new(comptime!(TILE * hd));
     let mut scratch = SharedMemory::<f32>::new(comptime!(PLANES * scratch_len(hd)));
-    // P is not needed here; grad_step writes it anyway (one buffer's worth of stores).
-    let mut pts = SharedMemory::<F>::new(comptime!(PLANES * 16 * PLD));
+    // P is not kept here (keep_p = false never writes it).
+    let mut unused = SharedMemory::<F>::new(comptime!(1usize));
     let mut dss = SharedMemory::<F>::new(comptime!(PLANES * 16 * PLD));
     let mut ls = SharedMemory::<f32>::new(TILE);
     let mut ds = SharedMemory::<f32>::new(TILE);
@@ -440,7 +443,7 @@ pub(crate) fn backward_q_kernel<F: Float>(
         plane_abt::<F>(&qs, plane * 16, &ks, &mut scratch, at, hd);
         plane_abt::<F>(&dos, plane * 16, &vs, &mut scratch, at + comptime!(16 * SLD), hd);
         sync_plane();
-        grad_step::<F>(&scratch, at, &ls, &ds, &mut pts, &mut dss, pat, qb * TILE + plane * 16, kb * TILE, plane * 16, t, scale, false);
+        grad_step::<F>(&scratch, at, &ls, &ds, &mut unused, &mut dss, pat, qb * TILE + plane * 16, kb * TILE, plane * 16, t, scale, false, false);
         sync_plane();
         plane_ab::<F>(&dss, pat, &ks, &acc, hd);
         kb += 1;
